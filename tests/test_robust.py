@@ -1,0 +1,205 @@
+"""Robust objectives: hand-computed values, limits, float64 gradchecks, DoRA weights and weight statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+from raydora import robust as R
+
+T = torch.tensor
+# exp(L) = [1, 2, 3]: every log-mean-exp below is a log of a small fraction.
+L3 = T([0.0, math.log(2), math.log(3)], dtype=torch.float64)
+
+
+def test_erm_and_reweight_by_hand() -> None:
+    """erm = (0 + ln 2 + ln 3) / 3 = ln 6 / 3 = 0.59725316.
+    reweight with w = [3, 1, 0.5]: (0 + ln 2 + 0.5 ln 3) / 3 = (0.69314718 + 0.54930614) / 3 = 0.41415111."""
+    torch.testing.assert_close(R.erm(L3), T(math.log(6) / 3, dtype=torch.float64))
+    torch.testing.assert_close(R.reweight(L3, T([3.0, 1.0, 0.5], dtype=torch.float64)), T(0.41415111, dtype=torch.float64))
+
+
+def test_kl_dro_by_hand() -> None:
+    """lam = 1: log mean [1, 2, 3] = ln 2 = 0.69314718.
+    lam = 0.5: 0.5 log mean exp(2L) = 0.5 log mean [1, 4, 9] = 0.5 ln(14/3) = 0.77022256."""
+    torch.testing.assert_close(R.kl_dro(L3, 1.0), T(math.log(2), dtype=torch.float64))
+    torch.testing.assert_close(R.kl_dro(L3, 0.5), T(0.5 * math.log(14 / 3), dtype=torch.float64))
+
+
+def test_dora_by_hand() -> None:
+    """h~ = [1, 2, 1], lam = 1. Inside: exp(h~ L) = [1, 4, 3], log mean = ln(8/3) = 0.98082925.
+    Outside (LIRE code): mean(h~) * ln 2 = (4/3) ln 2 = 0.92419624."""
+    w = T([1.0, 2.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(R.dora(L3, w, 1.0), T(math.log(8 / 3), dtype=torch.float64))
+    torch.testing.assert_close(R.dora(L3, w, 1.0, calibration="outside"), T(4 / 3 * math.log(2), dtype=torch.float64))
+
+
+def test_kldpo_by_hand() -> None:
+    """tau = 1. Paper: P = softmax(L - mean L) = softmax(L) = [1, 2, 3] / 6;
+    sum P L = (2 ln 2 + 3 ln 3) / 6 = (1.38629436 + 3.29583687) / 6 = 0.78035521.
+    Code: w = exp(L - ln6/3) = 6^(-1/3) [1, 2, 3] = 0.55032121 [1, 2, 3];
+    mean w L = 0.55032121 (2 ln 2 + 3 ln 3) / 3 = 0.85889271. With clip 1.5, w = [0.55032, 1.10064, 1.5]:
+    (1.10064243 ln 2 + 1.5 ln 3) / 3 = (0.76290741 + 1.64791843) / 3 = 0.80360861."""
+    f64 = dict(dtype=torch.float64)
+    torch.testing.assert_close(R.kldpo(L3, 1.0), T((2 * math.log(2) + 3 * math.log(3)) / 6, **f64))
+    c = 6 ** (-1 / 3)
+    torch.testing.assert_close(R.kldpo(L3, 1.0, normalize=False), T(c * (2 * math.log(2) + 3 * math.log(3)) / 3, **f64))
+    torch.testing.assert_close(R.kldpo(L3, 1.0, normalize=False, clip=1.5), T(0.80360861, **f64))
+
+
+def test_kldpo_gradient_is_the_detached_tilt() -> None:
+    """d/dl of KLDPO = P (weights detached): softmax(L) = [1, 2, 3] / 6 for the paper form."""
+    x = L3.clone().requires_grad_(True)
+    R.kldpo(x, 1.0).backward()
+    torch.testing.assert_close(x.grad, T([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64))
+
+
+def test_dr_dpo_by_hand() -> None:
+    """beta' = 1: -log mean [1, 1/2, 1/3] = -ln(11/18) = 0.49247649."""
+    torch.testing.assert_close(R.dr_dpo(L3, 1.0), T(math.log(18 / 11), dtype=torch.float64))
+
+
+def test_wdpo_by_hand() -> None:
+    """penalties [1, 4, 0], rho = 0.5. Pointwise: mean(L) + 0.5 * 5/3 = 0.59725316 + 0.83333333 = 1.43058649.
+    Global: mean(L) + 0.5 sqrt(5/3) = 0.59725316 + 0.64549722 = 1.24275038."""
+    p = T([1.0, 4.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(R.wdpo(L3, p, 0.5), T(math.log(6) / 3 + 5 / 6, dtype=torch.float64))
+    torch.testing.assert_close(R.wdpo(L3, p, 0.5, mode="global"), T(1.24275038, dtype=torch.float64))
+
+
+# ---- limits ---------------------------------------------------------------------------------------------------
+X = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).abs() * 3
+W = torch.rand(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3 + 0.1
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0, 7.0])
+def test_dora_with_unit_weights_is_kl_dro(lam: float) -> None:
+    torch.testing.assert_close(R.dora(X, torch.ones_like(X), lam), R.kl_dro(X, lam))
+
+
+def test_dora_lam_to_infinity_is_reweight() -> None:
+    """lam log mean exp(h l / lam) = mean(h l) + O(1/lam)."""
+    torch.testing.assert_close(R.dora(X, W, 1e7), R.reweight(X, W), atol=1e-6, rtol=0)
+    assert abs(R.dora(X, W, 1.0) - R.reweight(X, W)) > 0.1  # and it is not that at lam = 1
+
+
+def test_kl_dro_lam_to_zero_is_max() -> None:
+    """max l - lam log N <= kl_dro <= max l."""
+    lam = 1e-3
+    value = R.kl_dro(X, lam)
+    assert X.max() - lam * math.log(16) - 1e-12 <= value <= X.max()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_kldpo_tau_to_infinity_is_mean(normalize: bool) -> None:
+    torch.testing.assert_close(R.kldpo(X, 1e9, normalize=normalize), X.mean())
+    assert abs(R.kldpo(X, 0.5, normalize=normalize) - X.mean()) > 0.1
+
+
+def test_dr_dpo_limits() -> None:
+    torch.testing.assert_close(R.dr_dpo(X, 1e8), X.mean())
+    assert X.min() <= R.dr_dpo(X, 1e-3) <= X.min() + 1e-3 * math.log(16)
+
+
+def test_dora_weight_is_not_differentiated() -> None:
+    x, w = X.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    R.dora(x, w).backward()
+    assert w.grad is None and x.grad is not None
+
+
+# ---- gradients ------------------------------------------------------------------------------------------------
+SMOOTH = {
+    "erm": lambda x, p: R.erm(x),
+    "reweight": lambda x, p: R.reweight(x, W[:5]),
+    "kl_dro": lambda x, p: R.kl_dro(x, 0.7),
+    "dora_inside": lambda x, p: R.dora(x, W[:5], 0.7),
+    "dora_outside": lambda x, p: R.dora(x, W[:5], 0.7, calibration="outside"),
+    "dr_dpo": lambda x, p: R.dr_dpo(x, 0.8),
+    "wdpo_pointwise": lambda x, p: R.wdpo(x, p, 0.3),
+    "wdpo_global": lambda x, p: R.wdpo(x, p, 0.3, mode="global"),
+}
+
+
+@pytest.mark.parametrize("name", list(SMOOTH))
+def test_objective_gradcheck(name: str) -> None:
+    x = X[:5].clone().requires_grad_(True)
+    p = (W[:5] + 0.5).clone().requires_grad_(True)
+    assert gradcheck(SMOOTH[name], (x, p))
+    assert gradgradcheck(SMOOTH[name], (x, p))
+
+
+# (local rows 4..8 with a Share of the 16-row batch, the same objective on all 16 rows)
+SHARED = {
+    "erm": (lambda x, p, s: R.erm(x, share=s), lambda: R.erm(X)),
+    "reweight": (lambda x, p, s: R.reweight(x, W[4:9], share=s), lambda: R.reweight(X, W)),
+    "kl_dro": (lambda x, p, s: R.kl_dro(x, 0.7, share=s), lambda: R.kl_dro(X, 0.7)),
+    "dora_inside": (lambda x, p, s: R.dora(x, W[4:9], 0.7, share=s), lambda: R.dora(X, W, 0.7)),
+    "dora_outside": (
+        lambda x, p, s: R.dora(x, W[4:9], 0.7, calibration="outside", share=s),
+        lambda: R.dora(X, W, 0.7, calibration="outside"),
+    ),
+    "dr_dpo": (lambda x, p, s: R.dr_dpo(x, 0.8, share=s), lambda: R.dr_dpo(X, 0.8)),
+    "wdpo_pointwise": (lambda x, p, s: R.wdpo(x, p, 0.3, share=s), lambda: R.wdpo(X, W + 0.5, 0.3)),
+    "wdpo_global": (
+        lambda x, p, s: R.wdpo(x, p, 0.3, mode="global", share=s),
+        lambda: R.wdpo(X, W + 0.5, 0.3, mode="global"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_share_surrogate_gradcheck(name: str) -> None:
+    """The global-batch surrogate (local rows spliced into a fixed vector) returns the full-batch value and has
+    the true gradient of that value with respect to the local rows."""
+    local, full = SHARED[name]
+    share = R.Share(losses=X, offset=4, weights=W, penalties=W + 0.5)
+    x = X[4:9].clone().requires_grad_(True)
+    p = (W[4:9] + 0.5).clone().requires_grad_(True)
+    assert gradcheck(lambda a, b: local(a, b, share), (x, p))
+    torch.testing.assert_close(local(x, p, share).detach(), full())
+
+
+# ---- DoRA weights and stats -----------------------------------------------------------------------------------
+def test_dora_weights_by_hand() -> None:
+    """K = 4, alpha = pi = 1/4, gamma = 1: w = 1 / (1/4 + (1/4)(1-p)/p).
+    p = 0.95: 1 / (0.25 + 0.25 * 0.05/0.95) = 1 / 0.26315789 = 3.8; p = 0.5: 1 / 0.5 = 2; p = 0.1: 1 / 2.5 = 0.4.
+    gamma = 2, p = 0.5: 1 / (0.25 + 0.5) = 4/3. p = 0 is clipped to eps = 1e-4: 1 / (0.25 + 0.25 * 9999) = 1/2500."""
+    p = T([[0.95, 0.5, 0.1, 0.0]], dtype=torch.float64)
+    w = R.dora_weights(p, 0.25, alpha=0.25)
+    torch.testing.assert_close(w, T([[3.8, 2.0, 0.4, 0.0004]], dtype=torch.float64))
+    torch.testing.assert_close(R.dora_weights(T([0.5]), 0.25, 0.25, gamma=2.0), T([4 / 3]))
+    # per-source shares broadcast per response
+    shares = T([[0.25, 0.5, 0.25, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(R.dora_weights(p, shares, 0.25)[0, 1], T(1 / 0.75, dtype=torch.float64))
+    assert (R.dora_weights(torch.rand(100), 0.25, 0.25) < 4).all()
+
+
+def test_dora_weights_reject_bad_probabilities() -> None:
+    with pytest.raises(ValueError, match="p_golden"):
+        R.dora_weights(T([0.5, float("nan")]), 0.25, 0.25)
+    with pytest.raises(ValueError, match="alpha"):
+        R.dora_weights(T([0.5]), 0.25, 0.0)
+
+
+def test_weight_stats_by_hand() -> None:
+    """w = [1, 1, 2]: ESS = 4^2 / 6 = 2.6667; max 2; p = [1/4, 1/4, 1/2], entropy = 0.5 ln 4 + 0.5 ln 2 = 1.03972077."""
+    s = R.weight_stats(T([1.0, 1.0, 2.0]))
+    assert s == pytest.approx({"robust/ess": 8 / 3, "robust/weight_max": 2.0, "robust/weight_entropy": 1.5 * math.log(2)})
+    u = R.weight_stats(torch.ones(5))
+    assert u["robust/ess"] == pytest.approx(5) and u["robust/weight_entropy"] == pytest.approx(math.log(5))
+
+
+def test_argument_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="lam"):
+        R.kl_dro(X, 0.0)
+    with pytest.raises(ValueError, match="tau"):
+        R.kldpo(X, -1.0)
+    with pytest.raises(ValueError, match="weights"):
+        R.dora(X, W[:3])
+    with pytest.raises(ValueError, match="losses"):
+        R.erm(X.reshape(4, 4))
+    with pytest.raises(ValueError, match="Share.weights"):
+        R.dora(X[:2], W[:2], share=R.Share(losses=X, offset=0))
