@@ -60,7 +60,7 @@ def all_gather_varlen(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, in
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded, group=group)
-    gathered = torch.cat([p[:c] for p, c in zip(parts, counts)])
+    gathered = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
     return gathered, sum(counts[:me])
 
 

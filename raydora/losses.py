@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dpo", "ipo", "cdpo", "rdpo", "simpo", "dpo_pl", "rrhf", "lire", "reward_metrics"]
+__all__ = ["cdpo", "dpo", "dpo_pl", "ipo", "lire", "rdpo", "reward_metrics", "rrhf", "simpo"]
 
 Reduction = Literal["sum", "mean"]
 
@@ -88,7 +88,8 @@ def simpo(
     beta: float = 2.0,
     gamma: float = 1.0,
 ) -> Tensor:
-    """SimPO (Meng et al. 2024), reference-free: ``-log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)``.
+    """SimPO (Meng et al. 2024), reference-free, length-normalised:
+    ``-log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)``.
 
     ``gamma`` is the absolute target margin (TRL's ``gamma_beta_ratio * beta``). Returns ``[B]``."""
     margin = beta * policy_chosen_logps / chosen_lengths - beta * policy_rejected_logps / rejected_lengths

@@ -31,15 +31,15 @@ from raydora.distributed import ProcessGroup, all_gather_varlen, world_size
 
 __all__ = [
     "Share",
-    "erm",
-    "reweight",
-    "kl_dro",
     "dora",
-    "kldpo",
+    "dora_weights",
     "dr_dpo",
+    "erm",
+    "kl_dro",
+    "kldpo",
+    "reweight",
     "wdpo",
     "wdpo_penalty",
-    "dora_weights",
     "weight_stats",
 ]
 
@@ -88,20 +88,24 @@ def _splice(full: Tensor, local: Tensor, offset: int) -> Tensor:
 def _global(
     fn: Callable[..., Tensor],
     columns: Sequence[Tensor],
-    share_columns: Sequence[Tensor | None],
+    names: Sequence[str],
     group: ProcessGroup | None,
     share: Share | None,
 ) -> Tensor:
-    """Evaluate ``fn(*global_columns)`` with the exact global-batch value and DDP-exact local gradient."""
+    """Evaluate ``fn(*global_columns)`` with the exact global-batch value and DDP-exact local gradient.
+
+    ``columns`` are local ``[B]`` tensors; ``names`` the matching :class:`Share` fields."""
     if share is not None and group is not None:
         raise ValueError("pass either group (gather now) or share (gathered for the accumulation window), not both")
     if share is None and group is None:
         return fn(*columns)
     if share is not None:
-        missing = [i for i, c in enumerate(share_columns) if c is None]
-        if missing:
-            raise ValueError("this objective needs Share.weights / Share.penalties to be set")
-        full = [_splice(f, c, share.offset) for f, c in zip(share_columns, columns)]  # type: ignore[arg-type]
+        full = []
+        for name, local in zip(names, columns, strict=True):
+            window = getattr(share, name)
+            if window is None:
+                raise ValueError(f"this objective needs Share.{name}")
+            full.append(_splice(window, local, share.offset))
         scale = share.world_size
     else:
         # One collective for every column: stack them as [n, C].
@@ -122,7 +126,7 @@ def _lme(x: Tensor) -> Tensor:
 def erm(losses: Tensor, *, group: ProcessGroup | None = None, share: Share | None = None) -> Tensor:
     """Empirical risk: ``mean_i l_i`` over the global batch. ``losses [B]`` -> scalar."""
     _check_1d("losses", losses)
-    return _global(lambda x: x.mean(), [losses], [share and share.losses], group, share)
+    return _global(lambda x: x.mean(), [losses], ["losses"], group, share)
 
 
 def reweight(
@@ -131,8 +135,7 @@ def reweight(
     """Importance reweighting: ``mean_i w_i l_i`` (DoRA's lambda -> inf limit). ``losses, weights [B]``."""
     _check_1d("losses", losses)
     _check_1d("weights", weights, losses)
-    cols = [share and share.losses, share and share.weights]
-    return _global(lambda x, w: (w * x).mean(), [losses, weights.detach()], cols, group, share)
+    return _global(lambda x, w: (w * x).mean(), [losses, weights.detach()], ["losses", "weights"], group, share)
 
 
 def kl_dro(
@@ -145,7 +148,7 @@ def kl_dro(
     """
     _check_1d("losses", losses)
     _positive("lam", lam)
-    return _global(lambda x: lam * _lme(x / lam), [losses], [share and share.losses], group, share)
+    return _global(lambda x: lam * _lme(x / lam), [losses], ["losses"], group, share)
 
 
 def dora(
@@ -180,8 +183,7 @@ def dora(
 
     else:
         raise ValueError(f"calibration must be 'inside' or 'outside', got {calibration!r}")
-    cols = [share and share.losses, share and share.weights]
-    return _global(fn, [losses, weights.detach()], cols, group, share)
+    return _global(fn, [losses, weights.detach()], ["losses", "weights"], group, share)
 
 
 def kldpo(
@@ -215,7 +217,7 @@ def kldpo(
             return (torch.softmax(z, dim=0) * x).sum()
         return (torch.exp(z) * x).mean()
 
-    return _global(fn, [losses], [share and share.losses], group, share)
+    return _global(fn, [losses], ["losses"], group, share)
 
 
 def dr_dpo(
@@ -224,7 +226,7 @@ def dr_dpo(
     """Dr.DPO (Wu et al. 2024): ``-beta' * log( (1/N) sum_i exp(-l_i / beta') )``. Down-weights high-loss pairs."""
     _check_1d("losses", losses)
     _positive("beta_prime", beta_prime)
-    return _global(lambda x: -beta_prime * _lme(-x / beta_prime), [losses], [share and share.losses], group, share)
+    return _global(lambda x: -beta_prime * _lme(-x / beta_prime), [losses], ["losses"], group, share)
 
 
 def wdpo(
@@ -257,8 +259,7 @@ def wdpo(
 
     else:
         raise ValueError(f"mode must be 'pointwise' or 'global', got {mode!r}")
-    cols = [share and share.losses, share and share.penalties]
-    return _global(fn, [losses, penalties], cols, group, share)
+    return _global(fn, [losses, penalties], ["losses", "penalties"], group, share)
 
 
 def wdpo_penalty(losses: Tensor, embeddings: Tensor | Sequence[Tensor]) -> Tensor:
@@ -280,7 +281,7 @@ def wdpo_penalty(losses: Tensor, embeddings: Tensor | Sequence[Tensor]) -> Tenso
     grads = torch.autograd.grad(losses.sum(), embs, create_graph=True, allow_unused=True)
     b = losses.shape[0]
     penalty = losses.new_zeros(b)
-    for i, (e, g) in enumerate(zip(embs, grads)):
+    for i, (e, g) in enumerate(zip(embs, grads, strict=True)):
         if g is None:
             raise ValueError(f"embeddings[{i}] does not influence the losses: pass the tensor fed to the model")
         if e.shape[0] % b:

@@ -39,16 +39,16 @@ def losses_and_penalties(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 Objective = Callable[..., Tensor]
 
 OBJECTIVES: dict[str, Objective] = {
-    "erm": lambda l, w, p, **kw: robust.erm(l, **kw),
-    "reweight": lambda l, w, p, **kw: robust.reweight(l, w, **kw),
-    "kl_dro": lambda l, w, p, **kw: robust.kl_dro(l, 0.7, **kw),
-    "dora_inside": lambda l, w, p, **kw: robust.dora(l, w, 0.7, **kw),
-    "dora_outside": lambda l, w, p, **kw: robust.dora(l, w, 0.7, calibration="outside", **kw),
-    "kldpo_paper": lambda l, w, p, **kw: robust.kldpo(l, 0.5, **kw),
-    "kldpo_code": lambda l, w, p, **kw: robust.kldpo(l, 0.5, normalize=False, clip=10.0, **kw),
-    "dr_dpo": lambda l, w, p, **kw: robust.dr_dpo(l, 0.8, **kw),
-    "wdpo_pointwise": lambda l, w, p, **kw: robust.wdpo(l, p, 0.3, **kw),
-    "wdpo_global": lambda l, w, p, **kw: robust.wdpo(l, p, 0.3, mode="global", **kw),
+    "erm": lambda x, w, p, **kw: robust.erm(x, **kw),
+    "reweight": lambda x, w, p, **kw: robust.reweight(x, w, **kw),
+    "kl_dro": lambda x, w, p, **kw: robust.kl_dro(x, 0.7, **kw),
+    "dora_inside": lambda x, w, p, **kw: robust.dora(x, w, 0.7, **kw),
+    "dora_outside": lambda x, w, p, **kw: robust.dora(x, w, 0.7, calibration="outside", **kw),
+    "kldpo_paper": lambda x, w, p, **kw: robust.kldpo(x, 0.5, **kw),
+    "kldpo_code": lambda x, w, p, **kw: robust.kldpo(x, 0.5, normalize=False, clip=10.0, **kw),
+    "dr_dpo": lambda x, w, p, **kw: robust.dr_dpo(x, 0.8, **kw),
+    "wdpo_pointwise": lambda x, w, p, **kw: robust.wdpo(x, p, 0.3, **kw),
+    "wdpo_global": lambda x, w, p, **kw: robust.wdpo(x, p, 0.3, mode="global", **kw),
 }
 
 

@@ -19,7 +19,9 @@ def test_erm_and_reweight_by_hand() -> None:
     """erm = (0 + ln 2 + ln 3) / 3 = ln 6 / 3 = 0.59725316.
     reweight with w = [3, 1, 0.5]: (0 + ln 2 + 0.5 ln 3) / 3 = (0.69314718 + 0.54930614) / 3 = 0.41415111."""
     torch.testing.assert_close(R.erm(L3), T(math.log(6) / 3, dtype=torch.float64))
-    torch.testing.assert_close(R.reweight(L3, T([3.0, 1.0, 0.5], dtype=torch.float64)), T(0.41415111, dtype=torch.float64))
+    torch.testing.assert_close(
+        R.reweight(L3, T([3.0, 1.0, 0.5], dtype=torch.float64)), T(0.41415111, dtype=torch.float64)
+    )
 
 
 def test_kl_dro_by_hand() -> None:
@@ -187,7 +189,9 @@ def test_dora_weights_reject_bad_probabilities() -> None:
 def test_weight_stats_by_hand() -> None:
     """w = [1, 1, 2]: ESS = 4^2 / 6 = 2.6667; max 2; p = [1/4, 1/4, 1/2], entropy = 0.5 ln 4 + 0.5 ln 2 = 1.03972077."""
     s = R.weight_stats(T([1.0, 1.0, 2.0]))
-    assert s == pytest.approx({"robust/ess": 8 / 3, "robust/weight_max": 2.0, "robust/weight_entropy": 1.5 * math.log(2)})
+    assert s == pytest.approx(
+        {"robust/ess": 8 / 3, "robust/weight_max": 2.0, "robust/weight_entropy": 1.5 * math.log(2)}
+    )
     u = R.weight_stats(torch.ones(5))
     assert u["robust/ess"] == pytest.approx(5) and u["robust/weight_entropy"] == pytest.approx(math.log(5))
 
@@ -201,5 +205,5 @@ def test_argument_errors_name_the_argument() -> None:
         R.dora(X, W[:3])
     with pytest.raises(ValueError, match="losses"):
         R.erm(X.reshape(4, 4))
-    with pytest.raises(ValueError, match="Share.weights"):
+    with pytest.raises(ValueError, match=r"Share\.weights"):
         R.dora(X[:2], W[:2], share=R.Share(losses=X, offset=0))

@@ -7,19 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sys
-from pathlib import Path
 
 import pytest
+import robust_cases as rc  # tests/ is on sys.path (pytest rootdir-relative import; spawn inherits sys.path)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).parent))
-import robust_cases as rc  # noqa: E402
-
-from raydora import distributed, robust  # noqa: E402
+from raydora import distributed, robust
 
 
 def _free_port() -> int:

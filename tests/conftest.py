@@ -1,0 +1,20 @@
+"""Test tiers: default (CPU, minutes), ``slow``, ``gpu`` and ``vllm``; the last two skip with the reason shown."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none is visible to torch here")
+    no_vllm = pytest.mark.skip(reason="needs vllm (pip install -e '.[vllm]') and a CUDA GPU")
+    has_gpu = torch.cuda.is_available()
+    has_vllm = has_gpu and importlib.util.find_spec("vllm") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(no_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(no_vllm)
