@@ -1,0 +1,47 @@
+# raydora: every target creates .venv itself (pip, with the CPU torch wheel pinned in the same command).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= test,dev
+TORCH  ?= torch==2.13.0
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all lint format demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP) ## create .venv and install raydora with its test and dev extras
+	@echo "installed: run $(BIN)/raydora --help (or: source $(BIN)/activate)"
+
+# pytest exits 5 when it collects no test: say so instead of failing.
+define run_pytest
+	@$(BIN)/python -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+endef
+
+test: $(STAMP) ## default tier: CPU, a few minutes (slow, gpu and vllm tests are excluded or skipped)
+	$(call run_pytest,-q -m "not slow")
+
+test-all: $(STAMP) ## every tier that this machine can run, slow included
+	$(call run_pytest,-q)
+
+lint: $(STAMP) ## ruff (lint + format check) and mypy on the pure modules
+	$(BIN)/ruff check raydora tests
+	$(BIN)/ruff format --check raydora tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix raydora tests
+	$(BIN)/ruff format raydora tests
+
+demo: $(STAMP) ## the whole pipeline on a local Ray (grows stage by stage; today: the self-check)
+	$(BIN)/raydora check --ray --config jobs/configs/demo_cpu.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

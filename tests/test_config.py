@@ -1,0 +1,92 @@
+"""Config: YAML + dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from raydora.config import ConfigError, RunConfig, dump_yaml, explain, field_docs, from_dict, load_config
+
+PRESETS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = load_config(None, ["train.objective=dora", "train.lam=0.5", "evaluate.alphas=[0, 1]", "name=x"])
+    assert cfg.train.objective == "dora" and cfg.train.lam == 0.5
+    assert cfg.evaluate.alphas == (0.0, 1.0) and isinstance(cfg.evaluate.alphas[0], float)
+    assert cfg.run_dir == Path("runs/x")
+    assert cfg.train.beta == RunConfig().train.beta  # untouched keys keep their defaults
+
+
+def test_configs_are_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lam = 2.0  # type: ignore[misc]
+
+
+def test_yaml_file_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("name: r1\ntrain:\n  objective: kldpo\n  tau: 0.05\n  lr: 1e-5\nsynth:\n  k: 2\n")
+    cfg = load_config(path, ["train.tau=0.1"])
+    assert (cfg.name, cfg.train.objective, cfg.train.tau, cfg.train.lr, cfg.synth.k) == ("r1", "kldpo", 0.1, 1e-5, 2)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_yaml(cfg))
+    assert load_config(again) == cfg
+
+
+def test_dict_override_replaces_the_whole_mapping() -> None:
+    cfg = from_dict({"synth": {"source_shares": {"old": 0.75}}}, ["synth.source_shares={a: 0.5, b: 0.25}"])
+    assert cfg.synth.source_shares == {"a": 0.5, "b": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "message"),
+    [
+        (["train.lamda=1"], "train.lamda", "unknown key"),
+        (["trian.lam=1"], "trian", "unknown key"),
+        (["train.lam=abc"], "train.lam", "expected a number"),
+        (["train.epochs=1.5"], "train.epochs", "expected an integer"),
+        (["train.use_gpu=1"], "train.use_gpu", "expected true or false"),
+        (["train.objective=minimax"], "train.objective", "must be one of"),
+        (["train.lam=0"], "train.lam", "must be > 0"),
+        (["train.lam"], "train.lam", "section.key=value"),
+        (["train.lam.x=1"], "train.lam", "expected a number"),
+        (["train=1"], "train", "expected a mapping"),
+        (["synth.alpha=0.5"], "synth.source_shares", "must be 1"),
+        (["evaluate.alphas=[0.5, 2]"], "evaluate.alphas", "[0, 1]"),
+        (["train.lam=.nan"], "train.lam", "finite"),
+        (["train.objective=wdpo", "model.attn_implementation=sdpa"], "model.attn_implementation", "double backward"),
+        (["train.objective=wdpo", "train.loss=lire"], "train.loss", "pairwise"),
+        (["train.objective=kldpo", "train.kldpo_normalize=false"], "train.kldpo_clip", "overflow"),
+        (["model.attn_implementation=flash_attention_2"], "model.attn_implementation", "CUDA"),
+    ],
+)
+def test_errors_name_the_key(overrides: list[str], key: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        load_config(None, overrides)
+    assert err.value.key == key
+    assert str(err.value).startswith(key)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  betta: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.betta: unknown key.*bad\.yaml"):
+        load_config(path)
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_every_field_is_documented() -> None:
+    rows = explain()
+    undocumented = [key for key, _, doc in rows if not doc]
+    assert not undocumented, f"fields without a docstring: {undocumented}"
+    assert ("train.lam", "1.0", field_docs(type(RunConfig().train))["lam"]) in rows
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_presets_load(preset: Path) -> None:
+    assert isinstance(load_config(preset), RunConfig)
