@@ -40,8 +40,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix raydora tests
 	$(BIN)/ruff format raydora tests
 
-demo: $(STAMP) ## the whole pipeline on a local Ray (grows stage by stage; today: the self-check)
-	$(BIN)/raydora check --ray --config jobs/configs/demo_cpu.yaml
+demo: $(STAMP) ## the whole pipeline on a local Ray (grows stage by stage)
+	$(BIN)/raydora check --config jobs/configs/demo_cpu.yaml
+	$(BIN)/raydora pipeline --config jobs/configs/demo_cpu.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,6 +1,7 @@
 """The ``raydora`` command: ``raydora <command> --config FILE [section.key=value ...]``.
 
-Stages register here as they land (see ``docs/``); ``raydora check`` verifies an installation end to end.
+``raydora pipeline`` runs every stage; each stage also has its own command. ``raydora check`` verifies an
+installation end to end.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from raydora import __version__
 from raydora.config import ConfigError, RunConfig, dump_yaml, explain, load_config
+from raydora.schema import FORMATS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -63,10 +65,84 @@ def cmd_check(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 1 if failed else 0
 
 
+def cmd_synth(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Generate the offline shift benchmark (train / oracle / sft / eval JSON lines) with Ray Data."""
+    from raydora import synth
+    from raydora.cluster import init_ray
+
+    s = cfg.synth
+    init_ray(cfg.ray)
+    result = synth.write_benchmark(
+        args.output or cfg.run_dir / "synth",
+        rows=args.rows or s.rows,
+        k=args.k or s.k,
+        alpha=s.alpha,
+        source_shares=s.source_shares,
+        label_noise=s.label_noise if args.label_noise is None else args.label_noise,
+        seed=cfg.seed if args.seed is None else args.seed,
+        eval_rows=s.eval_rows,
+        force=args.force,
+    )
+    print(result.summary())
+    if result.info.get("label_disagreement"):
+        print(f"labels vs gold, share of pairs ordered differently: {result.info['label_disagreement']}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Read and validate preference data into <output>/data (valid) and <output>/quarantine (with reasons)."""
+    from raydora import data
+    from raydora.cluster import init_ray
+
+    source = args.input or cfg.data.input
+    if source is None:
+        print("raydora validate: give --input PATH (or data.input in the config)", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray)
+    result = data.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
+                           cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
+    print(result.summary())
+    for reason, n in sorted(result.info.get("reasons", {}).items()):
+        print(f"  quarantined {n:>8}  {reason}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Run the pipeline's stages in order over <root>/<name>/ (each skips itself when up to date)."""
+    from raydora import pipeline
+
+    pipeline.run(cfg, args.stages.split(",") if args.stages else None)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] = {
     "check": (cmd_check, "verify the installation: versions, precision, math library, local Ray"),
     "config": (cmd_config, "print the resolved config (or --explain every key)"),
+    "synth": (cmd_synth, "generate the offline distribution-shift benchmark"),
+    "validate": (cmd_validate, "read + validate preference data into data/ and quarantine/"),
+    "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
 }
+
+
+def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "check":
+        p.add_argument("--ray", action="store_true", help="also start a local Ray and run a task")
+    elif name == "config":
+        p.add_argument("--explain", action="store_true", help="list every key with its default and meaning")
+    elif name == "synth":
+        p.add_argument("--output", help="output folder (default: <root>/<name>/synth)")
+        p.add_argument("--rows", type=int, help="prompts (default: synth.rows)")
+        p.add_argument("--seed", type=int, help="seed (default: seed)")
+        p.add_argument("--k", type=int, help="responses per prompt (default: synth.k)")
+        p.add_argument("--label-noise", type=float, help="share of rows with shuffled labels (synth.label_noise)")
+    elif name == "validate":
+        p.add_argument("--input", help="file or folder: .jsonl .json .parquet or a saved HF datasets folder")
+        p.add_argument("--format", choices=["auto", *FORMATS], help="row layout (default: detect)")
+        p.add_argument("--output", help="output folder for data/ and quarantine/ (default: <root>/<name>)")
+    elif name == "pipeline":
+        p.add_argument("--stages", help="comma-separated subset, e.g. synth,validate (default: all)")
+    if name in ("synth", "validate"):
+        p.add_argument("--force", action="store_true", help="redo even when the outputs are up to date")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
-        if name == "check":
-            p.add_argument("--ray", action="store_true", help="also start a local Ray and run a task")
-        if name == "config":
-            p.add_argument("--explain", action="store_true", help="list every key with its default and meaning")
+        _extra_args(name, p)
     return parser
 
 

@@ -59,6 +59,8 @@ class ModelConfig:
     """Policy: a preset name (tiny-gpt2, small-gpt2, tiny-llama, small-llama) or a local HF model folder."""
     tokenizer: str | None = None
     """Local HF tokenizer folder. None: the policy folder's, or (presets) a BPE trained on the run's corpus."""
+    vocab_size: int = 512
+    """Vocabulary of the BPE trained on the run's corpus when no tokenizer is given."""
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     """Attention kernel. auto picks sdpa, or eager when the objective needs a double backward (wdpo)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -70,6 +72,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "max_length", "must be >= 8")
+        _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,12 @@ class SynthConfig:
     """Share of each synthetic source (beta_i); alpha + sum(beta_i) must be 1."""
     label_noise: float = 0.0
     """Probability that a biased labeller's ranking of a prompt is shuffled."""
+    eval_rows: int = 500
+    """Held-out evaluation prompts (with golden references)."""
 
     def __post_init__(self) -> None:
         _check(self.rows > 0, "rows", "must be > 0")
+        _check(self.eval_rows > 0, "eval_rows", "must be > 0")
         _check(self.k >= 2, "k", "must be >= 2 (a preference needs two responses)")
         _check(0 < self.alpha <= 1, "alpha", "must be in (0, 1]")
         _check(all(v >= 0 for v in self.source_shares.values()), "source_shares", "shares must be >= 0")

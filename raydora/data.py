@@ -1,0 +1,344 @@
+"""Read preference data into the canonical schema with Ray Data, validating every row into ``data/`` or
+``quarantine/``.
+
+Inputs: JSONL / JSON, parquet, a saved HF ``datasets`` folder, or a folder of such files, in the canonical, TRL
+(string, conversational, implicit-prompt) or RRHF layouts (see ``schema``). Large files are cut into byte ranges
+at line boundaries and read as a stream, so inputs may exceed memory. A malformed record never fails the read:
+it lands in ``quarantine/`` with its original bytes, file, line and a named ``reason``, and
+``valid + quarantined == input`` is checked before the stage commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydora import schema
+from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, promote, staging, write_success
+
+CHUNK_BYTES = 64 << 20  # one read task per 64 MiB of JSONL / parquet
+BATCH_ROWS = 2048  # rows per Arrow block a read task yields: bounds a task's memory
+
+CANONICAL_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("responses", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float64())),
+        ("sources", pa.list_(pa.string())),
+        ("split", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("line", pa.int64()),  # 1-based line (JSONL) or row number (JSON array, parquet, HF datasets)
+        ("reason", pa.string()),
+        ("field", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.binary()),  # the original bytes (JSONL), or the row as JSON (parquet, HF datasets)
+    ]
+)
+# What a read task yields: one schema for both kinds, split by `kind` before writing.
+STAGED_SCHEMA = pa.schema([("kind", pa.string()), *CANONICAL_SCHEMA, *QUARANTINE_SCHEMA])
+
+
+# ---- planning (driver side) ------------------------------------------------------------------------------------
+def _kind(path: Path) -> str | None:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return "hf"
+        return None
+    suffix = path.suffix.lower()
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(suffix)
+
+
+def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
+    """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input not found: {p}")
+    kind = _kind(p)
+    if kind:
+        return [(p, kind)]
+    if p.is_file():
+        raise ValueError(f"{p}: unsupported file type (expected .jsonl, .json, .parquet or a saved HF datasets folder)")
+    found: list[tuple[Path, str]] = []
+    for child in sorted(p.iterdir()):
+        if child.name.startswith((".", "_")):
+            continue
+        k = _kind(child)
+        if k:
+            found.append((child, k))
+        elif child.is_dir():
+            found.extend(list_inputs(child))
+    if not found:
+        raise ValueError(f"{p}: no .jsonl, .json, .parquet files or HF datasets folders inside")
+    return found
+
+
+def _jsonl_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """Byte ranges ``(start, end, first_line)`` cut at line ends. Counts newlines to number the lines."""
+    size = path.stat().st_size
+    chunks, start, line = [], 0, 1
+    with path.open("rb") as f:
+        while start < size:
+            target = start + chunk_bytes
+            if target >= size:
+                chunks.append((start, size, line))
+                break
+            f.seek(start)
+            newlines, left = 0, target - start
+            while left > 0:
+                block = f.read(min(left, 8 << 20))
+                newlines += block.count(b"\n")
+                left -= len(block)
+            rest = f.readline()  # finish the line that straddles the cut
+            end = target + len(rest)
+            newlines += rest.endswith(b"\n")
+            chunks.append((start, end, line))
+            line, start = line + newlines, end
+    return chunks or [(0, 0, 1)]
+
+
+def _sniff_format(path: Path, kind: str) -> str | None:
+    """Detect the layout from the first parseable records of one input (majority vote)."""
+    votes: dict[str, int] = {}
+    for record in _sample_records(path, kind):
+        fmt = schema.detect_format(record) if isinstance(record, dict) else None
+        if fmt:
+            votes[fmt] = votes.get(fmt, 0) + 1
+    return max(votes, key=lambda k: votes[k]) if votes else None
+
+
+def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
+    out: list[Any] = []
+    if kind == "parquet":
+        pf = pq.ParquetFile(path)
+        if pf.metadata.num_rows:
+            out = next(pf.iter_batches(batch_size=n)).to_pylist()
+    elif kind == "hf":
+        for arrow_file, _ in _hf_arrow_files(path):
+            with pa.memory_map(str(arrow_file)) as src:
+                out = next(iter(pa.ipc.open_stream(src)), pa.record_batch([])).slice(0, n).to_pylist()
+            break
+    else:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+        if kind == "json" and text.startswith(b"["):
+            try:
+                value = json.loads(path.read_bytes())
+                out = value[:n] if isinstance(value, list) else []
+            except (ValueError, UnicodeDecodeError):
+                out = []
+        else:
+            for raw in head.splitlines()[:n]:
+                try:
+                    out.append(schema.parse_json_line(raw))
+                except schema.RowError:
+                    continue
+    return out
+
+
+def _hf_arrow_files(path: Path) -> list[tuple[Path, str | None]]:
+    """The Arrow files of a saved HF dataset (or DatasetDict), with their split names."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    return [(Path(c["filename"]), name) for name, ds in splits for c in ds.cache_files]
+
+
+def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
+    """One task descriptor per chunk of input: file, kind, layout and the byte / row range to read."""
+    if fmt != "auto" and fmt not in schema.FORMATS:
+        raise ValueError(f"format must be auto or one of {', '.join(schema.FORMATS)}, got {fmt!r}")
+    tasks: list[dict[str, Any]] = []
+    for p, kind in list_inputs(path):
+        forced = None if fmt == "auto" else fmt
+        base = {"file": str(p), "kind": kind, "format": forced, "fallback": forced or _sniff_format(p, kind)}
+        if kind == "jsonl" or kind == "json":
+            for start, end, line in _jsonl_chunks(p, chunk_bytes) if kind == "jsonl" else [(0, -1, 1)]:
+                tasks.append({**base, "start": start, "end": end, "line": line, "split": None})
+        elif kind == "parquet":
+            meta = pq.ParquetFile(p).metadata
+            groups, row0, size, first = [], 0, 0, 0
+            for g in range(meta.num_row_groups):
+                groups.append(g)
+                size += meta.row_group(g).total_byte_size
+                if size >= chunk_bytes or g == meta.num_row_groups - 1:
+                    tasks.append({**base, "row_groups": groups, "line": first + 1, "split": None})
+                    first, groups, size = row0 + meta.row_group(g).num_rows, [], 0
+                row0 += meta.row_group(g).num_rows
+        else:
+            for arrow_file, split in _hf_arrow_files(p):
+                tasks.append({**base, "file": str(arrow_file), "line": 1, "split": split})
+    return tasks
+
+
+# ---- reading (inside Ray tasks) ---------------------------------------------------------------------------------
+def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.RowError | None]]:
+    """(line, original bytes, parsed record or None, parse error or None) for one task."""
+    path, kind, line = Path(task["file"]), task["kind"], task["line"]
+    if kind in ("parquet", "hf"):
+        if kind == "parquet":
+            batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, row_groups=task["row_groups"])
+        else:
+            batches = pa.ipc.open_stream(pa.memory_map(str(path)))
+        for batch in batches:
+            for record in batch.to_pylist():
+                if task["split"] is not None and record.get("split") is None:
+                    record["split"] = task["split"]
+                raw = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+                yield line, raw, record, None
+                line += 1
+        return
+    if kind == "json":
+        data = path.read_bytes()
+        if data.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            try:
+                value = json.loads(data)
+            except UnicodeDecodeError as e:
+                yield 1, data, None, schema.RowError("invalid_utf8", "", str(e))
+                return
+            except ValueError as e:
+                yield 1, data, None, schema.RowError("malformed_json", "", f"the JSON array does not parse: {e}")
+                return
+            for i, record in enumerate(value, start=1):
+                yield i, json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass"), record, None
+            return
+        task = {**task, "start": 0, "end": len(data)}  # a .json file holding JSON lines
+    with path.open("rb") as f:
+        f.seek(task["start"])
+        pos = task["start"]
+        while pos < task["end"]:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")
+            try:
+                yield line, raw, schema.parse_json_line(raw), None
+            except schema.RowError as e:
+                yield line, raw, None, e
+            line += 1
+
+
+def _chat_renderer(tokenizer_path: str | None) -> schema.ChatRenderer:
+    if tokenizer_path is None:
+        return schema.default_chat_renderer
+    from raydora.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    return render
+
+
+def read_and_validate(batch: dict[str, Any], max_chars: int, tokenizer: str | None = None) -> Iterator[pa.Table]:
+    """Ray Data UDF: read the tasks in ``batch`` (descriptors as JSON text) and yield staged Arrow tables."""
+    render = _chat_renderer(tokenizer)
+    rows: list[dict[str, Any]] = []
+    for desc in batch["task"]:
+        task = json.loads(desc)
+        for line, raw, record, error in _records(task):
+            row: dict[str, Any] = {"file": task["file"], "line": line}
+            try:
+                if error is not None:
+                    raise error
+                row.update(schema.process_record(record, task["format"], max_chars, render, task["fallback"]))
+                row["kind"] = "valid"
+            except schema.RowError as e:
+                row.update(kind="quarantine", reason=e.reason, field=e.field, detail=e.detail, raw=raw)
+            rows.append(row)
+            if len(rows) >= BATCH_ROWS:
+                yield pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
+
+
+def read_staged(
+    path: str | Path,
+    fmt: str = "auto",
+    max_chars: int = 20000,
+    tokenizer: str | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Any:
+    """A streaming Ray Dataset of staged rows (``kind`` = valid / quarantine) for everything under ``path``."""
+    import ray.data
+
+    tasks = plan_reads(path, fmt, chunk_bytes)
+    descs = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+    return descs.map_batches(
+        read_and_validate, batch_size=1, fn_kwargs={"max_chars": max_chars, "tokenizer": tokenizer}
+    )
+
+
+def read_canonical(path: str | Path) -> Any:
+    """The parquet rows of a stage folder (e.g. ``data/``) as a streaming Ray Dataset."""
+    import ray.data
+
+    return ray.data.read_parquet(str(path), file_extensions=["parquet"])
+
+
+def _parquet_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+
+
+def validate(
+    input: str | Path,
+    output: str | Path,
+    fmt: str = "auto",
+    max_chars: int = 20000,
+    tokenizer: str | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    force: bool = False,
+) -> StageResult:
+    """Validate everything under ``input`` into ``output/data`` and ``output/quarantine`` (atomically).
+
+    Skips when ``output/data/_SUCCESS`` was written for the same inputs and settings, unless ``force``."""
+    out = Path(output)
+    fp = fingerprint("validate", file_fingerprints(input), fmt, max_chars, tokenizer)
+    outputs = {"data": str(out / "data"), "quarantine": str(out / "quarantine")}
+    if not force and is_done(out / "data", fp):
+        marker = json.loads((out / "data" / "_SUCCESS").read_text())
+        return StageResult("validate", outputs, marker["rows"], skipped=True, info={"reasons": marker["reasons"]})
+    with staging(out, "validate") as tmp:
+        read_staged(input, fmt, max_chars, tokenizer, chunk_bytes).write_parquet(str(tmp / "staged"))
+        staged = read_canonical(tmp / "staged")
+        canonical, quarantine = [f.name for f in CANONICAL_SCHEMA], [f.name for f in QUARANTINE_SCHEMA]
+        staged.filter(expr="kind == 'valid'").select_columns(canonical).write_parquet(str(tmp / "data"))
+        staged.filter(expr="kind == 'quarantine'").select_columns(quarantine).write_parquet(str(tmp / "quarantine"))
+        for name in ("data", "quarantine"):
+            (tmp / name).mkdir(exist_ok=True)  # Ray writes no folder for an empty dataset
+        counts = {"input": _parquet_rows(tmp / "staged"), "valid": _parquet_rows(tmp / "data"),
+                  "quarantined": _parquet_rows(tmp / "quarantine")}  # fmt: skip
+        if counts["valid"] + counts["quarantined"] != counts["input"]:
+            raise RuntimeError(f"row counts do not add up, nothing committed: {counts}")
+        reasons: dict[str, int] = {}
+        for f in (tmp / "quarantine").glob("*.parquet"):
+            for r in pq.read_table(f, columns=["reason"]).column("reason").to_pylist():
+                reasons[r] = reasons.get(r, 0) + 1
+        write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
+                                     "rows": counts, "reasons": dict(sorted(reasons.items()))})  # fmt: skip
+        promote(tmp / "quarantine", out / "quarantine")
+        promote(tmp / "data", out / "data")  # the commit point: data/ arrives with its marker
+    return StageResult("validate", outputs, counts, info={"reasons": reasons})
+
+
+def run(cfg: Any, run_dir: str | Path) -> StageResult:
+    """Pipeline stage: validate ``cfg.data.input`` (default: the synth stage's ``train`` split) into the run."""
+    source = cfg.data.input or str(Path(run_dir) / "synth" / "train")
+    return validate(source, run_dir, cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer)
