@@ -8,7 +8,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo clean
+.PHONY: install test test-all lint format demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,17 +32,21 @@ test-all: $(STAMP) ## every tier that this machine can run, slow included
 	$(call run_pytest,-q)
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy on the pure modules
-	$(BIN)/ruff check raydora tests
-	$(BIN)/ruff format --check raydora tests
+	$(BIN)/ruff check raydora tests bench
+	$(BIN)/ruff format --check raydora tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix raydora tests
-	$(BIN)/ruff format raydora tests
+	$(BIN)/ruff check --fix raydora tests bench
+	$(BIN)/ruff format raydora tests bench
 
 demo: $(STAMP) ## the whole pipeline on a local Ray (grows stage by stage)
 	$(BIN)/raydora check --config jobs/configs/demo_cpu.yaml
 	$(BIN)/raydora pipeline --config jobs/configs/demo_cpu.yaml
+
+bench: ## the benchmarks (installs the bench extra); results in bench/results/, summary in docs/benchmarks.md
+	$(MAKE) install EXTRAS=test,dev,bench
+	$(BIN)/python bench/synth_stream.py --rows 100000
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -142,3 +142,19 @@ def test_fuzzed_file_of_1000_rows_is_fully_accounted_for(tmp_path: Path) -> None
     # a valid row's line (from its id, where a byte flip left it intact) is never also in quarantine
     valid_lines = {int(r["id"][4:]) + 1 for r in valid if r["id"].startswith("row-") and r["id"][4:].isdigit()}
     assert len(valid_lines) > 0.9 * len(valid) and not valid_lines & q_lines
+
+
+def test_conversational_rows_use_the_configured_tokenizer_template(tmp_path: Path) -> None:
+    from raydora.models import train_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok = train_tokenizer([f"hello world {i}" for i in range(200)], tok_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    src = tmp_path / "conv.jsonl"
+    src.write_text(json.dumps({"prompt": messages, "chosen": [{"role": "assistant", "content": "hello"}],
+                               "rejected": [{"role": "assistant", "content": "bye"}]}) + "\n")  # fmt: skip
+    data.validate(src, tmp_path / "out", tokenizer=str(tok_dir))
+    (row,) = _table(tmp_path / "out" / "data")
+    assert row["prompt"] == expected and expected != schema.default_chat_renderer(messages)
+    assert row["responses"] == ["hello", "bye"]
