@@ -47,6 +47,7 @@ demo: $(STAMP) ## the whole pipeline on a local Ray (grows stage by stage)
 bench: ## the benchmarks (installs the bench extra); results in bench/results/, summary in docs/benchmarks.md
 	$(MAKE) install EXTRAS=test,dev,bench
 	$(BIN)/python bench/synth_stream.py --rows 100000
+	$(BIN)/python bench/score_scaling.py --rows 600 --memory-rows 1000
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

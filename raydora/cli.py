@@ -107,6 +107,16 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Train + calibrate the per-source classifiers on <run>/data, then score it into <run>/scored."""
+    from raydora import scoring
+    from raydora.cluster import init_ray
+
+    init_ray(cfg.ray)
+    print(scoring.run(cfg, cfg.run_dir).summary())
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Run the pipeline's stages in order over <root>/<name>/ (each skips itself when up to date)."""
     from raydora import pipeline
@@ -120,6 +130,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] 
     "config": (cmd_config, "print the resolved config (or --explain every key)"),
     "synth": (cmd_synth, "generate the offline distribution-shift benchmark"),
     "validate": (cmd_validate, "read + validate preference data into data/ and quarantine/"),
+    "classify": (cmd_classify, "train, calibrate and apply the golden-vs-source classifiers (DoRA stage 1)"),
     "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
 }
 
@@ -140,7 +151,7 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=["auto", *FORMATS], help="row layout (default: detect)")
         p.add_argument("--output", help="output folder for data/ and quarantine/ (default: <root>/<name>)")
     elif name == "pipeline":
-        p.add_argument("--stages", help="comma-separated subset, e.g. synth,validate (default: all)")
+        p.add_argument("--stages", help="comma-separated subset, e.g. synth,validate,classify (default: all)")
     if name in ("synth", "validate"):
         p.add_argument("--force", action="store_true", help="redo even when the outputs are up to date")
 

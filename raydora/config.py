@@ -136,9 +136,24 @@ class ClassifierConfig:
     """Rows per scoring batch."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where classifiers train and score."""
+    max_length: int = 128
+    """Tokens per (prompt, response) pair; the prompt is truncated first."""
+    threads_per_worker: int = 0
+    """torch threads per training worker and scoring actor (0: torch's default)."""
+    actor_cpus: float = 0.75
+    """CPU slots each scoring actor claims in Ray's accounting. Below 1, so a pool as large as the machine still
+    leaves slots for the parquet read and write tasks that feed it (those claim 0.25 each)."""
+    source_shares: dict[str, float] | None = None
+    """Mixture shares of the synthetic sources used to score golden / unknown responses; None: estimated from
+    the data's response counts."""
 
     def __post_init__(self) -> None:
         _check(0 < self.holdout_fraction < 1, "holdout_fraction", "must be in (0, 1)")
+        _check(self.max_length >= 8, "max_length", "must be >= 8")
+        _check(self.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
+        _check(self.actor_cpus > 0, "actor_cpus", "must be > 0")
+        if self.source_shares is not None:
+            _check(all(v > 0 for v in self.source_shares.values()), "source_shares", "shares must be > 0")
         for key in ("epochs", "batch_size", "num_workers", "score_actors", "score_batch_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.lr > 0, "lr", "must be > 0")

@@ -61,7 +61,7 @@ def _kind(path: Path) -> str | None:
 
 def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
     """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf."""
-    p = Path(path)
+    p = Path(path).absolute()  # tasks run in Ray workers, whose working folder may differ
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
     kind = _kind(p)
@@ -286,11 +286,32 @@ def read_staged(
     )
 
 
-def read_canonical(path: str | Path) -> Any:
-    """The parquet rows of a stage folder (e.g. ``data/``) as a streaming Ray Dataset."""
+IO_CPUS = 0.25  # CPU slots a parquet read / write task claims next to an actor pool that holds the cores
+
+
+def _read_parquet_files(batch: dict[str, Any], block_rows: int) -> Iterator[pa.Table]:
+    """Ray Data UDF: stream the given parquet files in blocks of ``block_rows`` rows."""
+    for path in batch["file"]:
+        for b in pq.ParquetFile(str(path)).iter_batches(batch_size=block_rows):
+            yield pa.Table.from_batches([b])
+
+
+def read_canonical(path: str | Path, num_cpus: float | None = None, block_rows: int = BATCH_ROWS) -> Any:
+    """The parquet rows of a stage folder (e.g. ``data/``) as a streaming Ray Dataset, one read task per file.
+
+    Files are listed here, in the driver, not by a Ray task (``ray.data.read_parquet`` lists in a task that
+    claims a whole CPU, which never runs while an actor pool downstream holds every core). Pass
+    ``num_cpus=IO_CPUS`` in that situation: parquet reads are I/O bound. An actor pool hands whole blocks to
+    its actors, so feed it blocks of about one batch (``block_rows``) to keep every actor busy."""
     import ray.data
 
-    return ray.data.read_parquet(str(path), file_extensions=["parquet"])
+    files = sorted(str(f) for f in Path(path).absolute().glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no parquet files (has the stage that writes it run?)")
+    listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return listing.map_batches(
+        _read_parquet_files, batch_size=1, num_cpus=num_cpus or 1, fn_kwargs={"block_rows": block_rows}
+    )
 
 
 def _parquet_rows(folder: Path) -> int:
@@ -317,10 +338,12 @@ def validate(
         return StageResult("validate", outputs, marker["rows"], skipped=True, info={"reasons": marker["reasons"]})
     with staging(out, "validate") as tmp:
         read_staged(input, fmt, max_chars, tokenizer, chunk_bytes).write_parquet(str(tmp / "staged"))
-        staged = read_canonical(tmp / "staged")
-        canonical, quarantine = [f.name for f in CANONICAL_SCHEMA], [f.name for f in QUARANTINE_SCHEMA]
-        staged.filter(expr="kind == 'valid'").select_columns(canonical).write_parquet(str(tmp / "data"))
-        staged.filter(expr="kind == 'quarantine'").select_columns(quarantine).write_parquet(str(tmp / "quarantine"))
+        if list((tmp / "staged").glob("*.parquet")):  # an empty input stages nothing
+            staged = read_canonical(tmp / "staged")
+            canonical, quarantine = [f.name for f in CANONICAL_SCHEMA], [f.name for f in QUARANTINE_SCHEMA]
+            staged.filter(expr="kind == 'valid'").select_columns(canonical).write_parquet(str(tmp / "data"))
+            staged.filter(expr="kind == 'quarantine'").select_columns(quarantine).write_parquet(str(tmp / "quarantine"))
+        (tmp / "staged").mkdir(exist_ok=True)
         for name in ("data", "quarantine"):
             (tmp / name).mkdir(exist_ok=True)  # Ray writes no folder for an empty dataset
         counts = {"input": _parquet_rows(tmp / "staged"), "valid": _parquet_rows(tmp / "data"),

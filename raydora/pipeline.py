@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from raydora import data, synth
+from raydora import data, scoring, synth
 from raydora.cluster import init_ray
 from raydora.config import RunConfig, dump_yaml
 from raydora.rundir import StageResult
 
 Stage = Callable[[RunConfig, Path], StageResult]
-# In pipeline order; later issues append classify, reference, train, generate, evaluate.
-STAGES: dict[str, Stage] = {"synth": synth.run, "validate": data.run}
+# In pipeline order; later issues append reference, train, generate, evaluate.
+STAGES: dict[str, Stage] = {"synth": synth.run, "validate": data.run, "classify": scoring.run}
 
 
 def run(cfg: RunConfig, stages: Sequence[str] | None = None) -> list[StageResult]:

@@ -80,7 +80,7 @@ def write_success(folder: str | Path, info: dict[str, Any]) -> Path:
 def staging(parent: str | Path, name: str) -> Iterator[Path]:
     """A fresh temp folder inside ``parent`` for a stage's outputs; removed on error. Promote its contents with
     :func:`promote` once complete."""
-    parent = Path(parent)
+    parent = Path(parent).absolute()  # absolute: Ray workers (Train especially) run in other folders
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -1,0 +1,109 @@
+"""Classifier scoring on a Ray Data actor pool: throughput with 1 vs 2 actors, and peak memory at N vs 10*N
+rows. Targets (ratios in one run, 2-core CPU): 2 actors >= 1.8x 1 actor; 10x rows < 1.5x peak memory.
+
+Throughput uses the real backbone (the pretrained MiniLM when installed) with an untrained head: weights do not
+change the cost. Each actor runs one torch thread, so 2 actors use both cores.
+
+    .venv/bin/python bench/score_scaling.py --rows 1000 --memory-rows 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PeakRSS, record
+
+SOURCES = ("verbose", "sloppy")
+
+
+def prepare(root: Path, rows: int, backbone: str) -> None:
+    """Benchmark data, validated, plus one classifier folder per source (untrained head, T = gamma = 1)."""
+    from raydora import data, synth
+    from raydora.classifier import resolve_backbone
+    from raydora.models import build_model, load_encoder, load_tokenizer, save_pretrained, train_tokenizer
+    from raydora.rundir import write_success
+
+    synth.write_benchmark(root / "synth", rows=rows, seed=0, eval_rows=10)
+    result = data.validate(root / "synth" / "train", root)
+    kind, name = resolve_backbone(backbone)
+    for source in SOURCES:
+        if kind == "path":
+            model, tok = load_encoder(name), load_tokenizer(name)
+        else:
+            tok = train_tokenizer(synth.corpus(root / "synth"), kind="encoder")
+            model = build_model(name, tok, num_labels=2)
+        save_pretrained(model, tok, root / "classifier" / source)
+        (root / "classifier" / source / "calibration.json").write_text(json.dumps({"temperature": 1.0, "gamma": 1.0}))
+    counts = {"golden": result.counts["valid"], "verbose": result.counts["valid"], "sloppy": result.counts["valid"]}
+    write_success(root / "classifier", {"fingerprint": "bench", "sources": list(SOURCES), "response_counts": counts})
+
+
+def child(mode: str, rows: int, backbone: str, actors: int) -> dict[str, float]:
+    import ray
+
+    from raydora import scoring
+    from raydora.config import ClassifierConfig
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root, rows, backbone)
+        cfg = ClassifierConfig(score_actors=actors, threads_per_worker=1, score_batch_size=32, max_length=64)
+        runs = {}
+        with PeakRSS() as mem:
+            for n in [actors] if mode == "memory" else [1, 2]:
+                cfg = ClassifierConfig(**{**cfg.__dict__, "score_actors": n})
+                start = time.perf_counter()
+                scoring.score(root / "data", root / "classifier", root / f"scored{n}", cfg)
+                runs[n] = time.perf_counter() - start
+    ray.shutdown()
+    responses = rows * 4
+    return {"rows": rows, "peak_rss_mb": mem.peak / 2**20,
+            **{f"responses_per_s_{n}_actors": responses / s for n, s in runs.items()},
+            **{f"seconds_{n}_actors": s for n, s in runs.items()}}  # fmt: skip
+
+
+def run_child(*args: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr[-4000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1000, help="rows for the 1 vs 2 actor throughput run")
+    parser.add_argument("--memory-rows", type=int, default=2000, help="N for the N vs 10N memory run")
+    parser.add_argument("--backbone", default="auto", help="classifier.backbone (auto: MiniLM when installed)")
+    parser.add_argument("--memory-backbone", default="tiny-bert", help="backbone for the (long) memory run")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, rows, backbone, actors = args.child
+        print(json.dumps(child(mode, int(rows), backbone, int(actors))))
+        return
+    speed = run_child("throughput", str(args.rows), args.backbone, "2")
+    speedup = speed["responses_per_s_2_actors"] / speed["responses_per_s_1_actors"]
+    print(json.dumps(speed))
+    print(f"2 actors vs 1: {speedup:.2f}x (target >= 1.8)")
+    small = run_child("memory", str(args.memory_rows), args.memory_backbone, "2")
+    large = run_child("memory", str(10 * args.memory_rows), args.memory_backbone, "2")
+    ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+    print(json.dumps(small), json.dumps(large))
+    print(f"10x rows -> {ratio:.2f}x peak memory (target < 1.5)")
+    result = {"throughput": speed, "speedup_2_vs_1_actors": speedup, "speedup_target": ">= 1.8",
+              "memory": [small, large], "memory_ratio_10x_rows": ratio, "memory_target": "< 1.5",
+              "backbone": args.backbone, "memory_backbone": args.memory_backbone}  # fmt: skip
+    print(f"written to {record('score_scaling', result)}")
+
+
+if __name__ == "__main__":
+    main()

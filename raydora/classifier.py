@@ -1,0 +1,302 @@
+"""DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), trained on
+Ray Train and calibrated by temperature scaling on held-out data.
+
+**Input** is the pair ``[CLS] prompt [SEP] response [SEP]``, not the response alone: a sloppy source's artefact
+is a *wrong* answer, and whether an answer is wrong depends on the prompt. The prompt is truncated first when the
+pair is too long (``only_first``), so the response, where the artefacts live, is kept.
+
+**Splits** are by prompt (a hash of the row id), so no prompt's responses leak from training into the held-out
+set; the held-out set is halved again (by hash) into a calibration half, where the temperature is fit, and an
+evaluation half, where ``metrics.json`` is measured before and after calibration.
+
+Output per source: ``classifier/<source>/`` holds a HF model folder (safetensors), ``calibration.json``
+(temperature and the imbalance ratio gamma = #source / #golden of its training set) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raydora import calibration
+from raydora.data import read_canonical
+from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
+
+GOLDEN, UNKNOWN = "golden", "unknown"
+HASH_BUCKETS = 10_000
+TRAIN_SETTINGS = ("backbone", "epochs", "lr", "batch_size", "num_workers", "holdout_fraction", "max_length")
+
+
+def _bucket(row_id: str, salt: str) -> float:
+    """A stable pseudo-random number in [0, 1) per row id."""
+    digest = hashlib.sha256(f"{salt}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % HASH_BUCKETS / HASH_BUCKETS
+
+
+def explode(batch: pa.Table, source: str, holdout_fraction: float, seed: int) -> pa.Table:
+    """Ray Data UDF: canonical rows -> one example per golden or ``source`` response:
+    ``prompt, response, label (1 golden / 0 source), holdout, calib``."""
+    out: dict[str, list[Any]] = {k: [] for k in ("prompt", "response", "label", "holdout", "calib")}
+    for row in batch.select(["id", "prompt", "responses", "sources"]).to_pylist():
+        held = _bucket(row["id"], f"holdout-{seed}") < holdout_fraction
+        calib = _bucket(row["id"], f"calib-{seed}") < 0.5
+        for response, src in zip(row["responses"], row["sources"], strict=True):
+            if src in (GOLDEN, source):
+                out["prompt"].append(row["prompt"])
+                out["response"].append(response)
+                out["label"].append(int(src == GOLDEN))
+                out["holdout"].append(held)
+                out["calib"].append(calib)
+    return pa.table(
+        out,
+        schema=pa.schema(
+            [
+                ("prompt", pa.string()),
+                ("response", pa.string()),
+                ("label", pa.int64()),
+                ("holdout", pa.bool_()),
+                ("calib", pa.bool_()),
+            ]
+        ),
+    )
+
+
+def synthetic_sources(data_dir: str | Path) -> dict[str, int]:
+    """Responses per source in ``data_dir`` (all sources, golden and unknown included)."""
+    counts: dict[str, int] = {}
+    for batch in read_canonical(data_dir).select_columns(["sources"]).iter_batches(batch_format="pyarrow"):
+        for sources in batch.column("sources").to_pylist():
+            for s in sources:
+                counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+def resolve_backbone(backbone: str) -> tuple[str, str]:
+    """``("preset", name)`` or ``("path", folder)``. ``auto``: the pretrained MiniLM when its package is
+    installed, else the ``tiny-bert`` preset trained from scratch."""
+    from raydora.models import PRESETS, minilm_path
+
+    if backbone == "auto":
+        path = minilm_path()
+        return ("path", str(path)) if path else ("preset", "tiny-bert")
+    if backbone in PRESETS:
+        if PRESETS[backbone].kind != "encoder":
+            raise ValueError(f"classifier.backbone {backbone!r} is not an encoder preset")
+        return "preset", backbone
+    return "path", backbone
+
+
+def encode(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> Any:
+    """The classifier input: ``(prompt, response)`` pairs, prompt truncated first."""
+    return tokenizer(
+        prompts, responses, truncation="only_first", max_length=max_length, padding=True, return_tensors="pt"
+    )
+
+
+def margins(model: Any, tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
+    """Logit margins ``z = logit_golden - logit_other`` (no grad), one per pair."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        enc = encode(tokenizer, prompts, responses, max_length).to(device)
+        logits = model(**enc).logits.float()
+    return (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
+
+
+def _train_loop(cfg: dict[str, Any]) -> None:
+    """Ray Train worker: fine-tune golden-vs-source on this worker's shard (DDP), then rank 0 scores the whole
+    held-out set and reports the model folder plus the held-out margins as the checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raydora.models import build_model, load_encoder, load_tokenizer, save_pretrained
+
+    torch.manual_seed(cfg["seed"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    tok = load_tokenizer(cfg["tokenizer"])
+    kind, name = cfg["backbone"]
+    model = build_model(name, tok, num_labels=2, seed=cfg["seed"]) if kind == "preset" else load_encoder(name)
+    model.train()
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    ctx = ray.train.get_context()
+    per_worker = max(1, cfg["batch_size"] // ctx.get_world_size())
+    shard = ray.train.get_dataset_shard("train")
+    device = next(model.parameters()).device
+    for epoch in range(cfg["epochs"]):
+        total, n = 0.0, 0
+        for batch in shard.iter_batches(
+            batch_size=per_worker,
+            batch_format="numpy",
+            local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=cfg["seed"] + epoch,
+        ):
+            enc = encode(tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"]).to(device)
+            labels = torch.as_tensor(batch["label"], device=device)
+            loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"classifier loss is {loss.item()} at epoch {epoch}: stopping")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total, n = total + loss.item() * len(labels), n + len(labels)
+        metrics = {"epoch": epoch, "train_loss": total / max(n, 1)}
+        if epoch < cfg["epochs"] - 1:
+            ray.train.report(metrics)
+    if ctx.get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    inner = model.module if hasattr(model, "module") else model
+    inner.eval()
+    held: dict[str, list[Any]] = {"margin": [], "label": [], "calib": []}
+    for batch in ray.train.get_dataset_shard("holdout").iter_batches(batch_size=64, batch_format="numpy"):
+        held["margin"].extend(margins(inner, tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"]))
+        held["label"].extend(batch["label"].tolist())
+        held["calib"].extend(batch["calib"].tolist())
+    out = Path(tempfile.mkdtemp(prefix="raydora-clf-"))
+    save_pretrained(inner, tok, out / "model")
+    np.save(out / "holdout.npy", np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
+
+
+def calibrate(holdout: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """Fit T on the calibration half of ``holdout`` ([3, n]: margins, labels, calib flags); measure the other half
+    before and after."""
+    z, y, calib = holdout[0], holdout[1].astype(int), holdout[2].astype(bool)
+    if calib.all() or not calib.any():  # a tiny held-out set: use it for both (metrics say so)
+        calib = eval_ = np.ones_like(calib)
+    else:
+        eval_ = ~calib
+    t = calibration.fit_temperature(z[calib], y[calib])
+    return t, {
+        "before": calibration.metrics(z[eval_], y[eval_], 1.0),
+        "after": calibration.metrics(z[eval_], y[eval_], t),
+        "examples": {"calibration": int(calib.sum()), "evaluation": int(eval_.sum())},
+        "disjoint_calibration_and_evaluation": bool(not (calib & eval_).any()),
+    }
+
+
+def _encoder_tokenizer(data_dir: Path, out: Path, backbone: tuple[str, str]) -> str:
+    """The tokenizer folder the workers load: the backbone's own, or (presets) a BPE trained on the data."""
+    if backbone[0] == "path":
+        return backbone[1]
+    from raydora.models import train_tokenizer
+
+    def texts() -> Any:
+        for batch in read_canonical(data_dir).iter_batches(batch_format="pyarrow"):
+            for row in batch.select(["prompt", "responses"]).to_pylist():
+                yield row["prompt"]
+                yield from row["responses"]
+
+    train_tokenizer(texts(), out, kind="encoder")
+    return str(out)
+
+
+def train_classifiers(
+    data_dir: str | Path, out_dir: str | Path, cfg: Any, seed: int = 0, force: bool = False
+) -> StageResult:
+    """Train, calibrate and save one classifier per synthetic source found in ``data_dir``. ``cfg`` is a
+    ``ClassifierConfig``. Skips when ``out_dir/_SUCCESS`` matches the data and settings."""
+    from ray.data.expressions import col, lit
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data_dir, out = Path(data_dir), Path(out_dir)
+    marker = read_success(data_dir) or {}
+    settings = {k: getattr(cfg, k) for k in TRAIN_SETTINGS}  # scoring settings do not invalidate the classifiers
+    fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), settings, seed)
+    if not force and is_done(out, fp):
+        done = read_success(out) or {}
+        return StageResult("classify", {"classifier": str(out)}, done.get("rows", {}), skipped=True, info=done)
+    counts = synthetic_sources(data_dir)
+    sources = sorted(s for s in counts if s not in (GOLDEN, UNKNOWN))
+    if counts.get(GOLDEN, 0) == 0 or not sources:
+        raise ValueError(
+            f"{data_dir}: classifiers need golden responses and at least one synthetic source; found {counts}"
+        )
+    backbone = resolve_backbone(cfg.backbone)
+    summary: dict[str, Any] = {}
+    with staging(out.parent, out.name) as tmp:
+        tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
+        for source in sources:
+            examples = read_canonical(data_dir).map_batches(
+                explode,
+                batch_format="pyarrow",
+                fn_kwargs={"source": source, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
+            )
+            # Materialised before training (both are small: prompt, response, label): the Train workers hold the
+            # cores, and a lazy dataset would need CPU slots for its read tasks while they do.
+            train = examples.filter(expr=col("holdout") == lit(False)).materialize()
+            holdout = examples.filter(expr=col("holdout") == lit(True)).materialize()
+            n_golden = int(train.sum("label") or 0)
+            n_source = train.count() - n_golden
+            if n_golden == 0 or n_source == 0:
+                raise ValueError(f"source {source!r}: the training split has {n_golden} golden, {n_source} {source}")
+            trainer = TorchTrainer(
+                _train_loop,
+                train_loop_config={
+                    "seed": seed,
+                    "lr": cfg.lr,
+                    "epochs": cfg.epochs,
+                    "batch_size": cfg.batch_size,
+                    "max_length": cfg.max_length,
+                    "tokenizer": tokenizer,
+                    "backbone": backbone,
+                    "threads": cfg.threads_per_worker,
+                },
+                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.device == "cuda"),
+                datasets={"train": train, "holdout": holdout},
+                dataset_config=DataConfig(datasets_to_split=["train"]),
+                run_config=RunConfig(name=f"classifier-{source}", storage_path=str((tmp / ".ray_train").absolute())),
+            )
+            result = trainer.fit()
+            if result.checkpoint is None:
+                raise RuntimeError(f"classifier {source!r}: Ray Train returned no checkpoint ({result.error})")
+            with result.checkpoint.as_directory() as ckpt:
+                shutil.copytree(Path(ckpt) / "model", tmp / source)
+                holdout = np.load(Path(ckpt) / "holdout.npy", allow_pickle=False)
+            temperature, metrics = calibrate(holdout)
+            gamma = n_source / n_golden
+            info = {
+                "source": source,
+                "temperature": temperature,
+                "gamma": gamma,
+                "label": "1 = golden",
+                "input": "[CLS] prompt [SEP] response [SEP]",
+                "backbone": list(backbone),
+                "train_examples": {"golden": n_golden, source: n_source},
+            }
+            (tmp / source / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / source / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            summary[source] = {
+                "gamma": gamma,
+                "temperature": temperature,
+                "auc": metrics["after"]["roc_auc"],
+                "ece_before": metrics["before"]["ece"],
+                "ece_after": metrics["after"]["ece"],
+            }
+        shutil.rmtree(tmp / ".ray_train", ignore_errors=True)
+        write_success(
+            tmp,
+            {
+                "stage": "classify",
+                "fingerprint": fp,
+                "sources": sources,
+                "response_counts": counts,
+                "classifiers": summary,
+                "rows": {"classifiers": len(sources)},
+            },
+        )
+        promote(tmp, out)
+    return StageResult("classify", {"classifier": str(out)}, {"classifiers": len(sources)}, info=summary)

@@ -1,0 +1,181 @@
+"""DoRA stage 1, scoring: stream the validated rows through every calibrated classifier on a Ray Data actor
+pool, adding ``p_golden`` (one calibrated probability per response) and ``p_golden_by_source``.
+
+**Which classifier scores a response.** A response from synthetic source ``s`` gets ``p_golden = c_s``, the
+calibrated probability of its own classifier (golden vs ``s``), exactly what DoRA's weight
+``1 / (alpha + pi_s * gamma_s * (1 - p) / p)`` expects. A ``golden`` or ``unknown`` response has no own
+classifier; it gets the probability of "golden vs the synthetic *mixture*":
+
+    (1 - p*) / p* = sum_i (beta_i / sum_j beta_j) * (1 - c_i) / (gamma_i * c_i)
+
+i.e. the share-weighted average of the inverse density ratios ``Q_i / Q0``. With ``pi = sum_j beta_j`` and
+``gamma = 1``, DoRA's formula then yields ``Q0 / (alpha Q0 + sum_i beta_i Q_i)`` = dQ0/dP, the exact mixture
+density ratio. The shares ``beta_i`` default to the response counts of the data (``classifier.source_shares``
+overrides them), and ``p_golden_by_source`` keeps every classifier's ``c_i``, so new shares need no rescoring.
+
+We store probabilities, not weights: ``robust.dora_weights`` turns them into h~ at train time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydora import calibration
+from raydora.classifier import GOLDEN, margins
+from raydora.data import IO_CPUS, read_canonical
+from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
+
+EPS = 1e-6
+
+
+def mixture_p_golden(p_by_source: np.ndarray, shares: np.ndarray, gammas: np.ndarray) -> np.ndarray:
+    """``p*`` of "golden vs the synthetic mixture" from per-classifier probabilities ``[n, S]``, the sources'
+    mixture shares ``[S]`` and imbalance ratios ``[S]`` (see the module docstring). Returns ``[n]``."""
+    c = np.clip(p_by_source, EPS, 1 - EPS)
+    w = shares / shares.sum()
+    inverse_ratio = ((1 - c) / (gammas * c)) @ w  # sum_i w_i Q_i / Q0
+    return 1 / (1 + inverse_ratio)
+
+
+class Scorer:
+    """Ray Data callable class: loads every classifier once per actor, then scores batches of canonical rows."""
+
+    def __init__(
+        self,
+        classifier_dir: str,
+        sources: list[str],
+        shares: list[float],
+        max_length: int,
+        threads: int = 0,
+        device: str = "cpu",
+        batch_size: int = 64,
+    ) -> None:
+        import torch
+
+        from raydora.models import load_encoder, load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.sources, self.max_length, self.batch_size = sources, max_length, batch_size
+        self.shares = np.asarray(shares, dtype=np.float64)
+        self.models, self.tokenizers, temps, gammas = [], [], [], []
+        for s in sources:
+            folder = Path(classifier_dir) / s
+            cal = json.loads((folder / "calibration.json").read_text())
+            self.models.append(load_encoder(folder).to(device).eval())
+            self.tokenizers.append(load_tokenizer(folder))
+            temps.append(cal["temperature"])
+            gammas.append(cal["gamma"])
+        self.temperatures, self.gammas = np.asarray(temps), np.asarray(gammas)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["prompt", "responses", "sources"]).to_pylist()
+        prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+        responses = [x for r in rows for x in r["responses"]]
+        probs = np.zeros((len(responses), len(self.sources)))
+        for j, (model, tok) in enumerate(zip(self.models, self.tokenizers, strict=True)):
+            for i in range(0, len(responses), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                z = margins(model, tok, prompts[sl], responses[sl], self.max_length)
+                probs[sl, j] = calibration.sigmoid(z / self.temperatures[j])
+        mixture = mixture_p_golden(probs, self.shares, self.gammas)
+        own = {s: j for j, s in enumerate(self.sources)}
+        flat_sources = [s for r in rows for s in r["sources"]]
+        p = np.array([probs[i, own[s]] if s in own else mixture[i] for i, s in enumerate(flat_sources)])
+        p_col, by_col, k = [], [], 0
+        for r in rows:
+            n = len(r["responses"])
+            p_col.append(p[k : k + n].tolist())
+            by_col.append(probs[k : k + n].tolist())
+            k += n
+        batch = batch.append_column("p_golden", pa.array(p_col, pa.list_(pa.float64())))
+        return batch.append_column("p_golden_by_source", pa.array(by_col, pa.list_(pa.list_(pa.float64()))))
+
+
+def estimate_shares(response_counts: dict[str, int], sources: list[str]) -> list[float]:
+    """Mixture shares of the synthetic sources estimated from the data's response counts."""
+    total = sum(response_counts.values())
+    return [response_counts.get(s, 0) / total for s in sources]
+
+
+def score(
+    data_dir: str | Path, classifier_dir: str | Path, out_dir: str | Path, cfg: Any, force: bool = False
+) -> StageResult:
+    """Score ``data_dir`` into ``out_dir`` (canonical rows + ``p_golden`` + ``p_golden_by_source``), streaming
+    through ``cfg.score_actors`` actors. Atomic; skips when ``out_dir/_SUCCESS`` matches."""
+    import ray.data
+    import torch
+
+    clf = read_success(classifier_dir)
+    if clf is None:
+        raise FileNotFoundError(f"{classifier_dir}: no finished classifiers (_SUCCESS missing); run classify first")
+    sources: list[str] = clf["sources"]
+    shares = (
+        [cfg.source_shares[s] for s in sources]
+        if cfg.source_shares
+        else estimate_shares(clf["response_counts"], sources)
+    )
+    out = Path(out_dir)
+    fp = fingerprint(
+        "score", (read_success(data_dir) or {}).get("fingerprint"), clf["fingerprint"], shares, cfg.max_length
+    )
+    if not force and is_done(out, fp):
+        done = read_success(out) or {}
+        return StageResult("score", {"scored": str(out)}, done.get("rows", {}), skipped=True)
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    with staging(out.parent, out.name) as tmp:
+        rows_in = read_canonical(data_dir, num_cpus=IO_CPUS, block_rows=cfg.score_batch_size)
+        scored = rows_in.map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "classifier_dir": str(Path(classifier_dir).absolute()),
+                "sources": sources,
+                "shares": shares,
+                "max_length": cfg.max_length,
+                "threads": cfg.threads_per_worker,
+                "device": device,
+                "batch_size": cfg.score_batch_size,
+            },
+            batch_size=cfg.score_batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.score_actors),
+            num_gpus=1 if device == "cuda" else 0,
+            num_cpus=cfg.actor_cpus,
+        )
+        scored.write_parquet(str(tmp / "scored"), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
+        (tmp / "scored").mkdir(exist_ok=True)
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp / "scored").glob("*.parquet"))
+        write_success(
+            tmp / "scored",
+            {
+                "stage": "score",
+                "fingerprint": fp,
+                "classifiers": sources,
+                "shares": dict(zip(sources, shares, strict=True)),
+                "golden_share": clf["response_counts"].get(GOLDEN, 0) / max(1, sum(clf["response_counts"].values())),
+                "rows": {"scored": rows},
+            },
+        )
+        promote(tmp / "scored", out)
+    return StageResult("score", {"scored": str(out)}, {"scored": rows})
+
+
+def run(cfg: Any, run_dir: str | Path) -> StageResult:
+    """Pipeline stage ``classify``: train + calibrate the classifiers, then score ``data/`` into ``scored/``."""
+    from raydora.classifier import train_classifiers
+
+    run_dir = Path(run_dir)
+    trained = train_classifiers(run_dir / "data", run_dir / "classifier", cfg.classifier, cfg.seed)
+    print(trained.summary(), flush=True)
+    for source, s in sorted(trained.info.items()) if not trained.skipped else []:
+        print(
+            f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} AUC={s['auc']:.3f} "
+            f"ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
+        )
+    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier)

@@ -1,0 +1,144 @@
+"""DoRA stage 1 on the synthetic benchmark: classifiers trained on Ray Train (2 DDP workers), calibrated, saved,
+and applied by a Ray Data actor pool. Uses the tiny-bert preset (trained from scratch) to stay fast."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydora import classifier, data, robust, scoring, synth
+from raydora.config import ClassifierConfig
+
+# A detector of the artefacts alone reaches AUC ~0.93: 85% of a synthetic source's responses carry the artefact,
+# the other 15% are golden-looking answers (coin flips: 0.85 + 0.15 * 0.5 = 0.925; a little more where the
+# no-duplicates rule makes their surface forms differ). 0.8 leaves room for a tiny model trained for seconds.
+AUC_THRESHOLD = 0.8
+CFG = ClassifierConfig(backbone="tiny-bert", epochs=8, lr=3e-3, batch_size=32, num_workers=2, holdout_fraction=0.3,
+                       score_actors=1, score_batch_size=32, threads_per_worker=1, max_length=48)  # fmt: skip
+
+
+def _rows(folder: Path) -> list[dict]:
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted(folder.glob("*.parquet"))]).to_pylist()
+    return sorted(rows, key=lambda r: r["id"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
+    root = tmp_path_factory.mktemp("classify")
+    synth.write_benchmark(root / "synth", rows=400, k=4, seed=0, eval_rows=10, block_rows=400)
+    data.validate(root / "synth" / "train", root)
+    result = classifier.train_classifiers(root / "data", root / "classifier", CFG, seed=0)
+    assert result.counts == {"classifiers": 2} and not result.skipped
+    return root
+
+
+def test_classifiers_separate_the_sources(trained: Path) -> None:
+    for source in ("verbose", "sloppy"):
+        folder = trained / "classifier" / source
+        assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["disjoint_calibration_and_evaluation"]
+        assert metrics["after"]["roc_auc"] > AUC_THRESHOLD, (source, metrics)
+        assert metrics["after"]["roc_auc"] == metrics["before"]["roc_auc"]  # a temperature keeps the ranking
+        # This briefly trained tiny model comes out close to calibrated (ECE ~0.01-0.03 on ~120 evaluation
+        # examples), so a temperature fit on the other half can only move it within noise; the strict "ECE goes
+        # down" check is test_calibration.py's controlled overconfident model.
+        assert metrics["after"]["ece"] < metrics["before"]["ece"] + 0.05, (source, metrics)
+        cal = json.loads((folder / "calibration.json").read_text())
+        n = cal["train_examples"]
+        assert cal["gamma"] == pytest.approx(n[source] / n["golden"]) and 1.2 < cal["gamma"] < 1.8  # 3:2 shares
+        assert cal["temperature"] > 0
+
+
+def test_rerun_skips_trained_classifiers(trained: Path) -> None:
+    again = classifier.train_classifiers(trained / "data", trained / "classifier", CFG, seed=0)
+    assert again.skipped
+
+
+@pytest.fixture(scope="module")
+def scored(trained: Path) -> tuple[Path, Path]:
+    one = scoring.score(trained / "data", trained / "classifier", trained / "scored1", CFG)
+    two = scoring.score(trained / "data", trained / "classifier", trained / "scored2",
+                        ClassifierConfig(**{**CFG.__dict__, "score_actors": 2}))  # fmt: skip
+    assert one.counts == two.counts == {"scored": 400}
+    return trained / "scored1", trained / "scored2"
+
+
+def test_two_actors_give_identical_p_golden(scored: tuple[Path, Path]) -> None:
+    a, b = (_rows(d) for d in scored)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert [r["p_golden"] for r in a] == [r["p_golden"] for r in b]
+    assert [r["p_golden_by_source"] for r in a] == [r["p_golden_by_source"] for r in b]
+
+
+def test_golden_responses_score_high(scored: tuple[Path, Path]) -> None:
+    rows = _rows(scored[0])
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        assert len(r["p_golden"]) == len(r["responses"]) and all(0 < p < 1 for p in r["p_golden"])
+        for s, p in zip(r["sources"], r["p_golden"], strict=True):
+            by.setdefault(s, []).append(p)
+    assert np.mean(by["golden"]) > 0.6 > max(np.mean(by["verbose"]), np.mean(by["sloppy"]))
+
+
+def test_weights_from_p_golden_match_dora_weights_by_hand(trained: Path, scored: tuple[Path, Path]) -> None:
+    """Synthetic response of source s: w = 1 / (alpha + pi_s gamma_s (1-p)/p) with its own classifier's p.
+    Golden response: w = 1 / (alpha + sum_i beta_i / r_i), r_i = gamma_i c_i / (1 - c_i), the mixture density ratio."""
+    marker = json.loads((scored[0] / "_SUCCESS").read_text())
+    order, shares, alpha = marker["classifiers"], marker["shares"], marker["golden_share"]
+    gammas = {s: json.loads((trained / "classifier" / s / "calibration.json").read_text())["gamma"] for s in order}
+    assert alpha == pytest.approx(0.25) and shares == pytest.approx({"verbose": 0.375, "sloppy": 0.375})
+    for row in _rows(scored[0])[:40]:
+        for src, p, by in zip(row["sources"], row["p_golden"], row["p_golden_by_source"], strict=True):
+            if src == "golden":
+                expected = 1 / (
+                    alpha + sum(shares[s] * (1 - c) / (gammas[s] * c) for s, c in zip(order, by, strict=True))
+                )
+                got = robust.dora_weights(torch.tensor([p], dtype=torch.float64), 1 - alpha, alpha, eps=1e-6)
+            else:
+                expected = 1 / (alpha + shares[src] * gammas[src] * (1 - p) / p)
+                got = robust.dora_weights(
+                    torch.tensor([p], dtype=torch.float64), shares[src], alpha, gammas[src], eps=1e-6
+                )
+                assert p == by[order.index(src)]  # a synthetic response is scored by its own classifier
+            assert float(got[0]) == pytest.approx(expected, rel=1e-9)
+            assert 0 < expected < 1 / alpha
+
+
+def test_unknown_sources_use_the_mixture_rule(trained: Path) -> None:
+    """Relabel every source as unknown: each response then gets the mixture p* from all classifiers."""
+    import ray.data
+
+    unk = trained / "unknown"
+    src = ray.data.read_parquet(str(trained / "data"))
+    src.map_batches(lambda b: b.set_column(b.schema.get_field_index("sources"), "sources",
+                                          pa.array([["unknown"] * len(s) for s in b["sources"].to_pylist()])),
+                    batch_format="pyarrow").write_parquet(str(unk / "data"))  # fmt: skip
+    scoring.score(unk / "data", trained / "classifier", unk / "scored", CFG)
+    marker = json.loads((unk / "scored" / "_SUCCESS").read_text())
+    shares = np.array([marker["shares"][s] for s in marker["classifiers"]])
+    gammas = np.array([json.loads((trained / "classifier" / s / "calibration.json").read_text())["gamma"]
+                       for s in marker["classifiers"]])  # fmt: skip
+    for row in _rows(unk / "scored")[:20]:
+        expected = scoring.mixture_p_golden(np.array(row["p_golden_by_source"]), shares, gammas)
+        np.testing.assert_allclose(row["p_golden"], expected, rtol=1e-12)
+
+
+def test_restarted_scoring_skips_or_rewrites_atomically(trained: Path, scored: tuple[Path, Path]) -> None:
+    out = trained / "scored1"
+    assert scoring.score(trained / "data", trained / "classifier", out, CFG).skipped
+    # a crash left a half-written staging folder and lost the marker: the rerun rewrites the output whole
+    (trained / ".scored1.tmp-deadbeef").mkdir()
+    (out / "_SUCCESS").unlink()
+    before = _rows(out)
+    redo = scoring.score(trained / "data", trained / "classifier", out, CFG)
+    assert not redo.skipped and (out / "_SUCCESS").is_file()
+    assert _rows(out) == before
+    shutil.rmtree(trained / ".scored1.tmp-deadbeef")
