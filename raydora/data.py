@@ -290,25 +290,46 @@ IO_CPUS = 0.25  # CPU slots a parquet read / write task claims next to an actor 
 
 
 def _read_parquet_files(batch: dict[str, Any], block_rows: int) -> Iterator[pa.Table]:
-    """Ray Data UDF: stream the given parquet files in blocks of ``block_rows`` rows."""
-    for path in batch["file"]:
-        for b in pq.ParquetFile(str(path)).iter_batches(batch_size=block_rows):
-            yield pa.Table.from_batches([b])
+    """Ray Data UDF: stream rows ``[start, stop)`` of each given parquet file in blocks of ``block_rows``,
+    reading only the row groups that hold them."""
+    for path, start, stop in zip(batch["file"], batch["start"], batch["stop"], strict=True):
+        pf = pq.ParquetFile(str(path))
+        groups, first, seen = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if seen + n > start and seen < stop:
+                groups.append(g)
+                first = seen if first is None else first
+            seen += n
+        seen = first or 0
+        for b in pf.iter_batches(batch_size=block_rows, row_groups=groups):
+            lo, hi = max(start - seen, 0), min(stop - seen, b.num_rows)
+            seen += b.num_rows
+            if lo < hi:
+                yield pa.Table.from_batches([b.slice(lo, hi - lo)])
 
 
-def read_canonical(path: str | Path, num_cpus: float | None = None, block_rows: int = BATCH_ROWS) -> Any:
-    """The parquet rows of a stage folder (e.g. ``data/``) as a streaming Ray Dataset, one read task per file.
+def read_canonical(
+    path: str | Path, num_cpus: float | None = None, block_rows: int = BATCH_ROWS, slice_rows: int | None = None
+) -> Any:
+    """The parquet rows of a stage folder (e.g. ``data/``) as a streaming Ray Dataset.
 
     Files are listed here, in the driver, not by a Ray task (``ray.data.read_parquet`` lists in a task that
     claims a whole CPU, which never runs while an actor pool downstream holds every core). Pass
-    ``num_cpus=IO_CPUS`` in that situation: parquet reads are I/O bound. An actor pool hands whole blocks to
-    its actors, so feed it blocks of about one batch (``block_rows``) to keep every actor busy."""
+    ``num_cpus=IO_CPUS`` in that situation: parquet reads are I/O bound. Ray Data merges one task's output into
+    a single block, and an actor pool hands out whole blocks: ``slice_rows`` cuts each file into read tasks of
+    that many rows, so a pool gets enough blocks to keep every actor busy."""
     import ray.data
 
-    files = sorted(str(f) for f in Path(path).absolute().glob("*.parquet"))
+    files = sorted(Path(path).absolute().glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{path}: no parquet files (has the stage that writes it run?)")
-    listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    items = []
+    for f in files:
+        n = pq.ParquetFile(f).metadata.num_rows
+        step = max(1, slice_rows or n)
+        items += [{"file": str(f), "start": a, "stop": min(a + step, n)} for a in range(0, max(n, 1), step)]
+    listing = ray.data.from_items(items, override_num_blocks=len(items))
     return listing.map_batches(
         _read_parquet_files, batch_size=1, num_cpus=num_cpus or 1, fn_kwargs={"block_rows": block_rows}
     )

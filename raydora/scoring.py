@@ -130,7 +130,11 @@ def score(
         return StageResult("score", {"scored": str(out)}, done.get("rows", {}), skipped=True)
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     with staging(out.parent, out.name) as tmp:
-        rows_in = read_canonical(data_dir, num_cpus=IO_CPUS, block_rows=cfg.score_batch_size)
+        # Read tasks of 4 scoring batches: enough blocks to keep every actor busy (see read_canonical), cut at
+        # batch multiples that do not depend on the pool size, so the results do not either.
+        rows_in = read_canonical(
+            data_dir, num_cpus=IO_CPUS, block_rows=cfg.score_batch_size, slice_rows=4 * cfg.score_batch_size
+        )
         scored = rows_in.map_batches(
             Scorer,
             fn_constructor_kwargs={
