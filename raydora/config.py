@@ -24,10 +24,8 @@ from typing import Any, Literal
 import yaml
 
 PAIRWISE_LOSSES = ("dpo", "ipo", "cdpo", "rdpo", "simpo")
-LISTWISE_LOSSES = ("dpo_pl", "rrhf", "lire")
 Loss = Literal["dpo", "ipo", "cdpo", "rdpo", "simpo", "dpo_pl", "rrhf", "lire"]
 Objective = Literal["erm", "reweight", "kl_dro", "dora", "kldpo", "dr_dpo", "wdpo"]
-WEIGHTED_OBJECTIVES = ("reweight", "dora")
 
 
 class ConfigError(ValueError):

@@ -64,14 +64,6 @@ def all_gather_varlen(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, in
     return gathered, sum(counts[:me])
 
 
-def all_reduce_sum(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Sum ``x`` over the ranks of ``group`` (a copy; identity without a group)."""
-    out = x.detach().clone()
-    if group is not None:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
-
-
 def train_context() -> dict[str, int]:
     """Rank, local rank and world size of the current Ray Train worker (single process outside Ray Train)."""
     try:
