@@ -17,7 +17,8 @@ Array = NDArray[np.float64]
 
 def sigmoid(z: ArrayLike) -> Array:
     z = np.asarray(z, dtype=np.float64)
-    return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
+    e = np.exp(-np.abs(z))  # never overflows
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def nll(margins: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> float:

@@ -230,13 +230,17 @@ def train_classifiers(
     with staging(out.parent, out.name) as tmp:
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
         for source in sources:
-            examples = read_canonical(data_dir).map_batches(
-                explode,
-                batch_format="pyarrow",
-                fn_kwargs={"source": source, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
+            # Materialised once, before training (small: prompt, response, label): both splits filter the same
+            # examples, and the Train workers hold the cores, so a lazy read would never get a CPU slot.
+            examples = (
+                read_canonical(data_dir)
+                .map_batches(
+                    explode,
+                    batch_format="pyarrow",
+                    fn_kwargs={"source": source, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
+                )
+                .materialize()
             )
-            # Materialised before training (both are small: prompt, response, label): the Train workers hold the
-            # cores, and a lazy dataset would need CPU slots for its read tasks while they do.
             train = examples.filter(expr=col("holdout") == lit(False)).materialize()
             holdout = examples.filter(expr=col("holdout") == lit(True)).materialize()
             n_golden = int(train.sum("label") or 0)
