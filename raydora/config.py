@@ -163,10 +163,38 @@ class ReferenceConfig:
     """Actor-pool size of the reference log-prob pass."""
     batch_size: int = 16
     """Rows per batch."""
+    actor_cpus: float = 1.0
+    """CPU slots each reference actor claims."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the frozen reference model runs (auto: CUDA when present; one GPU per actor)."""
 
     def __post_init__(self) -> None:
         _check(self.actors > 0, "actors", "must be > 0")
+        _check(self.actor_cpus > 0, "actor_cpus", "must be > 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    enabled: bool = True
+    """Run the SFT warm start; False starts preference training from ``model.policy`` directly."""
+    epochs: int = 1
+    """Passes over the SFT corpus."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    batch_size: int = 32
+    """Global batch (sequences per optimizer step, across workers)."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass on one worker."""
+    num_workers: int = 2
+    """Ray Train workers."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "micro_batch_size", "num_workers"):
+            _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.batch_size % self.num_workers == 0, "batch_size",
+               f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -229,12 +257,31 @@ class TrainConfig:
     """Optimizer steps between checkpoints."""
     max_failures: int = 1
     """Worker failures Ray Train recovers from (from the last checkpoint) before giving up."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: train for ``epochs``)."""
+    nan_policy: Literal["raise", "skip"] = "raise"
+    """A NaN/inf loss or gradient: stop the run naming the step, or skip that batch and count it."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: replicate the model and average gradients (ddp), or shard it with FSDP2 (fsdp)."""
+    lora_r: int = 0
+    """LoRA rank (needs ``peft``); 0 trains every parameter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    shuffle_block_rows: int = 64
+    """Rows per shuffle block: each epoch permutes the blocks, then the rows inside each block."""
+    log_every: int = 1
+    """Optimizer steps between metric lines (metrics.jsonl gets every step)."""
 
     def __post_init__(self) -> None:
         for key in ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr"):
             _check(getattr(self, key) > 0, key, "must be > 0")
-        for key in ("batch_size", "micro_batch_size", "num_workers", "epochs", "checkpoint_every"):
+        for key in ("batch_size", "micro_batch_size", "num_workers", "epochs", "checkpoint_every", "log_every",
+                    "shuffle_block_rows"):  # fmt: skip
             _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        _check(self.lora_r >= 0, "lora_r", "must be >= 0")
+        _check(self.batch_size % self.num_workers == 0, "batch_size",
+               f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}")  # fmt: skip
         _check(self.rho >= 0, "rho", "must be >= 0")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         _check(0 <= self.flip_rate < 0.5, "flip_rate", "must be in [0, 0.5)")
@@ -299,6 +346,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

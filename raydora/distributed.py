@@ -77,3 +77,82 @@ def train_context() -> dict[str, int]:
         }
     except Exception:  # noqa: BLE001 - not inside a Ray Train worker, or Ray absent
         return {"rank": rank(), "local_rank": 0, "world_size": world_size()}
+
+
+def all_reduce_mean_(tensors: list[Tensor], group: ProcessGroup | None = None) -> None:
+    """Average ``tensors`` in place over the ranks of ``group`` with one flat, coalesced all-reduce (what DDP does
+    with its buckets, minus the overlap). A no-op in a single process."""
+    if not is_initialized() or world_size(group) == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= world_size(group)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (itself in a single process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` with FSDP2 (``fully_shard``): each transformer block (HF's ``_no_split_modules`` classes)
+    is its own unit, then the root. Parameters become DTensors; gradients are reduce-scattered and averaged."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in names:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The unsharded model state on CPU (every rank must call it under FSDP; plain modules just copy)."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """Load an unsharded state into ``model`` (sharded or not)."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        model.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state, gathered to full tensors under FSDP."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,123 @@
+"""Tokenisation, truncation, padding and the policy forward: the one place that turns preference rows into
+sequence log-probs, shared by the reference pass and training so both see exactly the same tokens.
+
+A response's sequence is ``prompt_ids + response_ids``:
+
+- ``prompt_ids``: the prompt rendered with the tokenizer's chat template as one user turn plus the assistant
+  header (``add_generation_prompt``), or the raw prompt text when the tokenizer has no template;
+- ``response_ids``: the response text followed by EOS, so the policy learns to stop.
+
+Truncation to ``max_length`` keeps the *end* of the prompt (at most ``max_length // 2`` tokens when the pair is
+too long, as TRL's ``keep_end``) and then cuts the response's tail. Only response tokens count in the log-prob.
+Batches are right-padded to their longest sequence, not to ``max_length``: no wasted padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raydora.logprobs import sequence_logps, token_counts
+
+
+def render_prompt(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the model sees it: the chat template's user turn + assistant header, or the raw text."""
+    if getattr(tokenizer, "chat_template", None):
+        text: str = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return text
+    return prompt
+
+
+def encode(tokenizer: Any, prompt: str, responses: Sequence[str], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [response_ids per response])``, truncated so each ``prompt + response`` fits ``max_length``."""
+    if max_length < 4:
+        raise ValueError(f"max_length must be >= 4, got {max_length}")
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []) for r in responses]
+    longest = max(len(r) for r in resp)
+    if len(prompt_ids) + longest > max_length:
+        # Keep the prompt's end (the question is usually last), leaving responses at least half the budget.
+        keep = max(1, min(len(prompt_ids), max_length - min(longest, max_length - max_length // 2)))
+        prompt_ids = prompt_ids[-keep:]
+    room = max_length - len(prompt_ids)
+    return list(prompt_ids), [list(r[:room]) for r in resp]
+
+
+def encode_batch(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[Sequence[str]], max_length: int
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """:func:`encode` over rows."""
+    out = [encode(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    return [o[0] for o in out], [o[1] for o in out]
+
+
+def pair_indices(scores: Sequence[Sequence[float]]) -> np.ndarray:
+    """``[B, 2]``: the best and the worst response of each row by score (first on ties): a listwise row as a
+    DPO pair. Pairwise rows (K = 2) give their chosen and rejected response."""
+    out = np.zeros((len(scores), 2), dtype=np.int64)
+    for i, s in enumerate(scores):
+        a = np.asarray(s, dtype=np.float64)
+        out[i] = (int(np.argmax(a)), int(np.argmin(a)))
+    return out
+
+
+def pad_sequences(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[Sequence[int]]],
+    select: np.ndarray | None,
+    pad_id: int,
+) -> dict[str, Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` ``[K * B, T]`` in **k-major** order: row
+    ``k * B + i`` is response ``select[i, k]`` of row ``i`` (all responses when ``select`` is None, then every
+    row needs the same K). ``T`` is the longest sequence of this batch. ``loss_mask`` marks response tokens."""
+    b = len(prompt_ids)
+    if select is None:
+        ks = {len(r) for r in response_ids}
+        if len(ks) != 1:
+            raise ValueError(f"rows have different numbers of responses {sorted(ks)}; pass select")
+        select = np.tile(np.arange(ks.pop()), (b, 1))
+    k = select.shape[1]
+    seqs, starts = [], []
+    for j in range(k):
+        for i in range(b):
+            p = prompt_ids[i]
+            seqs.append(list(p) + list(response_ids[i][int(select[i, j])]))
+            starts.append(len(p))
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), t), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for r, (s, start) in enumerate(zip(seqs, starts, strict=True)):
+        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        attn[r, : len(s)] = 1
+        loss_mask[r, start : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def forward_logps(
+    model: torch.nn.Module, batch: dict[str, Tensor], k: int, *, embeddings: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Policy log-probs of a :func:`pad_sequences` batch: ``(logps [B, K], lengths [B, K], inputs_embeds)``.
+
+    ``embeddings=True`` feeds ``inputs_embeds`` (returned, grad-carrying) instead of ids, for WDPO's penalty.
+    ``lengths`` counts response tokens. Position ids follow the attention mask, so right padding changes
+    nothing for the real tokens."""
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    embeds = None
+    if embeddings:
+        get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings
+        embeds = get_emb()(ids)
+        out = model(inputs_embeds=embeds, attention_mask=attn, use_cache=False)
+    else:
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+    logps = sequence_logps(out.logits, ids, mask)
+    lengths = token_counts(mask).to(logps.dtype)
+    b = ids.shape[0] // k
+    return logps.reshape(k, b).T, lengths.reshape(k, b).T, embeds

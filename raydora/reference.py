@@ -1,0 +1,232 @@
+"""Reference log-probs: one Ray Data pass of the frozen reference model over the preference rows, on an actor
+pool, so the reference model never sits on the trainers.
+
+Input is ``scored/`` when the classify stage ran (it carries ``p_golden``), else ``data/``. Output
+``reference/`` holds those rows plus
+
+- ``prompt_ids: list<int32>`` and ``response_ids: list<list<int32>>``: the exact tokens training uses
+  (``encoding.encode``: chat-template prompt, response + EOS, truncated to ``model.max_length``);
+- ``reference_logps: list<float64>``: ``sum_t log p_ref(y_t | x, y_<t)`` over each response's tokens.
+
+The log-probs come from ``encoding.forward_logps``, the same code the trainer runs, so at step 0 the policy's
+log-probs equal them. The ``_SUCCESS`` fingerprint covers the model's weights, the input rows, the tokenizer and
+``max_length``: a rerun with the same cache key skips the pass.
+
+The reference (and initial policy) model is ``sft/final`` after the SFT warm start, else ``model.policy``: a local
+HF folder, or a preset built once into ``init/`` so the reference pass and every trainer load the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydora.data import IO_CPUS, read_canonical
+from raydora.rundir import (
+    StageResult,
+    file_fingerprints,
+    fingerprint,
+    is_done,
+    promote,
+    read_success,
+    staging,
+    write_success,
+)
+
+
+def tokenizer_dir(cfg: Any, run_dir: Path) -> Path:
+    """The run's tokenizer: ``model.tokenizer``, else the BPE the synth stage trained into ``tokenizer/``."""
+    if cfg.model.tokenizer:
+        return Path(cfg.model.tokenizer)
+    tok = Path(run_dir) / "tokenizer"
+    if not tok.is_dir() and Path(cfg.model.policy).is_dir():
+        return Path(cfg.model.policy)  # a real model folder carries its tokenizer
+    return tok
+
+
+def initial_policy(cfg: Any, run_dir: str | Path) -> Path:
+    """The folder preference training starts from and the reference model: ``sft/final`` when the SFT stage
+    finished, else ``model.policy`` (a preset is built once, with ``seed``, into ``init/``)."""
+
+    run_dir = Path(run_dir).absolute()
+    sft = run_dir / "sft" / "final"
+    if cfg.sft.enabled and read_success(run_dir / "sft") is not None and sft.is_dir():
+        return sft
+    return base_policy(cfg, run_dir)
+
+
+def base_policy(cfg: Any, run_dir: str | Path) -> Path:
+    """``model.policy`` as a folder: a path as given, a preset built once (with ``seed``) into ``init/``."""
+    from raydora.models import PRESETS, build_model, load_tokenizer, save_pretrained
+
+    run_dir = Path(run_dir).absolute()
+    if cfg.model.policy not in PRESETS:
+        return Path(cfg.model.policy).absolute()
+    init = run_dir / "init"
+    fp = fingerprint("init", cfg.model.policy, cfg.seed, file_fingerprints(tokenizer_dir(cfg, run_dir)))
+    if not is_done(init, fp):
+        tok = load_tokenizer(tokenizer_dir(cfg, run_dir))
+        model = build_model(cfg.model.policy, tok, seed=cfg.seed, attn_implementation=attn_implementation(cfg))
+        with staging(run_dir, "init") as tmp:
+            save_pretrained(model, tok, tmp / "model")
+            write_success(tmp / "model", {"stage": "init", "fingerprint": fp, "preset": cfg.model.policy})
+            promote(tmp / "model", init)
+    return init
+
+
+def attn_implementation(cfg: Any) -> str:
+    """``model.attn_implementation``; ``auto`` is eager on CPU (fast for tiny models, and WDPO's double backward
+    needs it) and sdpa on GPU."""
+    a = cfg.model.attn_implementation
+    if a != "auto":
+        return str(a)
+    return "eager" if not cfg.train.use_gpu or cfg.train.objective == "wdpo" else "sdpa"
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+class ReferenceModel:
+    """Ray Data callable class: tokenises rows exactly as training does and adds the frozen model's log-probs.
+
+    ``model_dir=None`` only tokenises (the SFT corpus needs ids, not reference log-probs)."""
+
+    def __init__(
+        self,
+        model_dir: str | None,
+        tokenizer_dir: str,
+        max_length: int,
+        batch_size: int = 16,
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int = 0,
+    ) -> None:
+        import torch
+
+        from raydora.hardware import resolve_precision
+        from raydora.models import load_causal_lm, load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.max_length, self.batch_size, self.device = max_length, batch_size, device
+        self.dtype = resolve_precision(precision, device)
+        self.model = None
+        if model_dir is not None:
+            # fp32 weights (as the trainers hold them); bf16 is autocast, exactly as in training.
+            self.model = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raydora.encoding import encode_batch
+
+        prompts = batch.column("prompt").to_pylist()
+        responses = batch.column("responses").to_pylist()
+        prompt_ids, response_ids = encode_batch(self.tokenizer, prompts, responses, self.max_length)
+        batch = batch.append_column("prompt_ids", pa.array(prompt_ids, pa.list_(pa.int32())))
+        batch = batch.append_column("response_ids", pa.array(response_ids, pa.list_(pa.list_(pa.int32()))))
+        if self.model is None:
+            return batch
+        logps = self.logps(prompt_ids, response_ids)
+        return batch.append_column("reference_logps", pa.array(logps, pa.list_(pa.float64())))
+
+    def logps(self, prompt_ids: list[list[int]], response_ids: list[list[list[int]]]) -> list[list[float]]:
+        """Summed response log-probs, one per response, in batches of ``batch_size`` sequences."""
+        import torch
+
+        from raydora.encoding import forward_logps, pad_sequences
+
+        flat = [(p, r) for p, rs in zip(prompt_ids, response_ids, strict=True) for r in rs]
+        out = np.zeros(len(flat))
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad(), torch.autocast(self.device, self.dtype, enabled=self.dtype != torch.float32):
+            for i in range(0, len(flat), self.batch_size):
+                chunk = flat[i : i + self.batch_size]
+                enc = pad_sequences([c[0] for c in chunk], [[c[1]] for c in chunk], None, pad)
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                lp, _, _ = forward_logps(self.model, enc, 1)
+                out[i : i + len(chunk)] = lp[:, 0].double().cpu().numpy()
+        res, k = [], 0
+        for rs in response_ids:
+            res.append(out[k : k + len(rs)].tolist())
+            k += len(rs)
+        return res
+
+
+def encode_rows(
+    input_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model_dir: str | Path | None,
+    tokenizer: str | Path,
+    max_length: int,
+    cfg: Any,
+    stage: str,
+    fp: str,
+    precision: str = "fp32",
+) -> int:
+    """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
+    with a ``_SUCCESS`` marker holding ``fp``). Returns the row count."""
+    import ray.data
+
+    out = Path(out_dir)
+    device = resolve_device(cfg.device)
+    with staging(out.parent, out.name) as tmp:
+        rows_in = read_canonical(input_dir, num_cpus=IO_CPUS, block_rows=cfg.batch_size, slice_rows=8 * cfg.batch_size)
+        encoded = rows_in.map_batches(
+            ReferenceModel,
+            fn_constructor_kwargs={
+                "model_dir": None if model_dir is None else str(Path(model_dir).absolute()),
+                "tokenizer_dir": str(Path(tokenizer).absolute()),
+                "max_length": max_length,
+                "batch_size": cfg.batch_size,
+                "device": device,
+                "precision": precision,
+            },
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_gpus=1 if device == "cuda" else 0,
+            num_cpus=cfg.actor_cpus,
+        )
+        encoded.write_parquet(str(tmp / "out"), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
+        (tmp / "out").mkdir(exist_ok=True)
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp / "out").glob("*.parquet"))
+        write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}})
+        promote(tmp / "out", out)
+    return rows
+
+
+def reference_input(run_dir: Path) -> Path:
+    """``scored/`` when the classify stage finished, else ``data/``."""
+    return run_dir / "scored" if read_success(run_dir / "scored") is not None else run_dir / "data"
+
+
+def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+    """Pipeline stage ``reference``: reference log-probs of every row into ``reference/``."""
+    run_dir = Path(run_dir).absolute()
+    source = reference_input(run_dir)
+    if read_success(source) is None:
+        raise FileNotFoundError(f"{source}: no finished rows (_SUCCESS missing); run validate (and classify) first")
+    model = initial_policy(cfg, run_dir)
+    tok = tokenizer_dir(cfg, run_dir)
+    fp = fingerprint(
+        "reference",
+        (read_success(source) or {}).get("fingerprint"),
+        file_fingerprints(model),
+        file_fingerprints(tok),
+        cfg.model.max_length,
+        cfg.model.precision,
+    )
+    out = run_dir / "reference"
+    if not force and is_done(out, fp):
+        return StageResult("reference", {"reference": str(out)}, (read_success(out) or {}).get("rows", {}), True)
+    rows = encode_rows(source, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
+                       cfg=cfg.reference, stage="reference", fp=fp, precision=cfg.model.precision)  # fmt: skip
+    return StageResult("reference", {"reference": str(out)}, {"reference": rows}, info={"model": str(model)})

@@ -1,0 +1,191 @@
+"""Ray Train policy optimisation: real 1- and 2-worker runs on a tiny GPT-2 over the synthetic benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raydora import data, reference, scoring, synth, train
+from raydora.config import load_config
+
+BASE = [
+    "synth.rows=96",
+    "synth.k=4",
+    "synth.eval_rows=8",
+    "classifier.backbone=tiny-bert",
+    "classifier.epochs=1",
+    "classifier.score_actors=1",
+    "model.policy=tiny-gpt2",
+    "model.precision=fp32",
+    "model.max_length=64",
+    "sft.enabled=false",
+    "train.loss=dpo",
+    "train.objective=dora",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "train.num_workers=2",
+    "train.lr=1e-3",
+    "train.warmup_ratio=0.0",
+    "train.checkpoint_every=3",
+    "train.max_steps=6",
+]
+
+
+def config(root: Path, *overrides: str):
+    return load_config(None, [f"root={root}", "name=run", *BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
+    """synth -> validate -> classify -> reference, once for the module."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = config(root)
+    for stage in (synth.run, data.run, scoring.run, reference.run):
+        stage(cfg, cfg.run_dir)
+    return cfg.run_dir.absolute()
+
+
+def fit(run_dir: Path, out: str, *overrides: str, **extra):
+    cfg = config(run_dir.parent, *overrides)
+    t = cfg.train
+    import dataclasses
+
+    return train.fit(
+        mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
+        out_dir=run_dir / out, run_cfg=cfg, train=dataclasses.asdict(t), batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size, num_workers=t.num_workers, epochs=t.epochs, lr=t.lr, extra=extra or None,
+    )  # fmt: skip
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reference_logps_equal_the_policy_at_step_zero(run_dir: Path) -> None:
+    from raydora.encoding import forward_logps, pad_sequences
+    from raydora.models import load_causal_lm
+
+    table = pq.read_table(sorted((run_dir / "reference").glob("*.parquet"))[0]).slice(0, 6).to_pylist()
+    model = load_causal_lm(run_dir / "init", dtype=torch.float32, attn_implementation="eager").eval()
+    enc = pad_sequences([r["prompt_ids"] for r in table], [r["response_ids"] for r in table], None, 1)
+    with torch.no_grad():
+        logps, lengths, _ = forward_logps(model, enc, 4)
+    expected = torch.tensor([r["reference_logps"] for r in table], dtype=torch.float64)
+    assert torch.allclose(logps.double(), expected, atol=1e-4, rtol=1e-5)
+    assert (lengths > 0).all() and (expected < 0).all()
+    # Training tokenises exactly like the reference pass: the response ids end with EOS.
+    assert all(ids[-1] == 0 or len(ids) >= 1 for r in table for ids in r["response_ids"])
+
+
+def test_two_workers_train_the_policy(run_dir: Path) -> None:
+    result = fit(run_dir, "two", "train.max_steps=0", "train.epochs=2", "train.checkpoint_every=100")
+    out = run_dir / "two"
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == list(range(1, 25))  # 96 rows / 8 = 12 steps x 2 epochs, in order
+    first = rows[0]
+    for key in ("loss", "loss/unweighted", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "robust/ess", "robust/weight_max", "robust/weight_entropy", "lr", "grad_norm",
+                "pairs_per_s", "tokens_per_s"):  # fmt: skip
+        assert key in first and np.isfinite(first[key]), key
+    # Step 1 runs at the initial weights, which are the reference: the implicit rewards are zero.
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    early = np.mean([m["loss/unweighted"] for m in rows[:4]])
+    late = np.mean([m["loss/unweighted"] for m in rows[-4:]])
+    assert late < early - 0.05, (early, late)
+    before, after = weights(run_dir / "init"), weights(out / "final")
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not train: {unchanged}"
+    assert result.counts == {"rows": 96, "steps": 24}
+    # Rerunning the finished stage skips it.
+    assert fit(run_dir, "two", "train.max_steps=0", "train.epochs=2", "train.checkpoint_every=100").skipped
+
+
+@pytest.mark.parametrize("objective", ["dora", "kldpo"])
+def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, objective: str) -> None:
+    # 1 worker: 8 rows per step in 2 micro-batches (the Share path); 2 workers: 4 rows each (the all-gather path).
+    common = (f"train.objective={objective}", "train.max_steps=4", "train.checkpoint_every=100")
+    fit(run_dir, f"w1-{objective}", *common, "train.num_workers=1", master_dtype="float64")
+    fit(run_dir, f"w2-{objective}", *common, "train.num_workers=2", master_dtype="float64")
+    a, b = weights(run_dir / f"w1-{objective}" / "final"), weights(run_dir / f"w2-{objective}" / "final")
+    init = weights(run_dir / "init")
+    for k in a:
+        assert not torch.equal(a[k], init[k].to(a[k].dtype))
+        torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-7)
+    la = [m["loss"] for m in metrics(run_dir / f"w1-{objective}")]
+    lb = [m["loss"] for m in metrics(run_dir / f"w2-{objective}")]
+    np.testing.assert_allclose(la, lb, rtol=1e-9)
+
+
+def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: Path) -> None:
+    fit(run_dir, "straight")
+    # A hard crash (os._exit) of worker 1 at step 4, after the step-3 checkpoint: Ray Train restarts the group
+    # from that checkpoint and finishes. The result equals the uninterrupted run.
+    fit(run_dir, "recovered", _fail_at_step=4, _fail_marker=str(tmp_path / "failed-once"))
+    assert (tmp_path / "failed-once").exists()
+    straight, recovered = weights(run_dir / "straight" / "final"), weights(run_dir / "recovered" / "final")
+    for k in straight:
+        torch.testing.assert_close(straight[k], recovered[k], atol=1e-6, rtol=1e-5)
+    assert [m["step"] for m in metrics(run_dir / "recovered")] == list(range(1, 7))
+    # With no failures allowed the crash ends the run; rerunning the same config resumes from step 3.
+    with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError
+        fit(run_dir, "resumed", "train.max_failures=0", _fail_at_step=4, _fail_marker=str(tmp_path / "once-more"))
+    assert train.latest_step(run_dir / "resumed") == 3 and not (run_dir / "resumed" / "final").exists()
+    fit(run_dir, "resumed", "train.max_failures=0")
+    resumed = weights(run_dir / "resumed" / "final")
+    for k in straight:
+        torch.testing.assert_close(straight[k], resumed[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -> None:
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss at step 2"):
+        fit(run_dir, "nan", "train.max_steps=4", _nan_at_step=2)
+    assert not (run_dir / "nan" / "final").exists()
+    result = fit(run_dir, "nan-skip", "train.max_steps=4", "train.nan_policy=skip", _nan_at_step=2)
+    assert result.info["skipped_batches"] == 1
+    rows = metrics(run_dir / "nan-skip")
+    assert [m["skipped_batches"] for m in rows] == [0, 1, 1, 1]
+
+
+def test_sft_warm_start_trains_on_the_sft_corpus(run_dir: Path) -> None:
+    cfg = config(run_dir.parent, "sft.enabled=true", "sft.batch_size=16", "sft.micro_batch_size=8", "sft.lr=3e-3")
+    result = train.run_sft(cfg, cfg.run_dir)
+    rows = metrics(run_dir / "sft")
+    assert result.counts == {"rows": 96, "steps": 6} and len(rows) == 6
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert reference.initial_policy(cfg, cfg.run_dir) == run_dir / "sft" / "final"
+    from raydora.models import load_causal_lm
+
+    assert load_causal_lm(run_dir / "sft" / "final").config.vocab_size > 0
+
+
+def test_plan_is_deterministic_and_independent_of_the_worker_count(run_dir: Path) -> None:
+    def rows_of(world: int) -> dict[int, list[str]]:
+        plan = train.make_plan(run_dir / "reference", batch_size=8, world=world, epochs=2, seed=3, block_rows=16)
+        by_step: dict[int, list[str]] = {}
+        for r in range(world):
+            for e in plan.entries:
+                for t in train._read_planned(
+                    {k: [e[k]] for k in e}, rank=r, seed=3, columns=["id"],
+                    plan={"batch_size": 8, "world": world, "steps_per_epoch": plan.steps_per_epoch,
+                          "total_steps": plan.total_steps, "start_step": 0},
+                ):  # fmt: skip
+                    for i, s in zip(t.column("id").to_pylist(), t.column("_step").to_pylist(), strict=True):
+                        by_step.setdefault(s, []).append(i)
+        return by_step
+
+    one, two = rows_of(1), rows_of(2)
+    assert sorted(one) == list(range(24))
+    assert {s: sorted(v) for s, v in one.items()} == {s: sorted(v) for s, v in two.items()}
+    epoch0 = [i for s in range(12) for i in one[s]]
+    epoch1 = [i for s in range(12, 24) for i in one[s]]
+    assert sorted(epoch0) == sorted(epoch1) and len(set(epoch0)) == 96 and epoch0 != epoch1
