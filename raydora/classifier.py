@@ -117,8 +117,11 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
+    import transformers
 
     from raydora.models import build_model, load_encoder, load_tokenizer, save_pretrained
+
+    transformers.utils.logging.disable_progress_bar()
 
     torch.manual_seed(cfg["seed"])
     if cfg["threads"]:
@@ -243,6 +246,8 @@ def train_classifiers(
             )
             train = examples.filter(expr=col("holdout") == lit(False)).materialize()
             holdout = examples.filter(expr=col("holdout") == lit(True)).materialize()
+            for ds in (train, holdout):  # bars from inside the workers would redraw under every log line
+                ds.context.enable_progress_bars = False
             n_golden = int(train.sum("label") or 0)
             n_source = train.count() - n_golden
             if n_golden == 0 or n_source == 0:

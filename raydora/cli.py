@@ -117,6 +117,25 @@ def cmd_classify(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
+def _stage_command(stage: str) -> Callable[[argparse.Namespace, RunConfig], int]:
+    def cmd(args: argparse.Namespace, cfg: RunConfig) -> int:
+        from raydora import pipeline
+        from raydora.cluster import init_ray
+        from raydora.config import dump_yaml
+
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        init_ray(cfg.ray)
+        result = pipeline.STAGES[stage](cfg, cfg.run_dir, force=args.force)
+        print(result.summary())
+        for key, path in result.outputs.items():
+            print(f"  {key}: {path}")
+        return 0
+
+    cmd.__doc__ = f"Run the {stage} stage on <root>/<name>/."
+    return cmd
+
+
 def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Run the pipeline's stages in order over <root>/<name>/ (each skips itself when up to date)."""
     from raydora import pipeline
@@ -131,6 +150,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] 
     "synth": (cmd_synth, "generate the offline distribution-shift benchmark"),
     "validate": (cmd_validate, "read + validate preference data into data/ and quarantine/"),
     "classify": (cmd_classify, "train, calibrate and apply the golden-vs-source classifiers (DoRA stage 1)"),
+    "sft": (_stage_command("sft"), "SFT warm start of model.policy on the SFT corpus (Ray Train) into sft/final"),
+    "reference": (_stage_command("reference"), "reference log-probs of every row (Ray Data actor pool) into reference/"),
+    "train": (_stage_command("train"), "robust preference optimisation (Ray Train, N workers) into train/"),
     "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
 }
 
@@ -151,8 +173,8 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=["auto", *FORMATS], help="row layout (default: detect)")
         p.add_argument("--output", help="output folder for data/ and quarantine/ (default: <root>/<name>)")
     elif name == "pipeline":
-        p.add_argument("--stages", help="comma-separated subset, e.g. synth,validate,classify (default: all)")
-    if name in ("synth", "validate"):
+        p.add_argument("--stages", help="comma-separated subset, e.g. synth,validate,classify,sft,reference,train (default: all)")
+    if name in ("synth", "validate", "sft", "reference", "train"):
         p.add_argument("--force", action="store_true", help="redo even when the outputs are up to date")
 
 

@@ -121,7 +121,7 @@ def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The unsharded model state on CPU (every rank must call it under FSDP; plain modules just copy)."""
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -130,7 +130,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, Any]) -> None:
     """Load an unsharded state into ``model`` (sharded or not)."""
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
         model.load_state_dict(state, strict=False)

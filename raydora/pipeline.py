@@ -5,14 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from raydora import data, scoring, synth
+from raydora import data, reference, scoring, synth, train
 from raydora.cluster import init_ray
 from raydora.config import RunConfig, dump_yaml
 from raydora.rundir import StageResult
 
-Stage = Callable[[RunConfig, Path], StageResult]
-# In pipeline order; later issues append reference, train, generate, evaluate.
-STAGES: dict[str, Stage] = {"synth": synth.run, "validate": data.run, "classify": scoring.run}
+Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
+# In pipeline order; generate and evaluate come next.
+STAGES: dict[str, Stage] = {
+    "synth": synth.run,
+    "validate": data.run,
+    "classify": scoring.run,
+    "sft": train.run_sft,
+    "reference": reference.run,
+    "train": train.run,
+}
 
 
 def run(cfg: RunConfig, stages: Sequence[str] | None = None) -> list[StageResult]:

@@ -376,6 +376,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from raydora.hardware import resolve_precision
     from raydora.models import load_causal_lm, load_tokenizer
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     t = cfg["train"]
     ctx = distributed.train_context()
     rank, world = ctx["rank"], ctx["world_size"]

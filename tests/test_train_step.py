@@ -1,0 +1,114 @@
+"""One optimizer step of the training loop, in process (no Ray): WDPO against DPO, micro-batching, precision."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from raydora import robust, train
+from raydora.config import TrainConfig
+from raydora.models import build_model, train_tokenizer
+
+TEXTS = ["sort : b a c", "a b c", "reverse : x y z", "z y x", "count : a a b", "3", "well , the answer is"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = train_tokenizer(TEXTS * 5, vocab_size=300)
+    model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train()
+    rng = np.random.default_rng(0)
+    b, k = 4, 2
+    rows = {
+        "prompt_ids": np.array([rng.integers(2, 290, size=int(rng.integers(3, 7))) for _ in range(b)], dtype=object),
+        "response_ids": np.array(
+            [[rng.integers(2, 290, size=int(rng.integers(2, 6))) for _ in range(k)] for _ in range(b)], dtype=object
+        ),
+        "scores": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.3, 0.9]], dtype=object),
+        "reference_logps": np.array([rng.normal(-20, 2, size=k) for _ in range(b)], dtype=object),
+    }
+    return tok, model, rows
+
+
+def cfg_for(**train_kw):
+    t = dataclasses.asdict(TrainConfig(grad_clip=0.0, **train_kw))
+    return {"mode": "preference", "train": t, "batch_size": 4, "micro_batch_size": 4}
+
+
+def grads_of(model, value) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    value.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def test_wdpo_differs_from_dpo_by_exactly_the_penalty_gradient(setup) -> None:
+    tok, model, rows = setup
+    rho = 0.3
+    cfg = cfg_for(loss="dpo", objective="wdpo", rho=rho)
+    mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
+
+    def parts():
+        out = train.per_sample_losses(model, mb, cfg, embeddings=True)
+        return out["losses"], robust.wdpo_penalty(out["losses"], out["embeds"])
+
+    losses, pen = parts()
+    g_wdpo = grads_of(model, robust.wdpo(losses, pen, rho))
+    losses, pen = parts()
+    g_dpo = grads_of(model, robust.erm(losses))
+    losses, pen = parts()
+    g_pen = grads_of(model, rho * pen.mean())
+    assert g_pen.abs().max() > 1e-8  # the penalty really moves the parameters
+    torch.testing.assert_close(g_wdpo - g_dpo, g_pen, atol=1e-12, rtol=1e-9)
+
+    # The penalty is each pair's own ||d l_i / d z||^2: check one pair by a separate forward of that pair alone.
+    one = train.collate_micro(rows, slice(2, 3), "preference", "dpo", tok.pad_token_id, None)
+    o = train.per_sample_losses(model, one, cfg, embeddings=True)
+    (g,) = torch.autograd.grad(o["losses"].sum(), o["embeds"])
+    # Padding rows carry no gradient, so the alone-forward norm equals the batched one.
+    torch.testing.assert_close(pen[2].detach(), g.pow(2).sum(), atol=1e-12, rtol=1e-8)
+
+    # The loop's step (one worker, no process group) produces the same WDPO gradient.
+    model.zero_grad(set_to_none=True)
+    mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
+    f = train.objective_fn(cfg)
+    train._step(model, [mb], cfg, f, None, 1, torch.device("cpu"), torch.float32, True, False)
+    g_loop = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(g_loop, g_wdpo, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["erm", "kl_dro", "kldpo", "dr_dpo"])
+def test_micro_batches_accumulate_the_full_batch_gradient(setup, objective: str) -> None:
+    tok, model, rows = setup
+    cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, beta_prime=0.7)
+    f = train.objective_fn(cfg)
+    grads = []
+    for mbs in (4, 1):  # one micro-batch of 4 (group path) vs 4 micro-batches of 1 (Share / linear path)
+        model.zero_grad(set_to_none=True)
+        micro = [train.collate_micro(rows, slice(i, i + mbs), "preference", "dpo", tok.pad_token_id, None)
+                 for i in range(0, 4, mbs)]  # fmt: skip
+        stats = train._step(model, micro, cfg, f, None, 1, torch.device("cpu"), torch.float32, False, False)
+        grads.append((torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"]["loss"]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=1e-9)
+    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-12)
+
+
+def test_dora_row_weights_match_robust_dora_weights() -> None:
+    info = {"shares": {"verbose": 0.4, "sloppy": 0.35}, "gammas": {"verbose": 1.5, "sloppy": 0.8}, "alpha": None}
+    p = [[0.9, 0.2, 0.6, 0.05]]
+    src = [["golden", "verbose", "sloppy", "unknown"]]
+    got = train.dora_row_weights(p, src, info)
+    share = torch.tensor([0.75, 0.4, 0.35, 0.75], dtype=torch.float64)
+    gamma = torch.tensor([1.0, 1.5, 0.8, 1.0], dtype=torch.float64)
+    want = robust.dora_weights(torch.tensor(p[0], dtype=torch.float64), share, 0.25, gamma).mean()
+    assert got[0] == pytest.approx(float(want), rel=1e-12)
+    # By hand for the verbose response: 1 / (1/4 + 0.4 * 1.5 * 0.8 / 0.2) = 1 / 2.65.
+    assert float(robust.dora_weights(torch.tensor([0.2]), 0.4, 0.25, 1.5)[0]) == pytest.approx(1 / 2.65, rel=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    fn = train._lr_lambda(total=10, warmup=2, kind="cosine")
+    assert [round(fn(s), 6) for s in (0, 1, 2)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0]
+    assert fn(10) == pytest.approx(0.0) and fn(6) == pytest.approx(0.5)
+    assert train._lr_lambda(10, 0, "linear")(5) == pytest.approx(0.5)
