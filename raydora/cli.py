@@ -151,7 +151,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] 
     "validate": (cmd_validate, "read + validate preference data into data/ and quarantine/"),
     "classify": (cmd_classify, "train, calibrate and apply the golden-vs-source classifiers (DoRA stage 1)"),
     "sft": (_stage_command("sft"), "SFT warm start of model.policy on the SFT corpus (Ray Train) into sft/final"),
-    "reference": (_stage_command("reference"), "reference log-probs of every row (Ray Data actor pool) into reference/"),
+    "reference": (
+        _stage_command("reference"),
+        "reference log-probs of every row (Ray Data actor pool) into reference/",
+    ),
     "train": (_stage_command("train"), "robust preference optimisation (Ray Train, N workers) into train/"),
     "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
 }
@@ -173,7 +176,9 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=["auto", *FORMATS], help="row layout (default: detect)")
         p.add_argument("--output", help="output folder for data/ and quarantine/ (default: <root>/<name>)")
     elif name == "pipeline":
-        p.add_argument("--stages", help="comma-separated subset, e.g. synth,validate,classify,sft,reference,train (default: all)")
+        p.add_argument(
+            "--stages", help="comma-separated subset, e.g. synth,validate,classify,sft,reference,train (default: all)"
+        )
     if name in ("synth", "validate", "sft", "reference", "train"):
         p.add_argument("--force", action="store_true", help="redo even when the outputs are up to date")
 

@@ -133,7 +133,13 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, Any]) -> None:
     """Load an unsharded state into ``model`` (sharded or not)."""
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Only tied parameters (saved once, e.g. GPT-2's lm_head = wte) may be absent from the file.
+        own = model.state_dict()
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        untied = [k for k in missing if own[k].data_ptr() not in loaded]
+        if unexpected or untied:
+            raise KeyError(f"checkpoint does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

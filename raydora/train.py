@@ -43,6 +43,7 @@ LISTWISE = ("dpo_pl", "rrhf", "lire")
 NONLINEAR = ("kl_dro", "dora", "kldpo", "dr_dpo")
 METRICS_FILE = "metrics.jsonl"
 FAILED_FILE = "_FAILED"
+TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the unmerged (adapter) state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -337,6 +338,10 @@ def _save_checkpoint(
         return None
     out = Path(tempfile.mkdtemp(prefix="raydora-ckpt-"))
     _save_model(model, tokenizer, out / "model", state)
+    if cfg["train"]["lora_r"]:  # model/ holds merged weights; resuming needs the adapter layout
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(out / TRAINER_STATE))
     torch.save({"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict()}, out / "state.pt")
     (out / "step.json").write_text(json.dumps({"step": step}))
     return str(out)
@@ -360,7 +365,8 @@ def _save_model(model: Any, tokenizer: Any, out: Path, state: dict[str, Any]) ->
 
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(inner.config)
-        plain.load_state_dict(state, assign=True)
+        plain.load_state_dict(state, assign=True, strict=False)
+        plain.tie_weights()  # assign=True replaced the tied parameters by separate copies
         save_pretrained(plain, tokenizer, out)
         return
     save_pretrained(inner, tokenizer, out)
@@ -416,7 +422,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(cfg["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = load_file(str(Path(d) / "model" / "model.safetensors"))
+            raw = Path(d) / TRAINER_STATE
+            state = load_file(str(raw if raw.exists() else Path(d) / "model" / "model.safetensors"))
             distributed.load_full_state_dict(_unwrap(model), state)
             saved = torch.load(
                 Path(d) / "state.pt", weights_only=True
@@ -590,11 +597,10 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
 
 
 def _ordered_ingest() -> Any:
-    from ray.train import DataConfig
+    from ray.data import DataContext, ExecutionOptions
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True)
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------

@@ -126,6 +126,18 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, object
     np.testing.assert_allclose(la, lb, rtol=1e-9)
 
 
+def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
+    common = ("train.objective=kldpo", "train.max_steps=4", "train.checkpoint_every=2", "train.num_workers=2")
+    if not (run_dir / "w2-kldpo" / "final").exists():  # the equality test above normally made it
+        fit(run_dir, "w2-kldpo", *common, master_dtype="float64")
+    fit(run_dir, "fsdp", *common, "train.strategy=fsdp", master_dtype="float64")
+    ddp, fsdp = weights(run_dir / "w2-kldpo" / "final"), weights(run_dir / "fsdp" / "final")
+    assert sorted(ddp) == sorted(fsdp)  # tied embeddings stay tied in the saved folder
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], fsdp[k], atol=1e-9, rtol=1e-7)
+    assert train.latest_step(run_dir / "fsdp") == 4
+
+
 def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: Path) -> None:
     fit(run_dir, "straight")
     # A hard crash (os._exit) of worker 1 at step 4, after the step-3 checkpoint: Ray Train restarts the group
@@ -144,6 +156,24 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
     resumed = weights(run_dir / "resumed" / "final")
     for k in straight:
         torch.testing.assert_close(straight[k], resumed[k], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    common = ("train.lora_r=4", "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2")
+    fit(run_dir, "lora", *common)
+    fit(run_dir, "lora-killed", *common, _fail_at_step=3, _fail_marker=str(tmp_path / "lora-failed"))
+    assert (tmp_path / "lora-failed").exists()
+    init, a, b = (
+        weights(run_dir / "init"),
+        weights(run_dir / "lora" / "final"),
+        weights(run_dir / "lora-killed" / "final"),
+    )
+    assert sorted(a) == sorted(init)  # merged: a plain GPT-2 folder, loadable without peft
+    changed = [k for k in init if not torch.equal(init[k], a[k])]
+    assert changed and all(k.endswith("weight") for k in changed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -> None:
