@@ -68,7 +68,10 @@ class Preset:
 def _gpt2(width: int, layers: int, heads: int) -> Preset:
     # Dropout off: DPO compares policy and reference log-probs of the same tokens, and dropout noise in either
     # biases the margins (TRL disables it too). Llama has no dropout by default.
-    size = dict(n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    # gelu_pytorch_tanh: GPT-2's tanh-approximate GELU as one fused kernel (gelu_new computes the same function
+    # from five elementwise ops, ~10% of a CPU training step).
+    size = dict(n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                activation_function="gelu_pytorch_tanh")  # fmt: skip
     return Preset("causal", GPT2Config, size)
 
 
@@ -87,6 +90,7 @@ def _bert(width: int, layers: int, heads: int) -> Preset:
 PRESETS: dict[str, Preset] = {
     "tiny-gpt2": _gpt2(64, layers=2, heads=4),  # 165,632 (the LM head is tied to the token embeddings)
     "small-gpt2": _gpt2(256, layers=8, heads=8),  # 6,580,736
+    "base-gpt2": _gpt2(320, layers=8, heads=8),  # 10,192,000 (the ~10M model of the training benchmarks)
     "tiny-llama": _llama(64, mlp=176, layers=2, heads=4),  # 158,016
     "small-llama": _llama(256, mlp=688, layers=8, heads=8),  # 6,066,432
     "tiny-bert": _bert(64, layers=2, heads=4),  # 170,050 (pooler and 2-way classifier included)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from raydora import data, reference, scoring, synth, train
 from raydora.cluster import init_ray

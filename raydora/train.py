@@ -180,12 +180,19 @@ def dora_row_weights(p_golden: list[list[float]], sources: list[list[str]], info
 
 
 def collate_micro(
-    rows: dict[str, Any], idx: slice, mode: str, loss: str, pad_id: int, dora: dict[str, Any] | None
+    rows: dict[str, Any],
+    idx: slice,
+    mode: str,
+    loss: str,
+    pad_id: int,
+    dora: dict[str, Any] | None,
+    pack: bool = False,
 ) -> dict[str, Any]:
-    """One micro-batch: padded token tensors (k-major), reference log-probs, scores and weights."""
+    """One micro-batch: token tensors (k-major; padded, or packed without padding), reference log-probs, scores
+    and weights."""
     import torch
 
-    from raydora.encoding import pad_sequences, pair_indices
+    from raydora.encoding import pack_sequences, pad_sequences, pair_indices
 
     prompts = _as_lists(rows["prompt_ids"][idx])
     responses = [[np.asarray(r).tolist() for r in rs] for rs in rows["response_ids"][idx]]
@@ -199,7 +206,7 @@ def collate_micro(
         if len(ks) != 1:
             raise ValueError(f"listwise loss {loss!r} needs the same number of responses per row, got {sorted(ks)}")
         select = np.tile(np.arange(ks.pop()), (len(prompts), 1))
-    batch = pad_sequences(prompts, responses, select, pad_id)
+    batch = (pack_sequences if pack else pad_sequences)(prompts, responses, select, pad_id)
     out: dict[str, Any] = {"enc": batch, "k": select.shape[1], "rows": len(prompts)}
     out["scores"] = (
         torch.tensor(np.take_along_axis(np.array(scores, dtype=np.float64), select, 1)) if mode != "sft" else None
@@ -320,6 +327,16 @@ def _lr_lambda(total: int, warmup: int, kind: str) -> Any:
     return fn
 
 
+def make_optimizer(params: list[Any], lr: float, weight_decay: float, sharded: bool = False) -> Any:
+    """AdamW; the fused kernel (one pass over every parameter, CPU and CUDA) unless FSDP shards the parameters,
+    where torch picks its multi-tensor path."""
+    import torch
+
+    if sharded:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def _unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
@@ -376,13 +393,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train worker: SFT (``cfg["mode"] == "sft"``) or robust preference optimisation."""
     import ray.train
     import torch
+    import transformers
     from safetensors.torch import load_file
 
     from raydora import distributed
     from raydora.hardware import resolve_precision
     from raydora.models import load_causal_lm, load_tokenizer
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     t = cfg["train"]
@@ -409,7 +425,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if t["strategy"] == "fsdp" and world > 1:
         model = distributed.shard_fsdp(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=t["weight_decay"])
+    optimizer = make_optimizer(params, cfg["lr"], t["weight_decay"], sharded=t["strategy"] == "fsdp" and world > 1)
     total = cfg["total_steps"]
     warmup = round(t["warmup_ratio"] * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup, t["scheduler"]))
@@ -433,8 +449,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             start = int(saved["step"])
     group = distributed.default_group() if world > 1 else None
     metrics_path = Path(cfg["out_dir"]) / METRICS_FILE
+    writer = None
     if rank == 0:
         _truncate_metrics(metrics_path, start)
+        writer = _tensorboard(Path(cfg["out_dir"]) / "tensorboard")
     f = objective_fn(cfg)
     local = cfg["batch_size"] // world
     mbs = cfg["micro_batch_size"]
@@ -456,8 +474,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if cfg.get("_fail_at_step") == step + 1 and rank == world - 1 and not Path(cfg["_fail_marker"]).exists():
             Path(cfg["_fail_marker"]).write_text("failed once")
             os._exit(1)  # an injected hard crash (tests): Ray Train restarts the group from the last checkpoint
+        pack = t.get("packing", False) and not wdpo
         micro = [
-            collate_micro(rows, slice(i, i + mbs), cfg["mode"], t["loss"], pad, dora) for i in range(0, local, mbs)
+            collate_micro(rows, slice(i, i + mbs), cfg["mode"], t["loss"], pad, dora, pack)
+            for i in range(0, local, mbs)
         ]
         for mb in micro:
             mb["enc"] = {k: v.to(device) for k, v in mb["enc"].items()}
@@ -472,6 +492,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 if rank == 0:
                     (Path(cfg["out_dir"]) / FAILED_FILE).write_text(msg + "\n")
                 ray.train.report({"step": step + 1, "failed": msg})
+                if writer is not None:
+                    writer.close()
                 return
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
@@ -490,6 +512,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(m) + "\n")
+            if writer is not None:
+                for key, value in m.items():
+                    writer.add_scalar(key, value, step)
             if step % t["log_every"] == 0 or step == total:
                 print(f"[{cfg['mode']}] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
                       f"grad {m['grad_norm']:.3f} {m['pairs_per_s']:.1f} rows/s", flush=True)  # fmt: skip
@@ -499,11 +524,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(m, checkpoint=checkpoint)
             if path:
                 shutil.rmtree(path, ignore_errors=True)
+    if writer is not None:
+        writer.close()
     state = distributed.full_state_dict(model)
     if rank == 0:
         _save_model(model, tokenizer, Path(cfg["out_dir"]) / "final", state)
         (Path(cfg["out_dir"]) / "final_metrics.json").write_text(json.dumps({**last_metrics, "steps": step}))
     distributed.barrier()
+
+
+def _tensorboard(folder: Path) -> Any:
+    """A TensorBoard writer when ``tensorboard`` (or ``tensorboardX``) is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+    return SummaryWriter(str(folder), flush_secs=10)
 
 
 def _truncate_metrics(path: Path, start: int) -> None:

@@ -24,12 +24,19 @@ NON_ASCII = "héllo wörld — naïve café, 日本語のテキスト, emoji �
 PARAMS = {
     "tiny-gpt2": 165_632,
     "small-gpt2": 6_580_736,
+    "base-gpt2": 10_192_000,
     "tiny-llama": 158_016,
     "small-llama": 6_066_432,
     "tiny-bert": 170_050,
     "small-bert": 5_068_034,
 }
-RANGES = {"tiny": (100_000, 300_000), "small-gpt2": (5e6, 10e6), "small-llama": (5e6, 10e6), "small-bert": (3e6, 10e6)}
+RANGES = {
+    "tiny": (100_000, 300_000),
+    "small-gpt2": (5e6, 10e6),
+    "base-gpt2": (9e6, 11e6),
+    "small-llama": (5e6, 10e6),
+    "small-bert": (3e6, 10e6),
+}
 
 
 @pytest.fixture(scope="module")

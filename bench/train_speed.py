@@ -1,0 +1,232 @@
+"""Training-step throughput, all measured in one process and one run (ratios only; this machine is noisy):
+
+- raydora's DPO step against TRL's ``DPOTrainer`` on the same model, pairs, batch and lengths: TRL configured
+  fairly (fp32, no gradient checkpointing, the same attention kernel), with a reference forward each step and
+  with ``precompute_ref_log_probs=True``; TRL's own defaults (bf16, gradient checkpointing) are recorded apart;
+- the robust objectives' step time against plain DPO (DoRA, KLDPO, WDPO), eager attention for all;
+- precomputed reference log-probs against a reference forward in every step;
+- model FLOPs utilisation of the DPO step against a dense fp32 matmul timed in the same run.
+
+    .venv/bin/python bench/train_speed.py            # ~10M-parameter GPT-2, batch 16 pairs, fp32, 2 threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import record
+
+from raydora import synth, train
+from raydora.config import TrainConfig
+from raydora.encoding import encode_batch, forward_logps, pad_sequences, render_prompt
+from raydora.models import build_model, count_parameters, load_causal_lm, save_pretrained, train_tokenizer
+
+
+def make_pairs(n: int, seed: int) -> list[dict[str, Any]]:
+    """Benchmark pairs: each synthetic row's best and worst response by its (biased) label."""
+    shares = {"golden": 0.25, "verbose": 0.375, "sloppy": 0.375}
+    rows = list(synth.generate_rows(0, n, k=4, shares=shares, label_noise=0.0, seed=seed))
+    out = []
+    for r in rows:
+        best, worst = int(np.argmax(r["scores"])), int(np.argmin(r["scores"]))
+        out.append({"prompt": r["prompt"], "chosen": r["responses"][best], "rejected": r["responses"][worst]})
+    return out
+
+
+def dense_matmul_flops(threads: int, n: int = 1024, reps: int = 20) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    tic = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - tic)
+
+
+def model_flops_per_token(model: Any, seq_len: float) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 x the matmul parameters (blocks and LM head)
+    plus the attention score/value products, 12 x layers x width x sequence length."""
+    c = model.config
+    d, layers, vocab = c.n_embd, c.n_layer, c.vocab_size
+    matmul_params = 12 * layers * d * d + d * vocab
+    return 6 * matmul_params + 12 * layers * d * seq_len
+
+
+class Ours:
+    """raydora's training step (the same ``train._step`` the Ray Train workers run), single process."""
+
+    def __init__(self, model_dir: Path, tok: Any, pairs: list[dict[str, Any]], args: Any, attn: str) -> None:
+        self.tok, self.args = tok, args
+        prompts = [p["prompt"] for p in pairs]
+        responses = [[p["chosen"], p["rejected"]] for p in pairs]
+        self.prompt_ids, self.response_ids = encode_batch(tok, prompts, responses, args.max_length)
+        self.model_dir, self.attn = model_dir, attn
+        ref = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+        self.ref_logps = self.reference_logps(ref, range(len(pairs)))
+
+    def reference_logps(self, ref: Any, idx: Any) -> np.ndarray:
+        idx = list(idx)
+        enc = pad_sequences([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], None,
+                            self.tok.pad_token_id)  # fmt: skip
+        with torch.no_grad():
+            lp, _, _ = forward_logps(ref, enc, 2)
+        return lp.double().numpy()
+
+    def rows(self, idx: list[int], ref: np.ndarray) -> dict[str, Any]:
+        return {
+            "prompt_ids": np.array([np.asarray(self.prompt_ids[i]) for i in idx] + [None], dtype=object)[:-1],
+            "response_ids": np.array(
+                [[np.asarray(r) for r in self.response_ids[i]] for i in idx] + [None], dtype=object
+            )[:-1],
+            "scores": np.array([[1.0, 0.0] for _ in idx] + [None], dtype=object)[:-1],
+            "reference_logps": np.array([r for r in ref] + [None], dtype=object)[:-1],
+            "p_golden": np.array([[0.7, 0.3] for _ in idx] + [None], dtype=object)[:-1],
+            "sources": np.array([["golden", "verbose"] for _ in idx] + [None], dtype=object)[:-1],
+        }
+
+    def run(
+        self, objective: str, steps: int, warmup: int, ref_forward: bool = False, pack: bool = False
+    ) -> dict[str, Any]:
+        a = self.args
+        torch.manual_seed(0)
+        model = load_causal_lm(self.model_dir, dtype=torch.float32, attn_implementation=self.attn).train()
+        ref = copy.deepcopy(model).eval() if ref_forward else None
+        tc = TrainConfig(objective=objective, loss="dpo", lam=1.0, tau=1.0, kldpo_clip=None, rho=0.01,
+                         batch_size=a.batch, micro_batch_size=a.batch, num_workers=1)  # fmt: skip
+        t = dataclasses.asdict(tc)
+        cfg = {"mode": "preference", "train": t, "batch_size": a.batch, "micro_batch_size": a.batch}
+        dora = {"shares": {"verbose": 0.75}, "gammas": {"verbose": 1.0}, "alpha": 0.25} if objective == "dora" else None
+        f = train.objective_fn(cfg)
+        opt = train.make_optimizer(list(model.parameters()), 1e-5, 0.0)
+        times, tokens = [], []
+        n = len(self.prompt_ids)
+        for s in range(warmup + steps):
+            idx = [(s * a.batch + i) % n for i in range(a.batch)]
+            tic = time.perf_counter()
+            ref_lp = self.reference_logps(ref, idx) if ref is not None else self.ref_logps[idx]
+            mb = train.collate_micro(self.rows(idx, ref_lp), slice(0, a.batch), "preference", "dpo",
+                                     self.tok.pad_token_id, dora, pack and objective != "wdpo")  # fmt: skip
+            stats = train._step(model, [mb], cfg, f, None, 1, torch.device("cpu"), torch.float32,
+                                objective == "wdpo", False)  # fmt: skip
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if s >= warmup:
+                times.append(time.perf_counter() - tic)
+                tokens.append(stats["tokens"])
+        step = statistics.median(times)
+        return {"step_s": step, "pairs_per_s": a.batch / step, "tokens_per_s": statistics.median(tokens) / step,
+                "steps_timed": steps}  # fmt: skip
+
+
+def run_trl(model_dir: Path, tok: Any, pairs: list[dict[str, Any]], args: Any, *, precompute: bool,
+            trl_defaults: bool = False, attn: str = "sdpa") -> dict[str, Any]:  # fmt: skip
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.tic = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            times.append(time.perf_counter() - self.tic)
+
+    rows = [{"prompt": render_prompt(tok, p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in pairs]  # fmt: skip
+    model = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation=attn)
+    out = tempfile.mkdtemp(prefix="trl-bench-")
+    fair = {} if trl_defaults else {"bf16": False, "gradient_checkpointing": False}
+    config = DPOConfig(
+        output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+        max_length=args.max_length, learning_rate=1e-5, beta=0.1, precompute_ref_log_probs=precompute,
+        report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        seed=0, disable_tqdm=True, **fair,
+    )  # fmt: skip
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[Timer()])  # fmt: skip
+    trainer.train()
+    step = statistics.median(times[args.warmup :])
+    return {"step_s": step, "pairs_per_s": args.batch / step, "steps_timed": len(times[args.warmup :]),
+            "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base-gpt2")
+    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-trl-defaults", action="store_true", help="skip TRL's slow bf16 + checkpointing defaults")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pairs = make_pairs(args.pairs, seed=0)
+    texts = [t for r in pairs for t in (r["prompt"], r["chosen"], r["rejected"])]
+    tok = train_tokenizer(iter(texts), vocab_size=512)
+    work = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    save_pretrained(build_model(args.preset, tok, seed=0), tok, work / "model")
+    model_dir = work / "model"
+    params = count_parameters(load_causal_lm(model_dir))
+    results: dict[str, Any] = {"preset": args.preset, "parameters": params, "batch_pairs": args.batch,
+                               "max_length": args.max_length, "threads": args.threads, "precision": "fp32"}  # fmt: skip
+
+    sdpa = Ours(model_dir, tok, pairs, args, "sdpa")
+    eager = Ours(model_dir, tok, pairs, args, "eager")
+    runs: dict[str, dict[str, Any]] = {}
+    runs["raydora_dpo_sdpa"] = sdpa.run("erm", args.steps, args.warmup)
+    runs["raydora_dpo_sdpa_packed"] = sdpa.run("erm", args.steps, args.warmup, pack=True)
+    runs["raydora_dpo_sdpa_ref_forward"] = sdpa.run("erm", args.steps, args.warmup, ref_forward=True)
+    runs["trl_fair_ref_forward"] = run_trl(model_dir, tok, pairs, args, precompute=False)
+    runs["trl_fair_precomputed"] = run_trl(model_dir, tok, pairs, args, precompute=True)
+    for objective in ("erm", "dora", "kldpo", "wdpo"):
+        runs[f"raydora_{objective}_eager"] = eager.run(objective, args.steps, args.warmup)
+    flops = dense_matmul_flops(args.threads)
+    ours = runs["raydora_dpo_sdpa"]
+    seq = float(np.mean([len(pi) + len(r) for pi, rs in zip(sdpa.prompt_ids, sdpa.response_ids, strict=True)
+                         for r in rs]))  # fmt: skip
+    model = load_causal_lm(model_dir)
+    achieved = ours["tokens_per_s"] * model_flops_per_token(model, seq)
+    if not args.skip_trl_defaults:
+        runs["trl_defaults"] = run_trl(model_dir, tok, pairs, args, precompute=False, trl_defaults=True)
+    ratios = {
+        "ours_vs_trl_fair_ref_forward": ours["pairs_per_s"] / runs["trl_fair_ref_forward"]["pairs_per_s"],
+        "ours_vs_trl_fair_precomputed": ours["pairs_per_s"] / runs["trl_fair_precomputed"]["pairs_per_s"],
+        "packed_vs_padded": runs["raydora_dpo_sdpa_packed"]["pairs_per_s"] / ours["pairs_per_s"],
+        "precomputed_vs_ref_forward": ours["pairs_per_s"] / runs["raydora_dpo_sdpa_ref_forward"]["pairs_per_s"],
+        "dora_step_vs_dpo": runs["raydora_dora_eager"]["step_s"] / runs["raydora_erm_eager"]["step_s"],
+        "kldpo_step_vs_dpo": runs["raydora_kldpo_eager"]["step_s"] / runs["raydora_erm_eager"]["step_s"],
+        "wdpo_step_vs_dpo": runs["raydora_wdpo_eager"]["step_s"] / runs["raydora_erm_eager"]["step_s"],
+        "mfu_vs_dense_matmul": achieved / flops,
+    }
+    if "trl_defaults" in runs:
+        ratios["ours_vs_trl_defaults"] = ours["pairs_per_s"] / runs["trl_defaults"]["pairs_per_s"]
+    results.update({"runs": runs, "ratios": ratios, "dense_matmul_flops": flops, "achieved_model_flops": achieved,
+                    "mean_sequence_tokens": seq})  # fmt: skip
+    path = record("train_speed", results)
+    for k, v in runs.items():
+        print(f"{k:<32} {v['pairs_per_s']:8.1f} pairs/s  step {v['step_s'] * 1000:7.1f} ms")
+    for k, v in ratios.items():
+        print(f"{k:<32} {v:.3f}")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
