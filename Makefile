@@ -40,7 +40,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix raydora tests bench
 	$(BIN)/ruff format raydora tests bench
 
-demo: $(STAMP) ## the whole pipeline on a local Ray (grows stage by stage)
+demo: $(STAMP) ## the pipeline on a local Ray: synth, validate, classify, sft, reference, train
 	$(BIN)/raydora check --config jobs/configs/demo_cpu.yaml
 	$(BIN)/raydora pipeline --config jobs/configs/demo_cpu.yaml
 
@@ -48,6 +48,7 @@ bench: ## the benchmarks (installs the bench extra); results in bench/results/, 
 	$(MAKE) install EXTRAS=test,dev,bench
 	$(BIN)/python bench/synth_stream.py --rows 100000
 	$(BIN)/python bench/score_scaling.py --rows 600 --memory-rows 1000
+	$(BIN)/python bench/train_speed.py --steps 12 --warmup 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -267,9 +267,9 @@ class TrainConfig:
     """LoRA rank (needs ``peft``); 0 trains every parameter."""
     lora_alpha: float = 16.0
     """LoRA scaling alpha."""
-    packing: bool = False
-    """Pack each micro-batch's sequences into rows without padding (position ids restart per sequence; GPT-2 and
-    Llama in transformers 5 build the block mask from them). Not for WDPO, nor for models without that support."""
+    packing: bool = True
+    """Pack each micro-batch's sequences into rows without padding (position ids restart per sequence). Checked on
+    the first batch against padding, falling back when the model does not support it; WDPO always pads."""
     shuffle_block_rows: int = 64
     """Rows per shuffle block: each epoch permutes the blocks, then the rows inside each block."""
     log_every: int = 1

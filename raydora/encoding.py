@@ -174,21 +174,26 @@ def forward_logps(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Policy log-probs of a :func:`pad_sequences` batch: ``(logps [B, K], lengths [B, K], inputs_embeds)``.
 
-    ``embeddings=True`` feeds ``inputs_embeds`` (returned, grad-carrying) instead of ids, for WDPO's penalty.
+    ``embeddings=True`` feeds ``inputs_embeds`` (returned, grad-carrying) instead of ids, for WDPO's penalty
+    (in the batch's own layout: padded rows, or packed rows whose ``segment_ids`` map tokens to sequences).
     ``lengths`` counts response tokens. Position ids follow the attention mask, so right padding changes
     nothing for the real tokens."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     if "segment_ids" in batch:  # packed: no attention mask, the restarting position ids delimit the sequences
-        if embeddings:
-            raise ValueError("WDPO's per-sample embedding gradients need the padded layout, not packed sequences")
         n = int(batch["sequences"])
-        out = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
+        packed_embeds = None
+        if embeddings:
+            get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings
+            packed_embeds = get_emb()(ids)
+            out = model(inputs_embeds=packed_embeds, position_ids=batch["position_ids"], use_cache=False)
+        else:
+            out = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
         logps = packed_logps(out.logits, ids, mask, batch["segment_ids"], n)
         seg = batch["segment_ids"][:, 1:][mask[:, 1:].bool()]
         lengths = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(
             0, seg, torch.ones_like(seg, dtype=logps.dtype)
         )
-        return logps.reshape(k, n // k).T, lengths.reshape(k, n // k).T, None
+        return logps.reshape(k, n // k).T, lengths.reshape(k, n // k).T, packed_embeds
     embeds = None
     if embeddings:
         get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings

@@ -270,6 +270,22 @@ def per_sample_losses(
     return out
 
 
+def wdpo_penalty(losses: Any, embeds: Any, enc: dict[str, Any]) -> Any:
+    """``robust.wdpo_penalty`` for either layout: padded rows (row ``r`` is sample ``r % B``), or packed rows,
+    where each token's squared embedding gradient goes to its sequence (``segment_ids``), then to its sample."""
+    import torch
+
+    from raydora import robust
+
+    if "segment_ids" not in enc:
+        return robust.wdpo_penalty(losses, embeds)
+    (g,) = torch.autograd.grad(losses.sum(), embeds, create_graph=True)
+    seg = enc["segment_ids"]
+    valid = seg >= 0
+    per_seq = g.new_zeros(int(enc["sequences"])).index_add(0, seg[valid], g.pow(2).sum(-1)[valid])
+    return per_seq.reshape(-1, losses.shape[0]).sum(0).to(losses.dtype)
+
+
 def objective_fn(cfg: dict[str, Any]) -> Any:
     """``F(losses, weights, penalties, group=, share=)`` for ``train.objective`` (the SFT loop uses erm)."""
     from raydora import robust
@@ -462,6 +478,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     fsdp = t["strategy"] == "fsdp" and world > 1
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     skipped, last_metrics, step = 0, {}, start
+    pack: bool | None = None
     tic = time.perf_counter()
     for rows in shard.iter_batches(batch_size=local, batch_format="numpy", prefetch_batches=2):
         steps = np.unique(rows["_step"])
@@ -474,7 +491,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if cfg.get("_fail_at_step") == step + 1 and rank == world - 1 and not Path(cfg["_fail_marker"]).exists():
             Path(cfg["_fail_marker"]).write_text("failed once")
             os._exit(1)  # an injected hard crash (tests): Ray Train restarts the group from the last checkpoint
-        pack = t.get("packing", False) and not wdpo
+        if pack is None:  # decided once, on the first batch
+            pack = t.get("packing", False) and packing_supported(model, rows, cfg, pad, device, rank)
         micro = [
             collate_micro(rows, slice(i, i + mbs), cfg["mode"], t["loss"], pad, dora, pack)
             for i in range(0, local, mbs)
@@ -533,6 +551,37 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     distributed.barrier()
 
 
+def packing_supported(model: Any, rows: dict[str, Any], cfg: dict[str, Any], pad: int, device: Any, rank: int) -> bool:
+    """Does this model honour packed sequences (a block-diagonal mask from restarting position ids)? Checked
+    once on real rows: packed and padded log-probs must agree, else training falls back to padding (a model that
+    ignored the position ids would let packed sequences attend to each other)."""
+    import torch
+
+    from raydora.encoding import forward_logps
+
+    n = min(4, len(rows["prompt_ids"]))
+    dora = None
+    padded = collate_micro(rows, slice(0, n), cfg["mode"], cfg["train"]["loss"], pad, dora, pack=False)
+    packed = collate_micro(rows, slice(0, n), cfg["mode"], cfg["train"]["loss"], pad, dora, pack=True)
+    was_training = model.training
+    model.eval()  # no dropout noise in the comparison
+    try:
+        with torch.no_grad():
+            a, _, _ = forward_logps(model, {k: v.to(device) for k, v in padded["enc"].items()}, padded["k"])
+            b, _, _ = forward_logps(model, {k: v.to(device) for k, v in packed["enc"].items()}, packed["k"])
+        ok = bool(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-3))
+    except Exception as e:  # noqa: BLE001 - a model that rejects position_ids without a mask
+        ok, a, b = False, torch.zeros(1), torch.ones(1)
+        print(f"[train] packed sequences unsupported by {type(_unwrap(model)).__name__} ({e}); padding instead")
+    finally:
+        model.train(was_training)
+    if not ok and rank == 0:
+        print(
+            f"[train] packed log-probs differ from padded ones (max {float((a - b).abs().max()):.3g}): padding instead"
+        )
+    return ok
+
+
 def _tensorboard(folder: Path) -> Any:
     """A TensorBoard writer when ``tensorboard`` (or ``tensorboardX``) is installed, else None."""
     try:
@@ -573,7 +622,7 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
         w = mb.get("weights")
         out["weights"] = w.to(out["losses"].device) if w is not None else torch.ones_like(out["losses"]).detach()
         out["penalties"] = (
-            robust.wdpo_penalty(out["losses"], out["embeds"]) if wdpo else torch.zeros_like(out["losses"])
+            wdpo_penalty(out["losses"], out["embeds"], mb["enc"]) if wdpo else torch.zeros_like(out["losses"])
         )
         return out
 
@@ -655,6 +704,38 @@ def latest_step(out_dir: Path) -> int:
     return latest_checkpoint(out_dir)[0]
 
 
+def build_trainer(
+    loop_cfg: dict[str, Any],
+    datasets: dict[str, Any],
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    out_dir: Path,
+    max_failures: int,
+    worker_cpus: float = 1,
+) -> Any:
+    """The ``TorchTrainer``: ``num_workers`` workers (gloo on CPU, NCCL on GPU) running
+    :func:`train_loop_per_worker`, one ordered dataset each, checkpoints under ``out_dir/checkpoints`` and
+    ``max_failures`` automatic restarts from the latest checkpoint."""
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=datasets,
+        # Every worker reads its own ordered dataset: Train must neither split nor reorder them.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_ingest()),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=str(out_dir), failure_config=FailureConfig(max_failures=max_failures)
+        ),
+    )
+
+
 def fit(
     *,
     mode: str,
@@ -673,9 +754,6 @@ def fit(
     force: bool = False,
 ) -> StageResult:
     """Train ``model_dir`` on ``data_dir`` into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``final/``)."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from raydora.reference import attn_implementation
 
     t = run_cfg.train
@@ -722,22 +800,9 @@ def fit(
             raise ValueError(
                 f"train.objective={train['objective']} needs p_golden: run the classify stage before reference"
             )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": (extra or {}).get("worker_cpus", 1)},
-        ),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets=worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start),
-        # Every worker reads its own ordered dataset: Train must neither split nor reorder them.
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_ingest()),
-        run_config=RunConfig(
-            name="checkpoints", storage_path=str(out_dir), failure_config=FailureConfig(max_failures=t.max_failures)
-        ),
-    )
+    datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
+    trainer = build_trainer(loop_cfg, datasets, num_workers=num_workers, use_gpu=t.use_gpu, out_dir=out_dir,
+                            max_failures=t.max_failures, worker_cpus=(extra or {}).get("worker_cpus", 1))  # fmt: skip
     trainer.fit()
     failed = out_dir / FAILED_FILE
     if failed.exists():

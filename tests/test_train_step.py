@@ -140,3 +140,21 @@ def test_packed_sequences_give_the_padded_log_probs(setup, preset: str, attn: st
     b2, _, _ = forward_logps(model, packed, 2)
     (gb,) = torch.autograd.grad(b2.sum(), model.get_input_embeddings().weight)
     torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+def test_wdpo_on_packed_sequences_equals_the_padded_layout(setup) -> None:
+    tok, _, rows = setup
+    model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
+    cfg = cfg_for(loss="dpo", objective="wdpo", rho=0.3)
+    f = train.objective_fn(cfg)
+    out = []
+    for pack in (False, True):
+        model.zero_grad(set_to_none=True)
+        mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+        o = train.per_sample_losses(model, mb, cfg, embeddings=True)
+        pen = train.wdpo_penalty(o["losses"], o["embeds"], mb["enc"])
+        f(o["losses"], torch.ones(4, dtype=torch.float64), pen).backward()
+        out.append((pen.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
+    assert "segment_ids" in mb["enc"] and out[0][0].min() > 0
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-10, rtol=1e-8)
