@@ -26,3 +26,40 @@ def test_bf16_logits_give_fp32_logps_on_cuda() -> None:
     out = sequence_logps(logits.bfloat16(), labels, mask)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), sequence_logps(logits.cpu(), labels.cpu(), mask.cpu()), atol=0.2, rtol=0.02)
+
+
+def test_training_step_on_cuda_matches_cpu_and_runs_bf16() -> None:
+    """The training loop's step (packed sequences, sdpa, fused AdamW) on CUDA: fp32 equals the CPU step, bf16
+    autocast tracks it."""
+    import dataclasses
+
+    import numpy as np
+
+    from raydora import train
+    from raydora.config import TrainConfig
+    from raydora.models import build_model, train_tokenizer
+
+    tok = train_tokenizer(["sort : b a c", "a b c", "reverse : x y z", "z y x"] * 5, vocab_size=300)
+    rng = np.random.default_rng(0)
+    rows = {
+        "prompt_ids": np.array([rng.integers(2, 290, size=5) for _ in range(8)] + [None], dtype=object)[:-1],
+        "response_ids": np.array(
+            [[rng.integers(2, 290, size=int(rng.integers(2, 7))) for _ in range(2)] for _ in range(8)] + [None],
+            dtype=object,
+        )[:-1],
+        "scores": np.array([[1.0, 0.0]] * 8 + [None], dtype=object)[:-1],
+        "reference_logps": np.array([rng.normal(-20, 2, size=2) for _ in range(8)] + [None], dtype=object)[:-1],
+    }
+    cfg = {"mode": "preference", "batch_size": 8, "micro_batch_size": 8,
+           "train": dataclasses.asdict(TrainConfig(objective="kldpo", grad_clip=0.0, num_workers=1, batch_size=8))}  # fmt: skip
+    f = train.objective_fn(cfg)
+    grads = {}
+    for device, amp in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
+        model = build_model("tiny-gpt2", tok, seed=0, attn_implementation="sdpa").to(device).train()
+        mb = train.collate_micro(rows, slice(0, 8), "preference", "dpo", tok.pad_token_id, None, pack=True)
+        mb["enc"] = {k: v.to(device) for k, v in mb["enc"].items()}
+        train._step(model, [mb], cfg, f, None, 1, torch.device(device), amp, False, False)
+        grads[(device, amp)] = torch.cat([p.grad.reshape(-1).float().cpu() for p in model.parameters()])
+    cpu = grads[("cpu", torch.float32)]
+    torch.testing.assert_close(grads[("cuda", torch.float32)], cpu, atol=1e-4, rtol=1e-3)
+    assert torch.nn.functional.cosine_similarity(grads[("cuda", torch.bfloat16)], cpu, dim=0) > 0.99
