@@ -100,9 +100,8 @@ class Ours:
             "sources": np.array([["golden", "verbose"] for _ in idx] + [None], dtype=object)[:-1],
         }
 
-    def run(
-        self, objective: str, steps: int, warmup: int, ref_forward: bool = False, pack: bool = False
-    ) -> dict[str, Any]:
+    def stepper(self, objective: str, ref_forward: bool = False, pack: bool = False) -> Any:
+        """A generator: each ``next()`` runs one training step and yields ``(seconds, tokens)``."""
         a = self.args
         torch.manual_seed(0)
         model = load_causal_lm(self.model_dir, dtype=torch.float32, attn_implementation=self.attn).train()
@@ -114,9 +113,9 @@ class Ours:
         dora = {"shares": {"verbose": 0.75}, "gammas": {"verbose": 1.0}, "alpha": 0.25} if objective == "dora" else None
         f = train.objective_fn(cfg)
         opt = train.make_optimizer(list(model.parameters()), 1e-5, 0.0)
-        times, tokens = [], []
         n = len(self.prompt_ids)
-        for s in range(warmup + steps):
+        s = 0
+        while True:
             idx = [(s * a.batch + i) % n for i in range(a.batch)]
             tic = time.perf_counter()
             ref_lp = self.reference_logps(ref, idx) if ref is not None else self.ref_logps[idx]
@@ -126,12 +125,28 @@ class Ours:
                                 objective == "wdpo", False)  # fmt: skip
             opt.step()
             opt.zero_grad(set_to_none=True)
+            yield time.perf_counter() - tic, stats["tokens"]
+            s += 1
+
+
+def lockstep(steppers: dict[str, Any], steps: int, warmup: int, batch: int) -> dict[str, dict[str, Any]]:
+    """Run the configurations step by step in rotation (step s of every one before step s+1 of any), so slow
+    phases of a noisy machine hit them all alike; median step time per configuration."""
+    names = list(steppers)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[float]] = {n: [] for n in names}
+    for s in range(warmup + steps):
+        for n in names[s % len(names) :] + names[: s % len(names)]:
+            dt, tok = next(steppers[n])
             if s >= warmup:
-                times.append(time.perf_counter() - tic)
-                tokens.append(stats["tokens"])
-        step = statistics.median(times)
-        return {"step_s": step, "pairs_per_s": a.batch / step, "tokens_per_s": statistics.median(tokens) / step,
-                "steps_timed": steps}  # fmt: skip
+                times[n].append(dt)
+                tokens[n].append(tok)
+    out = {}
+    for n in names:
+        step = statistics.median(times[n])
+        out[n] = {"step_s": step, "pairs_per_s": batch / step, "tokens_per_s": statistics.median(tokens[n]) / step,
+                  "steps_timed": steps}  # fmt: skip
+    return out
 
 
 def run_trl(model_dir: Path, tok: Any, pairs: list[dict[str, Any]], args: Any, *, precompute: bool,
@@ -196,30 +211,33 @@ def main() -> None:
     # raydora as it runs on a CPU: eager attention (model.attn_implementation=auto), padded batches. TRL gets
     # the better of its default kernel (sdpa) and eager, per configuration.
     eager = Ours(model_dir, tok, pairs, args, "eager")
-    jobs: dict[str, Any] = {
-        **{f"raydora_{o}": (lambda o=o: eager.run(o, args.steps, args.warmup)) for o in OBJECTIVES},
-        "raydora_dpo_packed": lambda: eager.run("erm", args.steps, args.warmup, pack=True),
-        "raydora_dpo_ref_forward": lambda: eager.run("erm", args.steps, args.warmup, ref_forward=True),
-    }
+    trl_jobs: dict[str, Any] = {}
     for attn in ("sdpa", "eager"):
-        jobs[f"trl_fair_ref_forward_{attn}"] = lambda a=attn: run_trl(
+        trl_jobs[f"trl_fair_ref_forward_{attn}"] = lambda a=attn: run_trl(
             model_dir, tok, pairs, args, precompute=False, attn=a
         )
-        jobs[f"trl_fair_precomputed_{attn}"] = lambda a=attn: run_trl(
+        trl_jobs[f"trl_fair_precomputed_{attn}"] = lambda a=attn: run_trl(
             model_dir, tok, pairs, args, precompute=True, attn=a
         )
     if not args.skip_trl_defaults:
-        jobs["trl_defaults"] = lambda: run_trl(model_dir, tok, pairs, args, precompute=False, trl_defaults=True)
-    # Rounds in alternating order, best (lowest median step time) per configuration: background load on a shared
-    # machine only ever slows a run down, so the minimum is the fairest estimate for every side alike.
+        trl_jobs["trl_defaults"] = lambda: run_trl(model_dir, tok, pairs, args, precompute=False, trl_defaults=True)
+    # raydora's configurations run in lockstep (the robust-overhead ratios compare steps taken side by side).
+    # TRL's trainer runs whole: each configuration runs once per round, rounds alternate the order, and each
+    # configuration (ours too) keeps its best round: background load only ever slows a run down.
     runs: dict[str, dict[str, Any]] = {}
     flops = 0.0
     for r in range(args.rounds):
         flops = max(flops, dense_matmul_flops(args.threads))
-        for name in list(jobs) if r % 2 == 0 else list(jobs)[::-1]:
-            got = jobs[name]()
-            if name not in runs or got["step_s"] < runs[name]["step_s"]:
-                runs[name] = got
+        steppers = {f"raydora_{o}": eager.stepper(o) for o in OBJECTIVES}
+        steppers["raydora_dpo_packed"] = eager.stepper("erm", pack=True)
+        steppers["raydora_dpo_ref_forward"] = eager.stepper("erm", ref_forward=True)
+        batches = [lambda st=steppers: lockstep(st, args.steps, args.warmup, args.batch)]
+        batches += [(lambda n=n: {n: trl_jobs[n]()}) for n in trl_jobs]
+        for job in batches if r % 2 == 0 else batches[::-1]:
+            for name, got in job().items():
+                if name not in runs or got["step_s"] < runs[name]["step_s"]:
+                    runs[name] = got
+        del steppers, batches
     flops = max(flops, dense_matmul_flops(args.threads))
     ours = runs["raydora_erm"]
 

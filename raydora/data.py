@@ -289,19 +289,32 @@ def read_staged(
 IO_CPUS = 0.25  # CPU slots a parquet read / write task claims next to an actor pool that holds the cores
 
 
+def parquet_files(path: str | Path) -> list[Path]:
+    """The parquet files of a stage folder, sorted, as absolute paths; a clear error when there are none."""
+    files = sorted(Path(path).absolute().glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no parquet files (has the stage that writes it run?)")
+    return files
+
+
+def row_groups(pf: pq.ParquetFile, start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups of ``pf`` holding rows ``[start, stop)``, and the file row where the first of them starts."""
+    groups, first, seen = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if seen + n > start and seen < stop:
+            groups.append(g)
+            first = seen if first is None else first
+        seen += n
+    return groups, first or 0
+
+
 def _read_parquet_files(batch: dict[str, Any], block_rows: int) -> Iterator[pa.Table]:
     """Ray Data UDF: stream rows ``[start, stop)`` of each given parquet file in blocks of ``block_rows``,
     reading only the row groups that hold them."""
     for path, start, stop in zip(batch["file"], batch["start"], batch["stop"], strict=True):
         pf = pq.ParquetFile(str(path))
-        groups, first, seen = [], None, 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if seen + n > start and seen < stop:
-                groups.append(g)
-                first = seen if first is None else first
-            seen += n
-        seen = first or 0
+        groups, seen = row_groups(pf, start, stop)
         for b in pf.iter_batches(batch_size=block_rows, row_groups=groups):
             lo, hi = max(start - seen, 0), min(stop - seen, b.num_rows)
             seen += b.num_rows
@@ -321,9 +334,7 @@ def read_canonical(
     that many rows, so a pool gets enough blocks to keep every actor busy."""
     import ray.data
 
-    files = sorted(Path(path).absolute().glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no parquet files (has the stage that writes it run?)")
+    files = parquet_files(path)
     items = []
     for f in files:
         n = pq.ParquetFile(f).metadata.num_rows
@@ -337,6 +348,14 @@ def read_canonical(
 
 def _parquet_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+
+
+def write_rows(ds: Any, folder: Path) -> int:
+    """Write a Ray Dataset as parquet into ``folder`` (created even when empty), with IO-sized write tasks next to
+    actor pools; returns the rows written, counted from the files' footers."""
+    ds.write_parquet(str(folder), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
+    folder.mkdir(parents=True, exist_ok=True)
+    return _parquet_rows(folder)
 
 
 def validate(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydora.logprobs import sequence_logps, token_counts
+from raydora.logprobs import sequence_logps, token_counts, token_logps
 
 
 def render_prompt(tokenizer: Any, prompt: str) -> str:
@@ -68,6 +68,19 @@ def pair_indices(scores: Sequence[Sequence[float]]) -> np.ndarray:
     return out
 
 
+def _sequences(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[Sequence[int]]], select: np.ndarray
+) -> tuple[list[list[int]], list[int]]:
+    """``prompt + response`` token lists in k-major order (row ``k * B + i``), and where each response starts."""
+    seqs, starts = [], []
+    for j in range(select.shape[1]):
+        for i in range(len(prompt_ids)):
+            p = prompt_ids[i]
+            seqs.append(list(p) + list(response_ids[i][int(select[i, j])]))
+            starts.append(len(p))
+    return seqs, starts
+
+
 def pad_sequences(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[Sequence[int]]],
@@ -83,13 +96,7 @@ def pad_sequences(
         if len(ks) != 1:
             raise ValueError(f"rows have different numbers of responses {sorted(ks)}; pass select")
         select = np.tile(np.arange(ks.pop()), (b, 1))
-    k = select.shape[1]
-    seqs, starts = [], []
-    for j in range(k):
-        for i in range(b):
-            p = prompt_ids[i]
-            seqs.append(list(p) + list(response_ids[i][int(select[i, j])]))
-            starts.append(len(p))
+    seqs, starts = _sequences(prompt_ids, response_ids, select)
     t = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), t), dtype=torch.long)
@@ -117,13 +124,7 @@ def pack_sequences(
     None, so a sequence only attends to itself: the log-probs equal the padded layout's, without computing the
     padding (on the benchmark's pairs a quarter of the padded tokens). Measured on CPU (``bench/``), the gain is
     small: attention with an explicit block mask costs more than the padding it saves on short sequences."""
-    b, k = len(prompt_ids), select.shape[1]
-    seqs, starts = [], []
-    for j in range(k):
-        for i in range(b):
-            p = prompt_ids[i]
-            seqs.append(list(p) + list(response_ids[i][int(select[i, j])]))
-            starts.append(len(p))
+    seqs, starts = _sequences(prompt_ids, response_ids, select)
     longest = max(len(s) for s in seqs)
     capacity = max(capacity or 2 * longest, longest)
     rows: list[list[int]] = []
@@ -159,14 +160,8 @@ def packed_logps(logits: Tensor, labels: Tensor, mask: Tensor, segment_ids: Tens
     """:func:`logprobs.sequence_logps` for a packed batch: per-sequence sums ``[n]`` of the masked tokens' log-probs.
 
     A sequence's first token is a prompt token (mask 0), so the logit that crosses a boundary never counts."""
-    logits = logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    keep = mask[:, 1:].bool()
-    targets = labels[:, 1:].masked_fill(~keep, 0).unsqueeze(-1)
-    token_logps = torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    seg = segment_ids[:, 1:][keep]
-    return token_logps.new_zeros(n).index_add(0, seg, token_logps[keep])
+    logps, keep = token_logps(logits, labels, mask)
+    return logps.new_zeros(n).index_add(0, segment_ids[:, 1:][keep], logps[keep])
 
 
 def forward_logps(

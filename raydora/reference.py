@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raydora.data import IO_CPUS, read_canonical
+from raydora.data import IO_CPUS, read_canonical, write_rows
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -195,9 +194,7 @@ def encode_rows(
             num_gpus=1 if device == "cuda" else 0,
             num_cpus=cfg.actor_cpus,
         )
-        encoded.write_parquet(str(tmp / "out"), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
-        (tmp / "out").mkdir(exist_ok=True)
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp / "out").glob("*.parquet"))
+        rows = write_rows(encoded, tmp / "out")
         write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}})
         promote(tmp / "out", out)
     return rows

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raydora import calibration
 from raydora.classifier import GOLDEN, margins
-from raydora.data import IO_CPUS, read_canonical
+from raydora.data import IO_CPUS, read_canonical, write_rows
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
 EPS = 1e-6
@@ -152,9 +151,7 @@ def score(
             num_gpus=1 if device == "cuda" else 0,
             num_cpus=cfg.actor_cpus,
         )
-        scored.write_parquet(str(tmp / "scored"), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
-        (tmp / "scored").mkdir(exist_ok=True)
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp / "scored").glob("*.parquet"))
+        rows = write_rows(scored, tmp / "scored")
         write_success(
             tmp / "scored",
             {

@@ -76,9 +76,9 @@ def make_plan(
 ) -> Plan:
     """Plan every epoch's permuted shuffle blocks (reading nothing but parquet footers). Blocks holding only
     steps before ``start_step`` are left out, so a resumed run does not reread them."""
-    files = sorted(Path(data_dir).absolute().glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{data_dir}: no parquet files (has the stage that writes it run?)")
+    from raydora.data import parquet_files
+
+    files = parquet_files(data_dir)
     blocks = []
     for f in files:
         n = pq.ParquetFile(f).metadata.num_rows
@@ -101,16 +101,11 @@ def make_plan(
 
 
 def _read_rows(file: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    from raydora.data import row_groups
+
     pf = pq.ParquetFile(file)
-    groups, seen, first = [], 0, None
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if seen + n > start and seen < stop:
-            groups.append(g)
-            first = seen if first is None else first
-        seen += n
-    table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(start - (first or 0), stop - start)
+    groups, first = row_groups(pf, start, stop)
+    return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
 
 
 def _read_planned(
