@@ -208,8 +208,9 @@ def main() -> None:
                                "max_length": args.max_length, "threads": args.threads, "precision": "fp32",
                                "rounds": args.rounds}  # fmt: skip
 
-    # raydora as it runs on a CPU: eager attention (model.attn_implementation=auto), padded batches. TRL gets
-    # the better of its default kernel (sdpa) and eager, per configuration.
+    # raydora as it runs by default (model.attn_implementation=auto): sdpa, and eager for WDPO (double backward),
+    # padded batches. TRL gets the better of its default kernel (sdpa) and eager, per configuration.
+    sdpa = Ours(model_dir, tok, pairs, args, "sdpa")
     eager = Ours(model_dir, tok, pairs, args, "eager")
     trl_jobs: dict[str, Any] = {}
     for attn in ("sdpa", "eager"):
@@ -228,9 +229,10 @@ def main() -> None:
     flops = 0.0
     for r in range(args.rounds):
         flops = max(flops, dense_matmul_flops(args.threads))
-        steppers = {f"raydora_{o}": eager.stepper(o) for o in OBJECTIVES}
-        steppers["raydora_dpo_packed"] = eager.stepper("erm", pack=True)
-        steppers["raydora_dpo_ref_forward"] = eager.stepper("erm", ref_forward=True)
+        steppers = {f"raydora_{o}": (eager if o == "wdpo" else sdpa).stepper(o) for o in OBJECTIVES}
+        steppers["raydora_dpo_eager"] = eager.stepper("erm")
+        steppers["raydora_dpo_packed"] = sdpa.stepper("erm", pack=True)
+        steppers["raydora_dpo_ref_forward"] = sdpa.stepper("erm", ref_forward=True)
         batches = [lambda st=steppers: lockstep(st, args.steps, args.warmup, args.batch)]
         batches += [(lambda n=n: {n: trl_jobs[n]()}) for n in trl_jobs]
         for job in batches if r % 2 == 0 else batches[::-1]:
@@ -244,7 +246,7 @@ def main() -> None:
     def best_trl(kind: str) -> dict[str, Any]:
         return min((runs[f"trl_fair_{kind}_{a}"] for a in ("sdpa", "eager")), key=lambda r: r["step_s"])
 
-    seq = float(np.mean([len(pi) + len(r) for pi, rs in zip(eager.prompt_ids, eager.response_ids, strict=True)
+    seq = float(np.mean([len(pi) + len(r) for pi, rs in zip(sdpa.prompt_ids, sdpa.response_ids, strict=True)
                          for r in rs]))  # fmt: skip
     model = load_causal_lm(model_dir)
     achieved = ours["tokens_per_s"] * model_flops_per_token(model, seq)
@@ -256,6 +258,7 @@ def main() -> None:
         "dora_step_vs_dpo": runs["raydora_dora"]["step_s"] / ours["step_s"],
         "kldpo_step_vs_dpo": runs["raydora_kldpo"]["step_s"] / ours["step_s"],
         "wdpo_step_vs_dpo": runs["raydora_wdpo"]["step_s"] / ours["step_s"],
+        "wdpo_step_vs_dpo_eager": runs["raydora_wdpo"]["step_s"] / runs["raydora_dpo_eager"]["step_s"],
         "mfu_vs_dense_matmul": achieved / flops,
     }
     if "trl_defaults" in runs:
