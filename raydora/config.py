@@ -267,9 +267,9 @@ class TrainConfig:
     """LoRA rank (needs ``peft``); 0 trains every parameter."""
     lora_alpha: float = 16.0
     """LoRA scaling alpha."""
-    packing: bool = False
+    packing: bool = True
     """Pack each micro-batch's sequences into rows without padding (position ids restart per sequence), checked on
-    the first batch against padding (fallback when unsupported). Measured neutral on CPU: see docs/training.md."""
+    the first batch against padding, with a fallback to padding when the model does not support it."""
     shuffle_block_rows: int = 64
     """Rows per shuffle block: each epoch permutes the blocks, then the rows inside each block."""
     log_every: int = 1
