@@ -50,7 +50,6 @@ def tokenizer_dir(cfg: Any, run_dir: Path) -> Path:
 def initial_policy(cfg: Any, run_dir: str | Path) -> Path:
     """The folder preference training starts from and the reference model: ``sft/final`` when the SFT stage
     finished, else ``model.policy`` (a preset is built once, with ``seed``, into ``init/``)."""
-
     run_dir = Path(run_dir).absolute()
     sft = run_dir / "sft" / "final"
     if cfg.sft.enabled and read_success(run_dir / "sft") is not None and sft.is_dir():

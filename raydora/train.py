@@ -35,12 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydora.config import PAIRWISE_LOSSES as PAIRWISE
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
 
-PAIRWISE = ("dpo", "ipo", "cdpo", "rdpo", "simpo")
-LISTWISE = ("dpo_pl", "rrhf", "lire")
-# Objectives whose gradient on a row depends on the other rows' losses: they need the whole window first.
-NONLINEAR = ("kl_dro", "dora", "kldpo", "dr_dpo")
 METRICS_FILE = "metrics.jsonl"
 FAILED_FILE = "_FAILED"
 TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the unmerged (adapter) state
@@ -158,19 +155,22 @@ def _as_lists(col: Any) -> list[Any]:
 
 
 def dora_row_weights(p_golden: list[list[float]], sources: list[list[str]], info: dict[str, Any]) -> np.ndarray:
-    """h~ per row: the mean over its responses of ``robust.dora_weights`` (numpy twin, same formula).
+    """h~ per row: the mean over its responses of ``robust.dora_weights``.
 
     A synthetic source's response uses its share pi_s and imbalance gamma_s; a golden or unknown response was
     scored against the whole mixture (``scoring.mixture_p_golden``), so it uses pi = sum of the shares, gamma=1."""
-    shares, gammas, alpha_cfg, eps = info["shares"], info["gammas"], info["alpha"], 1e-4
+    import torch
+
+    from raydora import robust
+
+    shares, gammas, alpha = info["shares"], info["gammas"], info["alpha"]
     total = sum(shares.values())
     out = np.zeros(len(p_golden))
     for i, (ps, ss) in enumerate(zip(p_golden, sources, strict=True)):
-        alpha = alpha_cfg if alpha_cfg is not None else 1.0 / len(ps)
-        p = np.clip(np.asarray(ps, dtype=np.float64), eps, 1 - eps)
-        pi = np.array([shares.get(s, total) for s in ss])
-        g = np.array([gammas.get(s, 1.0) for s in ss])
-        out[i] = float(np.mean(1.0 / (alpha + pi * g * (1 - p) / p)))
+        p = torch.tensor(ps, dtype=torch.float64)
+        pi = torch.tensor([shares.get(s, total) for s in ss], dtype=torch.float64)
+        g = torch.tensor([gammas.get(s, 1.0) for s in ss], dtype=torch.float64)
+        out[i] = float(robust.dora_weights(p, pi, alpha if alpha is not None else 1.0 / len(ps), g).mean())
     return out
 
 
@@ -632,9 +632,9 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
         gathered, offset = distributed.all_gather_varlen(torch.cat(cols), group)
         share_vectors = (gathered[:, 0], gathered[:, 1], gathered[:, 2], offset)
     elif len(micro) > 1:
-        _, offset = distributed.all_gather_varlen(torch.zeros(n_local, 1, dtype=torch.float64, device=device), group)
+        # Every worker holds batch_size / W rows (the plan's contiguous slices), so its offset is rank x rows.
         zeros = torch.zeros(b, dtype=torch.float64, device=device)
-        share_vectors = (zeros, zeros, zeros, offset)
+        share_vectors = (zeros, zeros, zeros, distributed.rank(group) * n_local)
 
     rows_seen, local_stats, tokens = 0, [], 0
     for i, mb in enumerate(micro):
@@ -745,7 +745,6 @@ def fit(
     epochs: int,
     lr: float,
     extra: dict[str, Any] | None = None,
-    fingerprint_parts: tuple[Any, ...] = (),
     force: bool = False,
 ) -> StageResult:
     """Train ``model_dir`` on ``data_dir`` into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``final/``)."""
@@ -755,7 +754,7 @@ def fit(
     out_dir = Path(out_dir).absolute()
     fp = fingerprint(mode, (read_success(data_dir) or {}).get("fingerprint"), file_fingerprints(model_dir),
                      train, batch_size, micro_batch_size, num_workers, epochs, lr, run_cfg.seed,
-                     run_cfg.model.precision, *fingerprint_parts)  # fmt: skip
+                     run_cfg.model.precision)  # fmt: skip
     if not force and is_done(out_dir, fp):
         done = read_success(out_dir) or {}
         return StageResult(mode, {"final": str(out_dir / "final")}, done.get("rows", {}), skipped=True)
@@ -770,7 +769,9 @@ def fit(
                      block_rows=t.shuffle_block_rows, max_steps=t.max_steps if mode == "train" else 0,
                      start_step=start)  # fmt: skip
     columns = ["prompt_ids", "response_ids"]
-    schema = pq.read_schema(sorted(Path(data_dir).glob("*.parquet"))[0])
+    from raydora.data import parquet_files
+
+    schema = pq.read_schema(parquet_files(data_dir)[0])
     columns += [c for c in ("scores", "sources", "reference_logps", "p_golden") if c in schema.names]
     loop_cfg = {
         "mode": "sft" if mode == "sft" else "preference",
@@ -867,7 +868,7 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
     row of ``data/``. Same tokenisation as preference training (``encoding.encode``)."""
     import ray.data
 
-    from raydora.data import IO_CPUS, read_canonical
+    from raydora.data import IO_CPUS, read_canonical, write_rows
     from raydora.reference import encode_rows, tokenizer_dir
     from raydora.rundir import promote, staging
 
@@ -891,7 +892,7 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
             ds = read_canonical(source, num_cpus=IO_CPUS).map_batches(
                 _sft_rows_from_preferences, batch_format="pyarrow", num_cpus=IO_CPUS
             )
-        ds.write_parquet(str(tmp / "rows"), ray_remote_args={"num_cpus": IO_CPUS})
+        write_rows(ds, tmp / "rows")
         write_success(tmp / "rows", {"stage": "sft_corpus", "fingerprint": fp})
         encode_rows(tmp / "rows", tmp / "encoded", model_dir=None, tokenizer=tok, max_length=cfg.model.max_length,
                     cfg=cfg.reference, stage="sft_data", fp=fp)  # fmt: skip
