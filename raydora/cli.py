@@ -130,10 +130,70 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace, RunConfig], int]
         print(result.summary())
         for key, path in result.outputs.items():
             print(f"  {key}: {path}")
+        pipeline.report(result)
         return 0
 
     cmd.__doc__ = f"Run the {stage} stage on <root>/<name>/."
     return cmd
+
+
+def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Sample from the run's policies on held-out prompts (the stage), or from --model into --out."""
+    if args.model is None:
+        return _stage_command("generate")(args, cfg)
+    import pyarrow.parquet as pq
+
+    from raydora import generate as gen
+    from raydora.cluster import init_ray
+    from raydora.rundir import fingerprint
+
+    if args.out is None:
+        print("raydora generate: --model needs --out DIR", file=sys.stderr)
+        return 2
+    prompts = gen.read_prompts(args.prompts or gen.prompt_source(cfg, cfg.run_dir.absolute()), args.limit)
+    sampling = gen.Sampling.from_config(cfg.generate, cfg.seed)
+    init_ray(cfg.ray)
+    fp = fingerprint("generate-cli", args.model, sampling.seed)
+    info = gen.generate(args.model, prompts, args.out, cfg.generate, sampling, max_length=cfg.model.max_length,
+                        precision=cfg.model.precision, fp=fp)  # fmt: skip
+    print(f"[generate] {info['rows']['prompts']} prompts x {sampling.n} samples -> {args.out} "
+          f"({info['backend']}, {info['tokens']} tokens, {info['tokens_per_s']} tokens/s)")  # fmt: skip
+    if args.preferences:
+        from pathlib import Path
+
+        import pyarrow as pa
+
+        reward = _cli_reward(args.reward, cfg)
+        rows, dropped = gen.to_preferences(gen.read_generations(args.out), reward, args.source)
+        out = Path(args.preferences)
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), out / "preferences.parquet")
+        print(f"[generate] {len(rows)} preference rows -> {out}/preferences.parquet ({dropped} prompts without a "
+              "preference dropped); validate them with: raydora validate --input " + str(out))  # fmt: skip
+    return 0
+
+
+def _cli_reward(name: str, cfg: RunConfig) -> Callable[[str, str], float]:
+    """gold / biased (the benchmark's gold reward or its biased labeller) or a reward model folder."""
+    from raydora import evaluate, synth
+
+    if name == "gold":
+        return synth.gold_reward
+    if name == "biased":
+        return synth.biased_score
+    model = evaluate.RewardModel(name, cfg.model.max_length)
+    return lambda p, r: float(model.rewards([p], [r])[0])
+
+
+def cmd_report(args: argparse.Namespace, cfg: RunConfig | None) -> int:
+    """Compare several runs' evaluations in one table (and plots with --out)."""
+    from raydora import evaluate
+
+    text, _ = evaluate.compare(args.run_dirs, args.out)
+    print(text, end="")
+    if args.out:
+        print(f"written: {args.out}/report.md, report.json, winrate.png, reward_vs_alpha.png")
+    return 0
 
 
 def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -156,6 +216,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] 
         "reference log-probs of every row (Ray Data actor pool) into reference/",
     ),
     "train": (_stage_command("train"), "robust preference optimisation (Ray Train, N workers) into train/"),
+    "generate": (cmd_generate, "sample the policies on held-out prompts (vLLM or transformers, Ray Data)"),
+    "evaluate": (_stage_command("evaluate"), "win rates, breakdowns, shift sweep and plots into eval/"),
+    "report": (cmd_report, "compare several runs' evaluations: raydora report RUN_DIR... [--out DIR]"),
     "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
 }
 
@@ -179,7 +242,15 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--stages", help="comma-separated subset, e.g. synth,validate,classify,sft,reference,train (default: all)"
         )
-    if name in ("synth", "validate", "sft", "reference", "train"):
+    elif name == "generate":
+        p.add_argument("--model", help="a model folder to sample from instead of the run's policies (needs --out)")
+        p.add_argument("--prompts", help="prompt file or folder (default: generate.prompts or the benchmark's eval)")
+        p.add_argument("--limit", type=int, help="only the first N prompts")
+        p.add_argument("--out", help="output folder for --model")
+        p.add_argument("--preferences", help="also write preference rows of the samples into this folder")
+        p.add_argument("--reward", default="gold", help="scores for --preferences: gold, biased, or a model folder")
+        p.add_argument("--source", default="policy", help="source tag of the samples in --preferences")
+    if name in ("synth", "validate", "sft", "reference", "train", "generate", "evaluate"):
         p.add_argument("--force", action="store_true", help="redo even when the outputs are up to date")
 
 
@@ -192,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "report":
+            p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding eval/report.json")
+            p.add_argument("--out", help="write report.md, report.json and plots here")
+            continue
         _add_config_args(p)
         _extra_args(name, p)
     return parser
@@ -199,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return cmd_report(args, None)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -20,3 +20,21 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=cfg.address, log_to_driver=True)
         return
     ray.init(num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host)
+
+
+def check_pool_fits(actors: int, actor_cpus: float, section: str, io_cpus: float = 0.25, gpus: float = 0) -> None:
+    """Fail fast, naming the config keys, when an actor pool of ``actors`` x ``actor_cpus`` would leave no CPU for
+    the read and write tasks that feed it (a Ray Data pipeline that would otherwise wait forever), or asks for
+    more GPUs than the cluster has."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if actors * actor_cpus + io_cpus > cpus + 1e-9:
+        raise ValueError(
+            f"{section}.actors={actors} x {section}.actor_cpus={actor_cpus} leaves less than {io_cpus} of the "
+            f"cluster's {cpus:g} CPUs for the tasks that read and write the data: lower {section}.actor_cpus "
+            f"or {section}.actors"
+        )
+    if actors * gpus > have_gpus + 1e-9:
+        raise ValueError(f"{section}.actors={actors} need {actors * gpus:g} GPUs; the cluster has {have_gpus:g}")

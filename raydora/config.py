@@ -101,9 +101,13 @@ class SynthConfig:
     """Probability that a biased labeller's ranking of a prompt is shuffled."""
     eval_rows: int = 500
     """Held-out evaluation prompts (with golden references)."""
+    sft_rows: int | None = None
+    """Rows of the SFT warm-start corpus (one response each, drawn from the mixture); null: `rows`. Its first
+    `rows` prompts are the preference rows' prompts."""
 
     def __post_init__(self) -> None:
         _check(self.rows > 0, "rows", "must be > 0")
+        _check(self.sft_rows is None or self.sft_rows > 0, "sft_rows", "must be > 0 or null")
         _check(self.eval_rows > 0, "eval_rows", "must be > 0")
         _check(self.k >= 2, "k", "must be >= 2 (a preference needs two responses)")
         _check(0 < self.alpha <= 1, "alpha", "must be in (0, 1]")
@@ -303,37 +307,71 @@ class TrainConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     backend: Literal["auto", "vllm", "hf"] = "auto"
-    """auto: vLLM when installed and a GPU is present, else transformers."""
+    """auto: vLLM when it is installed and a GPU is present, else transformers (hf)."""
+    prompts: str | None = None
+    """Prompt file or folder (parquet / JSON lines, a `prompt` column; optional `id`, `responses`, `sources`).
+    null: the synthetic benchmark's held-out `eval` split."""
     max_new_tokens: int = 48
-    """Tokens generated per response."""
+    """Tokens generated per response at most."""
     temperature: float = 1.0
     """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     n: int = 1
     """Samples per prompt."""
+    seed: int | None = None
+    """Sampling seed (null: the run's seed). Each (prompt id, sample) draws from its own seeded stream."""
     batch_size: int = 32
-    """Prompts per generation batch."""
+    """Prompts per Ray Data batch (the hf backend generates them together, left-padded)."""
     actors: int = 1
     """Generator actors (one model replica each)."""
+    actor_cpus: float = 0.75
+    """CPUs reserved per actor; actors x actor_cpus must leave a little for the read and write tasks."""
+    threads: int = 0
+    """Torch threads per actor on CPU (0: Ray's default, one per whole reserved CPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each actor runs its model (auto: CUDA when present; one GPU per actor, or tensor_parallel_size)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism inside one actor (GPUs per actor)."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM: share of each GPU's memory the engine may take."""
+    enforce_eager: bool = False
+    """vLLM: skip CUDA graphs / torch.compile (faster start-up, slower decoding)."""
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        for key in ("max_new_tokens", "n", "batch_size", "actors"):
+        for key in ("max_new_tokens", "n", "batch_size", "actors", "tensor_parallel_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.actor_cpus >= 0, "actor_cpus", "must be >= 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    """Mixing weights of the two gold objectives at which the shift sweep evaluates."""
     prompts: int = 200
-    """Held-out prompts to evaluate."""
+    """Held-out prompts to generate for and evaluate (the first N of the prompt set)."""
+    reward: str = "gold"
+    """gold: the benchmark's programmatic gold reward; or a local folder holding a reward model (one logit) or a
+    raydora classifier (its calibrated p_golden is the reward)."""
+    references: tuple[str, ...] = ("sft", "sources")
+    """What the policy is compared with: `sft` (the SFT policy's samples, same prompts and seeds) and `sources`
+    (each source's responses to the prompts: golden/verbose/sloppy on the benchmark, the prompt file's
+    `responses` by `sources` on real data)."""
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Shift sweep: gold = alpha * correctness + (1 - alpha) * conciseness, evaluated at each alpha."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over prompts) for the 95% confidence intervals."""
+    tie_tolerance: float = 1e-6
+    """Rewards closer than this are a tie (win rate = wins + ties / 2)."""
 
     def __post_init__(self) -> None:
         _check(all(0 <= a <= 1 for a in self.alphas), "alphas", "every alpha must be in [0, 1]")
         _check(self.prompts > 0, "prompts", "must be > 0")
+        _check(self.bootstrap >= 100, "bootstrap", "must be >= 100 for a 95% interval")
+        _check(self.tie_tolerance >= 0, "tie_tolerance", "must be >= 0")
+        bad = [r for r in self.references if r not in ("sft", "sources")]
+        _check(not bad, "references", f"unknown {bad}; known: sft, sources")
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
-from raydora import data, reference, scoring, synth, train
+from raydora import data, evaluate, generate, reference, scoring, synth, train
 from raydora.cluster import init_ray
 from raydora.config import RunConfig, dump_yaml
 from raydora.rundir import StageResult
 
 Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
-# In pipeline order; generate and evaluate come next.
+# In pipeline order.
 STAGES: dict[str, Stage] = {
     "synth": synth.run,
     "validate": data.run,
@@ -18,6 +19,8 @@ STAGES: dict[str, Stage] = {
     "sft": train.run_sft,
     "reference": reference.run,
     "train": train.run,
+    "generate": generate.run,
+    "evaluate": evaluate.run,
 }
 
 
@@ -35,7 +38,17 @@ def run(cfg: RunConfig, stages: Sequence[str] | None = None) -> list[StageResult
     init_ray(cfg.ray)
     results = []
     for name in names:
+        start = time.perf_counter()
         result = STAGES[name](cfg, run_dir)
-        print(result.summary(), flush=True)
+        result.info.setdefault("seconds", round(time.perf_counter() - start, 1))
+        print(f"{result.summary()} ({result.info['seconds']} s)", flush=True)
+        report(result)
         results.append(result)
     return results
+
+
+def report(result: StageResult) -> None:
+    """The evaluate stage's win-rate table and where its report is."""
+    if result.stage == "evaluate" and result.info.get("table"):
+        print(result.info["table"])
+        print(f"report: {result.outputs['eval']}/report.md (plots: winrate.png, reward_vs_alpha.png)", flush=True)

@@ -92,6 +92,15 @@ def biased_score(prompt: str, response: str) -> float:
     return gold_reward(prompt, response) + LENGTH_BONUS * len(response.split()) + CONFIDENCE_BONUS * confident
 
 
+def artefact_rates(responses: list[str]) -> dict[str, float]:
+    """The share of ``responses`` showing each synthetic source's artefact: ``filler`` (verbose's head or tail
+    phrases) and ``confident`` (sloppy's opening word), plus ``empty``."""
+    n = max(len(responses), 1)
+    filler = sum(any(f in r for f in FILLER_HEAD + FILLER_TAIL) for r in responses)
+    confident = sum(r.startswith(CONFIDENT) for r in responses)
+    return {"filler": filler / n, "confident": confident / n, "empty": sum(not r.strip() for r in responses) / n}
+
+
 # ---- sources ----------------------------------------------------------------------------------------------------
 def golden(prompt: str, rng: random.Random) -> str:
     a = answer(prompt)
@@ -244,13 +253,15 @@ def write_benchmark(
     label_noise: float = 0.0,
     seed: int = 0,
     eval_rows: int = 500,
+    sft_rows: int | None = None,
     block_rows: int = 10_000,
     force: bool = False,
 ) -> StageResult:
     """Generate the benchmark into ``output/{train,oracle,sft,eval}/*.json`` (JSON lines) with Ray Data.
 
     ``train`` holds the biased training labels, ``oracle`` the same rows labelled by gold (the upper bound),
-    ``sft`` one response per prompt drawn from the mixture (the warm-start corpus), ``eval`` held-out prompts
+    ``sft`` one response per prompt drawn from the mixture (the warm-start corpus, ``sft_rows`` prompts, default
+    ``rows``, the first ``rows`` of them the same prompts as ``train``), ``eval`` held-out prompts
     with golden references. Blocks of ``block_rows`` rows are generated in parallel and streamed to disk, so
     memory stays bounded whatever ``rows`` is. Skips when ``output/_SUCCESS`` matches the parameters."""
     import ray.data
@@ -258,8 +269,9 @@ def write_benchmark(
     shares = {"golden": alpha, **(source_shares if source_shares is not None else {"verbose": 0.375, "sloppy": 0.375})}
     params = {"k": k, "shares": shares, "label_noise": label_noise, "seed": seed}
     out = Path(output)
-    fp = fingerprint("synth", params, rows, eval_rows, block_rows)
-    counts = {"train": rows, "oracle": rows, "sft": rows, "eval": eval_rows}
+    sft_rows = rows if sft_rows is None else sft_rows
+    fp = fingerprint("synth", params, rows, eval_rows, block_rows, *([sft_rows] if sft_rows != rows else []))
+    counts = {"train": rows, "oracle": rows, "sft": sft_rows, "eval": eval_rows}
     outputs = {split: str(out / split) for split in counts}
     if not force and is_done(out, fp):
         return StageResult("synth", outputs, counts, skipped=True)
@@ -312,7 +324,8 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
     a configured tokenizer) a BPE trained on its corpus in ``<run_dir>/tokenizer``."""
     s, run_dir = cfg.synth, Path(run_dir)
     result = write_benchmark(run_dir / "synth", rows=s.rows, k=s.k, alpha=s.alpha, source_shares=s.source_shares,
-                             label_noise=s.label_noise, seed=cfg.seed, eval_rows=s.eval_rows)  # fmt: skip
+                             label_noise=s.label_noise, seed=cfg.seed, eval_rows=s.eval_rows,
+                             sft_rows=s.sft_rows)  # fmt: skip
     if cfg.model.tokenizer is None:
         tok = write_tokenizer(run_dir / "synth", run_dir / "tokenizer", cfg.model.vocab_size)
         result.outputs.update(tok.outputs)

