@@ -192,10 +192,13 @@ class SFTConfig:
     """Sequences per forward pass on one worker."""
     num_workers: int = 2
     """Ray Train workers."""
+    checkpoint_every: int | None = None
+    """Optimizer steps between checkpoints (null: train.checkpoint_every)."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "micro_batch_size", "num_workers"):
             _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every", "must be > 0 or null")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size % self.num_workers == 0, "batch_size",
                f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}")  # fmt: skip
@@ -261,6 +264,8 @@ class TrainConfig:
     """Optimizer steps between checkpoints."""
     max_failures: int = 1
     """Worker failures Ray Train recovers from (from the last checkpoint) before giving up."""
+    keep_checkpoints: int | None = 2
+    """Newest checkpoints kept on storage (older ones are deleted); null keeps all."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: train for ``epochs``)."""
     nan_policy: Literal["raise", "skip"] = "raise"

@@ -708,11 +708,12 @@ def build_trainer(
     out_dir: Path,
     max_failures: int,
     worker_cpus: float = 1,
+    keep_checkpoints: int | None = None,
 ) -> Any:
     """The ``TorchTrainer``: ``num_workers`` workers (gloo on CPU, NCCL on GPU) running
     :func:`train_loop_per_worker`, one ordered dataset each, checkpoints under ``out_dir/checkpoints`` and
     ``max_failures`` automatic restarts from the latest checkpoint."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
@@ -726,7 +727,10 @@ def build_trainer(
         # Every worker reads its own ordered dataset: Train must neither split nor reorder them.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_ingest()),
         run_config=RunConfig(
-            name="checkpoints", storage_path=str(out_dir), failure_config=FailureConfig(max_failures=max_failures)
+            name="checkpoints",
+            storage_path=str(out_dir),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )
 
@@ -798,7 +802,8 @@ def fit(
             )
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
     trainer = build_trainer(loop_cfg, datasets, num_workers=num_workers, use_gpu=t.use_gpu, out_dir=out_dir,
-                            max_failures=t.max_failures, worker_cpus=(extra or {}).get("worker_cpus", 1))  # fmt: skip
+                            max_failures=t.max_failures, worker_cpus=(extra or {}).get("worker_cpus", 1),
+                            keep_checkpoints=train.get("keep_checkpoints"))  # fmt: skip
     trainer.fit()
     failed = out_dir / FAILED_FILE
     if failed.exists():
@@ -844,7 +849,8 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False, **extra: Any) -> Sta
 # ---- SFT warm start ------------------------------------------------------------------------------------------------
 # The TrainConfig keys the SFT loop reads (the rest are preference-only and must not invalidate a finished SFT).
 SFT_TRAIN_KEYS = ("use_gpu", "weight_decay", "warmup_ratio", "scheduler", "grad_clip", "checkpoint_every",
-                  "max_failures", "strategy", "shuffle_block_rows", "log_every", "nan_policy")  # fmt: skip
+                  "keep_checkpoints", "max_failures", "strategy", "shuffle_block_rows", "log_every",
+                  "nan_policy")  # fmt: skip
 
 
 def _sft_rows_from_synth(batch: dict[str, Any]) -> dict[str, Any]:
@@ -911,6 +917,8 @@ def run_sft(cfg: Any, run_dir: str | Path, force: bool = False, **extra: Any) ->
     s = cfg.sft
     train = {**{k: getattr(cfg.train, k) for k in SFT_TRAIN_KEYS}, "objective": "erm", "loss": "sft", "lora_r": 0,
              "lora_alpha": 16.0, "max_steps": 0}  # fmt: skip
+    if s.checkpoint_every is not None:
+        train["checkpoint_every"] = s.checkpoint_every
     return fit(mode="sft", data_dir=data, model_dir=base_policy(cfg, run_dir), out_dir=run_dir / "sft",
                run_cfg=cfg, train=train, batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
                num_workers=s.num_workers, epochs=s.epochs, lr=s.lr, extra=extra or None, force=force)  # fmt: skip
