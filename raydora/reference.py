@@ -86,9 +86,17 @@ def attn_implementation(cfg: Any) -> str:
 
 
 def resolve_device(setting: str) -> str:
+    """``auto`` is CUDA when this process sees a GPU or the Ray cluster has one (a CPU head node drives GPU
+    workers on KubeRay), else CPU."""
     import torch
 
-    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "cuda"
+    import ray
+
+    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
 class ReferenceModel:

@@ -209,3 +209,14 @@ def test_generate_stage_samples_the_policy_and_the_sft_model_and_skips_reruns(tm
     # New sampling parameters redo the stage.
     cfg2 = load_config(None, [*base, "generate.seed=9"])
     assert not gen.run(cfg2, run_dir).skipped
+
+
+def test_auto_device_follows_the_cluster(ray_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    from raydora.reference import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
+    assert resolve_device("auto") == "cpu"  # no GPU here, none in the test cluster
+    # A CPU-only driver on a cluster with GPU workers (a KubeRay head) still picks CUDA for the actors.
+    monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    assert resolve_device("auto") == "cuda"
+    assert gen.resolve_backend("hf", "cuda") == "hf" and gen.resolve_backend("auto", "cpu") == "hf"
