@@ -134,6 +134,8 @@ def main() -> None:
     import ray
     import torch
 
+    from raydora.models import count_parameters, load_causal_lm
+
     backends = [b for b in args.backends.split(",") if b != "vllm" or importlib.util.find_spec("vllm") is not None]
     cpus = os.cpu_count() or 2
     torch.set_num_threads(cpus)
@@ -143,6 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = prepare(root, args.preset)
+        parameters = count_parameters(load_causal_lm(model))
         texts = prompts(args.prompts)
         configs = []
 
@@ -183,13 +186,9 @@ def main() -> None:
         ratios["vllm_engine_compiled_vs_hf_engine"] = best["vllm_engine_compiled"] / best["hf_engine"]
     if "vllm_ray_1actor" in best and hf_ray is not None:
         ratios["vllm_ray_vs_hf_ray"] = best["vllm_ray_1actor"] / hf_ray
-    from raydora.models import count_parameters, load_causal_lm
-
-    result = {"preset": args.preset, "parameters": None, "prompts": args.prompts, "new_tokens": args.new_tokens,
+    result = {"preset": args.preset, "parameters": parameters, "prompts": args.prompts, "new_tokens": args.new_tokens,
               "batch": args.batch, "vllm_batch": args.vllm_batch or args.batch, "torch": torch.__version__,
               "best_tokens_per_s": best, "ratios": ratios, "runs": runs}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        result["parameters"] = count_parameters(load_causal_lm(prepare(Path(tmp), args.preset)))
     name = (
         "generate_speed"
         + ("_vllm" if "vllm_engine" in best else "")

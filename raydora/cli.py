@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from raydora import __version__
 from raydora.config import ConfigError, RunConfig, dump_yaml, explain, load_config
@@ -173,16 +174,15 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
-def _cli_reward(name: str, cfg: RunConfig) -> Callable[[str, str], float]:
-    """gold / biased (the benchmark's gold reward or its biased labeller) or a reward model folder."""
+def _cli_reward(name: str, cfg: RunConfig) -> Callable[[Sequence[str], Sequence[str]], Any]:
+    """gold / biased (the benchmark's gold reward or its biased labeller) or a reward model folder, batched."""
     from raydora import evaluate, synth
 
     if name == "gold":
-        return synth.gold_reward
+        return evaluate.gold()
     if name == "biased":
-        return synth.biased_score
-    model = evaluate.RewardModel(name, cfg.model.max_length)
-    return lambda p, r: float(model.rewards([p], [r])[0])
+        return lambda prompts, responses: [synth.biased_score(p, r) for p, r in zip(prompts, responses, strict=True)]
+    return evaluate.model_reward(name, cfg.model.max_length)
 
 
 def cmd_report(args: argparse.Namespace, cfg: RunConfig | None) -> int:

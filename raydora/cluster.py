@@ -22,19 +22,34 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ray.init(num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host)
 
 
-def check_pool_fits(actors: int, actor_cpus: float, section: str, io_cpus: float = 0.25, gpus: float = 0) -> None:
-    """Fail fast, naming the config keys, when an actor pool of ``actors`` x ``actor_cpus`` would leave no CPU for
-    the read and write tasks that feed it (a Ray Data pipeline that would otherwise wait forever), or asks for
-    more GPUs than the cluster has."""
+def resolve_device(setting: str) -> str:
+    """``auto`` is CUDA when this process sees a GPU or the Ray cluster has one (a CPU head node drives GPU
+    workers on KubeRay), else CPU."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    import ray
+
+    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def check_pool_fits(
+    actors: int, actor_cpus: float, keys: tuple[str, str], io_cpus: float = 0.25, gpus: float = 0
+) -> None:
+    """Fail fast, naming the config ``keys`` (for the actor count and the CPUs per actor), when an actor pool of
+    ``actors`` x ``actor_cpus`` would leave no CPU for the read and write tasks that feed it (a Ray Data pipeline
+    that would otherwise wait forever), or asks for more GPUs than the cluster has."""
     import ray
 
     total = ray.cluster_resources()
     cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if actors * actor_cpus + io_cpus > cpus + 1e-9:
         raise ValueError(
-            f"{section}.actors={actors} x {section}.actor_cpus={actor_cpus} leaves less than {io_cpus} of the "
-            f"cluster's {cpus:g} CPUs for the tasks that read and write the data: lower {section}.actor_cpus "
-            f"or {section}.actors"
+            f"{keys[0]}={actors} x {keys[1]}={actor_cpus} leaves less than {io_cpus} of the cluster's {cpus:g} "
+            f"CPUs for the tasks that read and write the data: lower {keys[1]} or {keys[0]}"
         )
     if actors * gpus > have_gpus + 1e-9:
-        raise ValueError(f"{section}.actors={actors} need {actors * gpus:g} GPUs; the cluster has {have_gpus:g}")
+        raise ValueError(f"{keys[0]}={actors} need {actors * gpus:g} GPUs; the cluster has {have_gpus:g}")

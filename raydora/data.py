@@ -346,6 +346,36 @@ def read_canonical(
     )
 
 
+def map_on_actor_pool(
+    ds: Any,
+    cls: type,
+    kwargs: dict[str, Any],
+    *,
+    keys: tuple[str, str],
+    batch_size: int,
+    actors: int,
+    actor_cpus: float,
+    gpus: float = 0,
+) -> Any:
+    """``ds.map_batches`` of a callable class (pyarrow batches of ``batch_size`` rows) on a pool of ``actors``
+    replicas with ``actor_cpus`` CPUs and ``gpus`` GPUs each, after checking that the pool leaves the read and
+    write tasks a CPU share (``keys`` name the config entries for the actor count and CPUs in the error)."""
+    import ray.data
+
+    from raydora.cluster import check_pool_fits
+
+    check_pool_fits(actors, actor_cpus, keys, IO_CPUS, gpus)
+    return ds.map_batches(
+        cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+        num_cpus=actor_cpus,
+    )
+
+
 def _parquet_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
 

@@ -34,11 +34,17 @@ def render_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
+def prompt_tokens(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids as the policy sees them (:func:`render_prompt`, no special tokens added)."""
+    ids: list[int] = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def encode(tokenizer: Any, prompt: str, responses: Sequence[str], max_length: int) -> tuple[list[int], list[list[int]]]:
     """``(prompt_ids, [response_ids per response])``, truncated so each ``prompt + response`` fits ``max_length``."""
     if max_length < 4:
         raise ValueError(f"max_length must be >= 4, got {max_length}")
-    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_tokens(tokenizer, prompt)
     eos = tokenizer.eos_token_id
     resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []) for r in responses]
     longest = max(len(r) for r in resp)

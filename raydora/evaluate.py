@@ -83,9 +83,7 @@ def gold(alpha: float | None = None) -> Reward:
     from raydora import synth
 
     a = synth.ALPHA0 if alpha is None else alpha
-    return lambda prompts, responses: np.array(
-        [synth.gold_reward(p, r, a) for p, r in zip(prompts, responses, strict=True)]
-    )
+    return _pointwise(lambda p, r: synth.gold_reward(p, r, a))
 
 
 class RewardModel:
@@ -131,9 +129,11 @@ class RewardModel:
 
 def model_reward(path: str | Path, max_length: int, device: str = "auto", actors: int = 1) -> Reward:
     """A :data:`Reward` that streams (prompt, response) pairs through :class:`RewardModel` actors in Ray Data."""
+    import ray
     import ray.data
 
-    from raydora.reference import resolve_device
+    from raydora.cluster import resolve_device
+    from raydora.data import map_on_actor_pool
 
     dev = resolve_device(device)
 
@@ -141,14 +141,15 @@ def model_reward(path: str | Path, max_length: int, device: str = "auto", actors
         if not prompts:
             return np.zeros(0)
         table = pa.table({"i": np.arange(len(prompts)), "prompt": list(prompts), "response": list(responses)})
-        ds = ray.data.from_arrow(table).map_batches(
+        ds = map_on_actor_pool(
+            ray.data.from_arrow(table),
             RewardModel,
-            fn_constructor_kwargs={"path": str(Path(path).absolute()), "max_length": max_length, "device": dev},
+            {"path": str(Path(path).absolute()), "max_length": max_length, "device": dev},
+            keys=("reward-model actors", "CPUs per reward-model actor"),
             batch_size=64,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if dev == "cuda" else 0,
-            num_cpus=0.75,
+            actors=actors,
+            actor_cpus=0.75,
+            gpus=1 if dev == "cuda" else 0,
         )
         out = ds.to_arrow_refs()
         scored = pa.concat_tables(ray.get(out)).sort_by("i")
@@ -213,6 +214,24 @@ def _score_sets(reward: Reward, prompts: list[str], sets: dict[str, list[list[st
     return out
 
 
+def _pointwise(fn: Callable[[str, str], float]) -> Reward:
+    return lambda prompts, responses: np.array([fn(p, r) for p, r in zip(prompts, responses, strict=True)])
+
+
+def _mix(
+    correct: dict[str, list[list[float]]], concise: dict[str, list[list[float]]], alpha: float
+) -> dict[str, list[list[float]]]:
+    """The gold reward ``alpha * correctness + (1 - alpha) * conciseness`` of every scored response (the same
+    expression as :func:`raydora.synth.gold_reward`, so the values are identical)."""
+    return {
+        k: [
+            [alpha * c + (1 - alpha) * q for c, q in zip(cs, qs, strict=True)]
+            for cs, qs in zip(correct[k], concise[k], strict=True)
+        ]
+        for k in correct
+    }
+
+
 def _mean(rows: list[list[float]]) -> float | None:
     flat = [x for r in rows for x in r]
     return float(np.mean(flat)) if flat else None
@@ -241,7 +260,10 @@ def build_report(
         by_id = dict(zip(table.column("id").to_pylist(), table.column("generations").to_pylist(), strict=True))
         missing = [i for i in order if i not in by_id]
         if missing:
-            raise ValueError(f"generations of {key!r} lack {len(missing)} prompts (e.g. id {missing[0]!r})")
+            raise ValueError(
+                f"generations of {key!r} lack {len(missing)} prompts (e.g. id {missing[0]!r}): the prompts or "
+                "evaluate.prompts changed since they were made; run the generate stage again"
+            )
         samples[key] = [list(by_id[i]) for i in order]
     n = max(len(s) for s in samples[name]) if samples[name] else 1
     benchmark = _is_benchmark(prompts)
@@ -251,9 +273,14 @@ def build_report(
     if "sources" in references:
         sets.update(benchmark_sources(prompts, n, seed) if benchmark else data_sources(prompts))
     text = prompts.column("prompt").to_pylist()
-    reward_fn = gold() if reward == "gold" else reward
-    assert callable(reward_fn)
-    scored = _score_sets(reward_fn, text, sets)
+    if reward == "gold":
+        # The two gold objectives are scored once; every alpha (the headline ALPHA0 and the sweep) mixes them.
+        correct = _score_sets(_pointwise(synth.correctness), text, sets)
+        concise = _score_sets(_pointwise(synth.conciseness), text, sets)
+        scored = _mix(correct, concise, synth.ALPHA0)
+    else:
+        assert callable(reward)
+        scored = _score_sets(reward, text, sets)
     refs = [k for k in sets if k != name and (k != "sft" or "sft" in references)]
     args = {"tol": tie_tolerance, "resamples": bootstrap, "seed": seed}
     report: dict[str, Any] = {
@@ -279,7 +306,7 @@ def build_report(
     if reward == "gold" and alphas:
         sweep = []
         for a in alphas:
-            at = _score_sets(gold(a), text, sets)
+            at = _mix(correct, concise, a)
             row: dict[str, Any] = {"alpha": float(a), "mean_reward": {k: _mean(v) for k, v in at.items()}}
             if "sft" in refs:
                 row["vs_sft"] = win_rate(at[name], at["sft"], **args)

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydora.data import IO_CPUS, list_inputs, parquet_files, read_canonical, write_rows
+from raydora.data import IO_CPUS, list_inputs, map_on_actor_pool, parquet_files, read_canonical, write_rows
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -85,10 +85,9 @@ class Generator(Protocol):
 
 def _prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
     """Prompt tokens exactly as training sees them, keeping the prompt's end when it is too long."""
-    from raydora.encoding import render_prompt
+    from raydora.encoding import prompt_tokens
 
-    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    return [x[-max_prompt_tokens:] for x in ids]
+    return [prompt_tokens(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
 
 
 def _with_outputs(
@@ -350,10 +349,7 @@ def generate(
 ) -> dict[str, Any]:
     """Sample ``sampling.n`` responses per prompt with ``model_dir`` on ``gen.actors`` actors into ``out_dir``
     (parquet, atomically, with a ``_SUCCESS`` marker holding ``fp`` and the throughput). Returns that marker."""
-    import ray.data
-
-    from raydora.cluster import check_pool_fits
-    from raydora.reference import resolve_device
+    from raydora.cluster import resolve_device
 
     device = resolve_device(gen.device)
     backend = resolve_backend(gen.backend, device)
@@ -376,17 +372,10 @@ def generate(
         else:
             cls, kwargs = HFGenerator, {**common, "batch_size": gen.batch_size * sampling.n, "threads": gen.threads}
             gpus = 1 if device == "cuda" else 0
-        check_pool_fits(gen.actors, gen.actor_cpus, "generate", IO_CPUS, gpus)
         start = time.perf_counter()
-        generated = ds.map_batches(
-            cls,
-            fn_constructor_kwargs=kwargs,
-            batch_size=gen.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=gen.actors),
-            num_gpus=gpus,
-            num_cpus=gen.actor_cpus,
-        )
+        generated = map_on_actor_pool(ds, cls, kwargs, keys=("generate.actors", "generate.actor_cpus"),
+                                      batch_size=gen.batch_size, actors=gen.actors, actor_cpus=gen.actor_cpus,
+                                      gpus=gpus)  # fmt: skip
         rows = write_rows(generated, tmp / "out")
         elapsed = time.perf_counter() - start
         tokens = sum(
@@ -412,17 +401,25 @@ def read_generations(folder: str | Path) -> pa.Table:
 
 # ---- synthetic preferences for the online loop ----------------------------------------------------------------
 def to_preferences(
-    generations: pa.Table, reward: Callable[[str, str], float], source: str, *, dedupe: bool = True
+    generations: pa.Table,
+    reward: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
+    source: str,
+    *,
+    dedupe: bool = True,
 ) -> tuple[list[dict[str, Any]], int]:
     """Canonical preference rows from sampled responses: ``responses`` are a prompt's distinct samples, ``scores``
-    their ``reward(prompt, response)``, ``sources`` the tag ``source``. Prompts left with fewer than 2 distinct
-    responses, or with all scores equal, carry no preference and are dropped; returns ``(rows, dropped)``."""
-    rows, dropped = [], 0
+    their rewards (``reward(prompts, responses)``, one batched call, as :data:`raydora.evaluate.Reward`),
+    ``sources`` the tag ``source``. Prompts left with fewer than 2 distinct responses, or with all scores equal,
+    carry no preference and are dropped; returns ``(rows, dropped)``."""
+    candidates = []
     for r in generations.select(["id", "prompt", "generations"]).to_pylist():
         responses = [g for g in r["generations"] if g]
-        if dedupe:
-            responses = list(dict.fromkeys(responses))
-        scores = [float(reward(r["prompt"], g)) for g in responses]
+        candidates.append((r, list(dict.fromkeys(responses)) if dedupe else responses))
+    flat = [(r["prompt"], g) for r, responses in candidates for g in responses]
+    values = [float(v) for v in reward([p for p, _ in flat], [g for _, g in flat])] if flat else []
+    rows, dropped, at = [], 0, 0
+    for r, responses in candidates:
+        scores, at = values[at : at + len(responses)], at + len(responses)
         if len(responses) < 2 or len(set(scores)) < 2:
             dropped += 1
             continue

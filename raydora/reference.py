@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raydora.data import IO_CPUS, read_canonical, write_rows
+from raydora.cluster import resolve_device
+from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -83,20 +84,6 @@ def attn_implementation(cfg: Any) -> str:
     if a != "auto":
         return str(a)
     return "eager" if cfg.train.objective == "wdpo" else "sdpa"
-
-
-def resolve_device(setting: str) -> str:
-    """``auto`` is CUDA when this process sees a GPU or the Ray cluster has one (a CPU head node drives GPU
-    workers on KubeRay), else CPU."""
-    import torch
-
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "cuda"
-    import ray
-
-    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
 class ReferenceModel:
@@ -181,15 +168,14 @@ def encode_rows(
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
     with a ``_SUCCESS`` marker holding ``fp``). Returns the row count."""
-    import ray.data
-
     out = Path(out_dir)
     device = resolve_device(cfg.device)
     with staging(out.parent, out.name) as tmp:
         rows_in = read_canonical(input_dir, num_cpus=IO_CPUS, block_rows=cfg.batch_size, slice_rows=8 * cfg.batch_size)
-        encoded = rows_in.map_batches(
+        encoded = map_on_actor_pool(
+            rows_in,
             ReferenceModel,
-            fn_constructor_kwargs={
+            {
                 "model_dir": None if model_dir is None else str(Path(model_dir).absolute()),
                 "tokenizer_dir": str(Path(tokenizer).absolute()),
                 "max_length": max_length,
@@ -198,11 +184,11 @@ def encode_rows(
                 "precision": precision,
                 "attn": attn,
             },
+            keys=("reference.actors", "reference.actor_cpus"),
             batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_gpus=1 if device == "cuda" else 0,
-            num_cpus=cfg.actor_cpus,
+            actors=cfg.actors,
+            actor_cpus=cfg.actor_cpus,
+            gpus=1 if device == "cuda" else 0,
         )
         rows = write_rows(encoded, tmp / "out")
         write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}})

@@ -27,7 +27,8 @@ import pyarrow as pa
 
 from raydora import calibration
 from raydora.classifier import GOLDEN, margins
-from raydora.data import IO_CPUS, read_canonical, write_rows
+from raydora.cluster import resolve_device
+from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
 EPS = 1e-6
@@ -108,9 +109,6 @@ def score(
 ) -> StageResult:
     """Score ``data_dir`` into ``out_dir`` (canonical rows + ``p_golden`` + ``p_golden_by_source``), streaming
     through ``cfg.score_actors`` actors. Atomic; skips when ``out_dir/_SUCCESS`` matches."""
-    import ray.data
-    import torch
-
     clf = read_success(classifier_dir)
     if clf is None:
         raise FileNotFoundError(f"{classifier_dir}: no finished classifiers (_SUCCESS missing); run classify first")
@@ -127,16 +125,17 @@ def score(
     if not force and is_done(out, fp):
         done = read_success(out) or {}
         return StageResult("score", {"scored": str(out)}, done.get("rows", {}), skipped=True)
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = resolve_device(cfg.device)
     with staging(out.parent, out.name) as tmp:
         # Read tasks of 4 scoring batches: enough blocks to keep every actor busy (see read_canonical), cut at
         # batch multiples that do not depend on the pool size, so the results do not either.
         rows_in = read_canonical(
             data_dir, num_cpus=IO_CPUS, block_rows=cfg.score_batch_size, slice_rows=4 * cfg.score_batch_size
         )
-        scored = rows_in.map_batches(
+        scored = map_on_actor_pool(
+            rows_in,
             Scorer,
-            fn_constructor_kwargs={
+            {
                 "classifier_dir": str(Path(classifier_dir).absolute()),
                 "sources": sources,
                 "shares": shares,
@@ -145,11 +144,11 @@ def score(
                 "device": device,
                 "batch_size": cfg.score_batch_size,
             },
+            keys=("classifier.score_actors", "classifier.actor_cpus"),
             batch_size=cfg.score_batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.score_actors),
-            num_gpus=1 if device == "cuda" else 0,
-            num_cpus=cfg.actor_cpus,
+            actors=cfg.score_actors,
+            actor_cpus=cfg.actor_cpus,
+            gpus=1 if device == "cuda" else 0,
         )
         rows = write_rows(scored, tmp / "scored")
         write_success(

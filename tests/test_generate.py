@@ -170,7 +170,9 @@ def test_samples_become_validated_preference_rows(tmp_path: Path, ray_session) -
     table = pa.table({"id": ["a", "b", "c"], "prompt": [p, p, "count: oak pear"],
                       "generations": [["rose pear oak", "definitely : rose oak", "rose pear oak"], ["x", "x"],
                                       ["2", "3"]]})  # fmt: skip
-    rows, dropped = gen.to_preferences(table, synth.gold_reward, "policy-r1")
+    from raydora.evaluate import gold
+
+    rows, dropped = gen.to_preferences(table, gold(), "policy-r1")
     assert dropped == 1  # "b": one distinct response
     assert rows[0]["responses"] == ["rose pear oak", "definitely : rose oak"]
     assert rows[0]["scores"] == [synth.gold_reward(p, "rose pear oak"), synth.gold_reward(p, "definitely : rose oak")]
@@ -212,7 +214,7 @@ def test_generate_stage_samples_the_policy_and_the_sft_model_and_skips_reruns(tm
 
 
 def test_auto_device_follows_the_cluster(ray_session, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raydora.reference import resolve_device
+    from raydora.cluster import resolve_device
 
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
     assert resolve_device("auto") == "cpu"  # no GPU here, none in the test cluster
