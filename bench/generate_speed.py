@@ -54,28 +54,32 @@ def prompts(n: int) -> list[str]:
     return [synth.make_prompt(rng) for _ in range(n)]
 
 
-def bare_loop(model_dir: Path, texts: list[str], new_tokens: int, batch: int) -> tuple[int, float]:
+def bare_loop(
+    model_dir: Path, texts: list[str], new_tokens: int, batch: int, device: str = "cpu", precision: str = "fp32"
+) -> tuple[int, float]:
     import torch
 
     from raydora.encoding import render_prompt
+    from raydora.hardware import resolve_precision
     from raydora.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     tok.padding_side = "left"
-    model = load_causal_lm(model_dir, dtype=torch.float32).eval()
+    model = load_causal_lm(model_dir, dtype=resolve_precision(precision, device)).to(device).eval()
     tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
             enc = tok([render_prompt(tok, t) for t in texts[i : i + batch]], return_tensors="pt", padding=True,
-                      add_special_tokens=False)  # fmt: skip
+                      add_special_tokens=False).to(device)  # fmt: skip
             out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             for row in out[:, enc["input_ids"].shape[1] :].tolist():  # up to and including the first EOS
                 tokens += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
     return tokens, time.perf_counter() - start
 
 
-def engine(model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str, eager: bool = True) -> Any:
+def engine(model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str, eager: bool = True,
+           device: str = "cpu", precision: str = "fp32") -> Any:  # fmt: skip
     """A closure timing raydora's generator class on the same batches as the loop (engine built once, untimed)."""
     import pyarrow as pa
 
@@ -83,9 +87,10 @@ def engine(model_dir: Path, texts: list[str], new_tokens: int, batch: int, backe
 
     sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "n": 1, "seed": 0}
     if backend == "hf":
-        g: Any = gen.HFGenerator(str(model_dir), sampling, max_length=256, batch_size=batch, precision="fp32")
+        g: Any = gen.HFGenerator(str(model_dir), sampling, max_length=256, batch_size=batch, device=device,
+                                 precision=precision)  # fmt: skip
     else:
-        g = gen.VLLMGenerator(str(model_dir), sampling, max_length=256, device="cpu", precision="fp32",
+        g = gen.VLLMGenerator(str(model_dir), sampling, max_length=256, device=device, precision=precision,
                               enforce_eager=eager)  # fmt: skip
     table = pa.table({"id": [f"p{i}" for i in range(len(texts))], "prompt": texts})
 

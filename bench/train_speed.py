@@ -71,22 +71,26 @@ OBJECTIVES = ("erm", "dora", "kldpo", "wdpo")
 class Ours:
     """raydora's training step (the same ``train._step`` the Ray Train workers run), single process."""
 
-    def __init__(self, model_dir: Path, tok: Any, pairs: list[dict[str, Any]], args: Any, attn: str) -> None:
+    def __init__(self, model_dir: Path, tok: Any, pairs: list[dict[str, Any]], args: Any, attn: str,
+                 device: str = "cpu", amp: Any = torch.float32) -> None:  # fmt: skip
         self.tok, self.args = tok, args
+        self.device, self.amp = torch.device(device), amp
         prompts = [p["prompt"] for p in pairs]
         responses = [[p["chosen"], p["rejected"]] for p in pairs]
         self.prompt_ids, self.response_ids = encode_batch(tok, prompts, responses, args.max_length)
         self.model_dir, self.attn = model_dir, attn
-        ref = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+        ref = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation=attn).to(self.device).eval()
         self.ref_logps = self.reference_logps(ref, range(len(pairs)))
 
     def reference_logps(self, ref: Any, idx: Any) -> np.ndarray:
         idx = list(idx)
         enc = pad_sequences([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], None,
                             self.tok.pad_token_id)  # fmt: skip
-        with torch.no_grad():
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        autocast = torch.autocast(self.device.type, self.amp, enabled=self.amp != torch.float32)
+        with torch.no_grad(), autocast:
             lp, _, _ = forward_logps(ref, enc, 2)
-        return lp.double().numpy()
+        return lp.double().cpu().numpy()
 
     def rows(self, idx: list[int], ref: np.ndarray) -> dict[str, Any]:
         return {
@@ -104,7 +108,8 @@ class Ours:
         """A generator: each ``next()`` runs one training step and yields ``(seconds, tokens)``."""
         a = self.args
         torch.manual_seed(0)
-        model = load_causal_lm(self.model_dir, dtype=torch.float32, attn_implementation=self.attn).train()
+        model = load_causal_lm(self.model_dir, dtype=torch.float32, attn_implementation=self.attn)
+        model = model.to(self.device).train()
         ref = copy.deepcopy(model).eval() if ref_forward else None
         tc = TrainConfig(objective=objective, loss="dpo", lam=1.0, tau=1.0, kldpo_clip=None, rho=0.01,
                          batch_size=a.batch, micro_batch_size=a.batch, num_workers=1)  # fmt: skip
@@ -121,10 +126,12 @@ class Ours:
             ref_lp = self.reference_logps(ref, idx) if ref is not None else self.ref_logps[idx]
             mb = train.collate_micro(self.rows(idx, ref_lp), slice(0, a.batch), "preference", "dpo",
                                      self.tok.pad_token_id, dora, pack)  # fmt: skip
-            stats = train._step(model, [mb], cfg, f, None, 1, torch.device("cpu"), torch.float32,
-                                objective == "wdpo", False)  # fmt: skip
+            mb["enc"] = {k: v.to(self.device) for k, v in mb["enc"].items()}
+            stats = train._step(model, [mb], cfg, f, None, 1, self.device, self.amp, objective == "wdpo", False)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             yield time.perf_counter() - tic, stats["tokens"]
             s += 1
 

@@ -41,10 +41,11 @@ def test_training_step_on_cuda_matches_cpu_and_runs_bf16() -> None:
 
     tok = train_tokenizer(["sort : b a c", "a b c", "reverse : x y z", "z y x"] * 5, vocab_size=300)
     rng = np.random.default_rng(0)
+    vocab = len(tok)  # the tiny corpus gives fewer than the 300 tokens asked for
     rows = {
-        "prompt_ids": np.array([rng.integers(2, 290, size=5) for _ in range(8)] + [None], dtype=object)[:-1],
+        "prompt_ids": np.array([rng.integers(2, vocab, size=5) for _ in range(8)] + [None], dtype=object)[:-1],
         "response_ids": np.array(
-            [[rng.integers(2, 290, size=int(rng.integers(2, 7))) for _ in range(2)] for _ in range(8)] + [None],
+            [[rng.integers(2, vocab, size=int(rng.integers(2, 7))) for _ in range(2)] for _ in range(8)] + [None],
             dtype=object,
         )[:-1],
         "scores": np.array([[1.0, 0.0]] * 8 + [None], dtype=object)[:-1],

@@ -219,3 +219,12 @@ def test_plan_is_deterministic_and_independent_of_the_worker_count(run_dir: Path
     epoch0 = [i for s in range(12) for i in one[s]]
     epoch1 = [i for s in range(12, 24) for i in one[s]]
     assert sorted(epoch0) == sorted(epoch1) and len(set(epoch0)) == 96 and epoch0 != epoch1
+
+
+def test_gpu_workers_beyond_the_clusters_gpus_fail_fast(ray_session) -> None:
+    """Ray Train would wait forever for GPUs the cluster lacks: the stage names the key instead."""
+    gpus = ray_session.cluster_resources().get("GPU", 0.0)
+    with pytest.raises(ValueError, match=rf"train.num_workers={int(gpus) + 1} GPU workers .* has {gpus:g} GPUs"):
+        train._check_gpus(int(gpus) + 1, "train.num_workers")
+    if gpus >= 1:
+        train._check_gpus(int(gpus), "train.num_workers")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check: one script, run on a lent CUDA machine (the device tool; see docs/gpu.md for how and what it
+# found). It runs, each step independent of the others' success:
+#   1. the gpu test tier (tests/test_gpu.py): CUDA math equals CPU math, bf16 autocast, the training step;
+#   2. bench/gpu_speed.py: matmul ceiling, training-step throughput and MFU (bf16), hf generation vs a bare loop;
+#   3. the whole pipeline on the GPU through Ray: Ray Train with NCCL and bf16 autocast for SFT and DoRA training,
+#      classifier training and scoring, reference log-probs and generation on GPU actors, then evaluation.
+# Logs and results go to $OUT (default /tmp/gpu-check). The machine has no package index: Ray and its missing
+# dependencies travel in .whl/ (a slimmed Ray 2.60 tarball and wheels; docs/gpu.md says how they were made).
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
+PY=${PY:-python3}
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  [ -f .whl/ray_slim.tar.xz ] && tar -xJf .whl/ray_slim.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+$PY -c "import ray; print('ray', ray.__version__)" || echo "ray missing: step 3 will fail"
+summary=()
+
+echo "== 1. gpu test tier"
+timeout 120 $PY -m pytest -q -p no:logging -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+summary+=("gpu tests: rc=${PIPESTATUS[0]} $(tail -1 "$OUT/pytest_gpu.log")")
+
+echo "== 2. bench/gpu_speed.py"
+[ -n "${SKIP_BENCH:-}" ] || timeout 150 $PY bench/gpu_speed.py --out "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/gpu_speed.log"
+summary+=("gpu_speed: rc=${PIPESTATUS[0]}")
+
+echo "== 3. pipeline on the GPU (Ray Train NCCL + bf16, GPU actor pools)"
+start=$(date +%s)
+timeout "${PIPELINE_TIMEOUT:-270}" $PY -m raydora.cli pipeline --config jobs/configs/demo_cpu.yaml \
+  name=gpu root=/tmp/runs ray.num_cpus=16 model.precision=auto \
+  train.use_gpu=true train.num_workers=1 sft.num_workers=1 \
+  classifier.device=cuda classifier.score_actors=1 reference.device=cuda reference.actors=1 \
+  generate.device=cuda generate.actors=1 generate.actor_cpus=2 ${PIPELINE_ARGS:-} 2>&1 \
+  | grep -v -E "Loading weights|row/s\]|^\s*$" | tee "$OUT/pipeline.log"
+summary+=("pipeline: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
+cp /tmp/runs/gpu/train/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
+cp /tmp/runs/gpu/eval/report.md "$OUT/eval_report.md" 2>/dev/null
+cp /tmp/runs/gpu/generations/policy/_SUCCESS "$OUT/generate_policy_SUCCESS.json" 2>/dev/null
+
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+grep -E "TFLOP|pairs/s|^(mfu|packed|precomputed|dora|kldpo|wdpo|hf_engine)" "$OUT/gpu_speed.log" | head -20
+grep -E "^\[|win|report:" "$OUT/pipeline.log" | tail -15

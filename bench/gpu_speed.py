@@ -1,0 +1,141 @@
+"""GPU benchmarks (issue 9's GPU run, issue 7's hf path on a GPU), all measured in one process and one run:
+
+- the dense bf16 matmul rate of this GPU (8192^3 products on random data, CUDA events, median): the ceiling;
+- raydora's training step (the same ``train._step`` the Ray Train workers run) with bf16 autocast on a
+  GPT-2-small-shaped model (768 wide, 12 layers), for DPO (ERM), DoRA, KLDPO and WDPO: pairs/s, tokens/s, the
+  robust objectives' overhead, precomputed reference log-probs against a reference forward in every step, and
+  model FLOPs utilisation against the measured matmul rate;
+- generation: raydora's hf backend (``HFGenerator``) against a bare batched ``generate`` loop, bf16, same model,
+  prompts and batches (vLLM is measured where it is installed on the GPU machine).
+
+    python bench/gpu_speed.py --out bench/results          # on a CUDA machine; about two minutes on an H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import record
+from generate_speed import bare_loop, engine, prompts
+from train_speed import Ours, dense_matmul_flops, lockstep, make_pairs, model_flops_per_token
+
+from raydora import models as M
+from raydora.models import build_model, count_parameters, load_causal_lm, save_pretrained, train_tokenizer
+
+# GPT-2 small's shape (124M parameters with GPT-2's 50k vocabulary; about 86M with the benchmark's 512 tokens).
+M.PRESETS.setdefault("gpt2-124m-shape", M._gpt2(768, layers=12, heads=12))
+
+
+def matmul_rate(n: int = 8192, reps: int = 20, dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of an n^3 matmul on random data: median of ``reps`` products timed with CUDA events."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-124m-shape")
+    p.add_argument("--pairs", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=128, help="pairs per optimizer step (one micro-batch)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=1024)
+    p.add_argument("--gen-batch", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (fp32), for checking it")
+    args = p.parse_args()
+    dev = args.device
+    if dev == "cuda":
+        assert torch.cuda.is_available(), "gpu_speed.py needs a CUDA GPU (or --device cpu for a dry run)"
+        peak, amp, precision, gpu = matmul_rate(), torch.bfloat16, "bf16", torch.cuda.get_device_name()
+    else:
+        peak, amp, precision, gpu = dense_matmul_flops(torch.get_num_threads()), torch.float32, "fp32", "cpu"
+    print(f"{gpu}: dense {precision} matmul {peak / 1e12:.2f} TFLOP/s", flush=True)
+
+    pairs = make_pairs(args.pairs, seed=0)
+    texts = [t for r in pairs for t in (r["prompt"], r["chosen"], r["rejected"])]
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    tok = train_tokenizer(iter(texts), work / "tok", vocab_size=512)
+    model_dir = save_pretrained(build_model(args.preset, tok, seed=0), tok, work / "model")
+    params = count_parameters(load_causal_lm(model_dir))
+    args.threads = 0
+    sdpa = Ours(model_dir, tok, pairs, args, "sdpa", device=dev, amp=amp)
+    eager = Ours(model_dir, tok, pairs, args, "eager", device=dev, amp=amp)
+    steppers = {f"raydora_{o}": (eager if o == "wdpo" else sdpa).stepper(o) for o in ("erm", "dora", "kldpo", "wdpo")}
+    steppers["raydora_dpo_eager"] = eager.stepper("erm")
+    steppers["raydora_dpo_padded"] = sdpa.stepper("erm", pack=False)
+    steppers["raydora_dpo_ref_forward"] = sdpa.stepper("erm", ref_forward=True)
+    runs = lockstep(steppers, args.steps, args.warmup, args.batch)
+    del steppers
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    seq = float(np.mean([len(pi) + len(r) for pi, rs in zip(sdpa.prompt_ids, sdpa.response_ids, strict=True)
+                         for r in rs]))  # fmt: skip
+    ours = runs["raydora_erm"]
+    achieved = ours["tokens_per_s"] * model_flops_per_token(load_causal_lm(model_dir), seq)
+    ratios = {
+        "mfu_vs_dense_matmul": achieved / peak,
+        "packed_vs_padded": ours["pairs_per_s"] / runs["raydora_dpo_padded"]["pairs_per_s"],
+        "precomputed_vs_ref_forward": ours["pairs_per_s"] / runs["raydora_dpo_ref_forward"]["pairs_per_s"],
+        "dora_step_vs_dpo": runs["raydora_dora"]["step_s"] / ours["step_s"],
+        "kldpo_step_vs_dpo": runs["raydora_kldpo"]["step_s"] / ours["step_s"],
+        "wdpo_step_vs_dpo": runs["raydora_wdpo"]["step_s"] / ours["step_s"],
+        "wdpo_step_vs_dpo_eager": runs["raydora_wdpo"]["step_s"] / runs["raydora_dpo_eager"]["step_s"],
+    }
+    train_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+    for k, v in runs.items():
+        print(f"{k:<28} {v['pairs_per_s']:9.1f} pairs/s {v['tokens_per_s']:11.0f} tokens/s  "
+              f"step {v['step_s'] * 1000:7.1f} ms", flush=True)  # fmt: skip
+
+    gen: dict[str, Any] = {}
+    texts_gen = prompts(args.prompts)
+    loop_fn = lambda: bare_loop(model_dir, texts_gen, args.new_tokens, args.gen_batch, dev, precision)
+    hf_fn = engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "hf", device=dev, precision=precision)
+    for r in range(2):
+        for name, fn in (
+            (("loop", loop_fn), ("hf_engine", hf_fn)) if r == 0 else (("hf_engine", hf_fn), ("loop", loop_fn))
+        ):
+            tic = time.perf_counter()
+            tokens, seconds = fn()
+            gen.setdefault(name, []).append({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds})
+            print(f"round {r} {name:<10} {tokens} tokens in {seconds:6.2f} s ({time.perf_counter() - tic:.1f} s wall)",
+                  flush=True)  # fmt: skip
+    best_gen = {k: max(x["tokens_per_s"] for x in v) for k, v in gen.items()}
+    ratios["hf_engine_vs_loop"] = best_gen["hf_engine"] / best_gen["loop"]
+    result = {
+        "device": gpu, "torch": torch.__version__, "preset": args.preset,
+        "parameters": params, "batch_pairs": args.batch, "precision": f"{precision} autocast, fp32 weights",
+        "dense_bf16_matmul_flops": peak, "achieved_model_flops": achieved, "mean_sequence_tokens": seq,
+        "train_peak_gib": train_peak_gib, "runs": runs, "generation": {"prompts": args.prompts,
+        "new_tokens": args.new_tokens, "batch": args.gen_batch, "best_tokens_per_s": best_gen, "runs": gen},
+        "ratios": ratios,
+    }  # fmt: skip
+    for k, v in ratios.items():
+        print(f"{k:<28} {v:.3f}")
+    print(f"written to {record('gpu_speed' if dev == 'cuda' else 'gpu_speed_dryrun_cpu', result, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
