@@ -8,7 +8,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-vllm lint format demo bench clean
+.PHONY: install test test-all test-vllm lint format demo demo-cluster bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,23 +49,42 @@ test-vllm: $(VLLM_STAMP) ## the vllm tier: real vLLM engines (vLLM's CPU build i
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy on the pure modules
-	$(BIN)/ruff check raydora tests bench
-	$(BIN)/ruff format --check raydora tests bench
+	$(BIN)/ruff check raydora tests bench jobs
+	$(BIN)/ruff format --check raydora tests bench jobs
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix raydora tests bench
-	$(BIN)/ruff format raydora tests bench
+	$(BIN)/ruff check --fix raydora tests bench jobs
+	$(BIN)/ruff format raydora tests bench jobs
 
 demo: $(STAMP) ## the pipeline on a local Ray: synth, validate, classify, sft, reference, train, generate, evaluate
 	$(BIN)/raydora check --config jobs/configs/demo_cpu.yaml
 	$(BIN)/raydora pipeline --config jobs/configs/demo_cpu.yaml
+
+# The demo as a Ray job on a local cluster: `ray start`, `ray job submit` (runtime env cluster/runtime_env.yaml),
+# the job's status and logs, then `ray stop` (which stops every Ray process of this user on this machine).
+RAY_PORT       ?= 6380
+DASHBOARD_PORT ?= 8265
+JOB_CONFIG     ?= jobs/configs/demo_cpu.yaml
+JOB_ID         := raydora-demo-$(shell date +%Y%m%d-%H%M%S)
+demo-cluster: $(STAMP) ## the demo as `ray job submit` to a local `ray start` cluster (dashboard on 127.0.0.1)
+	@export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=token; dash=http://127.0.0.1:$(DASHBOARD_PORT); \
+	ray get-auth-token --generate >/dev/null || exit 1; \
+	trap 'ray stop >/dev/null' EXIT; \
+	ray start --head --port=$(RAY_PORT) --num-cpus=2 --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
+	  --disable-usage-stats || exit 1; \
+	ray job submit --address $$dash --submission-id $(JOB_ID) --runtime-env cluster/runtime_env.yaml --working-dir . -- \
+	  python jobs/pipeline.py --config $(JOB_CONFIG) root=$(CURDIR)/runs; \
+	ray job status --address $$dash $(JOB_ID); \
+	echo "--- the end of the job's log (ray job logs $(JOB_ID)):"; ray job logs --address $$dash $(JOB_ID) | tail -n 12; \
+	ray job status --address $$dash $(JOB_ID) | grep -qi succeeded
 
 bench: ## the benchmarks (installs the bench extra); results in bench/results/, summary in docs/benchmarks.md
 	$(MAKE) install EXTRAS=test,dev,bench
 	$(BIN)/python bench/synth_stream.py --rows 100000
 	$(BIN)/python bench/score_scaling.py --rows 600 --memory-rows 1000
 	$(BIN)/python bench/train_speed.py --steps 12 --warmup 3
+	$(BIN)/python bench/demo_run.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

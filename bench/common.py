@@ -12,23 +12,55 @@ from typing import Any
 import psutil
 
 
-class PeakRSS:
-    """Samples the summed RSS of this process and all its descendants (raylet, Ray workers) every ``interval``
-    seconds; ``peak`` is the largest sum seen. Shared pages count once per process: use it for ratios."""
+def _process_kind(p: psutil.Process) -> str:
+    """A short name for a process of a Ray tree: its Ray title (``ray::RayTrainWorker``), or its program."""
+    try:
+        title = p.name()
+        cmd = p.cmdline()
+    except psutil.Error:
+        return "?"
+    if title.startswith("ray::"):
+        return title
+    for arg in cmd[:3]:
+        if arg.endswith(".py") or "/ray/" in arg:
+            return Path(arg).name
+    return title
 
-    def __init__(self, interval: float = 0.1) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+class PeakRSS:
+    """Samples the summed RSS of a process (default: this one) and all its descendants (raylet, Ray workers) every
+    ``interval`` seconds; ``peak`` is the largest sum seen. Shared pages count once per process: use it for ratios.
+    With ``pss=True`` it also sums PSS (shared pages divided among the processes sharing them: the tree's real
+    footprint) into ``peak_pss``; reading it costs more per sample."""
+
+    def __init__(self, interval: float = 0.1, pid: int | None = None, pss: bool = False) -> None:
+        self.interval, self.pid, self.pss = interval, pid or os.getpid(), pss
+        self.peak = self.peak_pss = self.peak_processes = 0
+        self.peak_parts: list[tuple[str, int]] = []  # (process kind, PSS) at the PSS peak
+        self.peak_at = 0.0  # when the PSS peak was seen (time.time())
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
-        me = psutil.Process(os.getpid())
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        rss = pss = 0
+        parts: list[tuple[str, int]] = []
+        for p in procs:
             try:
-                total += p.memory_info().rss
+                m = p.memory_full_info() if self.pss else p.memory_info()
+                if self.pss:
+                    parts.append((_process_kind(p), getattr(m, "pss", m.rss)))
             except psutil.Error:
                 continue
-        return total
+            rss, pss = rss + m.rss, pss + getattr(m, "pss", m.rss)
+        if pss > self.peak_pss:
+            self.peak_pss, self.peak_parts, self.peak_at = pss, parts, time.time()
+        self.peak_processes = max(self.peak_processes, len(procs))
+        return rss
 
     def _run(self) -> None:
         while not self._stop.is_set():

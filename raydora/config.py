@@ -272,6 +272,8 @@ class TrainConfig:
     """A NaN/inf loss or gradient: stop the run naming the step, or skip that batch and count it."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: replicate the model and average gradients (ddp), or shard it with FSDP2 (fsdp)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Where Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node."""
     lora_r: int = 0
     """LoRA rank (needs ``peft``); 0 trains every parameter."""
     lora_alpha: float = 16.0

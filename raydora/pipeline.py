@@ -10,6 +10,9 @@ from raydora.cluster import init_ray
 from raydora.config import RunConfig, dump_yaml
 from raydora.rundir import StageResult
 
+# Objectives that weight rows by the classifiers' p_golden (the classify stage's output).
+P_GOLDEN_OBJECTIVES = ("dora", "reweight")
+
 Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
 # In pipeline order.
 STAGES: dict[str, Stage] = {
@@ -32,6 +35,9 @@ def run(cfg: RunConfig, stages: Sequence[str] | None = None) -> list[StageResult
         raise ValueError(f"unknown stages {unknown}; known, in order: {', '.join(STAGES)}")
     if cfg.data.input is not None and "synth" in names and stages is None:
         names.remove("synth")  # real data given: nothing to synthesise
+    if stages is None and cfg.train.objective not in P_GOLDEN_OBJECTIVES:
+        names.remove("classify")  # nothing reads p_golden, and the data may have no golden source to classify
+        print(f"[classify] not needed: train.objective={cfg.train.objective} does not use p_golden", flush=True)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))

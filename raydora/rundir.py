@@ -1,8 +1,9 @@
 """The run directory's contract: atomic stage outputs, ``_SUCCESS`` markers and input fingerprints.
 
 A stage writes into a hidden temp folder beside its output and renames it into place when it is complete; its
-``_SUCCESS`` marker (JSON: row counts, input and config fingerprint) is the commit point. A rerun whose
-fingerprint matches the marker skips the stage; anything without a marker is redone from scratch.
+``_SUCCESS`` marker (JSON: row counts, input and config fingerprint, and a manifest of the folder's files) is the
+commit point. A rerun whose fingerprint matches the marker, and whose files still match the manifest, skips the
+stage; anything without a marker, or with a file missing or changed since the marker was written, is redone.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 SUCCESS = "_SUCCESS"
+# Files below this size also get a content hash in the manifest: small files (JSON/YAML settings, calibration,
+# tokenizer and model configs) are where an edit that keeps the size is plausible, and hashing them costs about as
+# much as the stat. Larger files (parquet shards, weights) are checked by size only: a truncated or half-written
+# file changes size (and a truncated parquet file loses its footer), and hashing gigabytes on every rerun would
+# cost more than the checks are worth.
+HASH_BELOW = 1 << 20
 
 
 @dataclass
@@ -61,17 +68,94 @@ def read_success(folder: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_done(folder: str | Path, fp: str) -> bool:
-    """True when ``folder`` holds a marker written for the same fingerprint."""
-    marker = read_success(folder)
-    return marker is not None and marker.get("fingerprint") == fp
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
-def write_success(folder: str | Path, info: dict[str, Any]) -> Path:
-    """Write the marker atomically (temp file, then rename)."""
+def manifest(folder: str | Path, exclude: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, str]]:
+    """``({path: size}, {path: sha256[:16]})`` of every file under ``folder``, paths relative and POSIX, leaving out
+    the marker, hidden files and folders (temp files: their names start with "."), and the ``exclude`` paths
+    (relative files or folders, e.g. ``checkpoints``: whatever is managed by others or may change after the marker).
+    Only files under :data:`HASH_BELOW` bytes are hashed; the rest is a stat."""
+    root = Path(folder)
+    skip = {e.strip("/") for e in exclude}
+    sizes: dict[str, int] = {}
+    digests: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (rel_dir / d).as_posix() not in skip)
+        for name in sorted(filenames):
+            rel = (rel_dir / name).as_posix()
+            if name.startswith(".") or rel == SUCCESS or rel in skip:
+                continue
+            path = Path(dirpath) / name
+            size = path.stat().st_size
+            sizes[rel] = size
+            if size < HASH_BELOW:
+                digests[rel] = _digest(path)
+    return sizes, digests
+
+
+def manifest_problems(folder: str | Path, marker: dict[str, Any]) -> list[str]:
+    """What no longer matches the marker's manifest (``<folder>/<path> is missing``, ``... changed size (a -> b)``,
+    ``... changed content``); empty when all matches, or when the marker predates manifests (fingerprint only)."""
     folder = Path(folder)
+    sizes, digests = marker.get("manifest"), marker.get("digests") or {}
+    if sizes is None:
+        return []
+    if not isinstance(sizes, dict) or not isinstance(digests, dict):
+        return [f"{folder.name}/{SUCCESS} has an unreadable manifest"]
+    problems = []
+    for rel, size in sizes.items():
+        path = folder / rel
+        shown = f"{folder.name}/{rel}"
+        try:
+            st = path.stat()
+        except OSError:
+            problems.append(f"{shown} is missing")
+            continue
+        if not path.is_file():
+            problems.append(f"{shown} is missing (not a file)")
+        elif st.st_size != size:
+            problems.append(f"{shown} changed size ({size} -> {st.st_size})")
+        elif rel in digests and _digest(path) != digests[rel]:
+            problems.append(f"{shown} changed content (same size, different hash)")
+    return problems
+
+
+def is_done(folder: str | Path, fp: str, on_corrupt: Callable[[Path], object] | None = None) -> bool:
+    """True when ``folder`` holds a marker written for the same fingerprint, and every file of the marker's manifest
+    is still there with its recorded size (and hash, for small files). When the fingerprint matches but a file is
+    missing or changed, prints which one, calls ``on_corrupt(folder)`` if given (e.g. to discard state that a redo
+    would otherwise resume from) and returns False. Markers without a manifest (written before manifests existed)
+    are checked by fingerprint only."""
+    marker = read_success(folder)
+    if marker is None or marker.get("fingerprint") != fp:
+        return False
+    problems = manifest_problems(folder, marker)
+    if not problems:
+        return True
+    more = f"; {len(problems) - 1} more file(s) differ" if len(problems) > 1 else ""
+    print(f"[{marker.get('stage', 'rundir')}] {problems[0]}{more}: redoing", flush=True)
+    if on_corrupt is not None:
+        on_corrupt(Path(folder))
+    return False
+
+
+def write_success(folder: str | Path, info: dict[str, Any], exclude: Iterable[str] = ()) -> Path:
+    """Write the marker atomically (temp file, then rename), with the :func:`manifest` of ``folder``'s files: write
+    it once the folder is complete. ``exclude``: relative paths whose files may change after the marker (they are
+    left out of the manifest, so changes there never make the stage look corrupted). The manifest's paths are
+    relative, so it stays valid when the folder is renamed into place (:func:`promote`) or the run moved."""
+    folder = Path(folder)
+    sizes, digests = manifest(folder, exclude)
+    info = {**info, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "manifest": sizes, "digests": digests}
     tmp = folder / f".{SUCCESS}.{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps({**info, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, folder / SUCCESS)
     return folder / SUCCESS
 

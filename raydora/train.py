@@ -40,6 +40,9 @@ from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done,
 
 METRICS_FILE = "metrics.jsonl"
 FAILED_FILE = "_FAILED"
+# Left out of the ``_SUCCESS`` manifest of train/ and sft/: Ray Train manages (and prunes) checkpoints/, and the
+# logs and diagnostics may be deleted without invalidating final/ (which, with the metrics, is in the manifest).
+UNTRACKED = ("checkpoints", "tensorboard", "workers")
 TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the unmerged (adapter) state
 
 
@@ -142,7 +145,9 @@ def worker_datasets(plan: Plan, *, seed: int, columns: list[str], start_step: in
         if not plan.entries:
             ds = ds.limit(0)
         # num_cpus=0: the trainers hold the cores; reading token ids is light and must never wait for them.
-        ds = ds.map_batches(_read_planned, batch_size=per_task, num_cpus=0,
+        # concurrency=1: a 0-CPU task is not bounded by the cores, and Ray Data otherwise ran a dozen at once, each
+        # in a fresh worker process (~120 MB), which then lingered idle: 4 GB of the demo's peak memory.
+        ds = ds.map_batches(_read_planned, batch_size=per_task, num_cpus=0, concurrency=1,
                             fn_kwargs={"rank": r, "plan": info, "seed": seed, "columns": columns})  # fmt: skip
         ds.context.enable_progress_bars = False  # N workers x bars would bury the step lines
         out[f"train_{r}"] = ds
@@ -421,6 +426,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{ctx['local_rank']}" if t["use_gpu"] else "cpu")
     if t["use_gpu"]:
         torch.cuda.set_device(device)
+    _record_worker(Path(cfg["out_dir"]), rank, world, device)
     amp = resolve_precision(cfg["precision"], device.type)
     master = getattr(torch, cfg.get("master_dtype", "float32"))
     tokenizer = load_tokenizer(cfg["model_dir"])
@@ -544,6 +550,20 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         _save_model(model, tokenizer, Path(cfg["out_dir"]) / "final", state)
         (Path(cfg["out_dir"]) / "final_metrics.json").write_text(json.dumps({**last_metrics, "steps": step}))
     distributed.barrier()
+
+
+def _record_worker(out_dir: Path, rank: int, world: int, device: Any) -> None:
+    """``workers/rank<r>.json``: the node, host and process each rank ran on (multi-node runs are checked with it)."""
+    import socket
+
+    import ray
+
+    ctx = ray.get_runtime_context()
+    info = {"rank": rank, "world_size": world, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device)}  # fmt: skip
+    folder = out_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}.json").write_text(json.dumps(info) + "\n")
 
 
 def packing_supported(model: Any, rows: dict[str, Any], cfg: dict[str, Any], pad: int, device: Any, rank: int) -> bool:
@@ -709,6 +729,7 @@ def build_trainer(
     max_failures: int,
     worker_cpus: float = 1,
     keep_checkpoints: int | None = None,
+    placement_strategy: str = "PACK",
 ) -> Any:
     """The ``TorchTrainer``: ``num_workers`` workers (gloo on CPU, NCCL on GPU) running
     :func:`train_loop_per_worker`, one ordered dataset each, checkpoints under ``out_dir/checkpoints`` and
@@ -720,7 +741,10 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": worker_cpus},
+            placement_strategy=placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
@@ -733,6 +757,10 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )
+
+
+# Keys that change where or how often things happen, not the trained weights: a rerun with new values resumes.
+NOT_IN_FINGERPRINT = ("placement_strategy", "keep_checkpoints", "log_every", "max_failures")
 
 
 def fit(
@@ -756,10 +784,11 @@ def fit(
 
     t = run_cfg.train
     out_dir = Path(out_dir).absolute()
+    same_result = {k: v for k, v in train.items() if k not in NOT_IN_FINGERPRINT}
     fp = fingerprint(mode, (read_success(data_dir) or {}).get("fingerprint"), file_fingerprints(model_dir),
-                     train, batch_size, micro_batch_size, num_workers, epochs, lr, run_cfg.seed,
+                     same_result, batch_size, micro_batch_size, num_workers, epochs, lr, run_cfg.seed,
                      run_cfg.model.precision)  # fmt: skip
-    if not force and is_done(out_dir, fp):
+    if not force and is_done(out_dir, fp, on_corrupt=shutil.rmtree):  # corrupted: a fresh run, nothing resumed
         done = read_success(out_dir) or {}
         return StageResult(mode, {"final": str(out_dir / "final")}, done.get("rows", {}), skipped=True)
     marker = out_dir / "fingerprint.json"
@@ -805,7 +834,8 @@ def fit(
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
     trainer = build_trainer(loop_cfg, datasets, num_workers=num_workers, use_gpu=t.use_gpu, out_dir=out_dir,
                             max_failures=t.max_failures, worker_cpus=(extra or {}).get("worker_cpus", 1),
-                            keep_checkpoints=train.get("keep_checkpoints"))  # fmt: skip
+                            keep_checkpoints=train.get("keep_checkpoints"),
+                            placement_strategy=train.get("placement_strategy", "PACK"))  # fmt: skip
     trainer.fit()
     failed = out_dir / FAILED_FILE
     if failed.exists():
@@ -814,7 +844,7 @@ def fit(
         )
     final = json.loads((out_dir / "final_metrics.json").read_text())
     counts = {"rows": plan.rows, "steps": plan.total_steps}
-    write_success(out_dir, {"stage": mode, "fingerprint": fp, "rows": counts, "metrics": final})
+    write_success(out_dir, {"stage": mode, "fingerprint": fp, "rows": counts, "metrics": final}, exclude=UNTRACKED)
     return StageResult(
         mode, {"final": str(out_dir / "final"), "metrics": str(out_dir / METRICS_FILE)}, counts, info=final
     )
@@ -859,9 +889,9 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False, **extra: Any) -> Sta
 
 # ---- SFT warm start ------------------------------------------------------------------------------------------------
 # The TrainConfig keys the SFT loop reads (the rest are preference-only and must not invalidate a finished SFT).
-SFT_TRAIN_KEYS = ("use_gpu", "weight_decay", "warmup_ratio", "scheduler", "grad_clip", "checkpoint_every",
-                  "keep_checkpoints", "max_failures", "strategy", "shuffle_block_rows", "log_every",
-                  "nan_policy")  # fmt: skip
+SFT_TRAIN_KEYS = ("use_gpu", "placement_strategy", "weight_decay", "warmup_ratio", "scheduler", "grad_clip",
+                  "checkpoint_every", "keep_checkpoints", "max_failures", "strategy", "shuffle_block_rows",
+                  "log_every", "nan_policy")  # fmt: skip
 
 
 def _sft_rows_from_synth(batch: dict[str, Any]) -> dict[str, Any]:

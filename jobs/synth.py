@@ -1,0 +1,16 @@
+"""Ray job entrypoint for one stage: the offline distribution-shift benchmark (synth/).
+
+    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml --working-dir . -- \\
+        python jobs/synth.py --config jobs/configs/demo_cpu.yaml root=/shared/runs [key=value ...]
+
+The same as ``raydora synth``; jobs/pipeline.py runs every stage.
+"""
+
+import sys
+
+sys.path.pop(0)  # this folder: its stage-named scripts must not shadow installed modules (e.g. ``evaluate``)
+
+from raydora.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["synth", *sys.argv[1:]]))

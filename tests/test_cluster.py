@@ -1,0 +1,201 @@
+"""Ray jobs on real local clusters: ``ray start`` (one node, or two nodes on this machine) and ``ray job submit``.
+
+Each cluster runs in its own process session and temp dir and is torn down by killing that session, never by
+``ray stop`` (which would also stop the test session's own Ray).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from raydora import data, reference, synth, train
+from raydora.config import dump_yaml, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    dashboard: str
+    gcs: str
+    env: dict[str, str]
+
+    def submit(self, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """``ray job submit`` of ``entrypoint`` with the repository as working dir; waits for the job's end."""
+        cmd = [RAY, "job", "submit", "--address", self.dashboard, "--runtime-env", "cluster/runtime_env.yaml",
+               "--working-dir", ".", "--", *entrypoint]  # fmt: skip
+        for _ in range(30):  # the head's job agent registers some seconds after the node is up
+            out = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+            if "No available agent to submit job" not in out.stderr:
+                return out
+            time.sleep(3)
+        return out
+
+    def job_status(self, job_id: str) -> str:
+        out = subprocess.run([RAY, "job", "status", "--address", self.dashboard, job_id], env=self.env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        return out.stdout + out.stderr
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # --block keeps `ray start` in the foreground; its own session lets the test kill every process it spawned.
+    # Nodes on one machine need their own dashboard-agent HTTP port (its default, 52365, is fixed).
+    args = [*args, f"--dashboard-agent-listen-port={_free_port()}"]
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def _wait_nodes(
+    gcs: str, nodes: int, procs: list[subprocess.Popen[bytes]], logs: list[Path], env: dict[str, str]
+) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        for p, log in zip(procs, logs, strict=True):
+            if p.poll() is not None:
+                raise RuntimeError(f"ray start exited ({p.returncode}):\n{log.read_text()[-3000:]}")
+        out = subprocess.run([RAY, "status", f"--address={gcs}"], env=env, capture_output=True, text=True, timeout=60)
+        active = out.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in out.stdout else ""
+        if out.returncode == 0 and active.count("node_") >= nodes:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"the local cluster did not reach {nodes} nodes in 120 s")
+
+
+@contextmanager
+def local_cluster(nodes: int = 1, cpus: int = 2) -> Iterator[LocalCluster]:
+    """A real Ray cluster from ``ray start``: a head, plus ``nodes - 1`` worker nodes joining it by address, each
+    with ``cpus`` CPUs and its own custom resource ``node<i>``."""
+    tmp = Path(tempfile.mkdtemp(prefix="rdc", dir="/tmp"))  # short: Ray's socket paths live under it
+    port, dash_port = _free_port(), _free_port()
+    dashboard, gcs = f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{port}"
+    # Token authentication, as Ray 2.5x+ enables by default, with this cluster's own token for every process.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    procs, logs = [], []
+    try:
+        logs.append(tmp / "head.log")
+        procs.append(_start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                             f"--temp-dir={tmp}", f"--num-cpus={cpus}", "--resources", json.dumps({"node0": 1}),
+                             "--object-store-memory", str(200 * 2**20)], env, logs[-1]))  # fmt: skip
+        _wait_nodes(gcs, 1, procs, logs, env)
+        for i in range(1, nodes):
+            logs.append(tmp / f"node{i}.log")
+            # Its own temp dir, as on a real second machine: nodes sharing one would share (and garbage-collect)
+            # each other's unpacked working dirs under runtime_resources/.
+            (tmp / f"n{i}").mkdir()
+            procs.append(_start([f"--address={gcs}", f"--num-cpus={cpus}", "--resources", json.dumps({f"node{i}": 1}),
+                                 f"--temp-dir={tmp / f'n{i}'}", "--object-store-memory", str(200 * 2**20)], env,
+                                logs[-1]))  # fmt: skip
+        _wait_nodes(gcs, nodes, procs, logs, env)
+        yield LocalCluster(dashboard, gcs, env)
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        # Ray's processes outlive `ray start --block` briefly: kill whatever still runs under this temp dir.
+        subprocess.run(["pkill", "-9", "-f", str(tmp)], check=False)
+
+
+# A small run of the demo config: every stage, tiny sizes, so the whole pipeline job takes a couple of minutes.
+SMALL = [
+    "synth.rows=64", "synth.sft_rows=128", "synth.eval_rows=16", "classifier.backbone=tiny-bert",
+    "classifier.epochs=1", "classifier.score_actors=1", "sft.epochs=1", "sft.num_workers=1",
+    "train.num_workers=1", "train.max_steps=3", "train.checkpoint_every=2", "generate.actors=1",
+    "generate.max_new_tokens=8", "evaluate.prompts=8", "evaluate.bootstrap=100",
+]  # fmt: skip
+STAGE_DIRS = ["synth", "data", "scored", "sft", "reference", "train", "generations/policy", "generations/sft", "eval"]
+
+
+def test_pipeline_as_a_ray_job_on_a_local_cluster_then_rerun_skips(tmp_path: Path) -> None:
+    """`ray start` + `ray job submit` of jobs/pipeline.py: the job SUCCEEDS and the run directory is complete; a
+    second submission skips every stage."""
+    root = tmp_path / "runs"
+    args = ["python", "jobs/pipeline.py", "--config", "jobs/configs/demo_cpu.yaml", f"root={root}", "name=job", *SMALL]
+    with local_cluster(nodes=1) as cluster:
+        first = cluster.submit(*args)
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+        job_id = next(line.split("'")[1] for line in first.stdout.splitlines() if "submitted successfully" in line)
+        assert "succeeded" in cluster.job_status(job_id).lower()
+        run = root / "job"
+        for d in STAGE_DIRS:
+            assert (run / d / "_SUCCESS").is_file(), f"{d} has no _SUCCESS"
+        assert (run / "eval" / "report.md").is_file() and (run / "train" / "final" / "model.safetensors").is_file()
+        assert "win rate of policy" in first.stdout
+        second = cluster.submit(*args)
+        assert second.returncode == 0, second.stdout[-4000:]
+        skipped = [line for line in second.stdout.splitlines() if "skipped (up to date)" in line]
+        assert len(skipped) >= 8, second.stdout[-4000:]  # synth, validate, score, sft, reference, train, generate...
+
+
+TWO_NODE = [
+    "synth.rows=64", "synth.k=4", "synth.eval_rows=8", "model.policy=tiny-gpt2", "model.precision=fp32",
+    "model.max_length=64", "sft.enabled=false", "train.loss=dpo", "train.objective=kldpo", "train.tau=0.5",
+    "train.batch_size=8", "train.micro_batch_size=4", "train.num_workers=2", "train.lr=1e-3",
+    "train.warmup_ratio=0.0", "train.checkpoint_every=3", "train.max_steps=4",
+]  # fmt: skip
+
+
+def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Path, ray_session) -> None:
+    """A 2-node cluster on this machine (`ray start --head` + `ray start --address`): the train job with
+    STRICT_SPREAD puts one worker on each node, and KLDPO's global-batch weights give the same model as the same
+    run on one node."""
+    cfg = load_config(None, [f"root={tmp_path}", "name=run", *TWO_NODE])
+    for stage in (synth.run, data.run, reference.run):  # the inputs, in this process's Ray
+        stage(cfg, cfg.run_dir)
+    run_dir = cfg.run_dir.absolute()
+    t = cfg.train
+    single = train.fit(mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
+                       out_dir=run_dir / "train_single_node", run_cfg=cfg, train=dataclasses.asdict(t),
+                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, num_workers=t.num_workers,
+                       epochs=t.epochs, lr=t.lr)  # fmt: skip
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_yaml(cfg))
+    with local_cluster(nodes=2, cpus=2) as cluster:
+        job = cluster.submit(
+            "python", "jobs/train.py", "--config", str(config), "train.placement_strategy=STRICT_SPREAD"
+        )
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    workers = [json.loads(p.read_text()) for p in sorted((run_dir / "train" / "workers").glob("rank*.json"))]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert workers[0]["node_id"] != workers[1]["node_id"], workers  # one worker per node
+    single_nodes = {json.loads(p.read_text())["node_id"] for p in (run_dir / "train_single_node" / "workers").iterdir()}
+    assert len(single_nodes) == 1
+    spread = load_file(str(run_dir / "train" / "final" / "model.safetensors"))
+    one = load_file(str(run_dir / "train_single_node" / "final" / "model.safetensors"))
+    assert spread.keys() == one.keys()
+    init = load_file(str(reference.initial_policy(cfg, run_dir) / "model.safetensors"))
+    assert any(not torch.equal(one[k], init[k]) for k in one)  # it trained
+    for k in one:
+        torch.testing.assert_close(spread[k], one[k], rtol=1e-5, atol=1e-6)
+    assert single.counts["steps"] == 4
