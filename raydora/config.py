@@ -541,9 +541,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+    overrides = list(overrides)
     try:
         return from_dict(data, overrides)
     except ConfigError as e:
+        given = {item.partition("=")[0].strip(): item for item in overrides}
+        if e.key in given:  # the bad value came from the command line, not the file
+            raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (from the override {given[e.key]!r})") from None
         if path is not None:
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (in {path})") from None
         raise

@@ -80,6 +80,17 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_override_errors_name_the_override_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "good.yaml"
+    path.write_text("evaluate:\n  bootstrap: 1000\n")
+    with pytest.raises(ConfigError, match=r"evaluate\.bootstrap: .*from the override 'evaluate\.bootstrap=50'") as e:
+        load_config(path, ["evaluate.bootstrap=50"])
+    assert "good.yaml" not in str(e.value)
+    path.write_text("evaluate:\n  bootstrap: 50\n")
+    with pytest.raises(ConfigError, match=r"evaluate\.bootstrap: .*\(in .*good\.yaml\)"):
+        load_config(path, ["train.lam=0.5"])
+
+
 def test_every_field_is_documented() -> None:
     rows = explain()
     undocumented = [key for key, _, doc in rows if not doc]
