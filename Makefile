@@ -66,18 +66,18 @@ demo: $(STAMP) ## the pipeline on a local Ray: synth, validate, classify, sft, r
 RAY_PORT       ?= 6380
 DASHBOARD_PORT ?= 8265
 JOB_CONFIG     ?= jobs/configs/demo_cpu.yaml
-JOB_ID         := raydora-demo-$(shell date +%Y%m%d-%H%M%S)
 demo-cluster: $(STAMP) ## the demo as `ray job submit` to a local `ray start` cluster (dashboard on 127.0.0.1)
 	@export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=token; dash=http://127.0.0.1:$(DASHBOARD_PORT); \
+	id=raydora-demo-$$(date +%Y%m%d-%H%M%S); \
 	ray get-auth-token --generate >/dev/null || exit 1; \
 	trap 'ray stop >/dev/null' EXIT; \
 	ray start --head --port=$(RAY_PORT) --num-cpus=2 --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
 	  --disable-usage-stats || exit 1; \
-	ray job submit --address $$dash --submission-id $(JOB_ID) --runtime-env cluster/runtime_env.yaml --working-dir . -- \
+	ray job submit --address $$dash --submission-id $$id --runtime-env cluster/runtime_env.yaml --working-dir . -- \
 	  python jobs/pipeline.py --config $(JOB_CONFIG) root=$(CURDIR)/runs; \
-	ray job status --address $$dash $(JOB_ID); \
-	echo "--- the end of the job's log (ray job logs $(JOB_ID)):"; ray job logs --address $$dash $(JOB_ID) | tail -n 12; \
-	ray job status --address $$dash $(JOB_ID) | grep -qi succeeded
+	ray job status --address $$dash $$id; \
+	echo "--- the end of the job's log (ray job logs $$id):"; ray job logs --address $$dash $$id | tail -n 12; \
+	ray job status --address $$dash $$id | grep -qi succeeded
 
 bench: ## the benchmarks (installs the bench extra); results in bench/results/, summary in docs/benchmarks.md
 	$(MAKE) install EXTRAS=test,dev,bench

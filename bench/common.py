@@ -48,17 +48,17 @@ class PeakRSS:
         except psutil.Error:
             return 0
         rss = pss = 0
-        parts: list[tuple[str, int]] = []
+        seen: list[tuple[psutil.Process, int]] = []
         for p in procs:
             try:
                 m = p.memory_full_info() if self.pss else p.memory_info()
-                if self.pss:
-                    parts.append((_process_kind(p), getattr(m, "pss", m.rss)))
             except psutil.Error:
                 continue
             rss, pss = rss + m.rss, pss + getattr(m, "pss", m.rss)
-        if pss > self.peak_pss:
-            self.peak_pss, self.peak_parts, self.peak_at = pss, parts, time.time()
+            seen.append((p, getattr(m, "pss", m.rss)))
+        if self.pss and pss > self.peak_pss:  # label the processes only at a new peak
+            self.peak_pss, self.peak_at = pss, time.time()
+            self.peak_parts = [(_process_kind(p), b) for p, b in seen]
         self.peak_processes = max(self.peak_processes, len(procs))
         return rss
 

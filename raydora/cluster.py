@@ -51,5 +51,16 @@ def check_pool_fits(
             f"{keys[0]}={actors} x {keys[1]}={actor_cpus} leaves less than {io_cpus} of the cluster's {cpus:g} "
             f"CPUs for the tasks that read and write the data: lower {keys[1]} or {keys[0]}"
         )
-    if actors * gpus > have_gpus + 1e-9:
-        raise ValueError(f"{keys[0]}={actors} need {actors * gpus:g} GPUs; the cluster has {have_gpus:g}")
+    check_gpus(actors, gpus, keys[0], have_gpus)
+
+
+def check_gpus(workers: int, per_worker: float, key: str, have: float | None = None) -> None:
+    """Fail fast, naming ``key``, when ``workers`` x ``per_worker`` GPUs exceed the cluster's (``have``, or asked
+    of Ray): Ray would otherwise wait for them forever."""
+    if have is None:
+        import ray
+
+        have = ray.cluster_resources().get("GPU", 0.0)
+    if workers * per_worker > have + 1e-9:
+        need = workers * per_worker
+        raise ValueError(f"{key}={workers} GPU workers need {need:g} GPUs; the Ray cluster has {have:g} GPUs")

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 
 PAIRWISE_LOSSES = ("dpo", "ipo", "cdpo", "rdpo", "simpo")
+# Objectives that weight rows by the classifiers' p_golden (the classify stage's output).
+P_GOLDEN_OBJECTIVES = ("dora", "reweight")
 Loss = Literal["dpo", "ipo", "cdpo", "rdpo", "simpo", "dpo_pl", "rrhf", "lire"]
 Objective = Literal["erm", "reweight", "kl_dro", "dora", "kldpo", "dr_dpo", "wdpo"]
 

@@ -7,11 +7,8 @@ from collections.abc import Callable, Sequence
 
 from raydora import data, evaluate, generate, reference, scoring, synth, train
 from raydora.cluster import init_ray
-from raydora.config import RunConfig, dump_yaml
+from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
 from raydora.rundir import StageResult
-
-# Objectives that weight rows by the classifiers' p_golden (the classify stage's output).
-P_GOLDEN_OBJECTIVES = ("dora", "reweight")
 
 Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
 # In pipeline order.

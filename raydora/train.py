@@ -35,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydora.cluster import check_gpus
+from raydora.config import P_GOLDEN_OBJECTIVES
 from raydora.config import PAIRWISE_LOSSES as PAIRWISE
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
 
@@ -823,14 +825,14 @@ def fit(
         "threads": (extra or {}).get("threads", 1 if not t.use_gpu else 0),
         **(extra or {}),
     }
-    if loop_cfg["mode"] == "preference" and train["objective"] in ("dora", "reweight"):
+    if loop_cfg["mode"] == "preference" and train["objective"] in P_GOLDEN_OBJECTIVES:
         loop_cfg["dora"] = dora_info(run_cfg, data_dir)
         if "p_golden" not in columns:
             raise ValueError(
                 f"train.objective={train['objective']} needs p_golden: run the classify stage before reference"
             )
-    if t.use_gpu:
-        _check_gpus(num_workers, "sft.num_workers" if mode == "sft" else "train.num_workers")
+    if t.use_gpu:  # Ray Train would wait forever for GPUs the cluster lacks
+        check_gpus(num_workers, 1, "sft.num_workers" if mode == "sft" else "train.num_workers")
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
     trainer = build_trainer(loop_cfg, datasets, num_workers=num_workers, use_gpu=t.use_gpu, out_dir=out_dir,
                             max_failures=t.max_failures, worker_cpus=(extra or {}).get("worker_cpus", 1),
@@ -848,15 +850,6 @@ def fit(
     return StageResult(
         mode, {"final": str(out_dir / "final"), "metrics": str(out_dir / METRICS_FILE)}, counts, info=final
     )
-
-
-def _check_gpus(workers: int, key: str) -> None:
-    """Fail fast where Ray Train would wait forever: one GPU per worker, and the cluster has fewer."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if workers > have + 1e-9:
-        raise ValueError(f"{key}={workers} GPU workers (train.use_gpu=true) but the Ray cluster has {have:g} GPUs")
 
 
 def dora_info(cfg: Any, data_dir: Path) -> dict[str, Any]:

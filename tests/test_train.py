@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from raydora import data, reference, scoring, synth, train
+from raydora.cluster import check_gpus
 from raydora.config import load_config
 
 BASE = [
@@ -225,6 +226,6 @@ def test_gpu_workers_beyond_the_clusters_gpus_fail_fast(ray_session) -> None:
     """Ray Train would wait forever for GPUs the cluster lacks: the stage names the key instead."""
     gpus = ray_session.cluster_resources().get("GPU", 0.0)
     with pytest.raises(ValueError, match=rf"train.num_workers={int(gpus) + 1} GPU workers .* has {gpus:g} GPUs"):
-        train._check_gpus(int(gpus) + 1, "train.num_workers")
+        check_gpus(int(gpus) + 1, 1, "train.num_workers")
     if gpus >= 1:
-        train._check_gpus(int(gpus), "train.num_workers")
+        check_gpus(int(gpus), 1, "train.num_workers")
