@@ -8,7 +8,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-vllm lint format demo demo-cluster bench clean
+.PHONY: install test test-all test-vllm lint format demo demo-cluster bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,6 +85,9 @@ bench: ## the benchmarks (installs the bench extra); results in bench/results/, 
 	$(BIN)/python bench/score_scaling.py --rows 600 --memory-rows 1000
 	$(BIN)/python bench/train_speed.py --steps 12 --warmup 3
 	$(BIN)/python bench/demo_run.py
+
+results: $(STAMP) ## the method matrix (every objective, 3 seeds, label-noise and alpha sweeps): docs/results.md
+	$(BIN)/python bench/experiments.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -389,8 +389,14 @@ def plot_win_rates(rows: list[tuple[str, dict[str, Any]]], path: Path, title: st
     plt.close(fig)
 
 
-def plot_sweep(series: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
-    """Mean gold reward against alpha, one line per series."""
+def plot_sweep(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    title: str,
+    xlabel: str = "alpha (weight of correctness in the gold reward)",
+    ylabel: str = "mean gold reward",
+) -> None:
+    """One line per series (by default: mean gold reward against alpha)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,8 +406,8 @@ def plot_sweep(series: dict[str, list[tuple[float, float]]], path: Path, title: 
     for name, points in series.items():
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("alpha (weight of correctness in the gold reward)")
-    ax.set_ylabel("mean gold reward")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -45,10 +45,16 @@ class StageResult:
 
 
 def file_fingerprints(path: str | Path) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every file under ``path``: cheap to compute for inputs larger than memory."""
+    """(name, size, mtime_ns) of every file under ``path``: cheap to compute for inputs larger than memory.
+
+    Names are relative to ``path`` (a file: its own name), so a run directory that is moved, or whose finished
+    stage folders are symlinked into another run (``bench/experiments.py`` shares one SFT model and its samples
+    across methods), still matches its markers; any edit to a file changes its size or mtime."""
     p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if p.is_file():
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns)]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 def fingerprint(*parts: Any) -> str:

@@ -158,6 +158,9 @@ def generate_rows(
     Each row holds the prompt, K responses with their sources, the biased training ``scores`` and the
     ``gold_scores`` (at ALPHA0, no noise), and the golden reference answer."""
     rng = random.Random(f"raydora-synth-{seed}-{start}")
+    # Label noise draws from its own stream: the prompts, responses and sources are the same at every noise
+    # level, so a label-noise sweep changes the labels and nothing else (and shares one SFT corpus).
+    noise_rng = random.Random(f"raydora-synth-noise-{seed}-{start}")
     unknown = set(shares) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown sources {sorted(unknown)}; known: {sorted(SOURCES)}")
@@ -181,8 +184,8 @@ def generate_rows(
             ]
             if len(set(scores)) > 1 and len(set(gold)) > 1:
                 break
-        if rng.random() < label_noise:
-            rng.shuffle(scores)
+        if noise_rng.random() < label_noise:
+            noise_rng.shuffle(scores)
         task, _ = parse_prompt(prompt)
         yield {
             "id": f"synth-{seed}-{start + i:09d}",

@@ -53,6 +53,19 @@ def test_rows_are_deterministic_per_seed() -> None:
     assert all(len(set(r["responses"])) == 4 and len(set(r["scores"])) > 1 for r in a)
 
 
+def test_label_noise_changes_labels_only() -> None:
+    """The noise sweep is a controlled experiment: at every noise level the rows hold the same prompts,
+    responses and sources; only the scores of the shuffled rows (about the noise share) differ."""
+    kw = {"k": 4, "shares": SHARES, "seed": 1}
+    clean = list(synth.generate_rows(0, 400, label_noise=0.0, **kw))
+    noisy = list(synth.generate_rows(0, 400, label_noise=0.4, **kw))
+    for a, b in zip(clean, noisy, strict=True):
+        assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
+        assert sorted(a["scores"]) == sorted(b["scores"])  # a shuffle: the same scores, reordered
+    changed = sum(a["scores"] != b["scores"] for a, b in zip(clean, noisy, strict=True)) / len(clean)
+    assert 0.2 < changed < 0.4  # 40% shuffled, minus the shuffles that leave the order as it was
+
+
 def test_allocation_meets_declared_shares_exactly() -> None:
     labels = synth.allocate(SHARES, 4000, random.Random(0))
     assert {s: labels.count(s) for s in SHARES} == {"golden": 1000, "verbose": 1500, "sloppy": 1500}
