@@ -3,7 +3,7 @@
 - raydora's DPO step against TRL's ``DPOTrainer`` on the same model, pairs, batch and lengths: TRL configured
   fairly (fp32, no gradient checkpointing, the same attention kernel), with a reference forward each step and
   with ``precompute_ref_log_probs=True``; TRL's own defaults (bf16, gradient checkpointing) are recorded apart;
-- the robust objectives' step time against plain DPO (DoRA, KLDPO, WDPO), eager attention for all;
+- the robust objectives' step time against plain DPO (DoRA, KLDPO, WDPO exact and by finite difference);
 - precomputed reference log-probs against a reference forward in every step;
 - model FLOPs utilisation of the DPO step against a dense fp32 matmul timed in the same run.
 
@@ -104,7 +104,7 @@ class Ours:
             "sources": np.array([["golden", "verbose"] for _ in idx] + [None], dtype=object)[:-1],
         }
 
-    def stepper(self, objective: str, ref_forward: bool = False, pack: bool = True) -> Any:
+    def stepper(self, objective: str, ref_forward: bool = False, pack: bool = True, **train_kw: Any) -> Any:
         """A generator: each ``next()`` runs one training step and yields ``(seconds, tokens)``."""
         a = self.args
         torch.manual_seed(0)
@@ -112,7 +112,7 @@ class Ours:
         model = model.to(self.device).train()
         ref = copy.deepcopy(model).eval() if ref_forward else None
         tc = TrainConfig(objective=objective, loss="dpo", lam=1.0, tau=1.0, kldpo_clip=None, rho=0.01,
-                         batch_size=a.batch, micro_batch_size=a.batch, num_workers=1)  # fmt: skip
+                         batch_size=a.batch, micro_batch_size=a.batch, num_workers=1, **train_kw)  # fmt: skip
         t = dataclasses.asdict(tc)
         cfg = {"mode": "preference", "train": t, "batch_size": a.batch, "micro_batch_size": a.batch}
         dora = {"shares": {"verbose": 0.75}, "gammas": {"verbose": 1.0}, "alpha": 0.25} if objective == "dora" else None
@@ -238,6 +238,8 @@ def main() -> None:
         flops = max(flops, dense_matmul_flops(args.threads))
         steppers = {f"raydora_{o}": (eager if o == "wdpo" else sdpa).stepper(o) for o in OBJECTIVES}
         steppers["raydora_dpo_eager"] = eager.stepper("erm")
+        # WDPO with the penalty's gradient by a finite difference: no double backward, so sdpa (the default).
+        steppers["raydora_wdpo_fd"] = sdpa.stepper("wdpo", wdpo_grad="finite_difference")
         steppers["raydora_dpo_padded"] = sdpa.stepper("erm", pack=False)
         steppers["raydora_dpo_ref_forward"] = sdpa.stepper("erm", ref_forward=True)
         batches = [lambda st=steppers: lockstep(st, args.steps, args.warmup, args.batch)]
@@ -266,6 +268,7 @@ def main() -> None:
         "kldpo_step_vs_dpo": runs["raydora_kldpo"]["step_s"] / ours["step_s"],
         "wdpo_step_vs_dpo": runs["raydora_wdpo"]["step_s"] / ours["step_s"],
         "wdpo_step_vs_dpo_eager": runs["raydora_wdpo"]["step_s"] / runs["raydora_dpo_eager"]["step_s"],
+        "wdpo_finite_difference_step_vs_dpo": runs["raydora_wdpo_fd"]["step_s"] / ours["step_s"],
         "mfu_vs_dense_matmul": achieved / flops,
     }
     if "trl_defaults" in runs:

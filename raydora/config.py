@@ -230,6 +230,13 @@ class TrainConfig:
     """WDPO radius rho."""
     wdpo_mode: Literal["pointwise", "global"] = "pointwise"
     """WDPO: mean of l + rho ||grad||^2 (as trained) or mean l + rho sqrt(mean ||grad||^2) (the paper's bound)."""
+    wdpo_grad: Literal["double_backward", "finite_difference"] = "double_backward"
+    """WDPO: how the penalty's parameter gradient is computed. double_backward: exact, autograd through the
+    embedding gradient (eager attention; ~2.3x a DPO step). finite_difference: 2 rho (grad l(z + s g) -
+    grad l(z)) / s, a second forward-backward at the embeddings moved along their own gradient g: O(s) error,
+    any attention kernel, ~2x a DPO step (pointwise mode, DDP, fp32; docs/objectives.md)."""
+    wdpo_fd_step: float = 1e-3
+    """WDPO finite_difference: the size of the move s * g, relative to the embeddings' norm."""
     beta_prime: float = 1.0
     """Dr.DPO temperature beta'."""
     label_smoothing: float = 0.0
@@ -406,7 +413,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         t = self.train
-        if t.objective == "wdpo":
+        if t.objective == "wdpo" and t.wdpo_grad == "finite_difference":
+            _check(t.wdpo_mode == "pointwise", "train.wdpo_grad", "finite_difference needs wdpo_mode=pointwise")
+            _check(t.strategy == "ddp", "train.wdpo_grad", "finite_difference needs strategy=ddp")
+            _check(0 < t.wdpo_fd_step < 1, "train.wdpo_fd_step", "must be in (0, 1)")
+            _check(t.loss in PAIRWISE_LOSSES, "train.loss", "wdpo is defined over pairwise losses")
+        elif t.objective == "wdpo":
             # WDPO differentiates through a gradient: fused attention kernels lack that double backward.
             _check(
                 self.model.attn_implementation in ("auto", "eager"),

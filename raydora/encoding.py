@@ -171,14 +171,20 @@ def packed_logps(logits: Tensor, labels: Tensor, mask: Tensor, segment_ids: Tens
 
 
 def forward_logps(
-    model: torch.nn.Module, batch: dict[str, Tensor], k: int, *, embeddings: bool = False
+    model: torch.nn.Module,
+    batch: dict[str, Tensor],
+    k: int,
+    *,
+    embeddings: bool = False,
+    embed_shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Policy log-probs of a :func:`pad_sequences` batch: ``(logps [B, K], lengths [B, K], inputs_embeds)``.
 
     ``embeddings=True`` feeds ``inputs_embeds`` (returned, grad-carrying) instead of ids, for WDPO's penalty
     (in the batch's own layout: padded rows, or packed rows whose ``segment_ids`` map tokens to sequences).
     ``lengths`` counts response tokens. Position ids follow the attention mask, so right padding changes
-    nothing for the real tokens."""
+    nothing for the real tokens. ``embed_shift`` (with ``embeddings=True``) is added to the embeddings: WDPO's
+    finite-difference pass."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     if "segment_ids" in batch:  # packed: no attention mask, the restarting position ids delimit the sequences
         n = int(batch["sequences"])
@@ -186,6 +192,8 @@ def forward_logps(
         if embeddings:
             get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings
             packed_embeds = get_emb()(ids)
+            if embed_shift is not None:
+                packed_embeds = packed_embeds + embed_shift
             out = model(inputs_embeds=packed_embeds, position_ids=batch["position_ids"], use_cache=False)
         else:
             out = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
@@ -199,6 +207,8 @@ def forward_logps(
     if embeddings:
         get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings
         embeds = get_emb()(ids)
+        if embed_shift is not None:
+            embeds = embeds + embed_shift
         out = model(inputs_embeds=embeds, attention_mask=attn, use_cache=False)
     else:
         out = model(input_ids=ids, attention_mask=attn, use_cache=False)

@@ -79,11 +79,12 @@ def base_policy(cfg: Any, run_dir: str | Path) -> Path:
 
 def attn_implementation(cfg: Any) -> str:
     """``model.attn_implementation``; ``auto`` is sdpa (measured faster than eager on CPU too, in TRL's runs and
-    ours), except eager for WDPO, whose double backward the fused kernels lack."""
+    ours), except eager for WDPO's exact double backward, which the fused kernels lack."""
     a = cfg.model.attn_implementation
     if a != "auto":
         return str(a)
-    return "eager" if cfg.train.objective == "wdpo" else "sdpa"
+    t = cfg.train
+    return "eager" if t.objective == "wdpo" and t.wdpo_grad == "double_backward" else "sdpa"
 
 
 class ReferenceModel:

@@ -224,7 +224,7 @@ def collate_micro(
 
 
 def per_sample_losses(
-    model: Any, mb: dict[str, Any], cfg: dict[str, Any], *, embeddings: bool = False
+    model: Any, mb: dict[str, Any], cfg: dict[str, Any], *, embeddings: bool = False, embed_shift: Any = None
 ) -> dict[str, Any]:
     """Forward one micro-batch: per-sample losses ``[b]`` plus what metrics and WDPO need."""
     import torch
@@ -233,7 +233,7 @@ def per_sample_losses(
     from raydora.encoding import forward_logps
 
     t, mode = cfg["train"], cfg["mode"]
-    logps, lengths, embeds = forward_logps(model, mb["enc"], mb["k"], embeddings=embeddings)
+    logps, lengths, embeds = forward_logps(model, mb["enc"], mb["k"], embeddings=embeddings, embed_shift=embed_shift)
     logps, lengths = logps.double(), lengths.double()
     out: dict[str, Any] = {"embeds": embeds, "tokens": mb["enc"]["attention_mask"].sum()}
     if mode == "sft":
@@ -282,10 +282,54 @@ def wdpo_penalty(losses: Any, embeds: Any, enc: dict[str, Any]) -> Any:
     if "segment_ids" not in enc:
         return robust.wdpo_penalty(losses, embeds)
     (g,) = torch.autograd.grad(losses.sum(), embeds, create_graph=True)
+    return sample_sq_norms(g, enc, losses.shape[0]).to(losses.dtype)
+
+
+def sample_sq_norms(g: Any, enc: dict[str, Any], b: int) -> Any:
+    """``[b]``: each sample's squared norm of an embedding-shaped tensor ``g`` (a gradient), summed over its rows
+    (padded layout: row ``r`` is sample ``r % b``) or its tokens (packed layout: ``segment_ids``)."""
+    if "segment_ids" not in enc:
+        return g.reshape(g.shape[0] // b, b, -1).pow(2).sum(dim=(0, 2))
     seg = enc["segment_ids"]
     valid = seg >= 0
     per_seq = g.new_zeros(int(enc["sequences"])).index_add(0, seg[valid], g.pow(2).sum(-1)[valid])
-    return per_seq.reshape(-1, losses.shape[0]).sum(0).to(losses.dtype)
+    return per_seq.reshape(-1, b).sum(0)
+
+
+def wdpo_fd_backward(model: Any, o: dict[str, Any], value: Any, forward: Any, mb: dict[str, Any], rho: float,
+                     step: float) -> Any:  # fmt: skip
+    """WDPO's gradient by a finite difference (``train.wdpo_grad=finite_difference``): accumulates into the
+    parameters' ``.grad`` the gradient of ``value + rho * c * sum_i ||g_i||^2``, where ``value = c * sum_i l_i``
+    (the pointwise objective without its penalty) and ``g = d sum_i l_i / dz`` over the input embeddings z.
+    Returns the per-sample penalties ``||g_i||^2`` (detached).
+
+    ``d/dtheta ||g||^2 = 2 J^T g`` (J = dg/dtheta), and ``J^T g`` is the derivative of ``grad_theta sum l(z + e g)``
+    at e = 0 (g held fixed). One backward gives the parameter gradient ``a = grad value`` and ``d = c g`` (z's
+    gradient); a second forward-backward at ``z + s d``, with ``s = step * |z| / |d|``, gives ``grad value2``; then
+    ``grad += (2 rho / (s c)) (grad value2 - a)``: no double backward, error O(s)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+    embeds, losses = o["embeds"], o["losses"]
+    (coef,) = torch.autograd.grad(value, losses, retain_graph=True)  # c per sample: 1/B for the pointwise mean
+    c = float(coef[0])
+    embeds.retain_grad()
+    value.backward()
+    d = embeds.grad.detach()
+    a = [p.grad - b if b is not None else p.grad.clone() for p, b in zip(params, before, strict=True)]
+    penalties = (sample_sq_norms(d, mb["enc"], losses.shape[0]) / c**2).to(losses.dtype)
+    dn = float(d.norm())
+    if dn == 0.0 or rho == 0.0:
+        return penalties
+    s = step * float(embeds.detach().norm()) / dn
+    k = 2.0 * rho / (s * c)
+    o2 = forward(mb, shift=(s * d).to(embeds.dtype))
+    (k * (o2["losses"] * coef.detach()).sum()).backward()
+    with torch.no_grad():
+        for p, ai in zip(params, a, strict=True):
+            p.grad.sub_(ai, alpha=k)
+    return penalties
 
 
 def objective_fn(cfg: dict[str, Any]) -> Any:
@@ -430,6 +474,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     _record_worker(Path(cfg["out_dir"]), rank, world, device)
     amp = resolve_precision(cfg["precision"], device.type)
+    if t["objective"] == "wdpo" and t.get("wdpo_grad") == "finite_difference" and amp != torch.float32:
+        # A difference of two gradients at a 1e-3 relative move: bf16 activations would round it away.
+        raise ValueError(f"train.wdpo_grad=finite_difference needs fp32 (model.precision resolved to {amp})")
     master = getattr(torch, cfg.get("master_dtype", "float32"))
     tokenizer = load_tokenizer(cfg["model_dir"])
     model = load_causal_lm(cfg["model_dir"], dtype=master, attn_implementation=cfg["attn_implementation"])
@@ -631,15 +678,19 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
     n_local = sum(mb["rows"] for mb in micro)
     b = cfg["batch_size"]
 
-    def forward(mb: dict[str, Any]) -> dict[str, Any]:
+    fd = wdpo and t.get("wdpo_grad") == "finite_difference"  # the penalty's gradient by a finite difference
+
+    def forward(mb: dict[str, Any], shift: Any = None) -> dict[str, Any]:
         with autocast:
-            out = per_sample_losses(model, mb, cfg, embeddings=wdpo)
+            out = per_sample_losses(model, mb, cfg, embeddings=wdpo, embed_shift=shift)
         if nan:
             out["losses"] = out["losses"] * float("nan")
         w = mb.get("weights")
         out["weights"] = w.to(out["losses"].device) if w is not None else torch.ones_like(out["losses"]).detach()
         out["penalties"] = (
-            wdpo_penalty(out["losses"], out["embeds"], mb["enc"]) if wdpo else torch.zeros_like(out["losses"])
+            wdpo_penalty(out["losses"], out["embeds"], mb["enc"])
+            if wdpo and not fd
+            else torch.zeros_like(out["losses"])
         )
         return out
 
@@ -669,7 +720,10 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
             value = f(o["losses"], o["weights"], o["penalties"], share=share)
         if fsdp:
             model.set_requires_gradient_sync(i == len(micro) - 1)
-        value.backward()
+        if fd:
+            o["penalties"] = wdpo_fd_backward(model, o, value, forward, mb, t["rho"], t["wdpo_fd_step"])
+        else:
+            value.backward()
         rows_seen += mb["rows"]
         tokens += int(o["tokens"])
         zero = torch.zeros_like(o["losses"])

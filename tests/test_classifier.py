@@ -20,7 +20,8 @@ from raydora.config import ClassifierConfig
 # the other 15% are golden-looking answers (coin flips: 0.85 + 0.15 * 0.5 = 0.925; a little more where the
 # no-duplicates rule makes their surface forms differ). 0.8 leaves room for a tiny model trained for seconds.
 AUC_THRESHOLD = 0.8
-CFG = ClassifierConfig(backbone="tiny-bert", epochs=8, lr=3e-3, batch_size=32, num_workers=2, holdout_fraction=0.3,
+SHARES = {"golden": 0.25, "verbose": 0.375, "sloppy": 0.375}  # write_benchmark's default mixture
+CFG = ClassifierConfig(backbone="tiny-bert", epochs=2, lr=1e-3, batch_size=32, num_workers=2, holdout_fraction=0.3,
                        score_actors=1, score_batch_size=32, threads_per_worker=1, max_length=48)  # fmt: skip
 
 
@@ -47,14 +48,43 @@ def test_classifiers_separate_the_sources(trained: Path) -> None:
         assert metrics["disjoint_calibration_and_evaluation"]
         assert metrics["after"]["roc_auc"] > AUC_THRESHOLD, (source, metrics)
         assert metrics["after"]["roc_auc"] == metrics["before"]["roc_auc"]  # a temperature keeps the ranking
-        # This briefly trained tiny model comes out close to calibrated (ECE ~0.01-0.03 on ~120 evaluation
-        # examples), so a temperature fit on the other half can only move it within noise; the strict "ECE goes
-        # down" check is test_calibration.py's controlled overconfident model.
+        # ~120 evaluation examples put ECE's noise floor near 0.05, so this only bounds the harm; the ECE drop is
+        # measured on fresh rows below (and on a controlled overconfident model in test_calibration.py).
         assert metrics["after"]["ece"] < metrics["before"]["ece"] + 0.05, (source, metrics)
         cal = json.loads((folder / "calibration.json").read_text())
         n = cal["train_examples"]
         assert cal["gamma"] == pytest.approx(n[source] / n["golden"]) and 1.2 < cal["gamma"] < 1.8  # 3:2 shares
         assert cal["temperature"] > 0
+
+
+def test_calibration_lowers_the_ece_on_fresh_benchmark_rows(trained: Path) -> None:
+    """metrics.json measures before/after on a held-out half of ~120 examples, where ECE (15 bins) has a noise
+    floor near 0.05. Here each classifier scores fresh benchmark rows (another seed: ~2,500 golden-vs-source
+    examples, noise floor ~0.01) at T = 1 and at its fitted T. Measured with this fixture: sloppy comes out
+    underconfident (T ~0.55; MiniLM in the demo also fits T 0.6-0.8) and its ECE drops 0.16 -> 0.10; verbose is
+    near calibrated (T ~1.1), and its ECE stays put (0.089 -> 0.089). So: the NLL that T minimises falls for
+    both on data it never saw, the ECE never rises beyond the noise, and the miscalibrated one is clearly fixed."""
+    from raydora import calibration
+    from raydora.models import load_encoder, load_tokenizer
+
+    rows = list(synth.generate_rows(0, 1000, k=4, shares=SHARES, label_noise=0.0, seed=11))
+    gains = {}
+    for source in ("verbose", "sloppy"):
+        folder = trained / "classifier" / source
+        model, tok = load_encoder(folder).eval(), load_tokenizer(folder)
+        t = json.loads((folder / "calibration.json").read_text())["temperature"]
+        pairs = [(r["prompt"], x, int(s == "golden")) for r in rows
+                 for x, s in zip(r["responses"], r["sources"], strict=True) if s in ("golden", source)]  # fmt: skip
+        z = np.concatenate([classifier.margins(model, tok, [p for p, _, _ in pairs[i : i + 256]],
+                                               [x for _, x, _ in pairs[i : i + 256]], CFG.max_length)
+                            for i in range(0, len(pairs), 256)])  # fmt: skip
+        y = np.array([label for _, _, label in pairs])
+        assert calibration.nll(z, y, t) < calibration.nll(z, y), (source, t)
+        before = calibration.ece(calibration.sigmoid(z), y)
+        after = calibration.ece(calibration.sigmoid(z / t), y)
+        assert after < before + 0.005, (source, t, before, after)
+        gains[source] = before - after
+    assert max(gains.values()) > 0.03, gains
 
 
 def test_rerun_skips_trained_classifiers(trained: Path) -> None:

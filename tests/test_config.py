@@ -101,3 +101,22 @@ def test_every_field_is_documented() -> None:
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_presets_load(preset: Path) -> None:
     assert isinstance(load_config(preset), RunConfig)
+
+
+def test_wdpo_gradient_modes_and_their_attention() -> None:
+    """The exact double backward needs eager attention (auto picks it); the finite-difference gradient runs on
+    any kernel (auto keeps sdpa) but only in pointwise mode under DDP."""
+    from raydora.reference import attn_implementation
+
+    assert attn_implementation(from_dict({"train": {"objective": "wdpo"}})) == "eager"
+    fd = from_dict({"train": {"objective": "wdpo", "wdpo_grad": "finite_difference"}})
+    assert attn_implementation(fd) == "sdpa"
+    from_dict(
+        {"train": {"objective": "wdpo", "wdpo_grad": "finite_difference"}, "model": {"attn_implementation": "sdpa"}}
+    )
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation: 'sdpa' has no double backward"):
+        from_dict({"train": {"objective": "wdpo"}, "model": {"attn_implementation": "sdpa"}})
+    with pytest.raises(ConfigError, match=r"train\.wdpo_grad: finite_difference needs wdpo_mode=pointwise"):
+        from_dict({"train": {"objective": "wdpo", "wdpo_grad": "finite_difference", "wdpo_mode": "global"}})
+    with pytest.raises(ConfigError, match=r"train\.wdpo_grad: finite_difference needs strategy=ddp"):
+        from_dict({"train": {"objective": "wdpo", "wdpo_grad": "finite_difference", "strategy": "fsdp"}})

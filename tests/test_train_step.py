@@ -236,3 +236,38 @@ def test_bf16_autocast_step_tracks_the_fp32_step(setup) -> None:
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.99, float(cos)
     assert not torch.equal(grads[0], grads[1])  # bf16 really ran
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_wdpo_finite_difference_matches_the_double_backward(setup, pack: bool) -> None:
+    """train.wdpo_grad=finite_difference: one backward plus a forward-backward at z + s g instead of a double
+    backward. In float64 it matches the exact gradient's penalty part to O(s), through the step's both paths
+    (one micro-batch, and four micro-batches of one); the penalties it logs are exact (no difference taken)."""
+    tok, _, rows = setup
+    rho = 0.3
+    out = {}
+    for grad, step in (("double_backward", 1e-3), ("finite_difference", 1e-6), ("finite_difference", 1e-3)):
+        for mbs in (4, 1):
+            model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
+            cfg = cfg_for(loss="dpo", objective="wdpo", rho=rho, wdpo_grad=grad, wdpo_fd_step=step)
+            micro = [train.collate_micro(rows, slice(i, i + mbs), "preference", "dpo", tok.pad_token_id, None, pack)
+                     for i in range(0, 4, mbs)]  # fmt: skip
+            stats = train._step(model, micro, cfg, train.objective_fn(cfg), None, 1, torch.device("cpu"),
+                                torch.float32, True, False)  # fmt: skip
+            out[grad, step, mbs] = (torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"])
+    model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
+    cfg = cfg_for(loss="dpo", objective="erm")
+    mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+    train._step(model, [mb], cfg, train.objective_fn(cfg), None, 1, torch.device("cpu"), torch.float32, False, False)
+    g_dpo = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    exact = out["double_backward", 1e-3, 4][0] - g_dpo  # the penalty's gradient, rho * mean_i grad ||g_i||^2
+    assert exact.norm() > 1e-3 * g_dpo.norm()
+    for mbs in (4, 1):
+        g, metrics = out["finite_difference", 1e-6, mbs]
+        rel = float((g - g_dpo - exact).norm() / exact.norm())
+        assert rel < 1e-4, (mbs, rel)
+        want = out["double_backward", 1e-3, 4][1]
+        assert metrics["robust/penalty"] == pytest.approx(want["robust/penalty"], rel=1e-9)
+        assert metrics["loss"] == pytest.approx(want["loss"], rel=1e-9)
+        g, _ = out["finite_difference", 1e-3, mbs]  # the default step: O(s) error on the penalty's gradient
+        assert float((g - g_dpo - exact).norm() / exact.norm()) < 2e-2
