@@ -74,10 +74,12 @@ def _tag(noise: float) -> str:
 
 def shared_overrides(root: Path, seed: int, noise: float) -> list[str]:
     """Every run of (seed, noise): the seed, the noise, and for a noisy one the noise-0 base's tokenizer (the same
-    corpus, so the same BPE)."""
+    corpus, so the same BPE) and evaluation prompts."""
     over = [f"root={root / f's{seed}-{_tag(noise)}'}", f"seed={seed}", f"synth.label_noise={noise}"]
     if noise:
-        over.append(f"model.tokenizer={root / f's{seed}-{_tag(0.0)}' / 'base' / 'tokenizer'}")
+        noise0 = root / f"s{seed}-{_tag(0.0)}" / "base"
+        # The same evaluation prompts as noise 0 (the same files, so the shared SFT samples' marker matches).
+        over += [f"model.tokenizer={noise0 / 'tokenizer'}", f"generate.prompts={noise0 / 'synth' / 'eval'}"]
     return over
 
 
@@ -182,6 +184,28 @@ def per_prompt(child: Path, alpha: float | None = None) -> dict[str, Any]:
     return out
 
 
+def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
+    """Where DoRA puts its weight: per (chosen source > rejected source) of each row's best-vs-worst pair, the
+    share of rows and the share of the summed h~ (the DoRA row weight the pairwise trainer uses)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydora import train
+
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted((base / "scored").glob("*.parquet"))]).to_pylist()
+    marker = json.loads((base / "scored" / "_SUCCESS").read_text())
+    clf = json.loads((base / "classifier" / "_SUCCESS").read_text())
+    info = {"shares": marker["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
+            "alpha": None}  # fmt: skip
+    h = train.dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info)
+    groups: dict[str, list[float]] = {}
+    for r, w in zip(rows, h, strict=True):
+        sc = np.asarray(r["scores"])
+        groups.setdefault(f"{r['sources'][int(sc.argmax())]} > {r['sources'][int(sc.argmin())]}", []).append(w)
+    total = float(h.sum())
+    return {k: {"rows": len(v) / len(rows), "weight": float(sum(v)) / total} for k, v in sorted(groups.items())}
+
+
 def two_level_ci(groups: list[list[float]], resamples: int = 2000, seed: int = 0) -> list[float]:
     """95% percentile interval of the mean, resampling groups (seeds) and then values (prompts) within each."""
     rng = np.random.default_rng(seed)
@@ -263,14 +287,19 @@ def findings(results: dict[str, Any]) -> list[str]:
         if {loss, f"{loss}+dora"} <= set(main):
             d = main[f"{loss}+dora"]["win_rate"] - main[loss]["win_rate"]
             out.append(f"**{LABELS[loss]} → + DoRA**: {main[loss]['win_rate']:.3f} → "
-                       f"{main[f'{loss}+dora']['win_rate']:.3f} ({d:+.3f}; paper: +0.7 to +11 points).")  # fmt: skip
+                       f"{main[f'{loss}+dora']['win_rate']:.3f} ({d:+.3f}; paper: -0.015 to +0.112).")  # fmt: skip
     gains = []
     for tag, rows in results["noise"].items():
         if {"erm", "dora"} <= set(rows):
             gains.append(f"{int(tag[1:])}%: {rows['dora']['win_rate'] - rows['erm']['win_rate']:+.3f}")
     if gains:
-        out.append(f"**DoRA's gain over ERM under label noise** (paper: +2.5 to +4 points at 20/40/60%): "
+        out.append(f"**DoRA's gain over ERM under label noise** (paper: +0.025 to +0.04 in win rate at 20/40/60%): "
                    f"{'; '.join(gains)}.")  # fmt: skip
+    for m in ("rdpo", "dr_dpo", "reweight", "kl_dro"):
+        gains = [f"{int(t[1:])}%: {rows[m]['win_rate'] - rows['erm']['win_rate']:+.3f}"
+                 for t, rows in results["noise"].items() if {"erm", m} <= set(rows)]  # fmt: skip
+        if len(gains) > 1:
+            out.append(f"**{LABELS[m]} over ERM under label noise**: {'; '.join(gains)}.")
     spans = {m: [x["win_rate"] for x in main[m]["sweep"]] for m in SWEEP_METHODS if m in main}
     if spans:
         desc = "; ".join(f"{m} {min(v):.3f}–{max(v):.3f} (range {max(v) - min(v):.3f})" for m, v in spans.items())
@@ -366,6 +395,15 @@ def write_results(results: dict[str, Any], md: Path, figures: Path, discussion: 
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
         sft = [f"({x['reward_sft']:.3f})" for x in main[sweep[0]]["sweep"]]
         lines += ["| SFT policy | " + " | ".join(sft) + " |", ""]
+    if results.get("dora_pair_weights"):
+        lines += ["## Where DoRA puts its weight (label noise 0)", "",
+                  "Each row's best-vs-worst pair by its sources (chosen > rejected under the biased labels): the "
+                  "share of rows, and the share of the summed DoRA row weight h~, averaged over the seeds. A share "
+                  "of weight above the share of rows means DoRA up-weights those pairs.", "",
+                  "| pair (chosen > rejected) | rows | DoRA weight |", "|---|---|---|"]  # fmt: skip
+        for k, v in results["dora_pair_weights"].items():
+            lines.append(f"| {k} | {v['rows']:.3f} | {v['weight']:.3f} |")
+        lines.append("")
     if results.get("seconds"):
         total = sum(results["seconds"].values())
         lines += ["## Cost", "", f"{len(results['seconds'])} timed steps, {total / 60:.0f} min in all on this "
@@ -421,6 +459,14 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"[experiments] s{s} {_tag(n)} {m}: {timing[f's{s} {_tag(n)} {m}']} s", flush=True)
     results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
                                "alphas": list(alphas), "noise": {}, "failed": failed}  # fmt: skip
+    bases = [root / f"s{s}-{_tag(0.0)}" / "base" for s in args.seeds]
+    pair_weights = [dora_pair_weights(b) for b in bases if (b / "scored" / "_SUCCESS").exists()]
+    if pair_weights:
+        kinds = sorted({k for pw in pair_weights for k in pw})
+        results["dora_pair_weights"] = {
+            k: {x: float(np.mean([pw.get(k, {}).get(x, 0.0) for pw in pair_weights])) for x in ("rows", "weight")}
+            for k in kinds
+        }
     for noise in args.noise:
         rows = {}
         for m in {m for s, n, m in plan if n == noise}:
