@@ -406,9 +406,13 @@ def write_results(results: dict[str, Any], md: Path, figures: Path, discussion: 
         lines.append("")
     if results.get("seconds"):
         total = sum(results["seconds"].values())
-        lines += ["## Cost", "", f"{len(results['seconds'])} timed steps, {total / 60:.0f} min in all on this "
-                  "2-core CPU machine (bases: synth, classify, SFT, reference; methods: train, generate, "
-                  "evaluate). Per-step seconds are in `bench/results/experiments.json`.", ""]  # fmt: skip
+        per_run = float(np.median([v for k, v in results["seconds"].items() if not k.startswith("base")]))
+        lines += ["## Cost", "", f"{len(results['seconds'])} timed steps, {total / 60:.0f} min, on this 2-core CPU "
+                  f"machine; a method's run (train, generate, evaluate) takes {per_run:.0f} s (median), a base "
+                  "(synth, classify, SFT, reference, SFT samples) about 3.5 min at noise 0 and 1 min at other "
+                  "noise levels. An interrupted matrix resumes, and runs finished by an earlier invocation are "
+                  "not timed again, so the total can cover part of the matrix. Per-step seconds are in "
+                  "`bench/results/experiments.json`.", ""]  # fmt: skip
     if discussion is not None and discussion.exists():
         lines += [discussion.read_text().rstrip(), ""]
     md.write_text("\n".join(lines))
