@@ -98,17 +98,17 @@ def method_overrides(method: str, noise: float) -> list[str]:
     return over
 
 
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes a relative symlink to ``src`` (when ``src`` exists and ``dst`` does not yet)."""
+    if src.exists() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(os.path.relpath(src, dst.parent))
+
+
 def link_base(base: Path, child: Path, names: tuple[str, ...]) -> None:
     """Symlink the base run's finished folders (and its SFT samples) into the child run."""
-    child.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        src, dst = base / name, child / name
-        if src.exists() and not dst.exists():
-            dst.symlink_to(os.path.relpath(src, child))
-    gen = child / "generations"
-    gen.mkdir(exist_ok=True)
-    if not (gen / "sft").exists():
-        (gen / "sft").symlink_to(os.path.relpath(base / "generations" / "sft", gen))
+    for name in (*names, "generations/sft"):
+        _link(base / name, child / name)
 
 
 def run_base(cfg: Any, noise0: Path | None) -> Path:
@@ -121,14 +121,7 @@ def run_base(cfg: Any, noise0: Path | None) -> Path:
     if noise0 is None:
         pipeline.run(cfg, BASE_STAGES)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("sft", "sft_data", "init", "classifier"):
-        if (noise0 / name).exists() and not (run_dir / name).exists():
-            (run_dir / name).symlink_to(os.path.relpath(noise0 / name, run_dir))
-    (run_dir / "generations").mkdir(exist_ok=True)
-    if not (run_dir / "generations" / "sft").exists():
-        (run_dir / "generations" / "sft").symlink_to(os.path.relpath(noise0 / "generations" / "sft",
-                                                                     run_dir / "generations"))  # fmt: skip
+    link_base(noise0, run_dir, ("sft", "sft_data", "init", "classifier"))
     pipeline.run(cfg, ["synth", "validate"])
     print(scoring.score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier).summary())
     pipeline.run(cfg, ["reference"])
@@ -160,8 +153,9 @@ def run_method(config: str, root: Path, seed: int, noise: float, method: str, ex
 
 
 # ---- aggregation ------------------------------------------------------------------------------------------------
-def per_prompt(child: Path, alpha: float | None = None) -> dict[str, Any]:
-    """Per-prompt win scores (win + tie/2 against the SFT samples), mean rewards and artefact rates of one run."""
+def per_prompt(child: Path, alphas: tuple[float, ...]) -> dict[float | None, dict[str, Any]]:
+    """One run's samples, read once, scored at ALPHA0 (key None) and at each of ``alphas``: per-prompt win scores
+    (win + tie/2 against the SFT samples), mean rewards, and (at ALPHA0) the policy's artefact rates."""
     from raydora import evaluate, synth
     from raydora.generate import read_generations, read_prompts
 
@@ -171,16 +165,19 @@ def per_prompt(child: Path, alpha: float | None = None) -> dict[str, Any]:
           for k, t in (("policy", pol), ("sft", sft))}  # fmt: skip
     ids = [i for i in cfg_prompts.column("id").to_pylist() if i in by["policy"]]
     text = dict(zip(cfg_prompts.column("id").to_pylist(), cfg_prompts.column("prompt").to_pylist(), strict=True))
-    a = synth.ALPHA0 if alpha is None else alpha
-    out: dict[str, Any] = {"scores": [], "reward": [], "reward_sft": []}
-    for i in ids:
-        rp = [synth.gold_reward(text[i], r, a) for r in by["policy"][i]]
-        rs = [synth.gold_reward(text[i], r, a) for r in by["sft"][i]]
-        w, t, _ = evaluate.outcomes(rp, rs)
-        out["scores"].append(w + t / 2)
-        out["reward"].append(float(np.mean(rp)))
-        out["reward_sft"].append(float(np.mean(rs)))
-    out["artefacts"] = synth.artefact_rates([r for i in ids for r in by["policy"][i]])
+    out: dict[float | None, dict[str, Any]] = {}
+    for alpha in (None, *alphas):
+        a = synth.ALPHA0 if alpha is None else alpha
+        at: dict[str, Any] = {"scores": [], "reward": [], "reward_sft": []}
+        for i in ids:
+            rp = [synth.gold_reward(text[i], r, a) for r in by["policy"][i]]
+            rs = [synth.gold_reward(text[i], r, a) for r in by["sft"][i]]
+            w, t, _ = evaluate.outcomes(rp, rs)
+            at["scores"].append(w + t / 2)
+            at["reward"].append(float(np.mean(rp)))
+            at["reward_sft"].append(float(np.mean(rs)))
+        out[alpha] = at
+    out[None]["artefacts"] = synth.artefact_rates([r for i in ids for r in by["policy"][i]])
     return out
 
 
@@ -221,7 +218,8 @@ def two_level_ci(groups: list[list[float]], resamples: int = 2000, seed: int = 0
 def summarise(runs: dict[str, Path], alphas: tuple[float, ...]) -> dict[str, Any]:
     """One method at one noise level over its seeds: win rate vs SFT with the two-level CI, per-seed values,
     gold reward, artefacts, and the alpha sweep (mean reward and win rate at each alpha)."""
-    per = {s: per_prompt(p) for s, p in runs.items()}
+    scored = {s: per_prompt(p, alphas) for s, p in runs.items()}
+    per = {s: v[None] for s, v in scored.items()}
     scores = [per[s]["scores"] for s in per]
     out: dict[str, Any] = {
         "seeds": sorted(per),
@@ -234,7 +232,7 @@ def summarise(runs: dict[str, Path], alphas: tuple[float, ...]) -> dict[str, Any
     }
     sweep = []
     for a in alphas:
-        at = {s: per_prompt(p, a) for s, p in runs.items()}
+        at = {s: v[a] for s, v in scored.items()}
         sweep.append({"alpha": a, "win_rate": float(np.mean([np.mean(at[s]["scores"]) for s in at])),
                       "reward": float(np.mean([np.mean(at[s]["reward"]) for s in at])),
                       "reward_sft": float(np.mean([np.mean(at[s]["reward_sft"]) for s in at]))})  # fmt: skip

@@ -23,8 +23,9 @@ from common import PeakRSS, record
 SOURCES = ("verbose", "sloppy")
 
 
-def prepare(root: Path, rows: int, backbone: str) -> None:
-    """Benchmark data, validated, plus one classifier folder per source (untrained head, T = gamma = 1)."""
+def prepare(root: Path, rows: int, backbone: str | None) -> None:
+    """Benchmark data, validated, plus (unless ``backbone`` is None) one classifier folder per source (untrained
+    head, T = gamma = 1)."""
     from raydora import data, synth
     from raydora.classifier import resolve_backbone
     from raydora.models import build_model, load_encoder, load_tokenizer, save_pretrained, train_tokenizer
@@ -32,6 +33,8 @@ def prepare(root: Path, rows: int, backbone: str) -> None:
 
     synth.write_benchmark(root / "synth", rows=rows, seed=0, eval_rows=10)
     result = data.validate(root / "synth" / "train", root)
+    if backbone is None:
+        return
     kind, name = resolve_backbone(backbone)
     for source in SOURCES:
         if kind == "path":
@@ -64,7 +67,7 @@ def child(mode: str, rows: int, backbone: str, actors: int) -> dict[str, float]:
         sizes = {rows: root / "data"}
         if mode == "throughput":
             big = root / "big"
-            prepare(big, 3 * rows, "tiny-bert")  # only its data/ is used: scored by root's classifiers
+            prepare(big, 3 * rows, None)  # data only: scored by root's classifiers
             sizes[3 * rows] = big / "data"
         cfg = ClassifierConfig(score_actors=actors, threads_per_worker=1, score_batch_size=32, max_length=64)
         runs: dict[tuple[int, int], float] = {}

@@ -417,7 +417,6 @@ class RunConfig:
             _check(t.wdpo_mode == "pointwise", "train.wdpo_grad", "finite_difference needs wdpo_mode=pointwise")
             _check(t.strategy == "ddp", "train.wdpo_grad", "finite_difference needs strategy=ddp")
             _check(0 < t.wdpo_fd_step < 1, "train.wdpo_fd_step", "must be in (0, 1)")
-            _check(t.loss in PAIRWISE_LOSSES, "train.loss", "wdpo is defined over pairwise losses")
         elif t.objective == "wdpo":
             # WDPO differentiates through a gradient: fused attention kernels lack that double backward.
             _check(
@@ -425,6 +424,7 @@ class RunConfig:
                 "model.attn_implementation",
                 f"{self.model.attn_implementation!r} has no double backward; wdpo needs 'eager' (or 'auto')",
             )
+        if t.objective == "wdpo":
             _check(t.loss in PAIRWISE_LOSSES, "train.loss", "wdpo is defined over pairwise losses")
         if t.objective == "kldpo" and not t.kldpo_normalize and t.kldpo_clip is None:
             raise ConfigError(
