@@ -4,7 +4,10 @@
 #   1. the gpu test tier (tests/test_gpu.py): CUDA math equals CPU math, bf16 autocast, the training step;
 #   2. bench/gpu_speed.py: matmul ceiling, training-step throughput and MFU (bf16), hf generation vs a bare loop;
 #   3. the whole pipeline on the GPU through Ray: Ray Train with NCCL and bf16 autocast for SFT and DoRA training,
-#      classifier training and scoring, reference log-probs and generation on GPU actors, then evaluation.
+#      classifier training and scoring, reference log-probs and generation on GPU actors, then evaluation;
+#   4. (RUN_PRESET=1) bench/gpu_preset.py: the KLDPO LoRA preset at Llama-3.1-8B's shape (random weights) through
+#      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps): throughput and MFU.
+# SKIP_BENCH=1 and SKIP_PIPELINE=1 leave steps 2 and 3 out.
 # Logs and results go to $OUT (default /tmp/gpu-check). The machine has no package index: Ray and its missing
 # dependencies travel in .whl/ (a slimmed Ray 2.60 tarball and wheels; docs/gpu.md says how they were made).
 set -u
@@ -35,7 +38,7 @@ summary+=("gpu_speed: rc=${PIPESTATUS[0]}")
 
 echo "== 3. pipeline on the GPU (Ray Train NCCL + bf16, GPU actor pools)"
 start=$(date +%s)
-timeout "${PIPELINE_TIMEOUT:-270}" $PY -m raydora.cli pipeline --config jobs/configs/demo_cpu.yaml \
+[ -n "${SKIP_PIPELINE:-}" ] || timeout "${PIPELINE_TIMEOUT:-270}" $PY -m raydora.cli pipeline --config jobs/configs/demo_cpu.yaml \
   name=gpu root=/tmp/runs ray.num_cpus=16 model.precision=auto \
   train.use_gpu=true train.num_workers=1 sft.num_workers=1 \
   classifier.device=cuda classifier.score_actors=1 reference.device=cuda reference.actors=1 \
@@ -46,7 +49,17 @@ cp /tmp/runs/gpu/train/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
 cp /tmp/runs/gpu/eval/report.md "$OUT/eval_report.md" 2>/dev/null
 cp /tmp/runs/gpu/generations/policy/_SUCCESS "$OUT/generate_policy_SUCCESS.json" 2>/dev/null
 
+if [ -n "${RUN_PRESET:-}" ]; then
+  echo "== 4. bench/gpu_preset.py (KLDPO LoRA preset, Llama-3.1-8B shape, random weights)"
+  start=$(date +%s)
+  timeout "${PRESET_TIMEOUT:-480}" $PY bench/gpu_preset.py --out "$OUT" --work /tmp/preset ${PRESET_ARGS:-} 2>&1 \
+    | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"
+  summary+=("gpu_preset: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
+  cp /tmp/preset/runs/preset/train/metrics.jsonl "$OUT/preset_metrics.jsonl" 2>/dev/null
+  cp /tmp/preset/pipeline.log "$OUT/preset_pipeline.log" 2>/dev/null
+fi
+
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 grep -E "TFLOP|pairs/s|^(mfu|packed|precomputed|dora|kldpo|wdpo|hf_engine)" "$OUT/gpu_speed.log" | head -20
-grep -E "^\[|win|report:" "$OUT/pipeline.log" | tail -15
+grep -E "^\[|win|report:" "$OUT/pipeline.log" 2>/dev/null | tail -15

@@ -121,23 +121,38 @@ def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """The unsharded model state on CPU (every rank must call it under FSDP; plain modules just copy)."""
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that train (LoRA: the adapters)."""
+    return {k for k, p in model.named_parameters() if p.requires_grad}
+
+
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, Any]:
+    """The unsharded model state on CPU (every rank must call it under FSDP; plain modules just copy).
+    ``trainable_only``: only the parameters that train."""
+    keep = trainable_names(model) if trainable_only else None
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if keep is None or k in keep}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if keep is None or k in keep}
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Load an unsharded state into ``model`` (sharded or not)."""
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, Any], trainable_only: bool = False) -> None:
+    """Load an unsharded state into ``model`` (sharded or not). ``trainable_only``: ``state`` holds exactly the
+    parameters that train (a LoRA checkpoint); the frozen rest stays as loaded."""
+    if trainable_only:
+        expected = trainable_names(model)
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+            raise KeyError(f"checkpoint does not match the trainable parameters: missing {missing}, "
+                           f"unexpected {unexpected}")  # fmt: skip
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Only tied parameters (saved once, e.g. GPT-2's lm_head = wte) may be absent from the file.
         own = model.state_dict()
         loaded = {own[k].data_ptr() for k in state if k in own}
-        untied = [k for k in missing if own[k].data_ptr() not in loaded]
+        untied = [] if trainable_only else [k for k in missing if own[k].data_ptr() not in loaded]
         if unexpected or untied:
             raise KeyError(f"checkpoint does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
         return

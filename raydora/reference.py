@@ -102,6 +102,7 @@ class ReferenceModel:
         precision: str = "fp32",
         threads: int = 0,
         attn: str = "sdpa",
+        frozen_in_compute_dtype: bool = False,
     ) -> None:
         import torch
 
@@ -115,8 +116,10 @@ class ReferenceModel:
         self.dtype = resolve_precision(precision, device)
         self.model = None
         if model_dir is not None:
-            # fp32 weights (as the trainers hold them); bf16 is autocast, exactly as in training.
-            self.model = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation=attn).to(device).eval()
+            # The weights as the trainers hold them at step 0, with the same autocast: fp32 master weights, or, for
+            # LoRA training (``frozen_in_compute_dtype``), a frozen base stored in the compute dtype (bf16 on GPUs).
+            weights = self.dtype if frozen_in_compute_dtype else torch.float32
+            self.model = load_causal_lm(model_dir, dtype=weights, attn_implementation=attn).to(device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raydora.encoding import encode_batch
@@ -166,6 +169,7 @@ def encode_rows(
     fp: str,
     precision: str = "fp32",
     attn: str = "sdpa",
+    frozen_in_compute_dtype: bool = False,
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
     with a ``_SUCCESS`` marker holding ``fp``). Returns the row count."""
@@ -184,6 +188,7 @@ def encode_rows(
                 "device": device,
                 "precision": precision,
                 "attn": attn,
+                "frozen_in_compute_dtype": frozen_in_compute_dtype,
             },
             keys=("reference.actors", "reference.actor_cpus"),
             batch_size=cfg.batch_size,
@@ -218,11 +223,12 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
         cfg.model.max_length,
         cfg.model.precision,
         attn_implementation(cfg),
+        *(["lora-base"] if cfg.train.lora_r else []),  # the LoRA base's storage dtype (see ReferenceModel)
     )
     out = run_dir / "reference"
     if not force and is_done(out, fp):
         return StageResult("reference", {"reference": str(out)}, (read_success(out) or {}).get("rows", {}), True)
     rows = encode_rows(source, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
                        cfg=cfg.reference, stage="reference", fp=fp, precision=cfg.model.precision,
-                       attn=attn_implementation(cfg))  # fmt: skip
+                       attn=attn_implementation(cfg), frozen_in_compute_dtype=bool(cfg.train.lora_r))  # fmt: skip
     return StageResult("reference", {"reference": str(out)}, {"reference": rows}, info={"model": str(model)})

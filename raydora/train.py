@@ -45,7 +45,7 @@ FAILED_FILE = "_FAILED"
 # Left out of the ``_SUCCESS`` manifest of train/ and sft/: Ray Train manages (and prunes) checkpoints/, and the
 # logs and diagnostics may be deleted without invalidating final/ (which, with the metrics, is in the manifest).
 UNTRACKED = ("checkpoints", "tensorboard", "workers")
-TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the unmerged (adapter) state
+TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the trainable (adapter) parameters, training's names
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -411,16 +411,22 @@ def _save_checkpoint(
 
     from raydora import distributed
 
-    state = distributed.full_state_dict(model)
+    lora = bool(cfg["train"]["lora_r"])
+    # LoRA checkpoints hold the adapters only (the frozen base is the run's model_dir): megabytes, not the
+    # model's size twice over. final/ holds the merged weights.
+    state = distributed.full_state_dict(model, trainable_only=lora)
     opt_state = distributed.optimizer_state(model, optimizer)
     if rank != 0:
         return None
     out = Path(tempfile.mkdtemp(prefix="raydora-ckpt-"))
-    _save_model(model, tokenizer, out / "model", state)
-    if cfg["train"]["lora_r"]:  # model/ holds merged weights; resuming needs the adapter layout
+    if lora:
         from safetensors.torch import save_file
 
+        _unwrap(model).save_pretrained(str(out / "adapter"), safe_serialization=True)  # a PEFT adapter folder
+        tokenizer.save_pretrained(str(out / "adapter"))
         save_file({k: v.clone().contiguous() for k, v in state.items()}, str(out / TRAINER_STATE))
+    else:
+        _save_model(model, tokenizer, out / "model", state)
     torch.save({"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict()}, out / "state.pt")
     (out / "step.json").write_text(json.dumps({"step": step}))
     return str(out)
@@ -451,6 +457,30 @@ def _save_model(model: Any, tokenizer: Any, out: Path, state: dict[str, Any]) ->
     save_pretrained(inner, tokenizer, out)
 
 
+def load_policy(
+    model_dir: str | Path, amp: Any, master: Any, attn: str, lora_r: int = 0, lora_alpha: float = 16.0
+) -> Any:
+    """The policy to train: master weights in ``master`` (fp32), or with ``lora_r``, LoRA adapters (fp32) over a
+    frozen base stored in the compute dtype ``amp`` (bf16 on GPUs: half the memory and no casts in every step, as
+    PEFT and TRL users load it with dtype=bfloat16). The reference pass loads its weights the same way
+    (``reference.ReferenceModel``), so the two agree at step 0."""
+    import torch
+
+    from raydora.models import load_causal_lm
+
+    base = amp if lora_r and amp != torch.float32 else master
+    model = load_causal_lm(model_dir, dtype=base, attn_implementation=attn)
+    model.config.use_cache = False
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear"))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(master)
+    return model
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train worker: SFT (``cfg["mode"] == "sft"``) or robust preference optimisation."""
     import ray.train
@@ -460,7 +490,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from raydora import distributed
     from raydora.hardware import resolve_precision
-    from raydora.models import load_causal_lm, load_tokenizer
+    from raydora.models import load_tokenizer
 
     transformers.utils.logging.disable_progress_bar()
     t = cfg["train"]
@@ -479,14 +509,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         raise ValueError(f"train.wdpo_grad=finite_difference needs fp32 (model.precision resolved to {amp})")
     master = getattr(torch, cfg.get("master_dtype", "float32"))
     tokenizer = load_tokenizer(cfg["model_dir"])
-    model = load_causal_lm(cfg["model_dir"], dtype=master, attn_implementation=cfg["attn_implementation"])
-    model.config.use_cache = False
-    if t["lora_r"]:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=t["lora_r"], lora_alpha=t["lora_alpha"], target_modules="all-linear")
-        )
+    model = load_policy(cfg["model_dir"], amp, master, cfg["attn_implementation"], t["lora_r"], t["lora_alpha"])
     model.to(device).train()
     if t["strategy"] == "fsdp" and world > 1:
         model = distributed.shard_fsdp(model)
@@ -506,7 +529,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             raw = Path(d) / TRAINER_STATE
             state = load_file(str(raw if raw.exists() else Path(d) / "model" / "model.safetensors"))
-            distributed.load_full_state_dict(_unwrap(model), state)
+            distributed.load_full_state_dict(_unwrap(model), state, trainable_only=raw.exists())
             saved = torch.load(
                 Path(d) / "state.pt", weights_only=True
             )  # tensors and numbers only: never unpickles code
@@ -766,7 +789,8 @@ def _ordered_ingest() -> Any:
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path | None]:
     """``(step, folder)`` of the newest complete checkpoint under ``out_dir/checkpoints`` (``(0, None)``: none)."""
     found = [(json.loads(p.read_text())["step"], p.parent) for p in (out_dir / "checkpoints").glob("*/step.json")]
-    found = [(s, d) for s, d in found if (d / "state.pt").is_file() and (d / "model").is_dir()]
+    complete = lambda d: (d / "state.pt").is_file() and ((d / "model").is_dir() or (d / TRAINER_STATE).is_file())
+    found = [(s, d) for s, d in found if complete(d)]
     return max(found, default=(0, None), key=lambda x: x[0])
 
 

@@ -64,3 +64,30 @@ def test_training_step_on_cuda_matches_cpu_and_runs_bf16() -> None:
     cpu = grads[("cpu", torch.float32)]
     torch.testing.assert_close(grads[("cuda", torch.float32)], cpu, atol=1e-4, rtol=1e-3)
     assert torch.nn.functional.cosine_similarity(grads[("cuda", torch.bfloat16)], cpu, dim=0) > 0.99
+
+
+def test_lora_base_is_stored_in_bf16_and_the_reference_agrees_at_step_zero(tmp_path) -> None:
+    """LoRA on CUDA: the frozen base is held in bf16 and the adapters in fp32; the reference pass, which loads its
+    weights the same way, gives the policy's own log-probs at step 0 (bitwise: the same bf16 forward)."""
+    pytest.importorskip("peft")
+    from raydora import train
+    from raydora.encoding import forward_logps, pad_sequences
+    from raydora.models import build_model, save_pretrained, train_tokenizer
+    from raydora.reference import ReferenceModel
+
+    tok = train_tokenizer(["sort : b a c", "a b c", "reverse : x y z", "z y x"] * 5, vocab_size=300)
+    save_pretrained(build_model("tiny-llama", tok, seed=0), tok, tmp_path / "m")
+    policy = train.load_policy(tmp_path / "m", torch.bfloat16, torch.float32, "sdpa", lora_r=4, lora_alpha=8)
+    policy = policy.to("cuda").eval()
+    dtypes = {(p.requires_grad, p.dtype) for p in policy.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    ref = ReferenceModel(str(tmp_path / "m"), str(tmp_path / "m"), 64, device="cuda", precision="bf16",
+                         frozen_in_compute_dtype=True)  # fmt: skip
+    assert next(ref.model.parameters()).dtype == torch.bfloat16
+    prompts, responses = [[5, 6, 7], [8, 9]], [[[10, 11], [12]], [[13, 14, 15], [16, 17]]]
+    want = ref.logps(prompts, responses)
+    enc = pad_sequences([p for p, rs in zip(prompts, responses, strict=True) for _ in rs],
+                        [[r] for rs in responses for r in rs], None, tok.pad_token_id)  # fmt: skip
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        got, _, _ = forward_logps(policy, {k: v.cuda() for k, v in enc.items()}, 1)
+    assert got[:, 0].double().cpu().tolist() == [x for r in want for x in r]

@@ -163,6 +163,12 @@ def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tm
     pytest.importorskip("peft")
     common = ("train.lora_r=4", "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2")
     fit(run_dir, "lora", *common)
+    # Checkpoints hold the adapters only (a PEFT folder and the trainable state), not the model.
+    step, ckpt = train.latest_checkpoint(run_dir / "lora")
+    assert step == 4 and ckpt is not None and not (ckpt / "model").exists()
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    saved = load_file(str(ckpt / train.TRAINER_STATE))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     fit(run_dir, "lora-killed", *common, _fail_at_step=3, _fail_marker=str(tmp_path / "lora-failed"))
     assert (tmp_path / "lora-failed").exists()
     init, a, b = (

@@ -1,0 +1,227 @@
+"""A GPU preset at its real model shape, through the real pipeline (issue 9's GPU run).
+
+The lent GPU machines cannot download weights or data, so this runs ``jobs/configs/kldpo_llama8b_lora.yaml`` on a
+model of the preset's architecture with random weights (Llama-3.1-8B: 4096 wide, 32 layers, grouped-query attention
+32/8, 14,336 MLP, 128,256-token vocabulary) and on synthetic preference text of realistic lengths. Everything else
+is the preset: its YAML (KLDPO over DPO, LoRA r=16 on every linear layer, bf16 autocast, cosine schedule, clipping),
+the validate stage, the reference stage on a GPU actor, and the train stage on Ray Train with NCCL, run for
+``--steps`` optimizer steps on one GPU worker. Random weights do not change the work per step.
+
+Recorded (``bench/results/gpu_preset.json``):
+- train: pairs/s and tokens/s of the steady-state steps (the first 10% left out), from ``train/metrics.jsonl``;
+- model FLOPs utilisation against a dense bf16 matmul measured in the same run. LoRA trains no base weight, so the
+  backward computes input gradients only: 4 x the matmul parameters per token (not the 6 x of full training), plus
+  attention's 12 x layers x width x sequence length. The 6 x figure is given beside it for comparison;
+- each stage's wall time, and the GPU's peak memory (nvidia-smi, polled each second).
+
+    python bench/gpu_preset.py --out bench/results                  # CUDA, >= 40 GB; about 6 minutes on an H200
+    python bench/gpu_preset.py --shape tiny --device cpu --steps 4  # the same path on CPU, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import record
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = ROOT / "jobs" / "configs" / "kldpo_llama8b_lora.yaml"
+# Llama-3.1-8B's architecture (config.json of meta-llama/Llama-3.1-8B-Instruct, rope scaling left out: it changes
+# no FLOPs) and a tiny one of the same family for the CPU dry run.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+def synthetic_pairs(rows: int, prompt_words: int, response_words: int, seed: int = 0) -> list[dict[str, str]]:
+    """TRL-layout pairs of pseudo-words, lengths jittered by +-25% (made-up words, so the tokenizer splits them)."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ja", "po", "ze"]
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(3000)]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words, size=max(1, int(n * rng.uniform(0.75, 1.25)))))
+
+    return [{"prompt": text(prompt_words), "chosen": text(response_words), "rejected": text(response_words)}
+            for _ in range(rows)]  # fmt: skip
+
+
+def build_random_model(shape: str, tok: Any, out: Path, device: str) -> int:
+    """The shape with random weights, built on ``device`` (an 8B model initialises in seconds on a GPU) and saved
+    as bf16 (GPU) or fp32 safetensors with its tokenizer. Returns the parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raydora.models import save_pretrained
+
+    cfg = LlamaConfig(**SHAPES[shape], pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)  # fmt: skip
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    n = sum(p.numel() for p in model.parameters())
+    save_pretrained(model, tok, out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return n
+
+
+def flops_per_token(shape: str, seq: float, lora: bool) -> float:
+    """Training FLOPs per token: (4 with LoRA, else 6) x the matmul parameters (projections, MLP, LM head) plus
+    attention's score and value products, 12 x layers x width x sequence length (forward and backward)."""
+    s = SHAPES[shape]
+    h, layers, heads, kv = s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"]
+    kv_width = h // heads * kv
+    per_layer = 2 * h * h + 2 * h * kv_width + 3 * h * s["intermediate_size"]
+    matmul = layers * per_layer + h * s["vocab_size"]
+    return (4 if lora else 6) * matmul + 12 * layers * h * seq
+
+
+class GpuMemory:
+    """Peak GPU memory in use (MiB, every process) from nvidia-smi, polled each second in a thread."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+                self.peak = max([self.peak] + [int(x) for x in out.split()])
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> GpuMemory:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (the preset's global batch: 128)")
+    p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward/backward")
+    p.add_argument("--prompt-words", type=int, default=150)
+    p.add_argument("--response-words", type=int, default=250)
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--timeout", type=int, default=420, help="seconds for the pipeline")
+    p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    from train_speed import dense_matmul_flops
+
+    from raydora.models import load_tokenizer, train_tokenizer
+
+    gpu = args.device == "cuda"
+    if gpu:
+        assert torch.cuda.is_available(), "gpu_preset.py needs a CUDA GPU (or --device cpu --shape tiny)"
+        from gpu_speed import matmul_rate
+
+        peak, name = matmul_rate(), torch.cuda.get_device_name()
+    else:
+        peak, name = dense_matmul_flops(torch.get_num_threads()), "cpu"
+    print(f"{name}: dense {'bf16' if gpu else 'fp32'} matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu-preset-"))
+    work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    tic = time.perf_counter()
+    rows = args.steps * args.batch
+    pairs = synthetic_pairs(rows, args.prompt_words, args.response_words)
+    pq.write_table(pa.Table.from_pylist(pairs), work / "prefs.parquet")
+    texts = [t for r in pairs[:2000] for t in r.values()]
+    tok = train_tokenizer(iter(texts), work / "tokenizer", vocab_size=min(8192, SHAPES[args.shape]["vocab_size"]))
+    lengths = [
+        len(tok(r["prompt"]).input_ids) + len(tok(r[k]).input_ids) for r in pairs[:500] for k in ("chosen", "rejected")
+    ]
+    seq = float(np.mean(lengths))
+    times["data_and_tokenizer"] = time.perf_counter() - tic
+    print(f"{rows} pairs, {seq:.0f} tokens per sequence on average", flush=True)
+
+    tic = time.perf_counter()
+    params = build_random_model(args.shape, load_tokenizer(work / "tokenizer"), work / "model", args.device)
+    times["build_and_save_model"] = time.perf_counter() - tic
+    print(f"random {args.shape}: {params / 1e9:.3f}B parameters, saved in {times['build_and_save_model']:.0f} s",
+          flush=True)  # fmt: skip
+
+    overrides = [
+        f"root={work / 'runs'}", "name=preset", f"model.policy={work / 'model'}",
+        f"data.input={work / 'prefs.parquet'}", f"ray.num_cpus={args.cpus}",
+        "train.num_workers=1", "reference.actors=1", f"train.batch_size={args.batch}",
+        f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
+        f"train.checkpoint_every={args.steps}", "train.log_every=10",
+    ]  # fmt: skip
+    if not gpu:
+        overrides += ["model.precision=fp32", "train.use_gpu=false", "reference.device=cpu", "model.max_length=512"]
+    cmd = [sys.executable, "-m", "raydora.cli", "pipeline", "--config", str(PRESET), "--stages",
+           "validate,reference,train", *overrides]  # fmt: skip
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    tic = time.perf_counter()
+    with GpuMemory() as mem:
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=args.timeout, env=env)
+    times["pipeline"] = time.perf_counter() - tic
+    log = proc.stdout + proc.stderr
+    (work / "pipeline.log").write_text(log)
+    stage_lines = [x for x in proc.stdout.splitlines() if x.startswith("[") and " s)" in x]
+    print("\n".join(stage_lines), flush=True)
+    if proc.returncode != 0:
+        print(log[-6000:], flush=True)
+        raise SystemExit(f"pipeline failed (rc={proc.returncode}); log: {work / 'pipeline.log'}")
+
+    run_dir = work / "runs" / "preset"
+    metrics = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steady = metrics[max(1, len(metrics) // 10) :]
+    step_s = statistics.median(args.batch / m["pairs_per_s"] for m in steady)
+    tokens_per_s = statistics.median(m["tokens_per_s"] for m in steady)
+    lora = True  # the preset trains LoRA adapters
+    achieved = tokens_per_s * flops_per_token(args.shape, seq, lora)
+    result = {
+        "device": name, "torch": torch.__version__, "shape": args.shape, "parameters": params,
+        "preset": str(PRESET.relative_to(ROOT)), "overrides": overrides, "steps": len(metrics),
+        "batch_pairs": args.batch, "micro_batch_pairs": args.micro_batch, "mean_sequence_tokens": seq,
+        "dense_matmul_flops": peak, "pairs_per_s": args.batch / step_s, "tokens_per_s": tokens_per_s,
+        "step_s": step_s, "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
+        "mfu_6n_convention": tokens_per_s * flops_per_token(args.shape, seq, False) / peak,
+        "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
+        "gpu_peak_mib": mem.peak or None, "seconds": times,
+        "stages": stage_lines,
+    }  # fmt: skip
+    for k in ("pairs_per_s", "tokens_per_s", "step_s", "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):
+        print(f"{k:<22} {result[k]}", flush=True)
+    print(f"written to {record('gpu_preset' if gpu else 'gpu_preset_dryrun_cpu', result, args.out)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
