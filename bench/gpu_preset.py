@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward/backward")
     p.add_argument("--prompt-words", type=int, default=150)
     p.add_argument("--response-words", type=int, default=250)
+    p.add_argument("--attn", default=None, help="a model.attn_implementation override, e.g. flex_attention")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--timeout", type=int, default=420, help="seconds for the pipeline")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
@@ -182,23 +183,32 @@ def main() -> None:
         f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
         f"train.checkpoint_every={args.steps}", "train.log_every=10",
     ]  # fmt: skip
+    if args.attn:
+        overrides.append(f"model.attn_implementation={args.attn}")
     if not gpu:
         overrides += ["model.precision=fp32", "train.use_gpu=false", "reference.device=cpu", "model.max_length=512"]
     cmd = [sys.executable, "-m", "raydora.cli", "pipeline", "--config", str(PRESET), "--stages",
            "validate,reference,train", *overrides]  # fmt: skip
     print("$ " + " ".join(cmd[1:]), flush=True)
     tic = time.perf_counter()
-    with GpuMemory() as mem:
+    log_path, timed_out = work / "pipeline.log", False
+    # The log is written as the pipeline runs, so a run cut short by --timeout still leaves it (and its metrics).
+    with GpuMemory() as mem, log_path.open("w") as log_fh:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=args.timeout, env=env)
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=log_fh, stderr=subprocess.STDOUT,
+                                timeout=args.timeout, env=env).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
     times["pipeline"] = time.perf_counter() - tic
-    log = proc.stdout + proc.stderr
-    (work / "pipeline.log").write_text(log)
-    stage_lines = [x for x in proc.stdout.splitlines() if x.startswith("[") and " s)" in x]
+    log = log_path.read_text()
+    stage_lines = [x for x in log.splitlines() if x.startswith("[") and " s)" in x]
     print("\n".join(stage_lines), flush=True)
-    if proc.returncode != 0:
+    if rc != 0:
         print(log[-6000:], flush=True)
-        raise SystemExit(f"pipeline failed (rc={proc.returncode}); log: {work / 'pipeline.log'}")
+        if not timed_out:
+            raise SystemExit(f"pipeline failed (rc={rc}); log: {log_path}")
+        print(f"pipeline timed out after {args.timeout} s: reporting the steps it finished", flush=True)
 
     run_dir = work / "runs" / "preset"
     metrics = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -215,7 +225,7 @@ def main() -> None:
         "step_s": step_s, "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
         "mfu_6n_convention": tokens_per_s * flops_per_token(args.shape, seq, False) / peak,
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
-        "gpu_peak_mib": mem.peak or None, "seconds": times,
+        "gpu_peak_mib": mem.peak or None, "seconds": times, "timed_out": timed_out,
         "stages": stage_lines,
     }  # fmt: skip
     for k in ("pairs_per_s", "tokens_per_s", "step_s", "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):

@@ -61,7 +61,7 @@ class ModelConfig:
     """Local HF tokenizer folder. None: the policy folder's, or (presets) a BPE trained on the run's corpus."""
     vocab_size: int = 512
     """Vocabulary of the BPE trained on the run's corpus when no tokenizer is given."""
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = "auto"
     """Attention kernel. auto picks sdpa, or eager when the objective needs a double backward (wdpo)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 only where it is native (CUDA, CPUs with AMX / AVX512-BF16), else fp32."""
@@ -430,8 +430,10 @@ class RunConfig:
             raise ConfigError(
                 "train.kldpo_clip", "unnormalised KLDPO weights overflow without a clip (the code uses 10)"
             )
-        if self.model.attn_implementation == "flash_attention_2" and not t.use_gpu:
-            raise ConfigError("model.attn_implementation", "flash_attention_2 needs CUDA: set train.use_gpu=true")
+        if self.model.attn_implementation in ("flash_attention_2", "flex_attention") and not t.use_gpu:
+            # FlexAttention runs forward on CPU but has no CPU backward (torch 2.11-2.13).
+            raise ConfigError("model.attn_implementation",
+                              f"{self.model.attn_implementation} needs CUDA: set train.use_gpu=true")  # fmt: skip
 
     @property
     def run_dir(self) -> Path:

@@ -61,6 +61,7 @@ def test_dict_override_replaces_the_whole_mapping() -> None:
         (["train.objective=wdpo", "train.loss=lire"], "train.loss", "pairwise"),
         (["train.objective=kldpo", "train.kldpo_normalize=false"], "train.kldpo_clip", "overflow"),
         (["model.attn_implementation=flash_attention_2"], "model.attn_implementation", "CUDA"),
+        (["model.attn_implementation=flex_attention"], "model.attn_implementation", "flex_attention needs CUDA"),
     ],
 )
 def test_errors_name_the_key(overrides: list[str], key: str, message: str) -> None:
