@@ -188,17 +188,18 @@ def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
     import pyarrow.parquet as pq
 
     from raydora import train
+    from raydora.encoding import pair_indices
 
     rows = pa.concat_tables([pq.read_table(f) for f in sorted((base / "scored").glob("*.parquet"))]).to_pylist()
     marker = json.loads((base / "scored" / "_SUCCESS").read_text())
     clf = json.loads((base / "classifier" / "_SUCCESS").read_text())
     info = {"shares": marker["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
             "alpha": None}  # fmt: skip
-    h = train.dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info)
+    select = pair_indices([r["scores"] for r in rows])  # the trainer's chosen and rejected responses
+    h = train.dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
     groups: dict[str, list[float]] = {}
-    for r, w in zip(rows, h, strict=True):
-        sc = np.asarray(r["scores"])
-        groups.setdefault(f"{r['sources'][int(sc.argmax())]} > {r['sources'][int(sc.argmin())]}", []).append(w)
+    for r, w, (best, worst) in zip(rows, h, select, strict=True):
+        groups.setdefault(f"{r['sources'][int(best)]} > {r['sources'][int(worst)]}", []).append(w)
     total = float(h.sum())
     return {k: {"rows": len(v) / len(rows), "weight": float(sum(v)) / total} for k, v in sorted(groups.items())}
 

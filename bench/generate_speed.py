@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--vllm-compiled", action="store_true", help="also time the vLLM engine with torch.compile")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--backends", default="loop,hf,vllm", help="subset of loop,hf,vllm (vllm when installed)")
+    ap.add_argument("--engine-only", action="store_true", help="leave out the end-to-end runs through Ray Data")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     args = ap.parse_args()
     import ray
     import torch
@@ -167,7 +169,7 @@ def main() -> None:
                 configs.append((f"{b}_engine", engine(model, texts, args.new_tokens, size, b)))
                 if b == "vllm" and args.vllm_compiled:
                     configs.append(("vllm_engine_compiled", engine(model, texts, args.new_tokens, size, b, False)))
-                for actors in (1, cpus) if b == "hf" else (1,):
+                for actors in () if args.engine_only else (1, cpus) if b == "hf" else (1,):
                     configs.append((f"{b}_ray_{actors}actor", ray_run(b, actors)))
         for r in range(args.rounds):
             for name, fn in configs:
@@ -198,6 +200,7 @@ def main() -> None:
         "generate_speed"
         + ("_vllm" if "vllm_engine" in best else "")
         + (f"_batch{args.vllm_batch}" if args.vllm_batch else "")
+        + (f"_{args.tag}" if args.tag else "")
     )
     print(f"best tokens/s: {best}\nratios: {ratios}\nwritten: {record(name, result)}")
 

@@ -235,6 +235,10 @@ class VLLMGenerator:
         if device == "cpu":
             # vLLM's CPU build otherwise sizes its KV cache from the machine's memory (20 GB of 24 seen here).
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
+            # ... and keeps one core of the node out of its OpenMP threads, for a server's other processes. An
+            # offline actor has none: on 2 cores that reservation halved vLLM's compute (1 thread against the hf
+            # backend's 2; docs/benchmarks.md). An explicit setting wins.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         self.sampling = Sampling(**sampling)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_prompt_tokens = max(1, max_length - self.sampling.max_new_tokens)

@@ -161,8 +161,12 @@ def _as_lists(col: Any) -> list[Any]:
     return [np.asarray(x).tolist() if not isinstance(x, list) else x for x in col]
 
 
-def dora_row_weights(p_golden: list[list[float]], sources: list[list[str]], info: dict[str, Any]) -> np.ndarray:
-    """h~ per row: the mean over its responses of ``robust.dora_weights``.
+def dora_row_weights(
+    p_golden: list[list[float]], sources: list[list[str]], info: dict[str, Any], select: np.ndarray | None = None
+) -> np.ndarray:
+    """h~ per row: the mean of ``robust.dora_weights`` over the responses the loss uses (shared/papers/dora.md):
+    ``select[i]``, the chosen and rejected responses of a pairwise loss, or every response (``select=None``, and
+    listwise losses). alpha stays 1/K of the whole row either way.
 
     A synthetic source's response uses its share pi_s and imbalance gamma_s; a golden or unknown response was
     scored against the whole mixture (``scoring.mixture_p_golden``), so it uses pi = sum of the shares, gamma=1."""
@@ -177,7 +181,8 @@ def dora_row_weights(p_golden: list[list[float]], sources: list[list[str]], info
         p = torch.tensor(ps, dtype=torch.float64)
         pi = torch.tensor([shares.get(s, total) for s in ss], dtype=torch.float64)
         g = torch.tensor([gammas.get(s, 1.0) for s in ss], dtype=torch.float64)
-        out[i] = float(robust.dora_weights(p, pi, alpha if alpha is not None else 1.0 / len(ps), g).mean())
+        w = robust.dora_weights(p, pi, alpha if alpha is not None else 1.0 / len(ps), g)
+        out[i] = float((w if select is None else w[torch.as_tensor(np.asarray(select[i]))]).mean())
     return out
 
 
@@ -218,7 +223,7 @@ def collate_micro(
         out["ref"] = torch.tensor(np.stack([r[s] for r, s in zip(ref, select, strict=True)]))
     if dora is not None:
         out["weights"] = torch.tensor(
-            dora_row_weights(_as_lists(rows["p_golden"][idx]), _as_lists(rows["sources"][idx]), dora)
+            dora_row_weights(_as_lists(rows["p_golden"][idx]), _as_lists(rows["sources"][idx]), dora, select)
         )
     return out
 

@@ -105,6 +105,24 @@ def test_dora_row_weights_match_robust_dora_weights() -> None:
     assert got[0] == pytest.approx(float(want), rel=1e-12)
     # By hand for the verbose response: 1 / (1/4 + 0.4 * 1.5 * 0.8 / 0.2) = 1 / 2.65.
     assert float(robust.dora_weights(torch.tensor([0.2]), 0.4, 0.25, 1.5)[0]) == pytest.approx(1 / 2.65, rel=1e-6)
+    # A pairwise loss uses the chosen and rejected responses only, with alpha still 1/K = 1/4: golden (chosen)
+    # 1 / (1/4 + 0.75 * 0.1 / 0.9) = 3, verbose (rejected) 1 / 2.65.
+    pair = train.dora_row_weights(p, src, info, np.array([[0, 1]]))
+    assert pair[0] == pytest.approx((3 + 1 / 2.65) / 2, rel=1e-12)
+    # The trainer's collation picks the pair by score (best, worst) for DPO and every response for a listwise loss.
+    rows = {"prompt_ids": _objects([[5, 6]]), "response_ids": _objects([[[7], [8], [9], [10]]]),
+            "scores": _objects([[0.9, 0.1, 0.5, 0.3]]), "reference_logps": _objects([[-1.0, -2.0, -3.0, -4.0]]),
+            "p_golden": _objects(p), "sources": _objects(src)}  # fmt: skip
+    for loss, want_h in (("dpo", pair[0]), ("dpo_pl", got[0])):
+        mb = train.collate_micro(rows, slice(0, 1), "preference", loss, 0, info)
+        assert float(mb["weights"][0]) == pytest.approx(want_h, rel=1e-12)
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
 
 
 def test_schedule_warms_up_then_decays_to_zero() -> None:
