@@ -23,6 +23,7 @@ the tokens it generated up to EOS. Rounds alternate the configurations (this mac
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import random
@@ -78,30 +79,49 @@ def bare_loop(
     return tokens, time.perf_counter() - start
 
 
-def engine(model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str, eager: bool = True,
-           device: str = "cpu", precision: str = "fp32") -> Any:  # fmt: skip
-    """A closure timing raydora's generator class on the same batches as the loop (engine built once, untimed)."""
-    import pyarrow as pa
+class Engine:
+    """Times raydora's generator class on the same batches as the loop. The generator is built at the first call
+    (untimed); ``close`` stops it, so a vLLM engine's polling workers never overlap another configuration's run."""
 
-    from raydora import generate as gen
+    def __init__(self, model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str,
+                 eager: bool = True, device: str = "cpu", precision: str = "fp32") -> None:  # fmt: skip
+        import pyarrow as pa
 
-    sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "n": 1, "seed": 0}
-    if backend == "hf":
-        g: Any = gen.HFGenerator(str(model_dir), sampling, max_length=256, batch_size=batch, device=device,
-                                 precision=precision)  # fmt: skip
-    else:
-        g = gen.VLLMGenerator(str(model_dir), sampling, max_length=256, device=device, precision=precision,
-                              enforce_eager=eager)  # fmt: skip
-    table = pa.table({"id": [f"p{i}" for i in range(len(texts))], "prompt": texts})
+        self.args = (str(model_dir), new_tokens, backend, eager, device, precision)
+        self.texts, self.batch, self.g = texts, batch, None
+        self.table = pa.table({"id": [f"p{i}" for i in range(len(texts))], "prompt": texts})
 
-    def run() -> tuple[int, float]:
+    def build(self) -> Any:
+        from raydora import generate as gen
+
+        model_dir, new_tokens, backend, eager, device, precision = self.args
+        sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "n": 1, "seed": 0}
+        if backend == "hf":
+            return gen.HFGenerator(model_dir, sampling, max_length=256, batch_size=self.batch, device=device,
+                                   precision=precision)  # fmt: skip
+        return gen.VLLMGenerator(model_dir, sampling, max_length=256, device=device, precision=precision,
+                                 enforce_eager=eager)  # fmt: skip
+
+    def __call__(self) -> tuple[int, float]:
+        if self.g is None:
+            self.g = self.build()
         tokens, start = 0, time.perf_counter()
-        for i in range(0, len(texts), batch):
-            out = g(table.slice(i, batch))
+        for i in range(0, len(self.texts), self.batch):
+            out = self.g(self.table.slice(i, self.batch))
             tokens += sum(sum(t) for t in out.column("generation_tokens").to_pylist())
         return tokens, time.perf_counter() - start
 
-    return run
+    def close(self) -> None:
+        if self.g is not None and hasattr(self.g, "close"):
+            self.g.close()
+        self.g = None
+        gc.collect()
+
+
+def engine(model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str, eager: bool = True,
+           device: str = "cpu", precision: str = "fp32") -> Engine:  # fmt: skip
+    """An :class:`Engine` (a callable timing one pass over the prompts)."""
+    return Engine(model_dir, texts, new_tokens, batch, backend, eager, device, precision)
 
 
 def raydora_backend(
@@ -115,6 +135,7 @@ def raydora_backend(
     cpus = os.cpu_count() or 2
     per_actor = (cpus - 0.25) / actors  # leave a quarter CPU for the read and write tasks
     overrides = [f"generate.backend={backend}", f"generate.actors={actors}", f"generate.batch_size={batch}",
+                 f"generate.vllm_batch_size={batch}",
                  f"generate.actor_cpus={per_actor}", f"generate.threads={max(1, cpus // actors)}",
                  "generate.device=cpu"]  # fmt: skip
     cfg = load_config(None, overrides).generate
@@ -174,6 +195,8 @@ def main() -> None:
         for r in range(args.rounds):
             for name, fn in configs:
                 tokens, seconds = fn()
+                if name.startswith("vllm") and isinstance(fn, Engine):
+                    fn.close()  # built again next round: its idle workers would slow the next configuration
                 runs.setdefault(name, []).append(
                     {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
                 )

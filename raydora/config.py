@@ -339,6 +339,9 @@ class GenerateConfig:
     """Sampling seed (null: the run's seed). Each (prompt id, sample) draws from its own seeded stream."""
     batch_size: int = 32
     """Prompts per Ray Data batch (the hf backend generates them together, left-padded)."""
+    vllm_batch_size: int = 512
+    """Prompts per Ray Data batch for the vllm backend: the engine schedules its own continuous batches, so larger
+    calls keep it full (on CPU, 64 per call ran at 0.97x the hf backend, 512 at 1.22x; docs/benchmarks.md)."""
     actors: int = 1
     """Generator actors (one model replica each)."""
     actor_cpus: float = 0.75
@@ -358,7 +361,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        for key in ("max_new_tokens", "n", "batch_size", "actors", "tensor_parallel_size"):
+        for key in ("max_new_tokens", "n", "batch_size", "vllm_batch_size", "actors", "tensor_parallel_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.actor_cpus >= 0, "actor_cpus", "must be >= 0")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")

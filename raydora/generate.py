@@ -257,6 +257,13 @@ class VLLMGenerator:
         )
         self.eos = self.tokenizer.eos_token_id
 
+    def close(self) -> None:
+        """Stop the engine's processes now (otherwise they stop with this process). Its CPU workers keep polling
+        for a while after their last request, which takes cores from whatever runs next in the same place."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
     def params(self, seed: int) -> Any:
         s = self.sampling
         # vLLM refuses n > 1 with greedy decoding: ask once and repeat (greedy samples are equal anyway).
@@ -363,8 +370,9 @@ def generate(
         # The prompts travel as a parquet file in the staging folder, read back in slices of one Ray Data batch
         # so that every actor gets work.
         (tmp / "prompts").mkdir()
-        pq.write_table(prompts, tmp / "prompts" / "prompts.parquet", row_group_size=gen.batch_size)
-        ds = read_canonical(tmp / "prompts", num_cpus=IO_CPUS, block_rows=gen.batch_size, slice_rows=gen.batch_size)
+        batch = gen.vllm_batch_size if backend == "vllm" else gen.batch_size
+        pq.write_table(prompts, tmp / "prompts" / "prompts.parquet", row_group_size=batch)
+        ds = read_canonical(tmp / "prompts", num_cpus=IO_CPUS, block_rows=batch, slice_rows=batch)
         common = {"model_dir": model_dir, "sampling": asdict(sampling), "max_length": max_length,
                   "device": device, "precision": precision}  # fmt: skip
         if backend == "vllm":
@@ -378,7 +386,7 @@ def generate(
             gpus = 1 if device == "cuda" else 0
         start = time.perf_counter()
         generated = map_on_actor_pool(ds, cls, kwargs, keys=("generate.actors", "generate.actor_cpus"),
-                                      batch_size=gen.batch_size, actors=gen.actors, actor_cpus=gen.actor_cpus,
+                                      batch_size=batch, actors=gen.actors, actor_cpus=gen.actor_cpus,
                                       gpus=gpus)  # fmt: skip
         rows = write_rows(generated, tmp / "out")
         elapsed = time.perf_counter() - start

@@ -68,7 +68,7 @@ def test_vllm_sampling_is_deterministic_per_seed(engine: gen.VLLMGenerator) -> N
 
 def test_vllm_backend_through_ray_data(model_dir: Path, tmp_path: Path, ray_session) -> None:
     cfg = load_config(None, ["generate.backend=vllm", "generate.device=cpu", "generate.actors=1",
-                             "generate.actor_cpus=1", "generate.batch_size=8", "generate.enforce_eager=true"])  # fmt: skip
+                             "generate.actor_cpus=1", "generate.vllm_batch_size=8", "generate.enforce_eager=true"])  # fmt: skip
     sampling = gen.Sampling(temperature=0.0, max_new_tokens=10, n=2, seed=0)
     info = gen.generate(model_dir, prompts(16), tmp_path / "out", cfg.generate, sampling, max_length=128,
                         precision="fp32", fp="vllm")  # fmt: skip
