@@ -262,7 +262,7 @@ class VLLMGenerator:
         for a while after their last request, which takes cores from whatever runs next in the same place."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            core.shutdown(timeout=5)
 
     def params(self, seed: int) -> Any:
         s = self.sampling
