@@ -4,6 +4,8 @@ Skipped, with the reason, where vLLM is not installed (the default ``make test``
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,10 +37,18 @@ def prompts(n: int) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir: Path) -> gen.VLLMGenerator:
+def engine(model_dir: Path) -> Iterator[gen.VLLMGenerator]:
     sampling = {"temperature": 0.0, "max_new_tokens": 12, "n": 1, "seed": 0}
-    return gen.VLLMGenerator(str(model_dir), sampling, max_length=128, device="cpu", precision="fp32",
-                             enforce_eager=True)  # fmt: skip
+    g = gen.VLLMGenerator(str(model_dir), sampling, max_length=128, device="cpu", precision="fp32",
+                          enforce_eager=True)  # fmt: skip
+    # raydora's CPU default: no core held back from the engine's threads (docs/generation.md).
+    assert os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == "0"
+    yield g
+    core = g.llm.llm_engine.engine_core
+    g.close()  # stops the engine's processes (idle CPU workers would otherwise keep polling)
+    for proc in core.resources.engine_manager.processes:
+        proc.join(timeout=10)  # killed at the end of close()'s 5 s: gone once the kernel has reaped it
+        assert not proc.is_alive()
 
 
 def test_vllm_greedy_equals_the_hf_backend(engine: gen.VLLMGenerator, model_dir: Path) -> None:
