@@ -134,7 +134,9 @@ def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dic
         return {k: v.detach().cpu() for k, v in model.state_dict().items() if keep is None or k in keep}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # ignore_frozen_params: the frozen base is never gathered (LoRA under FSDP).
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
     return {k: v for k, v in state.items() if keep is None or k in keep}
 
 

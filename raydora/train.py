@@ -427,7 +427,8 @@ def _save_checkpoint(
     if lora:
         from safetensors.torch import save_file
 
-        _unwrap(model).save_pretrained(str(out / "adapter"), safe_serialization=True)  # a PEFT adapter folder
+        # A PEFT adapter folder, written from the gathered state (the model's own parameters may be shards).
+        _unwrap(model).save_pretrained(str(out / "adapter"), safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(str(out / "adapter"))
         save_file({k: v.clone().contiguous() for k, v in state.items()}, str(out / TRAINER_STATE))
     else:

@@ -169,6 +169,10 @@ def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tm
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     saved = load_file(str(ckpt / train.TRAINER_STATE))
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))  # PEFT's names drop the adapter's
+    assert sorted(adapter) == sorted(k.replace(".default.", ".") for k in saved)
+    for k, v in saved.items():
+        torch.testing.assert_close(adapter[k.replace(".default.", ".")], v, atol=0, rtol=0)
     fit(run_dir, "lora-killed", *common, _fail_at_step=3, _fail_marker=str(tmp_path / "lora-failed"))
     assert (tmp_path / "lora-failed").exists()
     init, a, b = (
