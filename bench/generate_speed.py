@@ -118,12 +118,6 @@ class Engine:
         gc.collect()
 
 
-def engine(model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str, eager: bool = True,
-           device: str = "cpu", precision: str = "fp32") -> Engine:  # fmt: skip
-    """An :class:`Engine` (a callable timing one pass over the prompts)."""
-    return Engine(model_dir, texts, new_tokens, batch, backend, eager, device, precision)
-
-
 def raydora_backend(
     model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str, actors: int, out: Path
 ) -> tuple[int, float]:
@@ -187,9 +181,9 @@ def main() -> None:
                 configs.append(("loop", lambda: bare_loop(model, texts, args.new_tokens, args.batch)))
             elif b in ("hf", "vllm"):
                 size = args.vllm_batch or args.batch if b == "vllm" else args.batch
-                configs.append((f"{b}_engine", engine(model, texts, args.new_tokens, size, b)))
+                configs.append((f"{b}_engine", Engine(model, texts, args.new_tokens, size, b)))
                 if b == "vllm" and args.vllm_compiled:
-                    configs.append(("vllm_engine_compiled", engine(model, texts, args.new_tokens, size, b, False)))
+                    configs.append(("vllm_engine_compiled", Engine(model, texts, args.new_tokens, size, b, False)))
                 for actors in () if args.engine_only else (1, cpus) if b == "hf" else (1,):
                     configs.append((f"{b}_ray_{actors}actor", ray_run(b, actors)))
         for r in range(args.rounds):

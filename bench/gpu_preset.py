@@ -215,7 +215,9 @@ def main() -> None:
     steady = metrics[max(1, len(metrics) // 10) :]
     step_s = statistics.median(args.batch / m["pairs_per_s"] for m in steady)
     tokens_per_s = statistics.median(m["tokens_per_s"] for m in steady)
-    lora = True  # the preset trains LoRA adapters
+    from raydora.config import load_config
+
+    lora = load_config(str(PRESET)).train.lora_r > 0  # LoRA: no weight gradients for the frozen base
     achieved = tokens_per_s * flops_per_token(args.shape, seq, lora)
     result = {
         "device": name, "torch": torch.__version__, "shape": args.shape, "parameters": params,

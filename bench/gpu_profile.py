@@ -28,33 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record
 from gpu_preset import SHAPES, build_random_model, flops_per_token, synthetic_pairs
+from train_speed import trainer_rows
 
 from raydora import train
 from raydora.config import TrainConfig
 from raydora.encoding import encode_batch
 from raydora.models import load_tokenizer, train_tokenizer
-
-
-def rows_for(tok: Any, pairs: list[dict[str, str]], max_length: int) -> dict[str, Any]:
-    """The trainer's row layout (object arrays of token ids, scores and reference log-probs)."""
-    prompt_ids, response_ids = encode_batch(tok, [p["prompt"] for p in pairs],
-                                            [[p["chosen"], p["rejected"]] for p in pairs], max_length)  # fmt: skip
-    n = len(pairs)
-
-    def obj(values: list[Any]) -> np.ndarray:
-        out = np.empty(n, dtype=object)
-        for i, v in enumerate(values):
-            out[i] = v
-        return out
-
-    rng = np.random.default_rng(0)
-    responses = [[np.asarray(r) for r in rs] for rs in response_ids]
-    return {
-        "prompt_ids": obj([np.asarray(x) for x in prompt_ids]),
-        "response_ids": obj(responses),
-        "scores": obj([[1.0, 0.0]] * n),
-        "reference_logps": obj([rng.normal(-600, 5, 2) for _ in range(n)]),
-    }
 
 
 def main() -> None:
@@ -73,7 +52,10 @@ def main() -> None:
     train_tokenizer(iter([t for r in pairs for t in r.values()]), work / "tok", vocab_size=8192)
     tok = load_tokenizer(work / "tok")
     build_random_model(args.shape, tok, work / "model", args.device)
-    rows = rows_for(tok, pairs, 1024)
+    prompt_ids, response_ids = encode_batch(tok, [p["prompt"] for p in pairs],
+                                            [[p["chosen"], p["rejected"]] for p in pairs], 1024)  # fmt: skip
+    rng = np.random.default_rng(0)  # reference log-probs: their values do not change the work of a step
+    rows = trainer_rows(prompt_ids, response_ids, [rng.normal(-600, 5, 2) for _ in pairs])
     cfg = {"mode": "preference", "batch_size": args.batch, "micro_batch_size": args.batch,
            "train": dataclasses.asdict(TrainConfig(loss="dpo", objective="kldpo", beta=0.01, tau=0.01,
                                                    num_workers=1, batch_size=args.batch, lora_r=16))}  # fmt: skip

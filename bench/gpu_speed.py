@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record
-from generate_speed import bare_loop, engine, prompts
+from generate_speed import Engine, bare_loop, prompts
 from train_speed import Ours, dense_matmul_flops, lockstep, make_pairs, model_flops_per_token
 
 from raydora import models as M
@@ -112,7 +112,7 @@ def main() -> None:
     gen: dict[str, Any] = {}
     texts_gen = prompts(args.prompts)
     loop_fn = lambda: bare_loop(model_dir, texts_gen, args.new_tokens, args.gen_batch, dev, precision)
-    hf_fn = engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "hf", device=dev, precision=precision)
+    hf_fn = Engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "hf", device=dev, precision=precision)
     for r in range(2):
         for name, fn in (
             (("loop", loop_fn), ("hf_engine", hf_fn)) if r == 0 else (("hf_engine", hf_fn), ("loop", loop_fn))

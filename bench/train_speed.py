@@ -68,6 +68,20 @@ def model_flops_per_token(model: Any, seq_len: float) -> float:
 OBJECTIVES = ("erm", "dora", "kldpo", "wdpo")
 
 
+def trainer_rows(prompt_ids: list[Any], response_ids: list[Any], ref: Any) -> dict[str, Any]:
+    """Pairs (chosen first) in the Ray Train workers' batch layout: object arrays of token ids, scores, reference
+    log-probs, and fixed ``p_golden`` / ``sources`` for DoRA."""
+    n = len(prompt_ids)
+    return {
+        "prompt_ids": np.array([np.asarray(p) for p in prompt_ids] + [None], dtype=object)[:-1],
+        "response_ids": np.array([[np.asarray(r) for r in rs] for rs in response_ids] + [None], dtype=object)[:-1],
+        "scores": np.array([[1.0, 0.0]] * n + [None], dtype=object)[:-1],
+        "reference_logps": np.array([*ref, None], dtype=object)[:-1],
+        "p_golden": np.array([[0.7, 0.3]] * n + [None], dtype=object)[:-1],
+        "sources": np.array([["golden", "verbose"]] * n + [None], dtype=object)[:-1],
+    }
+
+
 class Ours:
     """raydora's training step (the same ``train._step`` the Ray Train workers run), single process."""
 
@@ -93,16 +107,7 @@ class Ours:
         return lp.double().cpu().numpy()
 
     def rows(self, idx: list[int], ref: np.ndarray) -> dict[str, Any]:
-        return {
-            "prompt_ids": np.array([np.asarray(self.prompt_ids[i]) for i in idx] + [None], dtype=object)[:-1],
-            "response_ids": np.array(
-                [[np.asarray(r) for r in self.response_ids[i]] for i in idx] + [None], dtype=object
-            )[:-1],
-            "scores": np.array([[1.0, 0.0] for _ in idx] + [None], dtype=object)[:-1],
-            "reference_logps": np.array([r for r in ref] + [None], dtype=object)[:-1],
-            "p_golden": np.array([[0.7, 0.3] for _ in idx] + [None], dtype=object)[:-1],
-            "sources": np.array([["golden", "verbose"] for _ in idx] + [None], dtype=object)[:-1],
-        }
+        return trainer_rows([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], ref)
 
     def stepper(self, objective: str, ref_forward: bool = False, pack: bool = True, **train_kw: Any) -> Any:
         """A generator: each ``next()`` runs one training step and yields ``(seconds, tokens)``."""
