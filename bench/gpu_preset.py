@@ -142,7 +142,8 @@ def main() -> None:
     args = p.parse_args()
     from train_speed import dense_matmul_flops
 
-    from raydora.models import load_tokenizer, train_tokenizer
+    from raydora.config import load_config
+    from raydora.models import train_tokenizer
 
     gpu = args.device == "cuda"
     if gpu:
@@ -171,7 +172,7 @@ def main() -> None:
     print(f"{rows} pairs, {seq:.0f} tokens per sequence on average", flush=True)
 
     tic = time.perf_counter()
-    params = build_random_model(args.shape, load_tokenizer(work / "tokenizer"), work / "model", args.device)
+    params = build_random_model(args.shape, tok, work / "model", args.device)
     times["build_and_save_model"] = time.perf_counter() - tic
     print(f"random {args.shape}: {params / 1e9:.3f}B parameters, saved in {times['build_and_save_model']:.0f} s",
           flush=True)  # fmt: skip
@@ -215,8 +216,6 @@ def main() -> None:
     steady = metrics[max(1, len(metrics) // 10) :]
     step_s = statistics.median(args.batch / m["pairs_per_s"] for m in steady)
     tokens_per_s = statistics.median(m["tokens_per_s"] for m in steady)
-    from raydora.config import load_config
-
     lora = load_config(str(PRESET)).train.lora_r > 0  # LoRA: no weight gradients for the frozen base
     achieved = tokens_per_s * flops_per_token(args.shape, seq, lora)
     result = {

@@ -33,7 +33,7 @@ from train_speed import trainer_rows
 from raydora import train
 from raydora.config import TrainConfig
 from raydora.encoding import encode_batch
-from raydora.models import load_tokenizer, train_tokenizer
+from raydora.models import train_tokenizer
 
 
 def main() -> None:
@@ -49,8 +49,7 @@ def main() -> None:
     amp = torch.bfloat16 if args.device == "cuda" else torch.float32
     work = Path(tempfile.mkdtemp(prefix="gpu-profile-"))
     pairs = synthetic_pairs(args.batch * (args.steps + 3), 150, 250)
-    train_tokenizer(iter([t for r in pairs for t in r.values()]), work / "tok", vocab_size=8192)
-    tok = load_tokenizer(work / "tok")
+    tok = train_tokenizer(iter([t for r in pairs for t in r.values()]), work / "tok", vocab_size=8192)
     build_random_model(args.shape, tok, work / "model", args.device)
     prompt_ids, response_ids = encode_batch(tok, [p["prompt"] for p in pairs],
                                             [[p["chosen"], p["rejected"]] for p in pairs], 1024)  # fmt: skip
