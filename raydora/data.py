@@ -380,10 +380,18 @@ def _parquet_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
 
 
+def ordered(ds: Any) -> Any:
+    """``ds`` set to keep its input's row order (``preserve_order``; the setting belongs to the dataset's lineage,
+    not to Ray's global context). Without it blocks are written in the order they finish, which changes from run to
+    run, and the trainer's plan indexes rows by position: the same seed then trains on different batches."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def write_rows(ds: Any, folder: Path) -> int:
-    """Write a Ray Dataset as parquet into ``folder`` (created even when empty), with IO-sized write tasks next to
-    actor pools; returns the rows written, counted from the files' footers."""
-    ds.write_parquet(str(folder), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
+    """Write a Ray Dataset as parquet into ``folder`` (created even when empty), in its input's order (``ordered``),
+    with IO-sized write tasks next to actor pools; returns the rows written, counted from the files' footers."""
+    ordered(ds).write_parquet(str(folder), min_rows_per_file=20_000, ray_remote_args={"num_cpus": IO_CPUS})
     folder.mkdir(parents=True, exist_ok=True)
     return _parquet_rows(folder)
 
@@ -407,9 +415,9 @@ def validate(
         marker = json.loads((out / "data" / "_SUCCESS").read_text())
         return StageResult("validate", outputs, marker["rows"], skipped=True, info={"reasons": marker["reasons"]})
     with staging(out, "validate") as tmp:
-        read_staged(input, fmt, max_chars, tokenizer, chunk_bytes).write_parquet(str(tmp / "staged"))
+        ordered(read_staged(input, fmt, max_chars, tokenizer, chunk_bytes)).write_parquet(str(tmp / "staged"))
         if list((tmp / "staged").glob("*.parquet")):  # an empty input stages nothing
-            staged = read_canonical(tmp / "staged")
+            staged = ordered(read_canonical(tmp / "staged"))
             canonical, quarantine = [f.name for f in CANONICAL_SCHEMA], [f.name for f in QUARANTINE_SCHEMA]
             staged.filter(expr="kind == 'valid'").select_columns(canonical).write_parquet(str(tmp / "data"))
             staged.filter(expr="kind == 'quarantine'").select_columns(quarantine).write_parquet(str(tmp / "quarantine"))

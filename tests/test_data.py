@@ -169,3 +169,33 @@ def test_read_canonical_slices_cover_every_row_once(tmp_path: Path) -> None:
     ds = data.read_canonical(folder, slice_rows=7, block_rows=3)
     assert sorted(r["i"] for r in ds.take_all()) == list(range(23)) + list(range(100, 104))
     assert ds.materialize().num_blocks() >= 5
+
+
+def test_stage_writes_keep_the_input_order_when_later_batches_finish_first(tmp_path: Path) -> None:
+    # The trainer's plan indexes rows by position, so a stage that wrote rows in the order its actors finished
+    # trained the same seed on different batches from run to run (the demo's win rate moved by 0.17).
+    class SlowOnSomeBatches:  # defined here: Ray ships it by value (the tests folder is not importable there)
+        """An actor-pool stage whose first two batches of every eight take longer: later batches finish first."""
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            import time
+
+            time.sleep(0.3 if batch.column("id")[0].as_py() % 32 < 8 else 0.0)
+            return batch
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": list(range(64))}), tmp_path / "in" / "rows.parquet")
+
+    def run(write) -> list[int]:
+        ds = data.read_canonical(tmp_path / "in", num_cpus=data.IO_CPUS, block_rows=4, slice_rows=8)
+        ds = data.map_on_actor_pool(ds, SlowOnSomeBatches, {}, keys=("a", "b"), batch_size=4, actors=2,
+                                    actor_cpus=0.5)  # fmt: skip
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        write(ds, out)
+        return [i for f in data.parquet_files(out) for i in pq.read_table(f).column("id").to_pylist()]
+
+    # Without order preservation the slow batches land after faster ones (checks that the test can fail) ...
+    unordered = run(lambda ds, out: ds.write_parquet(str(out)))
+    assert sorted(unordered) == list(range(64)) and unordered != list(range(64))
+    # ... and every stage writes through write_rows, which keeps the order.
+    assert run(data.write_rows) == list(range(64))
