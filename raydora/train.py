@@ -438,17 +438,39 @@ def _save_checkpoint(
     return str(out)
 
 
+def _merged_lora(peft_model: Any, state: dict[str, Any]) -> Any:
+    """The plain model with the adapters merged, built on CPU from the gathered full ``state``, never from the live
+    model: FSDP's sharded modules cannot be deep-copied, and a copy on the GPU would hold a second model at the end
+    of a run. The frozen base keeps its dtype (bf16 under autocast); PEFT casts the delta to it."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = peft_model.peft_config[peft_model.active_adapter]
+    with torch.device("meta"):
+        shell = get_peft_model(AutoModelForCausalLM.from_config(peft_model.get_base_model().config), adapter)
+    # One process on CPU: the state's tensors are the live parameters, which the merge would add into.
+    live = {p.data_ptr() for p in peft_model.parameters() if type(p).__name__ != "DTensor" and p.device.type == "cpu"}
+    copies: dict[int, Any] = {}  # tied tensors stay one tensor
+    own = {k: copies.setdefault(v.data_ptr(), v.clone()) if v.data_ptr() in live else v for k, v in state.items()}
+    shell.load_state_dict(own, assign=True, strict=False)
+    # assign=True replaced tied parameters by separate ones: tie them again before merging (PEFT unties the
+    # config of a model whose embeddings differ).
+    shell.get_base_model().tie_weights()
+    merged = shell.merge_and_unload()
+    unset = [n for n, p in merged.named_parameters() if p.is_meta]
+    if unset:
+        raise KeyError(f"merging the LoRA adapters: no weights gathered for {unset[:5]}")
+    return merged
+
+
 def _save_model(model: Any, tokenizer: Any, out: Path, state: dict[str, Any]) -> None:
     """``save_pretrained`` of the full (merged, unsharded) model."""
     from raydora.models import save_pretrained
 
     inner = _unwrap(model)
     if hasattr(inner, "merge_and_unload"):  # LoRA: save the merged weights, which transformers and vLLM load
-        import copy
-
-        merged = copy.deepcopy(inner)
-        merged = merged.merge_and_unload()
-        save_pretrained(merged, tokenizer, out)
+        save_pretrained(_merged_lora(inner, state), tokenizer, out)
         return
     if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         import torch

@@ -187,6 +187,34 @@ def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_lora_under_fsdp2_trains_like_ddp_and_checkpoints_the_adapters(run_dir: Path) -> None:
+    # FSDP2 shards the frozen base and the adapters alike; only the adapters train, are gathered (the base is
+    # never gathered: ignore_frozen_params) and checkpointed. The result equals LoRA under DDP.
+    pytest.importorskip("peft")
+    common = ("train.lora_r=4", "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2",
+              "train.objective=kldpo", "train.num_workers=2")  # fmt: skip
+    fit(run_dir, "lora-ddp", *common, master_dtype="float64")
+    fit(run_dir, "lora-fsdp", *common, "train.strategy=fsdp", master_dtype="float64")
+    ddp, fsdp = weights(run_dir / "lora-ddp" / "final"), weights(run_dir / "lora-fsdp" / "final")
+    init = weights(run_dir / "init")
+    assert sorted(ddp) == sorted(fsdp) == sorted(init)  # merged weights, tied embeddings still tied
+    assert any(not torch.equal(init[k].double(), ddp[k].double()) for k in init)
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], fsdp[k], atol=1e-9, rtol=1e-7)
+    for out in ("lora-ddp", "lora-fsdp"):
+        step, ckpt = train.latest_checkpoint(run_dir / out)
+        assert step == 4 and ckpt is not None
+        saved = load_file(str(ckpt / train.TRAINER_STATE))
+        assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), out
+    a = load_file(str(train.latest_checkpoint(run_dir / "lora-ddp")[1] / train.TRAINER_STATE))
+    b = load_file(str(train.latest_checkpoint(run_dir / "lora-fsdp")[1] / train.TRAINER_STATE))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-7)
+    la = [m["loss"] for m in metrics(run_dir / "lora-ddp")]
+    np.testing.assert_allclose(la, [m["loss"] for m in metrics(run_dir / "lora-fsdp")], rtol=1e-9)
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -> None:
     with pytest.raises(train.NonFiniteLossError, match="non-finite loss at step 2"):
         fit(run_dir, "nan", "train.max_steps=4", _nan_at_step=2)

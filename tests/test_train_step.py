@@ -290,3 +290,38 @@ def test_wdpo_finite_difference_matches_the_double_backward(setup, pack: bool) -
         assert metrics["loss"] == pytest.approx(want["loss"], rel=1e-9)
         g, _ = out["finite_difference", 1e-3, mbs]  # the default step: O(s) error on the penalty's gradient
         assert float((g - g_dpo - exact).norm() / exact.norm()) < 2e-2
+
+
+@pytest.mark.parametrize(("preset", "base_dtype"), [("tiny-gpt2", torch.float32), ("tiny-llama", torch.bfloat16)])
+def test_merged_lora_from_the_gathered_state_equals_peft_merging_the_live_model(
+    tmp_path: Any, preset: str, base_dtype: torch.dtype
+) -> None:
+    # The final save merges from the gathered state (FSDP modules cannot be deep-copied): same weights as PEFT's
+    # own merge of a copy, tied embeddings still tied (GPT-2), a bf16 base kept in bf16, and the live model intact.
+    import copy
+
+    pytest.importorskip("peft")
+    from raydora import distributed
+
+    tok = train_tokenizer(iter(["the quick brown fox jumps over the lazy dog"] * 20), vocab_size=300)
+    build_model(preset, tok).save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    model = train.load_policy(tmp_path, base_dtype, torch.float32, "eager", lora_r=4, lora_alpha=8.0)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # B starts at zero: a merge would change nothing
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    merged = train._merged_lora(model, distributed.full_state_dict(model))
+    got = merged.state_dict()
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype == (base_dtype if k.endswith("weight") else got[k].dtype), k
+        torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0)
+    changed = [k for k in expected if not torch.equal(got[k], build_model(preset, tok).to(base_dtype).state_dict()[k])]
+    assert changed and all(k.endswith("weight") for k in changed)
+    tied = merged.lm_head.weight is merged.get_input_embeddings().weight
+    assert tied == (preset == "tiny-gpt2") == merged.config.tie_word_embeddings
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
