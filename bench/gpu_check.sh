@@ -7,6 +7,7 @@
 #      classifier training and scoring, reference log-probs and generation on GPU actors, then evaluation;
 #   4. (RUN_PRESET=1) bench/gpu_preset.py: the KLDPO LoRA preset at Llama-3.1-8B's shape (random weights) through
 #      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps): throughput and MFU.
+#      PRESET_ARGS="--preset dora --steps 100" runs the DoRA preset's LoRA setting instead (adds classify).
 # SKIP_BENCH=1 and SKIP_PIPELINE=1 leave steps 2 and 3 out.
 # Logs and results go to $OUT (default /tmp/gpu-check). The machine has no package index: Ray and its missing
 # dependencies travel in .whl/ (a slimmed Ray 2.60 tarball and wheels; docs/gpu.md says how they were made).
@@ -58,7 +59,7 @@ else
 fi
 
 if [ -n "${RUN_PRESET:-}" ]; then
-  echo "== 4. bench/gpu_preset.py (KLDPO LoRA preset, Llama-3.1-8B shape, random weights)"
+  echo "== 4. bench/gpu_preset.py (a LoRA preset, Llama-3.1-8B shape, random weights): ${PRESET_ARGS:-}"
   start=$(date +%s)
   timeout "${PRESET_TIMEOUT:-480}" $PY bench/gpu_preset.py --out "$OUT" --work /tmp/preset ${PRESET_ARGS:-} 2>&1 \
     | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"

@@ -1,11 +1,20 @@
 """A GPU preset at its real model shape, through the real pipeline (issue 9's GPU run).
 
-The lent GPU machines cannot download weights or data, so this runs ``jobs/configs/kldpo_llama8b_lora.yaml`` on a
-model of the preset's architecture with random weights (Llama-3.1-8B: 4096 wide, 32 layers, grouped-query attention
-32/8, 14,336 MLP, 128,256-token vocabulary) and on synthetic preference text of realistic lengths. Everything else
-is the preset: its YAML (KLDPO over DPO, LoRA r=16 on every linear layer, bf16 autocast, cosine schedule, clipping),
-the validate stage, the reference stage on a GPU actor, and the train stage on Ray Train with NCCL, run for
-``--steps`` optimizer steps on one GPU worker. Random weights do not change the work per step.
+The lent GPU machines cannot download weights or data, so this runs a preset on a model of its architecture with
+random weights (Llama-3.1-8B: 4096 wide, 32 layers, grouped-query attention 32/8, 14,336 MLP, 128,256-token
+vocabulary) and on synthetic preference text of realistic lengths. Random weights do not change the work per step.
+
+- ``--preset kldpo``: ``jobs/configs/kldpo_llama8b_lora.yaml`` as it is (KLDPO over DPO, LoRA r=16 on every linear
+  layer, bf16 autocast, cosine schedule, clipping) on pairs, through the validate stage, the reference stage on a
+  GPU actor, and the train stage on Ray Train with NCCL.
+- ``--preset dora``: ``jobs/configs/dora_dpo_llama8b.yaml`` in the DoRA paper's own LoRA setting (the preset's
+  comment: ``train.strategy=ddp train.lora_r=8 train.lora_alpha=16 train.lr=1e-5``; the full-parameter FSDP
+  setting needs 16 GPUs) on K = 4 responses per prompt from ``golden`` and three synthetic sources, each source
+  with a textual artefact (longer, repetitive, or a skewed vocabulary) for its classifier to find. Adds the
+  classify stage: one golden-vs-source classifier per source on a random BERT-base (the paper's backbone shape),
+  trained, calibrated and scored on the GPU.
+
+Both run ``--steps`` optimizer steps on one GPU worker.
 
 Recorded (``bench/results/gpu_preset.json``):
 - train: pairs/s and tokens/s of the steady-state steps (the first 10% left out), from ``train/metrics.jsonl``;
@@ -15,6 +24,7 @@ Recorded (``bench/results/gpu_preset.json``):
 - each stage's wall time, and the GPU's peak memory (nvidia-smi, polled each second).
 
     python bench/gpu_preset.py --out bench/results                  # CUDA, >= 40 GB; about 6 minutes on an H200
+    python bench/gpu_preset.py --preset dora --out bench/results    # DoRA LoRA preset; one more stage (classify)
     python bench/gpu_preset.py --shape tiny --device cpu --steps 4  # the same path on CPU, to check the script
 """
 
@@ -42,7 +52,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESET = ROOT / "jobs" / "configs" / "kldpo_llama8b_lora.yaml"
+PRESETS = {
+    "kldpo": (ROOT / "jobs" / "configs" / "kldpo_llama8b_lora.yaml", []),
+    # DoRA's paper trains LoRA r=8 adapters at 1e-5 (the preset's own comment gives these overrides).
+    "dora": (ROOT / "jobs" / "configs" / "dora_dpo_llama8b.yaml",
+             ["train.strategy=ddp", "train.lora_r=8", "train.lora_alpha=16", "train.lr=1e-5"]),
+}  # fmt: skip
+# The classifiers' backbone for --preset dora: BERT-base's shape (the paper's bert-base-uncased), random weights.
+ENCODERS = {
+    "llama3-8b": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+}
+SOURCES = ("golden", "verbose", "repetitive", "skewed")
 # Llama-3.1-8B's architecture (config.json of meta-llama/Llama-3.1-8B-Instruct, rope scaling left out: it changes
 # no FLOPs) and a tiny one of the same family for the CPU dry run.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -57,14 +78,62 @@ SHAPES: dict[str, dict[str, Any]] = {
 def synthetic_pairs(rows: int, prompt_words: int, response_words: int, seed: int = 0) -> list[dict[str, str]]:
     """TRL-layout pairs of pseudo-words, lengths jittered by +-25% (made-up words, so the tokenizer splits them)."""
     rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ja", "po", "ze"]
-    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(3000)]
+    words = _pseudo_words(rng)
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words, size=max(1, int(n * rng.uniform(0.75, 1.25)))))
 
     return [{"prompt": text(prompt_words), "chosen": text(response_words), "rejected": text(response_words)}
             for _ in range(rows)]  # fmt: skip
+
+
+def _pseudo_words(rng: np.random.Generator, n: int = 3000) -> list[str]:
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ja", "po", "ze"]
+    return ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(n)]
+
+
+def synthetic_listwise(rows: int, prompt_words: int, response_words: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Canonical rows (prompt, responses[4], scores[4], sources[4]): one response from each of ``SOURCES``, in a
+    random order, golden scored highest on average. Each synthetic source leaves an artefact its classifier can
+    learn: ``verbose`` is 1.5 x longer, ``repetitive`` repeats its words, ``skewed`` draws from a tenth of the
+    vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = _pseudo_words(rng)
+
+    def text(n: int, vocab: list[str] = words) -> str:
+        return " ".join(rng.choice(vocab, size=max(1, int(n * rng.uniform(0.75, 1.25)))))
+
+    def response(source: str) -> str:
+        if source == "verbose":
+            return text(int(response_words * 1.5))
+        if source == "repetitive":
+            return " ".join(w for w in text(response_words // 2).split() for _ in range(2))
+        return text(response_words, words[:300] if source == "skewed" else words)
+
+    out = []
+    for i in range(rows):
+        order = rng.permutation(len(SOURCES))
+        sources = [SOURCES[j] for j in order]
+        scores = [float(rng.normal(1.0 if s == "golden" else 0.0)) for s in sources]
+        out.append({"id": f"p{i}", "prompt": text(prompt_words), "responses": [response(s) for s in sources],
+                    "scores": scores, "sources": sources})  # fmt: skip
+    return out
+
+
+def build_random_encoder(shape: str, texts: list[str], out: Path) -> int:
+    """A random ``BertForSequenceClassification`` of ``ENCODERS[shape]`` with an encoder BPE trained on ``texts``,
+    saved as a local model folder (the classify stage's ``classifier.backbone``). Returns the parameter count."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from raydora.models import save_pretrained, train_tokenizer
+
+    tok = train_tokenizer(iter(texts), vocab_size=8192, kind="encoder")
+    cfg = BertConfig(**ENCODERS[shape], vocab_size=len(tok), max_position_embeddings=512, num_labels=2,
+                     pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg)
+    save_pretrained(model, tok, out)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_random_model(shape: str, tok: Any, out: Path, device: str) -> int:
@@ -127,6 +196,7 @@ class GpuMemory:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="kldpo", choices=sorted(PRESETS))
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--steps", type=int, default=150, help="optimizer steps")
@@ -160,16 +230,25 @@ def main() -> None:
 
     tic = time.perf_counter()
     rows = args.steps * args.batch
-    pairs = synthetic_pairs(rows, args.prompt_words, args.response_words)
-    pq.write_table(pa.Table.from_pylist(pairs), work / "prefs.parquet")
-    texts = [t for r in pairs[:2000] for t in r.values()]
+    preset_path, preset_overrides = PRESETS[args.preset]
+    if args.preset == "dora":
+        data = synthetic_listwise(rows, args.prompt_words, args.response_words)
+        texts = [t for r in data[:1000] for t in (r["prompt"], *r["responses"])]
+    else:
+        data = synthetic_pairs(rows, args.prompt_words, args.response_words)
+        texts = [t for r in data[:2000] for t in r.values()]
+    pq.write_table(pa.Table.from_pylist(data), work / "prefs.parquet")
     tok = train_tokenizer(iter(texts), work / "tokenizer", vocab_size=min(8192, SHAPES[args.shape]["vocab_size"]))
+    # Tokens per trained sequence (prompt + response): a pair is chosen and rejected; DoRA's DPO trains the best-
+    # and worst-scored of the K responses, which are any two of them, so all K are averaged.
     lengths = [
-        len(tok(r["prompt"]).input_ids) + len(tok(r[k]).input_ids) for r in pairs[:500] for k in ("chosen", "rejected")
+        len(tok(r["prompt"]).input_ids) + len(tok(x).input_ids)
+        for r in data[:500]
+        for x in ([r["chosen"], r["rejected"]] if "chosen" in r else r["responses"])
     ]
     seq = float(np.mean(lengths))
     times["data_and_tokenizer"] = time.perf_counter() - tic
-    print(f"{rows} pairs, {seq:.0f} tokens per sequence on average", flush=True)
+    print(f"{rows} rows ({args.preset}), {seq:.0f} tokens per sequence on average", flush=True)
 
     tic = time.perf_counter()
     params = build_random_model(args.shape, tok, work / "model", args.device)
@@ -177,19 +256,29 @@ def main() -> None:
     print(f"random {args.shape}: {params / 1e9:.3f}B parameters, saved in {times['build_and_save_model']:.0f} s",
           flush=True)  # fmt: skip
 
+    stages = ["validate", "reference", "train"]
     overrides = [
-        f"root={work / 'runs'}", "name=preset", f"model.policy={work / 'model'}",
+        *preset_overrides, f"root={work / 'runs'}", "name=preset", f"model.policy={work / 'model'}",
         f"data.input={work / 'prefs.parquet'}", f"ray.num_cpus={args.cpus}",
         "train.num_workers=1", "reference.actors=1", f"train.batch_size={args.batch}",
         f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
         f"train.checkpoint_every={args.steps}", "train.log_every=10",
     ]  # fmt: skip
+    if args.preset == "dora":
+        tic = time.perf_counter()
+        encoder = build_random_encoder(args.shape, texts, work / "encoder")
+        times["build_and_save_encoder"] = time.perf_counter() - tic
+        print(f"random classifier backbone: {encoder / 1e6:.1f}M parameters", flush=True)
+        stages.insert(1, "classify")
+        overrides += [f"classifier.backbone={work / 'encoder'}", "classifier.num_workers=1",
+                      "classifier.score_actors=1", "classifier.epochs=1", "data.format=canonical"]  # fmt: skip
     if args.attn:
         overrides.append(f"model.attn_implementation={args.attn}")
     if not gpu:
-        overrides += ["model.precision=fp32", "train.use_gpu=false", "reference.device=cpu", "model.max_length=512"]
-    cmd = [sys.executable, "-m", "raydora.cli", "pipeline", "--config", str(PRESET), "--stages",
-           "validate,reference,train", *overrides]  # fmt: skip
+        overrides += ["model.precision=fp32", "train.use_gpu=false", "reference.device=cpu", "model.max_length=512",
+                      "classifier.device=cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "raydora.cli", "pipeline", "--config", str(preset_path), "--stages",
+           ",".join(stages), *overrides]  # fmt: skip
     print("$ " + " ".join(cmd[1:]), flush=True)
     tic = time.perf_counter()
     log_path, timed_out = work / "pipeline.log", False
@@ -216,11 +305,11 @@ def main() -> None:
     steady = metrics[max(1, len(metrics) // 10) :]
     step_s = statistics.median(args.batch / m["pairs_per_s"] for m in steady)
     tokens_per_s = statistics.median(m["tokens_per_s"] for m in steady)
-    lora = load_config(str(PRESET)).train.lora_r > 0  # LoRA: no weight gradients for the frozen base
+    lora = load_config(str(preset_path), overrides).train.lora_r > 0  # LoRA: no weight gradients for the base
     achieved = tokens_per_s * flops_per_token(args.shape, seq, lora)
     result = {
         "device": name, "torch": torch.__version__, "shape": args.shape, "parameters": params,
-        "preset": str(PRESET.relative_to(ROOT)), "overrides": overrides, "steps": len(metrics),
+        "preset": str(preset_path.relative_to(ROOT)), "overrides": overrides, "steps": len(metrics),
         "batch_pairs": args.batch, "micro_batch_pairs": args.micro_batch, "mean_sequence_tokens": seq,
         "dense_matmul_flops": peak, "pairs_per_s": args.batch / step_s, "tokens_per_s": tokens_per_s,
         "step_s": step_s, "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
@@ -229,9 +318,13 @@ def main() -> None:
         "gpu_peak_mib": mem.peak or None, "seconds": times, "timed_out": timed_out,
         "stages": stage_lines,
     }  # fmt: skip
+    marker = run_dir / "classifier" / "_SUCCESS"
+    if marker.is_file():  # the classifiers' held-out quality: did they find the sources' artefacts?
+        result["classifiers"] = json.loads(marker.read_text()).get("classifiers")
     for k in ("pairs_per_s", "tokens_per_s", "step_s", "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):
         print(f"{k:<22} {result[k]}", flush=True)
-    print(f"written to {record('gpu_preset' if gpu else 'gpu_preset_dryrun_cpu', result, args.out)}", flush=True)
+    tag = "gpu_preset" + ("_dora" if args.preset == "dora" else "") + ("" if gpu else "_dryrun_cpu")
+    print(f"written to {record(tag, result, args.out)}", flush=True)
 
 
 if __name__ == "__main__":
