@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydora import calibration
-from raydora.data import read_canonical
+from raydora.data import ordered, ordered_ingest, read_canonical
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
 GOLDEN, UNKNOWN = "golden", "unknown"
@@ -235,15 +235,14 @@ def train_classifiers(
         for source in sources:
             # Materialised once, before training (small: prompt, response, label): both splits filter the same
             # examples, and the Train workers hold the cores, so a lazy read would never get a CPU slot.
-            examples = (
-                read_canonical(data_dir)
-                .map_batches(
+            # In the data's order (``ordered``): the seeded shuffle below then sees the same stream every run.
+            examples = ordered(
+                read_canonical(data_dir).map_batches(
                     explode,
                     batch_format="pyarrow",
                     fn_kwargs={"source": source, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
                 )
-                .materialize()
-            )
+            ).materialize()
             train = examples.filter(expr=col("holdout") == lit(False)).materialize()
             holdout = examples.filter(expr=col("holdout") == lit(True)).materialize()
             for ds in (train, holdout):  # bars from inside the workers would redraw under every log line
@@ -266,7 +265,8 @@ def train_classifiers(
                 },
                 scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.device == "cuda"),
                 datasets={"train": train, "holdout": holdout},
-                dataset_config=DataConfig(datasets_to_split=["train"]),
+                # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
+                dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
                 run_config=RunConfig(name=f"classifier-{source}", storage_path=str((tmp / ".ray_train").absolute())),
             )
             result = trainer.fit()

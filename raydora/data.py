@@ -388,6 +388,15 @@ def ordered(ds: Any) -> Any:
     return ds
 
 
+def ordered_ingest() -> Any:
+    """Ray Train ``DataConfig`` execution options that keep the input's order (the current resource limits kept):
+    the datasets handed to workers arrive in the same order on every run."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True)
+
+
 def write_rows(ds: Any, folder: Path) -> int:
     """Write a Ray Dataset as parquet into ``folder`` (created even when empty), in its input's order (``ordered``),
     with IO-sized write tasks next to actor pools; returns the rows written, counted from the files' footers."""

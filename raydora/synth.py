@@ -269,6 +269,8 @@ def write_benchmark(
     memory stays bounded whatever ``rows`` is. Skips when ``output/_SUCCESS`` matches the parameters."""
     import ray.data
 
+    from raydora.data import ordered
+
     shares = {"golden": alpha, **(source_shares if source_shares is not None else {"verbose": 0.375, "sloppy": 0.375})}
     params = {"k": k, "shares": shares, "label_noise": label_noise, "seed": seed}
     out = Path(output)
@@ -282,9 +284,8 @@ def write_benchmark(
         for split, n in counts.items():
             blocks = [{"start": s, "count": min(block_rows, n - s)} for s in range(0, n, block_rows)]
             ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
-            ds.map_batches(_generate_split, batch_size=1, fn_kwargs={"split": split, "params": params}).write_json(
-                str(tmp / split)
-            )
+            ds = ds.map_batches(_generate_split, batch_size=1, fn_kwargs={"split": split, "params": params})
+            ordered(ds).write_json(str(tmp / split))  # files in block order, whichever block finishes first
         sample = list(generate_rows(0, min(rows, 2000), **params))
         info = {"stage": "synth", "fingerprint": fp, "rows": counts, "params": params, "alpha0": ALPHA0,
                 "label_disagreement": disagreement(sample)}  # fmt: skip

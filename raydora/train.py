@@ -215,8 +215,11 @@ def collate_micro(
         select = np.tile(np.arange(ks.pop()), (len(prompts), 1))
     batch = (pack_sequences if pack else pad_sequences)(prompts, responses, select, pad_id)
     out: dict[str, Any] = {"enc": batch, "k": select.shape[1], "rows": len(prompts)}
+    # Row by row: pairwise losses take rows of any K (real data and the online loop's rows vary).
     out["scores"] = (
-        torch.tensor(np.take_along_axis(np.array(scores, dtype=np.float64), select, 1)) if mode != "sft" else None
+        torch.tensor([[sc[j] for j in sel] for sc, sel in zip(scores, select, strict=True)], dtype=torch.float64)
+        if mode != "sft"
+        else None
     )
     if mode != "sft":
         ref = [np.asarray(r, dtype=np.float64) for r in rows["reference_logps"][idx]]
@@ -441,19 +444,25 @@ def _save_checkpoint(
 def _merged_lora(peft_model: Any, state: dict[str, Any]) -> Any:
     """The plain model with the adapters merged, built on CPU from the gathered full ``state``, never from the live
     model: FSDP's sharded modules cannot be deep-copied, and a copy on the GPU would hold a second model at the end
-    of a run. The frozen base keeps its dtype (bf16 under autocast); PEFT casts the delta to it."""
+    of a run. The frozen base keeps its dtype (bf16 under autocast); PEFT casts the delta to it. For saving only:
+    non-persistent buffers (e.g. rotary ``inv_freq``) stay on the meta device."""
+    import copy
+
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    adapter = peft_model.peft_config[peft_model.active_adapter]
+    name = peft_model.active_adapter
+    adapter = copy.deepcopy(peft_model.peft_config[name])  # PEFT edits the config it is given
     with torch.device("meta"):
-        shell = get_peft_model(AutoModelForCausalLM.from_config(peft_model.get_base_model().config), adapter)
+        shell = get_peft_model(AutoModelForCausalLM.from_config(peft_model.get_base_model().config), adapter, name)
     # One process on CPU: the state's tensors are the live parameters, which the merge would add into.
     live = {p.data_ptr() for p in peft_model.parameters() if type(p).__name__ != "DTensor" and p.device.type == "cpu"}
     copies: dict[int, Any] = {}  # tied tensors stay one tensor
     own = {k: copies.setdefault(v.data_ptr(), v.clone()) if v.data_ptr() in live else v for k, v in state.items()}
-    shell.load_state_dict(own, assign=True, strict=False)
+    _, unexpected = shell.load_state_dict(own, assign=True, strict=False)  # missing: checked on meta below
+    if unexpected:
+        raise KeyError(f"merging the LoRA adapters: gathered state has unknown keys {unexpected[:5]}")
     # assign=True replaced tied parameters by separate ones: tie them again before merging (PEFT unties the
     # config of a model whose embeddings differ).
     shell.get_base_model().tie_weights()
@@ -806,13 +815,6 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
     return {"value": value, "metrics": metrics, "grad_norm_pre": grad_norm, "tokens": float(tok) * world}
 
 
-def _ordered_ingest() -> Any:
-    from ray.data import DataContext, ExecutionOptions
-
-    current = DataContext.get_current().execution_options
-    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True)
-
-
 # ---- driver --------------------------------------------------------------------------------------------------------
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path | None]:
     """``(step, folder)`` of the newest complete checkpoint under ``out_dir/checkpoints`` (``(0, None)``: none)."""
@@ -845,6 +847,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raydora.data import ordered_ingest
+
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -857,7 +861,7 @@ def build_trainer(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
         # Every worker reads its own ordered dataset: Train must neither split nor reorder them.
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_ingest()),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ordered_ingest()),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=str(out_dir),

@@ -119,6 +119,18 @@ def test_dora_row_weights_match_robust_dora_weights() -> None:
         assert float(mb["weights"][0]) == pytest.approx(want_h, rel=1e-12)
 
 
+def test_pairwise_collation_takes_rows_of_different_k() -> None:
+    # Real data and the online loop's rows hold 2..K responses; a pairwise loss takes each row's best and worst.
+    rows = {"prompt_ids": _objects([[5, 6], [7]]), "response_ids": _objects([[[7], [8], [9]], [[10, 11], [12]]]),
+            "scores": _objects([[0.2, 0.9, 0.5], [0.0, 1.0]]),
+            "reference_logps": _objects([[-1.0, -2.0, -3.0], [-4.0, -5.0]])}  # fmt: skip
+    mb = train.collate_micro(rows, slice(0, 2), "preference", "dpo", 0, None)
+    assert mb["scores"].tolist() == [[0.9, 0.2], [1.0, 0.0]] and mb["ref"].tolist() == [[-2.0, -1.0], [-5.0, -4.0]]
+    assert mb["k"] == 2 and mb["rows"] == 2
+    with pytest.raises(ValueError, match="same number of responses"):
+        train.collate_micro(rows, slice(0, 2), "preference", "dpo_pl", 0, None)
+
+
 def _objects(values: list[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
