@@ -10,7 +10,6 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from raydora import __version__
 from raydora.config import ConfigError, RunConfig, dump_yaml, explain, load_config
@@ -164,7 +163,9 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         import pyarrow as pa
 
-        reward = _cli_reward(args.reward, cfg)
+        from raydora.evaluate import named_reward
+
+        reward = named_reward(args.reward, cfg.model.max_length)
         rows, dropped = gen.to_preferences(gen.read_generations(args.out), reward, args.source)
         out = Path(args.preferences)
         out.mkdir(parents=True, exist_ok=True)
@@ -172,17 +173,6 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
         print(f"[generate] {len(rows)} preference rows -> {out}/preferences.parquet ({dropped} prompts without a "
               "preference dropped); validate them with: raydora validate --input " + str(out))  # fmt: skip
     return 0
-
-
-def _cli_reward(name: str, cfg: RunConfig) -> Callable[[Sequence[str], Sequence[str]], Any]:
-    """gold / biased (the benchmark's gold reward or its biased labeller) or a reward model folder, batched."""
-    from raydora import evaluate, synth
-
-    if name == "gold":
-        return evaluate.gold()
-    if name == "biased":
-        return lambda prompts, responses: [synth.biased_score(p, r) for p, r in zip(prompts, responses, strict=True)]
-    return evaluate.model_reward(name, cfg.model.max_length)
 
 
 def cmd_report(args: argparse.Namespace, cfg: RunConfig | None) -> int:
@@ -204,6 +194,15 @@ def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """The online loop over the run directory: sample, label, train from the current policy, repeated."""
+    from raydora import loop
+
+    summaries = loop.run(cfg, args.rounds)
+    print(loop.table(summaries), end="")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] = {
     "check": (cmd_check, "verify the installation: versions, precision, math library, local Ray"),
     "config": (cmd_config, "print the resolved config (or --explain every key)"),
@@ -220,6 +219,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] 
     "evaluate": (_stage_command("evaluate"), "win rates, breakdowns, shift sweep and plots into eval/"),
     "report": (cmd_report, "compare several runs' evaluations: raydora report RUN_DIR... [--out DIR]"),
     "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
+    "loop": (cmd_loop, "the online loop: sample the policy, label, train from it; repeated (after the pipeline)"),
 }
 
 
@@ -242,6 +242,8 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--stages", help="comma-separated subset, e.g. synth,validate,classify,sft,reference,train (default: all)"
         )
+    elif name == "loop":
+        p.add_argument("--rounds", type=int, help="rounds (default: loop.rounds)")
     elif name == "generate":
         p.add_argument("--model", help="a model folder to sample from instead of the run's policies (needs --out)")
         p.add_argument("--prompts", help="prompt file or folder (default: generate.prompts or the benchmark's eval)")

@@ -395,6 +395,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    rounds: int = 2
+    """Rounds of the online loop (``raydora loop``): sample the current policy on the training prompts, label the
+    samples, train on them from that policy (which is also the round's reference), repeat."""
+    samples: int = 4
+    """Samples per prompt per round (distinct samples become the row's responses)."""
+    prompts: int | None = None
+    """Training prompts sampled per round (null: all of data/). Round r takes the next N rows of data/ after
+    round r-1's, wrapping around, so that rounds see fresh prompts."""
+    reward: str = "biased"
+    """How samples are labelled: `biased` (the benchmark's labeller: long and confident answers win), `gold` (its
+    gold reward: an oracle), or a local reward-model or raydora-classifier folder."""
+    keep_golden: bool | None = None
+    """Add each prompt's `golden` responses from data/, labelled by the same reward, to the round's rows, so that
+    DoRA's classifier separates golden from the policy's samples. null: on for the objectives that read p_golden
+    (dora, reweight, which need it), off for the others (purely on-policy rows, as in iterative DPO)."""
+    temperature: float | None = None
+    """Sampling temperature of the rounds (null: generate.temperature)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds > 0, "rounds", "must be > 0")
+        _check(self.samples >= 2, "samples", "must be >= 2 (a preference needs two responses)")
+        _check(self.prompts is None or self.prompts > 0, "prompts", "must be > 0 or null")
+        _check(self.temperature is None or self.temperature > 0, "temperature", "must be > 0 (samples must differ)")
+        _check(bool(self.reward), "reward", "must be gold, biased or a folder")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"
     """Run name: outputs go to <root>/<name>/."""
@@ -412,6 +440,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")

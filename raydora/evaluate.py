@@ -127,6 +127,18 @@ class RewardModel:
         return batch.append_column("reward", pa.array(r, pa.float64()))
 
 
+def named_reward(name: str, max_length: int) -> Reward:
+    """``gold`` (the benchmark's gold reward), ``biased`` (its labeller: long and confident answers win) or a
+    reward-model / raydora-classifier folder (:func:`model_reward`), as one batched :data:`Reward`."""
+    from raydora import synth
+
+    if name == "gold":
+        return gold()
+    if name == "biased":
+        return _pointwise(synth.biased_score)
+    return model_reward(name, max_length)
+
+
 def model_reward(path: str | Path, max_length: int, device: str = "auto", actors: int = 1) -> Reward:
     """A :data:`Reward` that streams (prompt, response) pairs through :class:`RewardModel` actors in Ray Data."""
     import ray

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -418,25 +418,39 @@ def to_preferences(
     source: str,
     *,
     dedupe: bool = True,
+    extra: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    sample_scores: list[float] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Canonical preference rows from sampled responses: ``responses`` are a prompt's distinct samples, ``scores``
     their rewards (``reward(prompts, responses)``, one batched call, as :data:`raydora.evaluate.Reward`),
-    ``sources`` the tag ``source``. Prompts left with fewer than 2 distinct responses, or with all scores equal,
-    carry no preference and are dropped; returns ``(rows, dropped)``."""
+    ``sources`` the tag ``source``. Blank samples are left out (validation would reject the row).
+
+    ``extra`` maps a prompt id to more ``(response, source)`` pairs that join its samples before labelling (the
+    online loop adds the prompt's golden responses; one equal to a sample is not added twice). Prompts left with
+    fewer than 2 distinct responses, or with all scores equal, carry no preference and are dropped; returns
+    ``(rows, dropped)``. ``sample_scores``, when given, receives the reward of every sample, kept or dropped."""
     candidates = []
     for r in generations.select(["id", "prompt", "generations"]).to_pylist():
-        responses = [g for g in r["generations"] if g]
-        candidates.append((r, list(dict.fromkeys(responses)) if dedupe else responses))
-    flat = [(r["prompt"], g) for r, responses in candidates for g in responses]
+        samples = [g for g in r["generations"] if g and g.strip()]
+        samples = list(dict.fromkeys(samples)) if dedupe else samples
+        pairs, seen = [(g, source) for g in samples], set(samples)
+        for g, s in (extra or {}).get(r["id"], ()):
+            if g.strip() and g not in seen:
+                pairs.append((g, s))
+                seen.add(g)
+        candidates.append((r, pairs, len(samples)))
+    flat = [(r["prompt"], g) for r, pairs, _ in candidates for g, _ in pairs]
     values = [float(v) for v in reward([p for p, _ in flat], [g for _, g in flat])] if flat else []
     rows, dropped, at = [], 0, 0
-    for r, responses in candidates:
-        scores, at = values[at : at + len(responses)], at + len(responses)
-        if len(responses) < 2 or len(set(scores)) < 2:
+    for r, pairs, n_samples in candidates:
+        scores, at = values[at : at + len(pairs)], at + len(pairs)
+        if sample_scores is not None:
+            sample_scores.extend(scores[:n_samples])
+        if len(pairs) < 2 or len(set(scores)) < 2:
             dropped += 1
             continue
-        rows.append({"id": f"{source}-{r['id']}", "prompt": r["prompt"], "responses": responses, "scores": scores,
-                     "sources": [source] * len(responses)})  # fmt: skip
+        rows.append({"id": f"{source}-{r['id']}", "prompt": r["prompt"], "responses": [g for g, _ in pairs],
+                     "scores": scores, "sources": [s for _, s in pairs]})  # fmt: skip
     return rows, dropped
 
 

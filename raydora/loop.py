@@ -1,0 +1,222 @@
+"""The online loop: generate -> label -> train, repeated (``raydora loop``; docs/training.md).
+
+Iterative preference optimisation in the style of online / iterative DPO, on the run's own stages. Round ``r``
+starts from policy ``r-1`` (round 1: the run's ``train/final``, or its SFT / initial policy when it has not
+trained) and, in its own run directory ``<run>/loop/round<r>/``:
+
+1. **samples** ``loop.samples`` responses per training prompt (the first ``loop.prompts`` rows of ``data/``) from
+   that policy, with the ``generate`` settings (vLLM or transformers, on an actor pool), seeded per round;
+2. **labels** them with ``loop.reward`` (the benchmark's ``biased`` labeller, its ``gold`` reward, or a reward
+   model folder) into canonical rows whose responses are the prompt's distinct samples, tagged
+   ``policy-r<r>``, plus (``loop.keep_golden``) the prompt's ``golden`` responses from ``data/`` labelled by the
+   same reward, so that DoRA's classifier can tell golden from the policy's samples;
+3. runs ``validate``, ``classify`` (objectives that read p_golden), ``reference``, ``train``, ``generate`` and
+   ``evaluate`` on those rows with ``model.policy`` = policy ``r-1``: the reference model is the round's starting
+   policy, and the evaluation's ``sft`` baseline is that policy too, so each round reports its win rate against
+   the round before it.
+
+Every round is an ordinary run directory (each stage skips itself when up to date), so an interrupted loop resumes
+where it stopped. ``<run>/loop/summary.json`` collects, per round, the rows, the prompts that carried no
+preference, the mean reward of the starting policy's samples and the round's win rates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, from_dict, to_dict
+from raydora.rundir import file_fingerprints, fingerprint, is_done, promote, read_success, staging, write_success
+
+GOLDEN = "golden"
+
+
+def source_tag(round_: int) -> str:
+    """The source name of round ``round_``'s samples."""
+    return f"policy-r{round_}"
+
+
+def start_policy(cfg: RunConfig, run_dir: Path) -> Path:
+    """Round 1's policy: the run's trained policy, else its initial (SFT or base) policy."""
+    from raydora.reference import initial_policy
+
+    final = run_dir / "train" / "final"
+    if read_success(run_dir / "train") is not None and final.is_dir():
+        return final
+    return initial_policy(cfg, run_dir)
+
+
+def round_config(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> RunConfig:
+    """The run config of round ``round_``: its labelled samples as the data, ``policy`` as the model (and so as
+    the reference), no SFT; the held-out prompts of the run for evaluation."""
+    from raydora.generate import prompt_source
+
+    data = to_dict(cfg)
+    data.update(root=str(run_dir / "loop"), name=f"round{round_}")
+    data["model"].update(policy=str(policy), tokenizer=cfg.model.tokenizer)
+    data["data"].update(input=str(run_dir / "loop" / f"round{round_}" / "input"), format="canonical")
+    data["sft"].update(enabled=False)
+    data["classifier"].update(source_shares=None)  # the round's own mixture: golden and the policy's samples
+    data["generate"].update(prompts=str(prompt_source(cfg, run_dir)))
+    return from_dict(data)
+
+
+def keep_golden(cfg: RunConfig) -> bool:
+    """``loop.keep_golden``, resolved: null means on for the objectives that read p_golden."""
+    k = cfg.loop.keep_golden
+    return cfg.train.objective in P_GOLDEN_OBJECTIVES if k is None else k
+
+
+def round_prompts(prompts: pa.Table, round_: int, n: int | None) -> pa.Table:
+    """Round ``round_``'s training prompts: all of them, or the ``n`` after round ``round_ - 1``'s, wrapping."""
+    total = prompts.num_rows
+    if n is None or n >= total:
+        return prompts
+    start = ((round_ - 1) * n) % total
+    if start + n <= total:
+        return prompts.slice(start, n)
+    return pa.concat_tables([prompts.slice(start), prompts.slice(0, start + n - total)])
+
+
+def label(
+    samples: pa.Table, prompts: pa.Table, reward: Any, source: str, with_golden: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Canonical rows from one round's samples (``generate.to_preferences``): a prompt's distinct samples and,
+    ``with_golden``, its golden responses from ``prompts``, all labelled by ``reward`` in one call. Returns the rows
+    and their counts (``rows + dropped == prompts``; the samples' mean reward is over every sample)."""
+    from raydora.generate import to_preferences
+
+    extra: dict[str, list[tuple[str, str]]] = {}
+    if with_golden and {"responses", "sources"} <= set(prompts.column_names):
+        for r in prompts.select(["id", "responses", "sources"]).to_pylist():
+            extra[r["id"]] = [(x, GOLDEN) for x, s in zip(r["responses"], r["sources"], strict=True) if s == GOLDEN]
+    scores: list[float] = []
+    rows, dropped = to_preferences(samples, reward, source, extra=extra, sample_scores=scores)
+    counts = {"prompts": samples.num_rows, "rows": len(rows), "dropped": dropped,
+              "golden_responses": sum(r["sources"].count(GOLDEN) for r in rows),
+              "sample_reward_mean": sum(scores) / len(scores) if scores else None}  # fmt: skip
+    return rows, counts
+
+
+def _reward_fingerprint(name: str) -> Any:
+    return name if name in ("gold", "biased") else (name, file_fingerprints(name))
+
+
+def sample_round(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> dict[str, Any]:
+    """Steps 1-2 of a round: sample ``policy`` on the round's training prompts into ``round<r>/samples/`` and write
+    the labelled rows into ``round<r>/input/``. Each is skipped when its inputs and settings are unchanged, so a
+    new reward relabels the same samples. Returns the counts."""
+    from raydora import generate as gen
+    from raydora.evaluate import named_reward
+
+    lp = cfg.loop
+    round_dir = run_dir / "loop" / f"round{round_}"
+    data_dir = run_dir / "data"
+    base = gen.Sampling.from_config(cfg.generate, cfg.seed)
+    # Each round draws fresh samples: its own seed, the loop's n and temperature.
+    sampling = replace(base, n=lp.samples, seed=base.seed + 1000 * round_,
+                       temperature=lp.temperature if lp.temperature is not None else base.temperature)  # fmt: skip
+    sample_fp = fingerprint("loop-sample", round_, file_fingerprints(policy), file_fingerprints(data_dir),
+                            lp.prompts, sampling.__dict__, cfg.model.max_length)  # fmt: skip
+    samples_dir, input_dir = round_dir / "samples", round_dir / "input"
+    prompts = round_prompts(gen.read_prompts(data_dir), round_, lp.prompts)
+    if not is_done(samples_dir, sample_fp):
+        gen.generate(policy, prompts.select(["id", "prompt"]), samples_dir, cfg.generate, sampling,
+                     max_length=cfg.model.max_length, precision=cfg.model.precision, fp=sample_fp,
+                     stage="loop-sample")  # fmt: skip
+    with_golden = keep_golden(cfg)
+    label_fp = fingerprint("loop-label", (read_success(samples_dir) or {}).get("finished_at"), sample_fp,
+                           _reward_fingerprint(lp.reward), with_golden)  # fmt: skip
+    if is_done(input_dir, label_fp):
+        counts: dict[str, Any] = (read_success(input_dir) or {})["counts"]
+        return counts
+    reward = named_reward(lp.reward, cfg.model.max_length)
+    rows, counts = label(gen.read_generations(samples_dir), prompts, reward, source_tag(round_), with_golden)
+    if len(rows) < cfg.train.batch_size:
+        raise ValueError(f"round {round_}: {len(rows)} prompts carried a preference ({counts['dropped']} of "
+                         f"{counts['prompts']} had fewer than 2 distinct responses or equal rewards), fewer than "
+                         f"train.batch_size={cfg.train.batch_size}; raise loop.prompts, loop.samples or "
+                         "loop.temperature")  # fmt: skip
+    with staging(round_dir, "input") as tmp:
+        (tmp / "input").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), tmp / "input" / "preferences.parquet")
+        write_success(tmp / "input", {"stage": "loop-label", "fingerprint": label_fp, "counts": counts})
+        promote(tmp / "input", input_dir)
+    return counts
+
+
+def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
+    """Fail before any sampling when the loop cannot run to its end."""
+    from raydora.classifier import synthetic_sources
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    data_dir = run_dir / "data"
+    if read_success(data_dir) is None:
+        raise FileNotFoundError(f"{data_dir}: no validated training data; run the pipeline (or validate) first")
+    if cfg.loop.reward in ("gold", "biased") and cfg.data.input is not None:
+        raise ValueError(f"loop.reward={cfg.loop.reward} scores the synthetic benchmark's prompts only; with your "
+                         "own data (data.input) give a reward model or raydora classifier folder")  # fmt: skip
+    if cfg.train.objective in P_GOLDEN_OBJECTIVES:
+        if not keep_golden(cfg):
+            raise ValueError(f"train.objective={cfg.train.objective} needs golden responses in every round: "
+                             "leave loop.keep_golden unset (or true)")  # fmt: skip
+        if synthetic_sources(data_dir).get(GOLDEN, 0) == 0:
+            raise ValueError(f"train.objective={cfg.train.objective}: {data_dir} has no golden responses to set "
+                             "against the policy's samples")  # fmt: skip
+
+
+def run(cfg: RunConfig, rounds: int | None = None) -> list[dict[str, Any]]:
+    """``rounds`` (default ``loop.rounds``) rounds of the online loop over ``cfg``'s run directory, which must
+    hold validated data (``data/``); returns one summary per round (also in ``<run>/loop/summary.json``)."""
+    from raydora import pipeline
+    from raydora.cluster import init_ray
+
+    run_dir = cfg.run_dir.absolute()
+    n = cfg.loop.rounds if rounds is None else rounds
+    check(cfg, run_dir, n)
+    init_ray(cfg.ray)
+    policy = start_policy(cfg, run_dir)
+    round_config(cfg, run_dir, 1, policy)  # a config error (e.g. no held-out prompts) before any sampling
+    stages = ["validate", "classify", "reference", "train", "generate", "evaluate"]
+    if cfg.train.objective not in P_GOLDEN_OBJECTIVES:
+        stages.remove("classify")
+    summaries = []
+    for r in range(1, n + 1):
+        print(f"[loop] round {r}: sampling {policy}", flush=True)
+        counts = sample_round(cfg, run_dir, r, policy)
+        round_cfg = round_config(cfg, run_dir, r, policy)
+        pipeline.run(round_cfg, stages)
+        round_dir = round_cfg.run_dir.absolute()
+        report = json.loads((round_dir / "eval" / "report.json").read_text())
+        summary = {"round": r, "start_policy": str(policy), "policy": str(round_dir / "train" / "final"), **counts,
+                   "win_rates": {k: v["win_rate"] for k, v in report["win_rates"].items()},
+                   "win_rate_ci95": {k: v["ci95"] for k, v in report["win_rates"].items()},
+                   "mean_reward": report.get("mean_reward")}  # fmt: skip
+        summaries.append(summary)
+        policy = round_dir / "train" / "final"
+        wr = summary["win_rates"].get("sft")
+        print(f"[loop] round {r}: {counts['rows']} rows ({counts['dropped']} prompts without a preference), "
+              f"samples' mean reward {counts['sample_reward_mean'] or float('nan'):.3f}"
+              + (f", win rate vs round {r - 1} {wr:.3f}" if wr is not None else ""), flush=True)  # fmt: skip
+    out = run_dir / "loop" / "summary.json"
+    out.write_text(json.dumps(summaries, indent=2) + "\n")
+    print(f"[loop] summary: {out}", flush=True)
+    return summaries
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    """The rounds as a text table: rows, prompts without a preference, the samples' mean reward, win rates."""
+    lines = ["round  rows  dropped  sample reward  win rate vs previous round [95% CI]"]
+    for s in summaries:
+        wr, ci = s["win_rates"].get("sft"), s["win_rate_ci95"].get("sft")
+        shown = f"{wr:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if wr is not None else "-"
+        mean = s["sample_reward_mean"]
+        reward = f"{mean:>13.3f}" if mean is not None else f"{'-':>13}"
+        lines.append(f"{s['round']:>5}  {s['rows']:>4}  {s['dropped']:>7}  {reward}  {shown}")
+    return "\n".join(lines) + "\n"
