@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, from_dict, to_dict
+from raydora.config import P_GOLDEN_OBJECTIVES, PAIRWISE_LOSSES, RunConfig, from_dict, to_dict
 from raydora.rundir import file_fingerprints, fingerprint, is_done, promote, read_success, staging, write_success
 
 GOLDEN = "golden"
@@ -162,6 +162,9 @@ def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
     if cfg.loop.reward in ("gold", "biased") and cfg.data.input is not None:
         raise ValueError(f"loop.reward={cfg.loop.reward} scores the synthetic benchmark's prompts only; with your "
                          "own data (data.input) give a reward model or raydora classifier folder")  # fmt: skip
+    if cfg.train.loss not in PAIRWISE_LOSSES:
+        raise ValueError(f"train.loss={cfg.train.loss} is listwise: it needs one number of responses per row, "
+                         "and the loop's rows hold each prompt's distinct samples; use a pairwise loss")  # fmt: skip
     if cfg.train.objective in P_GOLDEN_OBJECTIVES:
         if not keep_golden(cfg):
             raise ValueError(f"train.objective={cfg.train.objective} needs golden responses in every round: "

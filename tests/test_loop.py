@@ -62,6 +62,24 @@ def test_rounds_take_the_next_prompts_wrapping_around() -> None:
     assert ids(2, None) == ids(2, 10) == ids(3, 12) == [str(i) for i in range(10)]
 
 
+def test_the_loop_refuses_what_cannot_run_before_sampling(tmp_path: Path) -> None:
+    data_dir = tmp_path / "run" / "data"
+    with pytest.raises(FileNotFoundError, match="no validated training data"):
+        loop.check(load_config(None, [f"root={tmp_path}", "name=run"]), tmp_path / "run", 1)
+    data_dir.mkdir(parents=True)
+    (data_dir / "_SUCCESS").write_text("{}")
+    cases = [
+        (["data.input=mine.jsonl"], "scores the synthetic benchmark"),
+        (["train.loss=dpo_pl"], "listwise"),
+        (["train.objective=dora", "loop.keep_golden=false"], "needs golden responses"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            loop.check(load_config(None, [f"root={tmp_path}", "name=run", *overrides]), tmp_path / "run", 1)
+    with pytest.raises(ValueError, match="rounds must be"):
+        loop.check(load_config(None, [f"root={tmp_path}", "name=run"]), tmp_path / "run", 0)
+
+
 def test_loop_config_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"loop\.samples"):
         load_config(None, ["loop.samples=1"])
