@@ -200,7 +200,7 @@ def main() -> None:
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (the preset's global batch: 128)")
+    p.add_argument("--batch", type=int, default=8, help="rows per optimizer step (presets: kldpo 128, dora 32)")
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward/backward")
     p.add_argument("--prompt-words", type=int, default=150)
     p.add_argument("--response-words", type=int, default=250)
