@@ -4,12 +4,14 @@ Iterative preference optimisation in the style of online / iterative DPO, on the
 starts from policy ``r-1`` (round 1: the run's ``train/final``, or its SFT / initial policy when it has not
 trained) and, in its own run directory ``<run>/loop/round<r>/``:
 
-1. **samples** ``loop.samples`` responses per training prompt (the first ``loop.prompts`` rows of ``data/``) from
-   that policy, with the ``generate`` settings (vLLM or transformers, on an actor pool), seeded per round;
+1. **samples** ``loop.samples`` responses per training prompt (``loop.prompts`` rows of ``data/``, the next ones
+   after round ``r-1``'s, wrapping; default all) from that policy, with the ``generate`` settings (vLLM or
+   transformers, on an actor pool), seeded per round;
 2. **labels** them with ``loop.reward`` (the benchmark's ``biased`` labeller, its ``gold`` reward, or a reward
    model folder) into canonical rows whose responses are the prompt's distinct samples, tagged
-   ``policy-r<r>``, plus (``loop.keep_golden``) the prompt's ``golden`` responses from ``data/`` labelled by the
-   same reward, so that DoRA's classifier can tell golden from the policy's samples;
+   ``policy-r<r>``, plus (``loop.keep_golden``; default on for DoRA and reweighting) the prompt's ``golden``
+   responses from ``data/`` labelled by the same reward, so that DoRA's classifier can tell golden from the
+   policy's samples;
 3. runs ``validate``, ``classify`` (objectives that read p_golden), ``reference``, ``train``, ``generate`` and
    ``evaluate`` on those rows with ``model.policy`` = policy ``r-1``: the reference model is the round's starting
    policy, and the evaluation's ``sft`` baseline is that policy too, so each round reports its win rate against
