@@ -469,11 +469,12 @@ def prompt_source(cfg: Any, run_dir: Path) -> Path:
 def policies(cfg: Any, run_dir: Path) -> dict[str, Path]:
     """What the stage samples from: ``policy`` (``train/final``) and, for the win rates against it, ``sft`` (the
     initial policy: ``sft/final``, or the base model)."""
-    from raydora.reference import initial_policy
+    from raydora.reference import initial_policy, trained_policy
 
     out = {}
-    if read_success(run_dir / "train") is not None and (run_dir / "train" / "final").is_dir():
-        out["policy"] = run_dir / "train" / "final"
+    trained = trained_policy(run_dir)
+    if trained is not None:
+        out["policy"] = trained
     if "sft" in cfg.evaluate.references or "policy" not in out:
         out["sft"] = initial_policy(cfg, run_dir)
     return out

@@ -45,12 +45,9 @@ def source_tag(round_: int) -> str:
 
 def start_policy(cfg: RunConfig, run_dir: Path) -> Path:
     """Round 1's policy: the run's trained policy, else its initial (SFT or base) policy."""
-    from raydora.reference import initial_policy
+    from raydora.reference import initial_policy, trained_policy
 
-    final = run_dir / "train" / "final"
-    if read_success(run_dir / "train") is not None and final.is_dir():
-        return final
-    return initial_policy(cfg, run_dir)
+    return trained_policy(run_dir) or initial_policy(cfg, run_dir)
 
 
 def round_config(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> RunConfig:

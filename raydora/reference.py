@@ -48,6 +48,12 @@ def tokenizer_dir(cfg: Any, run_dir: Path) -> Path:
     return tok
 
 
+def trained_policy(run_dir: str | Path) -> Path | None:
+    """``train/final`` when the train stage finished, else None."""
+    final = Path(run_dir).absolute() / "train" / "final"
+    return final if read_success(final.parent) is not None and final.is_dir() else None
+
+
 def initial_policy(cfg: Any, run_dir: str | Path) -> Path:
     """The folder preference training starts from and the reference model: ``sft/final`` when the SFT stage
     finished, else ``model.policy`` (a preset is built once, with ``seed``, into ``init/``)."""
