@@ -52,6 +52,8 @@ PAIRWISE = {
     "kl_dro_lam01": {"train.objective": "kl_dro", "train.lam": 0.1},
     "kldpo_tau01": {"train.objective": "kldpo", "train.kldpo_normalize": True, "train.tau": 0.1},
     "wdpo_rho01": {"train.objective": "wdpo", "train.rho": 0.1},
+    # DoRA with Platt-calibrated classifiers (a bias besides the temperature): its own classify and reference.
+    "dora_platt": {"train.objective": "dora", "classifier.calibration": "platt"},
 }
 LISTWISE = {
     f"{loss}{'+dora' if dora else ''}": {"train.loss": loss, "train.objective": "dora" if dora else "erm"}
@@ -66,6 +68,7 @@ BASE_STAGES = ["synth", "validate", "classify", "sft", "reference", "generate"]
 SHARED = ("synth", "tokenizer", "init", "data", "quarantine", "classifier", "scored", "sft", "sft_data",
           "reference")  # fmt: skip
 ORACLE_OWN = ("data", "quarantine", "scored", "classifier", "reference")
+CALIBRATION_OWN = ("classifier", "scored", "reference")  # a method that calibrates the classifiers its own way
 
 
 def _tag(noise: float) -> str:
@@ -144,6 +147,9 @@ def run_method(config: str, root: Path, seed: int, noise: float, method: str, ex
         ]
         link_base(base, child, tuple(n for n in SHARED if n not in ORACLE_OWN))
         stages = ["validate", "reference", "train", "generate", "evaluate"]
+    elif "classifier.calibration" in METHODS[method]:
+        link_base(base, child, tuple(n for n in SHARED if n not in CALIBRATION_OWN))
+        stages = ["classify", "reference", "train", "generate", "evaluate"]
     else:
         link_base(base, child, SHARED)
         stages = ["train", "generate", "evaluate"]
@@ -245,7 +251,8 @@ def summarise(runs: dict[str, Path], alphas: tuple[float, ...]) -> dict[str, Any
 LABELS = {"erm": "DPO (ERM)", "reweight": "DPO + reweighting", "kl_dro": "DPO + vanilla KL-DRO",
           "dora": "DPO + DoRA", "kldpo": "KLDPO (paper, normalised)", "kldpo_raw": "KLDPO (code: raw, capped)",
           "wdpo": "WDPO", "kl_dro_lam01": "vanilla KL-DRO, lam 0.1", "kldpo_tau01": "KLDPO, tau 0.1",
-          "wdpo_rho01": "WDPO, rho 0.1", "rdpo": "rDPO", "dr_dpo": "Dr.DPO", "dpo_pl": "DPO-PL",
+          "wdpo_rho01": "WDPO, rho 0.1", "dora_platt": "DPO + DoRA, Platt-calibrated", "rdpo": "rDPO",
+          "dr_dpo": "Dr.DPO", "dpo_pl": "DPO-PL",
           "dpo_pl+dora": "DPO-PL + DoRA",
           "rrhf": "RRHF", "rrhf+dora": "RRHF + DoRA", "lire": "LIRE", "lire+dora": "LIRE + DoRA",
           "oracle": "oracle (gold labels)"}  # fmt: skip

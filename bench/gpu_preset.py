@@ -24,7 +24,7 @@ Recorded (``bench/results/gpu_preset.json``):
 - each stage's wall time, and the GPU's peak memory (nvidia-smi, polled each second).
 
     python bench/gpu_preset.py --out bench/results                  # CUDA, >= 40 GB; about 6 minutes on an H200
-    python bench/gpu_preset.py --preset dora --out bench/results    # DoRA LoRA preset; one more stage (classify)
+    python bench/gpu_preset.py --preset dora --out bench/results    # DoRA LoRA preset, + classify: ~9 min on an H200
     python bench/gpu_preset.py --shape tiny --device cpu --steps 4  # the same path on CPU, to check the script
 """
 

@@ -1,13 +1,20 @@
-"""Binary-classifier calibration and metrics: temperature scaling, accuracy, ROC-AUC, ECE. Pure numpy.
+"""Binary-classifier calibration and metrics: temperature and Platt scaling, accuracy, ROC-AUC, ECE. Pure numpy.
 
 A classifier's output is the logit margin ``z = logit_golden - logit_other``; its calibrated probability of
-"golden" is ``sigmoid(z / T)``. ``T`` is fit on held-out data by minimising the negative log-likelihood, which
-is convex in ``1 / T``, so a golden-section search finds the optimum without any tuning.
+"golden" is ``sigmoid(z / T + b)`` (``calibrated``).
+- **Temperature scaling** (``b = 0``): ``T`` is fit on held-out data by minimising the negative log-likelihood,
+  which is convex in ``1 / T``, so a golden-section search finds the optimum without any tuning. It rescales the
+  margins but cannot move them: a classifier whose margins are offset (it calls too many responses golden, say)
+  keeps its calibration error.
+- **Platt scaling** (``T`` and ``b``): the same NLL over both. For each ``1 / T`` the best ``b`` is the root of a
+  monotone function (bisection); the NLL is jointly convex, so its minimum over ``b`` is convex in ``1 / T`` and
+  the same golden-section search finds ``T``. ``T`` keeps temperature scaling's bounds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -21,25 +28,73 @@ def sigmoid(z: ArrayLike) -> Array:
     return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def nll(margins: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> float:
-    """Mean binary cross-entropy of ``sigmoid(z / T)`` against labels in {0, 1}, computed stably."""
-    z = np.asarray(margins, dtype=np.float64) / temperature
+def calibrated(margins: ArrayLike, temperature: float = 1.0, bias: float = 0.0) -> Array:
+    """The calibrated probability of "golden": ``sigmoid(z / T + b)``."""
+    return sigmoid(np.asarray(margins, dtype=np.float64) / temperature + bias)
+
+
+def nll(margins: ArrayLike, labels: ArrayLike, temperature: float = 1.0, bias: float = 0.0) -> float:
+    """Mean binary cross-entropy of ``sigmoid(z / T + b)`` against labels in {0, 1}, computed stably."""
+    z = np.asarray(margins, dtype=np.float64) / temperature + bias
     y = np.asarray(labels, dtype=np.float64)
     # -[y log s(z) + (1-y) log(1 - s(z))] = softplus(z) - y z
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
+def _both_classes(labels: ArrayLike, what: str) -> None:
+    y = np.asarray(labels)
+    if y.size == 0 or y.min() == y.max():
+        raise ValueError(f"{what} needs held-out examples of both classes")
+
+
 def fit_temperature(margins: ArrayLike, labels: ArrayLike, lo: float = 1e-3, hi: float = 1e3) -> float:
     """The ``T`` in ``[lo, hi]`` minimising held-out NLL (golden-section search over ``a = 1/T``, where the NLL
     is convex). Needs both classes present."""
-    y = np.asarray(labels)
-    if y.size == 0 or y.min() == y.max():
-        raise ValueError("temperature scaling needs held-out examples of both classes")
+    _both_classes(labels, "temperature scaling")
+    return _golden_section_temperature(lambda t: nll(margins, labels, t), lo, hi)
+
+
+def best_bias(margins: ArrayLike, labels: ArrayLike, temperature: float) -> float:
+    """The ``b`` minimising the NLL of ``sigmoid(z / T + b)`` for a fixed ``T``: the root of
+    ``g(b) = mean(sigmoid(z / T + b)) - mean(y)``, which rises monotonically in ``b``. Newton steps, kept inside a
+    bracket of the root (a step that leaves it bisects instead)."""
+    z = np.asarray(margins, dtype=np.float64) / temperature
+    target = float(np.mean(np.asarray(labels, dtype=np.float64)))
+    g = lambda b: float(np.mean(sigmoid(z + b))) - target
+    lo, hi = -1.0, 1.0
+    while g(lo) > 0 and lo > -1e6:
+        lo *= 2
+    while g(hi) < 0 and hi < 1e6:
+        hi *= 2
+    b = (lo + hi) / 2
+    for _ in range(200):
+        s = sigmoid(z + b)
+        gb, slope = float(np.mean(s)) - target, float(np.mean(s * (1 - s)))
+        if gb == 0 or hi - lo < 1e-12:
+            break
+        lo, hi = (b, hi) if gb < 0 else (lo, b)
+        step = b - gb / slope if slope > 0 else lo - 1.0
+        new = step if lo < step < hi else (lo + hi) / 2
+        if abs(new - b) <= 1e-13 * max(1.0, abs(b)):
+            return new
+        b = new
+    return b
+
+
+def fit_platt(margins: ArrayLike, labels: ArrayLike, lo: float = 1e-3, hi: float = 1e3) -> tuple[float, float]:
+    """``(T, b)`` minimising held-out NLL of ``sigmoid(z / T + b)``, ``T`` in ``[lo, hi]``. Needs both classes."""
+    _both_classes(labels, "Platt scaling")
+    t = _golden_section_temperature(lambda t: nll(margins, labels, t, best_bias(margins, labels, t)), lo, hi)
+    return t, best_bias(margins, labels, t)
+
+
+def _golden_section_temperature(f_of_t: Callable[[float], float], lo: float, hi: float) -> float:
+    """Minimise a function of ``T`` that is unimodal in ``1 / T``, by golden-section search over ``log(1 / T)``."""
     phi = (math.sqrt(5) - 1) / 2
     a, b = 1 / hi, 1 / lo
     # search in log space: the optimum of 1/T can sit anywhere in [1e-3, 1e3]
     la, lb = math.log(a), math.log(b)
-    f = lambda s: nll(margins, labels, 1 / math.exp(s))
+    f = lambda s: f_of_t(1 / math.exp(s))
     c, d = lb - phi * (lb - la), la + phi * (lb - la)
     fc, fd = f(c), f(d)
     for _ in range(100):
@@ -87,13 +142,13 @@ def ece(probs: ArrayLike, labels: ArrayLike, bins: int = 15) -> float:
     return float(total)
 
 
-def metrics(margins: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> dict[str, float]:
-    """Accuracy, ROC-AUC, ECE and NLL of ``sigmoid(z / T)``."""
-    p = sigmoid(np.asarray(margins, dtype=np.float64) / temperature)
+def metrics(margins: ArrayLike, labels: ArrayLike, temperature: float = 1.0, bias: float = 0.0) -> dict[str, float]:
+    """Accuracy, ROC-AUC, ECE and NLL of ``sigmoid(z / T + b)``."""
+    p = calibrated(margins, temperature, bias)
     y = np.asarray(labels)
     return {
         "accuracy": float(((p > 0.5) == (y == 1)).mean()),
         "roc_auc": roc_auc(p, y),
         "ece": ece(p, y),
-        "nll": nll(margins, labels, temperature),
+        "nll": nll(margins, labels, temperature, bias),
     }

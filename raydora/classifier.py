@@ -1,5 +1,5 @@
 """DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), trained on
-Ray Train and calibrated by temperature scaling on held-out data.
+Ray Train and calibrated on held-out data by temperature scaling (``classifier.calibration: platt`` adds a bias).
 
 **Input** is the pair ``[CLS] prompt [SEP] response [SEP]``, not the response alone: a sloppy source's artefact
 is a *wrong* answer, and whether an answer is wrong depends on the prompt. The prompt is truncated first when the
@@ -10,7 +10,8 @@ set; the held-out set is halved again (by hash) into a calibration half, where t
 evaluation half, where ``metrics.json`` is measured before and after calibration.
 
 Output per source: ``classifier/<source>/`` holds a HF model folder (safetensors), ``calibration.json``
-(temperature and the imbalance ratio gamma = #source / #golden of its training set) and ``metrics.json``.
+(temperature, bias (0 unless Platt) and the imbalance ratio gamma = #source / #golden of its training set) and
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -173,21 +174,26 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
 
 
-def calibrate(holdout: np.ndarray) -> tuple[float, dict[str, Any]]:
-    """Fit T on the calibration half of ``holdout`` ([3, n]: margins, labels, calib flags); measure the other half
-    before and after."""
+def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, float, dict[str, Any]]:
+    """Fit ``T`` (and with ``method="platt"`` the bias ``b``) on the calibration half of ``holdout`` ([3, n]:
+    margins, labels, calib flags); measure the other half before and after. Returns ``(T, b, metrics)``."""
     z, y, calib = holdout[0], holdout[1].astype(int), holdout[2].astype(bool)
     if calib.all() or not calib.any():  # a tiny held-out set: use it for both (metrics say so)
         calib = eval_ = np.ones_like(calib)
     else:
         eval_ = ~calib
-    t = calibration.fit_temperature(z[calib], y[calib])
-    return t, {
+    if method == "platt":
+        t, b = calibration.fit_platt(z[calib], y[calib])
+    else:
+        t, b = calibration.fit_temperature(z[calib], y[calib]), 0.0
+    metrics = {
+        "method": method,
         "before": calibration.metrics(z[eval_], y[eval_], 1.0),
-        "after": calibration.metrics(z[eval_], y[eval_], t),
+        "after": calibration.metrics(z[eval_], y[eval_], t, b),
         "examples": {"calibration": int(calib.sum()), "evaluation": int(eval_.sum())},
         "disjoint_calibration_and_evaluation": bool(not (calib & eval_).any()),
     }
+    return t, b, metrics
 
 
 def _encoder_tokenizer(data_dir: Path, out: Path, backbone: tuple[str, str]) -> str:
@@ -218,6 +224,8 @@ def train_classifiers(
     data_dir, out = Path(data_dir), Path(out_dir)
     marker = read_success(data_dir) or {}
     settings = {k: getattr(cfg, k) for k in TRAIN_SETTINGS}  # scoring settings do not invalidate the classifiers
+    if cfg.calibration != "temperature":  # only away from its default: run folders made before it stay valid
+        settings["calibration"] = cfg.calibration
     fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), settings, seed)
     if not force and is_done(out, fp):
         done = read_success(out) or {}
@@ -275,11 +283,13 @@ def train_classifiers(
             with result.checkpoint.as_directory() as ckpt:
                 shutil.copytree(Path(ckpt) / "model", tmp / source)
                 holdout = np.load(Path(ckpt) / "holdout.npy", allow_pickle=False)
-            temperature, metrics = calibrate(holdout)
+            temperature, bias, metrics = calibrate(holdout, cfg.calibration)
             gamma = n_source / n_golden
             info = {
                 "source": source,
+                "calibration": cfg.calibration,
                 "temperature": temperature,
+                "bias": bias,
                 "gamma": gamma,
                 "label": "1 = golden",
                 "input": "[CLS] prompt [SEP] response [SEP]",
@@ -291,6 +301,7 @@ def train_classifiers(
             summary[source] = {
                 "gamma": gamma,
                 "temperature": temperature,
+                "bias": bias,
                 "auc": metrics["after"]["roc_auc"],
                 "ece_before": metrics["before"]["ece"],
                 "ece_after": metrics["after"]["ece"],

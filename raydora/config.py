@@ -150,6 +150,10 @@ class ClassifierConfig:
     source_shares: dict[str, float] | None = None
     """Mixture shares of the synthetic sources used to score golden / unknown responses; None: estimated from
     the data's response counts."""
+    calibration: Literal["temperature", "platt"] = "temperature"
+    """How held-out data calibrates each classifier: temperature: sigmoid(z / T), which fixes over- or
+    under-confidence; platt: sigmoid(z / T + b), which also fixes margins that are offset (a classifier that calls
+    too many responses golden), at the cost of one more fitted number."""
 
     def __post_init__(self) -> None:
         _check(0 < self.holdout_fraction < 1, "holdout_fraction", "must be in (0, 1)")

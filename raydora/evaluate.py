@@ -98,7 +98,8 @@ class RewardModel:
 
         folder = Path(path)
         cal = folder / "calibration.json"
-        self.temperature = json.loads(cal.read_text())["temperature"] if cal.is_file() else None
+        calib = json.loads(cal.read_text()) if cal.is_file() else {}
+        self.temperature, self.bias = calib.get("temperature"), calib.get("bias", 0.0)
         config = json.loads((folder / "config.json").read_text())
         labels = 2 if self.temperature is not None else len(config.get("id2label", {"0": 0}))
         self.model = load_encoder(folder, num_labels=labels).to(device).eval()
@@ -106,14 +107,15 @@ class RewardModel:
         self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        from raydora.calibration import sigmoid
+        from raydora.calibration import calibrated
         from raydora.classifier import margins
 
         out = []
         for i in range(0, len(prompts), self.batch_size):
             p, r = list(prompts[i : i + self.batch_size]), list(responses[i : i + self.batch_size])
             if self.temperature is not None:
-                out.append(sigmoid(margins(self.model, self.tokenizer, p, r, self.max_length) / self.temperature))
+                z = margins(self.model, self.tokenizer, p, r, self.max_length)
+                out.append(calibrated(z, self.temperature, self.bias))
                 continue
             with self.torch.no_grad():
                 enc = self.tokenizer(p, r, truncation="only_first", max_length=self.max_length, padding=True,

@@ -64,15 +64,16 @@ class Scorer:
             torch.set_num_threads(threads)
         self.sources, self.max_length, self.batch_size = sources, max_length, batch_size
         self.shares = np.asarray(shares, dtype=np.float64)
-        self.models, self.tokenizers, temps, gammas = [], [], [], []
+        self.models, self.tokenizers, temps, biases, gammas = [], [], [], [], []
         for s in sources:
             folder = Path(classifier_dir) / s
             cal = json.loads((folder / "calibration.json").read_text())
             self.models.append(load_encoder(folder).to(device).eval())
             self.tokenizers.append(load_tokenizer(folder))
             temps.append(cal["temperature"])
+            biases.append(cal.get("bias", 0.0))  # folders from before Platt scaling: no bias
             gammas.append(cal["gamma"])
-        self.temperatures, self.gammas = np.asarray(temps), np.asarray(gammas)
+        self.temperatures, self.biases, self.gammas = np.asarray(temps), np.asarray(biases), np.asarray(gammas)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["prompt", "responses", "sources"]).to_pylist()
@@ -83,7 +84,7 @@ class Scorer:
             for i in range(0, len(responses), self.batch_size):
                 sl = slice(i, i + self.batch_size)
                 z = margins(model, tok, prompts[sl], responses[sl], self.max_length)
-                probs[sl, j] = calibration.sigmoid(z / self.temperatures[j])
+                probs[sl, j] = calibration.calibrated(z, self.temperatures[j], self.biases[j])
         mixture = mixture_p_golden(probs, self.shares, self.gammas)
         own = {s: j for j, s in enumerate(self.sources)}
         flat_sources = [s for r in rows for s in r["sources"]]
@@ -175,7 +176,7 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
     print(trained.summary(), flush=True)
     for source, s in sorted(trained.info.items()) if not trained.skipped else []:
         print(
-            f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} AUC={s['auc']:.3f} "
-            f"ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
+            f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} b={s.get('bias', 0.0):.3f} "
+            f"AUC={s['auc']:.3f} ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
         )
     return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier)

@@ -1,4 +1,4 @@
-"""Calibration math (temperature scaling, AUC, ECE) and the mixture rule for golden / unknown responses."""
+"""Calibration math (temperature and Platt scaling, AUC, ECE) and the mixture rule for golden / unknown responses."""
 
 from __future__ import annotations
 
@@ -38,6 +38,32 @@ def test_temperature_recovers_overconfidence_and_lowers_ece() -> None:
     assert after["roc_auc"] == before["roc_auc"]  # a temperature never changes the ranking
 
 
+def test_platt_recovers_scale_and_offset_where_a_temperature_cannot() -> None:
+    """Labels drawn from sigmoid(z / 2 - 1): the margins are both too large and offset (the classifier calls too
+    many responses golden). Platt recovers T = 2, b = -1; the best temperature alone leaves the offset, and its
+    ECE, in place. The bias is the NLL's stationary point: mean(p) equals the share of golden labels."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < C.sigmoid(z / 2 - 1)).astype(int)
+    t, b = C.fit_platt(z, y)
+    assert t == pytest.approx(2.0, rel=0.05) and b == pytest.approx(-1.0, abs=0.05)
+    assert np.mean(C.calibrated(z, t, b)) == pytest.approx(y.mean(), abs=1e-9)
+    temp = C.fit_temperature(z, y)
+    platt, scaled = C.metrics(z, y, t, b), C.metrics(z, y, temp)
+    assert scaled["ece"] > 0.1 and platt["ece"] < 0.02
+    assert platt["nll"] < scaled["nll"] and platt["roc_auc"] == scaled["roc_auc"]
+    # Margins that need no offset: Platt finds b ~ 0 and the temperature scaling's T.
+    y0 = (rng.random(20000) < C.sigmoid(z / 2)).astype(int)
+    t0, b0 = C.fit_platt(z, y0)
+    assert abs(b0) < 0.05 and t0 == pytest.approx(C.fit_temperature(z, y0), rel=0.02)
+
+
+def test_calibrated_and_nll_by_hand() -> None:
+    """sigmoid(2 / 4 - 0.5) = sigmoid(0) = 1/2; NLL of label 1 there: log 2."""
+    assert C.calibrated([2.0], 4.0, -0.5)[0] == 0.5
+    assert C.nll([2.0], [1], 4.0, -0.5) == pytest.approx(math.log(2))
+
+
 def test_nll_matches_torch() -> None:
     z, y = np.array([-3.0, 0.5, 2.0]), np.array([0, 1, 0])
     ref = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -47,8 +73,10 @@ def test_nll_matches_torch() -> None:
 
 
 def test_fit_needs_both_classes() -> None:
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(ValueError, match=r"temperature scaling needs .* both classes"):
         C.fit_temperature([1.0, 2.0], [1, 1])
+    with pytest.raises(ValueError, match=r"Platt scaling needs .* both classes"):
+        C.fit_platt([1.0, 2.0], [0, 0])
 
 
 def test_mixture_p_golden_by_hand_gives_the_mixture_density_ratio() -> None:

@@ -172,3 +172,38 @@ def test_restarted_scoring_skips_or_rewrites_atomically(trained: Path, scored: t
     assert not redo.skipped and (out / "_SUCCESS").is_file()
     assert _rows(out) == before
     shutil.rmtree(trained / ".scored1.tmp-deadbeef")
+
+
+def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_bias(trained: Path) -> None:
+    """classifier.calibration=platt: a new fingerprint; the same training (bitwise-equal weights: the data order
+    and seeds fix it), the same uncalibrated held-out metrics, a fitted bias; scoring then gives
+    p_golden = sigmoid(z / T + b) with the classifier's own margins z."""
+    from raydora import calibration
+    from raydora.models import load_encoder, load_tokenizer
+
+    cfg = ClassifierConfig(**{**CFG.__dict__, "calibration": "platt"})
+    out = trained / "classifier_platt"
+    result = classifier.train_classifiers(trained / "data", out, cfg, seed=0)
+    assert not result.skipped
+    plain = json.loads((trained / "classifier" / "_SUCCESS").read_text())
+    assert json.loads((out / "_SUCCESS").read_text())["fingerprint"] != plain["fingerprint"]
+    for source in ("verbose", "sloppy"):
+        assert (out / source / "model.safetensors").read_bytes() == (
+            trained / "classifier" / source / "model.safetensors"
+        ).read_bytes()
+        cal = json.loads((out / source / "calibration.json").read_text())
+        metrics = json.loads((out / source / "metrics.json").read_text())
+        before = json.loads((trained / "classifier" / source / "metrics.json").read_text())["before"]
+        assert cal["calibration"] == metrics["method"] == "platt" and cal["bias"] != 0.0 and cal["temperature"] > 0
+        assert metrics["before"] == before
+        assert result.info[source]["bias"] == cal["bias"]
+    scoring.score(trained / "data", out, trained / "scored_platt", cfg)
+    rows = _rows(trained / "scored_platt")[:10]
+    for source in ("verbose", "sloppy"):
+        cal = json.loads((out / source / "calibration.json").read_text())
+        model, tok = load_encoder(out / source).eval(), load_tokenizer(out / source)
+        picked = [(r["prompt"], x, p) for r in rows
+                  for x, s, p in zip(r["responses"], r["sources"], r["p_golden"], strict=True) if s == source]  # fmt: skip
+        z = classifier.margins(model, tok, [a for a, _, _ in picked], [b for _, b, _ in picked], CFG.max_length)
+        expected = calibration.calibrated(z, cal["temperature"], cal["bias"])
+        np.testing.assert_allclose([p for _, _, p in picked], expected, rtol=1e-6)

@@ -166,6 +166,11 @@ def test_classifier_reward_is_its_calibrated_p_golden(tmp_path: Path) -> None:
     got = rm.rewards(["sort: a b", "sort: a b"], ["a b", "b a"])
     expected = sigmoid(margins(rm.model, rm.tokenizer, ["sort: a b"] * 2, ["a b", "b a"], 32) / 2.0)
     assert np.allclose(got, expected) and ((got > 0) & (got < 1)).all()
+    # A Platt-calibrated classifier: its bias shifts the margins before the sigmoid.
+    (tmp_path / "clf" / "calibration.json").write_text(json.dumps({"temperature": 2.0, "bias": -0.7, "gamma": 1}))
+    shifted = ev.RewardModel(str(tmp_path / "clf"), max_length=32).rewards(["sort: a b"] * 2, ["a b", "b a"])
+    z = margins(rm.model, rm.tokenizer, ["sort: a b"] * 2, ["a b", "b a"], 32)
+    assert np.allclose(shifted, sigmoid(z / 2.0 - 0.7)) and (shifted < got).all()
     with torch.no_grad():
         table = rm(pa.table({"prompt": ["sort: a b"], "response": ["a b"]}))
     assert table.column("reward").to_pylist() == pytest.approx([got[0]])
