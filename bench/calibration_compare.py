@@ -69,8 +69,9 @@ def main() -> None:
             z = margins_of(folder, [(a, b) for a, b, _ in pairs], cfg.classifier.max_length)
             y = np.array([label for _, _, label in pairs])
             row = {"run": str(base), "source": source, "calibration_examples": len(calib), "fresh_examples": len(y),
-                   "temperature": t, "platt_temperature": tp, "platt_bias": bp}  # fmt: skip
-            for name, (tt, bb) in {"uncalibrated": (1.0, 0.0), "temperature": (t, 0.0), "platt": (tp, bp)}.items():
+                   "fitted_temperature": t, "platt_temperature": tp, "platt_bias": bp}  # fmt: skip
+            fits = {"uncalibrated": (1.0, 0.0), "temperature": (t, 0.0), "platt": (tp, bp)}
+            for name, (tt, bb) in fits.items():
                 m = calibration.metrics(z, y, tt, bb)
                 row[name] = {"ece": m["ece"], "nll": m["nll"]}
             results.append(row)

@@ -7,8 +7,8 @@ A classifier's output is the logit margin ``z = logit_golden - logit_other``; it
   margins but cannot move them: a classifier whose margins are offset (it calls too many responses golden, say)
   keeps its calibration error.
 - **Platt scaling** (``T`` and ``b``): the same NLL over both. For each ``1 / T`` the best ``b`` is the root of a
-  monotone function (bisection); the NLL is jointly convex, so its minimum over ``b`` is convex in ``1 / T`` and
-  the same golden-section search finds ``T``. ``T`` keeps temperature scaling's bounds.
+  monotone function (Newton steps inside a bracket); the NLL is jointly convex, so its minimum over ``b`` is
+  convex in ``1 / T`` and the same golden-section search finds ``T``. ``T`` keeps temperature scaling's bounds.
 """
 
 from __future__ import annotations
@@ -60,17 +60,15 @@ def best_bias(margins: ArrayLike, labels: ArrayLike, temperature: float) -> floa
     bracket of the root (a step that leaves it bisects instead)."""
     z = np.asarray(margins, dtype=np.float64) / temperature
     target = float(np.mean(np.asarray(labels, dtype=np.float64)))
-    g = lambda b: float(np.mean(sigmoid(z + b))) - target
-    lo, hi = -1.0, 1.0
-    while g(lo) > 0 and lo > -1e6:
-        lo *= 2
-    while g(hi) < 0 and hi < 1e6:
-        hi *= 2
+    # At b = logit(target) - max(z) every p is at most target, at logit(target) - min(z) at least: the root lies
+    # between (both classes present: 0 < target < 1).
+    logit = math.log(target / (1 - target))
+    lo, hi = logit - float(z.max()), logit - float(z.min())
     b = (lo + hi) / 2
     for _ in range(200):
         s = sigmoid(z + b)
         gb, slope = float(np.mean(s)) - target, float(np.mean(s * (1 - s)))
-        if gb == 0 or hi - lo < 1e-12:
+        if gb == 0 or hi - lo <= 1e-13 * max(1.0, abs(b)):
             break
         lo, hi = (b, hi) if gb < 0 else (lo, b)
         step = b - gb / slope if slope > 0 else lo - 1.0

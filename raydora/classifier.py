@@ -184,8 +184,10 @@ def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, 
         eval_ = ~calib
     if method == "platt":
         t, b = calibration.fit_platt(z[calib], y[calib])
-    else:
+    elif method == "temperature":
         t, b = calibration.fit_temperature(z[calib], y[calib]), 0.0
+    else:
+        raise ValueError(f"classifier.calibration: unknown method {method!r} (temperature or platt)")
     metrics = {
         "method": method,
         "before": calibration.metrics(z[eval_], y[eval_], 1.0),

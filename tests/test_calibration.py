@@ -58,6 +58,23 @@ def test_platt_recovers_scale_and_offset_where_a_temperature_cannot() -> None:
     assert abs(b0) < 0.05 and t0 == pytest.approx(C.fit_temperature(z, y0), rel=0.02)
 
 
+def test_platt_bias_is_found_for_huge_margins_and_unknown_methods_are_refused() -> None:
+    """Margins of +-5e4 at the smallest temperature: the bias's bracket comes from the margins' range, so the fit
+    still matches the share of golden labels (a fixed bracket of +-1e6 missed it)."""
+    from raydora.classifier import calibrate
+
+    rng = np.random.default_rng(0)
+    z = np.r_[np.full(50, 5e4), np.full(50, -5e4)] + rng.normal(0, 1, 100)
+    y = (rng.random(100) < 0.45).astype(int)
+    b = C.best_bias(z, y, 1e-3)
+    assert np.mean(C.calibrated(z, 1e-3, b)) == pytest.approx(y.mean(), abs=1e-9)
+    t, b = C.fit_platt(z, y)
+    assert np.mean(C.calibrated(z, t, b)) == pytest.approx(y.mean(), abs=1e-9)
+    holdout = np.array([z, y, np.arange(100) % 2], dtype=np.float64)
+    with pytest.raises(ValueError, match="unknown method 'isotonic'"):
+        calibrate(holdout, "isotonic")
+
+
 def test_calibrated_and_nll_by_hand() -> None:
     """sigmoid(2 / 4 - 0.5) = sigmoid(0) = 1/2; NLL of label 1 there: log 2."""
     assert C.calibrated([2.0], 4.0, -0.5)[0] == 0.5

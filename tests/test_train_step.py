@@ -306,7 +306,7 @@ def test_wdpo_finite_difference_matches_the_double_backward(setup, pack: bool) -
 
 @pytest.mark.parametrize(("preset", "base_dtype"), [("tiny-gpt2", torch.float32), ("tiny-llama", torch.bfloat16)])
 def test_merged_lora_from_the_gathered_state_equals_peft_merging_the_live_model(
-    tmp_path: Any, preset: str, base_dtype: torch.dtype
+    tmp_path: Any, monkeypatch: Any, preset: str, base_dtype: torch.dtype
 ) -> None:
     # The final save merges from the gathered state (FSDP modules cannot be deep-copied): same weights as PEFT's
     # own merge of a copy, tied embeddings still tied (GPT-2), a bf16 base kept in bf16, and the live model intact.
@@ -325,7 +325,17 @@ def test_merged_lora_from_the_gathered_state_equals_peft_merging_the_live_model(
             p.data.normal_()  # B starts at zero: a merge would change nothing
     before = {k: v.clone() for k, v in model.state_dict().items()}
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    from peft.tuners.lora import layer as lora_layer
+
+    merged_on, merge = [], lora_layer.Linear.merge
+
+    def spy(self, *args, **kwargs):  # where each layer's merge ran: on CPU for a CPU model
+        merged_on.append(self.base_layer.weight.device.type)
+        return merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_layer.Linear, "merge", spy)
     merged = train._merged_lora(model, distributed.full_state_dict(model))
+    assert merged_on and set(merged_on) == {"cpu"}
     got = merged.state_dict()
     assert sorted(got) == sorted(expected)
     for k in expected:
@@ -337,3 +347,44 @@ def test_merged_lora_from_the_gathered_state_equals_peft_merging_the_live_model(
     assert tied == (preset == "tiny-gpt2") == merged.config.tie_word_embeddings
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_merged_lora_writes_a_layer_merged_elsewhere_back_into_the_gathered_state(monkeypatch: Any) -> None:
+    """On a GPU each adapted layer travels to the device, merges and comes back as new tensors; the merge must
+    copy them back into the gathered (CPU) state, so the host holds the model once. Here a spy stands in for the
+    round trip: it replaces every parameter of the layer by a copy before the merge."""
+    import copy
+
+    pytest.importorskip("peft")
+    from peft.tuners.lora import layer as lora_layer
+
+    from raydora import distributed
+
+    tok = train_tokenizer(iter(["the quick brown fox jumps over the lazy dog"] * 20), vocab_size=300)
+    model = build_model("tiny-llama", tok)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    merge, moved = lora_layer.Linear.merge, []
+
+    def round_trip(self, *args, **kwargs):
+        for p in self.parameters():
+            p.data = p.data.clone()  # what .to("cuda") does: new tensors
+        moved.append(self)
+        return merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_layer.Linear, "merge", round_trip)
+    state = {k: v.clone() for k, v in distributed.full_state_dict(model).items()}  # a GPU run's CPU copy
+    merged = train._merged_lora(model, state)
+    got = merged.state_dict()
+    adapted = [k for k in got if k.endswith("_proj.weight")]
+    assert moved and len(adapted) == len(moved)
+    gathered = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items()}
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0)
+    assert all(got[k].data_ptr() == gathered[k].data_ptr() for k in adapted)
