@@ -33,13 +33,15 @@ def test_every_method_is_a_valid_config(exp) -> None:
     for method in exp.METHODS:
         cfg = load_config(config, [f"name={method.replace('+', '_')}", *exp.method_overrides(method, 0.4)])
         t = cfg.train
-        seen.add((t.loss, t.objective, t.kldpo_normalize, t.lam, t.tau, t.rho))
+        seen.add((t.loss, t.objective, t.kldpo_normalize, t.lam, t.tau, t.rho, cfg.classifier.calibration))
         if method == "rdpo":
             assert cfg.train.loss == "rdpo" and cfg.train.flip_rate == pytest.approx(0.2)
         if method.endswith("+dora"):
             assert cfg.train.objective == "dora" and cfg.train.loss == method.split("+")[0]
-    assert ("dpo", "kldpo", True, 1.0, 1.0, 0.01) in seen and ("dpo", "kldpo", False, 1.0, 1.0, 0.01) in seen
-    assert ("dpo", "kldpo", True, 1.0, 0.1, 0.01) in seen and ("dpo", "wdpo", True, 1.0, 1.0, 0.1) in seen
+    tp = "temperature"
+    assert ("dpo", "kldpo", True, 1.0, 1.0, 0.01, tp) in seen and ("dpo", "kldpo", False, 1.0, 1.0, 0.01, tp) in seen
+    assert ("dpo", "kldpo", True, 1.0, 0.1, 0.01, tp) in seen and ("dpo", "wdpo", True, 1.0, 1.0, 0.1, tp) in seen
+    assert ("dpo", "dora", True, 1.0, 1.0, 0.01, "platt") in seen  # dora_platt: DoRA on Platt-calibrated weights
     assert len(seen) == len(exp.METHODS) - 1  # only the oracle repeats ERM's settings (on other labels)
     assert load_config(config, exp.method_overrides("rdpo", 0.0)).train.flip_rate == pytest.approx(0.1)
 
