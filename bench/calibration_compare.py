@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,12 +27,10 @@ from common import record
 
 from raydora import calibration, classifier, synth
 from raydora.config import load_config
+from raydora.models import load_encoder, load_tokenizer
 
 
-def margins_of(folder: Path, pairs: list[tuple[str, str]], max_length: int) -> np.ndarray:
-    from raydora.models import load_encoder, load_tokenizer
-
-    model, tok = load_encoder(folder).eval(), load_tokenizer(folder)
+def margins_of(model: Any, tok: Any, pairs: list[tuple[str, str]], max_length: int) -> np.ndarray:
     return np.concatenate([
         classifier.margins(model, tok, [p for p, _ in pairs[i : i + 128]], [r for _, r in pairs[i : i + 128]],
                            max_length)
@@ -55,18 +54,19 @@ def main() -> None:
                                          seed=args.fresh_seed))  # fmt: skip
         for folder in sorted(d for d in (base / "classifier").iterdir() if (d / "calibration.json").is_file()):
             source = folder.name
+            model, tok = load_encoder(folder).eval(), load_tokenizer(folder)
             ex = classifier.explode(data, source, cfg.classifier.holdout_fraction, cfg.seed).to_pydict()
             calib = [i for i, (h, c) in enumerate(zip(ex["holdout"], ex["calib"], strict=True)) if h and c]
-            z_cal = margins_of(folder, [(ex["prompt"][i], ex["response"][i]) for i in calib],
+            z_cal = margins_of(model, tok, [(ex["prompt"][i], ex["response"][i]) for i in calib],
                                cfg.classifier.max_length)  # fmt: skip
             y_cal = np.array([ex["label"][i] for i in calib])
             t = calibration.fit_temperature(z_cal, y_cal)
-            saved = json.loads((folder / "calibration.json").read_text())["temperature"]
+            saved = classifier.read_calibration(folder)["temperature"]
             assert abs(t - saved) <= 1e-9 * saved, (base, source, t, saved)  # the run's own calibration, redone
             tp, bp = calibration.fit_platt(z_cal, y_cal)
             pairs = [(r["prompt"], x, int(s == "golden")) for r in fresh
                      for x, s in zip(r["responses"], r["sources"], strict=True) if s in ("golden", source)]  # fmt: skip
-            z = margins_of(folder, [(a, b) for a, b, _ in pairs], cfg.classifier.max_length)
+            z = margins_of(model, tok, [(a, b) for a, b, _ in pairs], cfg.classifier.max_length)
             y = np.array([label for _, _, label in pairs])
             row = {"run": str(base), "source": source, "calibration_examples": len(calib), "fresh_examples": len(y),
                    "fitted_temperature": t, "platt_temperature": tp, "platt_bias": bp}  # fmt: skip

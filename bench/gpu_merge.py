@@ -3,7 +3,7 @@ write safetensors, timed step by step (issue 9's GPU run found this step dominat
 
 The merge runs each adapted layer on the adapters' device (``train._merged_lora``). For the ratio, the same merge
 on CPU in a Ray worker's one thread is timed on the first ``--cpu-layers`` layers in the same run and scaled to the
-whole model by parameter count.
+whole model by the adapted layers' weights (the embeddings and the LM head are never merged).
 
     python bench/gpu_merge.py --out bench/results          # CUDA, >= 40 GB
     python bench/gpu_merge.py --device cpu --shape tiny    # the same path on CPU
@@ -81,7 +81,7 @@ def main() -> None:
     del merged, state, model
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    # The same merge on CPU (the code before this change), on a slice of the layers, scaled by parameters.
+    # The same merge on CPU (the code before this change), on a slice of the layers.
     small = {**shape, "num_hidden_layers": args.cpu_layers, "vocab_size": 1024}
     cpu_model = lora_model(small, "cpu", args.lora_r)
     for p_ in cpu_model.parameters():

@@ -198,6 +198,15 @@ def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, 
     return t, b, metrics
 
 
+def read_calibration(folder: str | Path) -> dict[str, Any] | None:
+    """A classifier folder's ``calibration.json`` (None when it has none: not a raydora classifier), with
+    ``bias`` 0 for folders written before Platt scaling existed."""
+    path = Path(folder) / "calibration.json"
+    if not path.is_file():
+        return None
+    return {"bias": 0.0, **json.loads(path.read_text())}
+
+
 def _encoder_tokenizer(data_dir: Path, out: Path, backbone: tuple[str, str]) -> str:
     """The tokenizer folder the workers load: the backbone's own, or (presets) a BPE trained on the data."""
     if backbone[0] == "path":

@@ -94,11 +94,11 @@ class RewardModel:
     def __init__(self, path: str, max_length: int = 256, batch_size: int = 64, device: str = "cpu") -> None:
         import torch
 
+        from raydora.classifier import read_calibration
         from raydora.models import load_encoder, load_tokenizer
 
         folder = Path(path)
-        cal = folder / "calibration.json"
-        calib = json.loads(cal.read_text()) if cal.is_file() else {}
+        calib = read_calibration(folder) or {}
         self.temperature, self.bias = calib.get("temperature"), calib.get("bias", 0.0)
         config = json.loads((folder / "config.json").read_text())
         labels = 2 if self.temperature is not None else len(config.get("id2label", {"0": 0}))

@@ -18,7 +18,6 @@ We store probabilities, not weights: ``robust.dora_weights`` turns them into h~ 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydora import calibration
-from raydora.classifier import GOLDEN, margins
+from raydora.classifier import GOLDEN, margins, read_calibration
 from raydora.cluster import resolve_device
 from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
@@ -67,11 +66,13 @@ class Scorer:
         self.models, self.tokenizers, temps, biases, gammas = [], [], [], [], []
         for s in sources:
             folder = Path(classifier_dir) / s
-            cal = json.loads((folder / "calibration.json").read_text())
+            cal = read_calibration(folder)
+            if cal is None:
+                raise FileNotFoundError(f"{folder}: no calibration.json (not a trained classifier)")
             self.models.append(load_encoder(folder).to(device).eval())
             self.tokenizers.append(load_tokenizer(folder))
             temps.append(cal["temperature"])
-            biases.append(cal.get("bias", 0.0))  # folders from before Platt scaling: no bias
+            biases.append(cal["bias"])
             gammas.append(cal["gamma"])
         self.temperatures, self.biases, self.gammas = np.asarray(temps), np.asarray(biases), np.asarray(gammas)
 
@@ -176,7 +177,7 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
     print(trained.summary(), flush=True)
     for source, s in sorted(trained.info.items()) if not trained.skipped else []:
         print(
-            f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} b={s.get('bias', 0.0):.3f} "
+            f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} b={s['bias']:.3f} "
             f"AUC={s['auc']:.3f} ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
         )
     return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier)
