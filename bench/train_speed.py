@@ -3,7 +3,8 @@
 - raydora's DPO step against TRL's ``DPOTrainer`` on the same model, pairs, batch and lengths: TRL configured
   fairly (fp32, no gradient checkpointing, the same attention kernel), with a reference forward each step and
   with ``precompute_ref_log_probs=True``; TRL's own defaults (bf16, gradient checkpointing) are recorded apart;
-- the robust objectives' step time against plain DPO (DoRA, KLDPO, WDPO exact and by finite difference);
+- the robust objectives' step time against plain DPO (DoRA, KLDPO, WDPO exact and by finite difference), in one
+  micro-batch and with gradient accumulation (``--micro`` rows per micro-batch: one pass against the window pass);
 - precomputed reference log-probs against a reference forward in every step;
 - model FLOPs utilisation of the DPO step against a dense fp32 matmul timed in the same run.
 
@@ -109,17 +110,20 @@ class Ours:
     def rows(self, idx: list[int], ref: np.ndarray) -> dict[str, Any]:
         return trainer_rows([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], ref)
 
-    def stepper(self, objective: str, ref_forward: bool = False, pack: bool = True, **train_kw: Any) -> Any:
-        """A generator: each ``next()`` runs one training step and yields ``(seconds, tokens)``."""
+    def stepper(self, objective: str, ref_forward: bool = False, pack: bool = True, micro: int = 0,
+                **train_kw: Any) -> Any:  # fmt: skip
+        """A generator: each ``next()`` runs one training step and yields ``(seconds, tokens)``. ``micro``: rows
+        per micro-batch (gradient accumulation; 0: the whole batch in one)."""
         a = self.args
+        micro = micro or a.batch
         torch.manual_seed(0)
         model = load_causal_lm(self.model_dir, dtype=torch.float32, attn_implementation=self.attn)
         model = model.to(self.device).train()
         ref = copy.deepcopy(model).eval() if ref_forward else None
         tc = TrainConfig(objective=objective, loss="dpo", lam=1.0, tau=1.0, kldpo_clip=None, rho=0.01,
-                         batch_size=a.batch, micro_batch_size=a.batch, num_workers=1, **train_kw)  # fmt: skip
+                         batch_size=a.batch, micro_batch_size=micro, num_workers=1, **train_kw)  # fmt: skip
         t = dataclasses.asdict(tc)
-        cfg = {"mode": "preference", "train": t, "batch_size": a.batch, "micro_batch_size": a.batch}
+        cfg = {"mode": "preference", "train": t, "batch_size": a.batch, "micro_batch_size": micro}
         dora = {"shares": {"verbose": 0.75}, "gammas": {"verbose": 1.0}, "alpha": 0.25} if objective == "dora" else None
         f = train.objective_fn(cfg)
         opt = train.make_optimizer(list(model.parameters()), 1e-5, 0.0)
@@ -129,10 +133,12 @@ class Ours:
             idx = [(s * a.batch + i) % n for i in range(a.batch)]
             tic = time.perf_counter()
             ref_lp = self.reference_logps(ref, idx) if ref is not None else self.ref_logps[idx]
-            mb = train.collate_micro(self.rows(idx, ref_lp), slice(0, a.batch), "preference", "dpo",
-                                     self.tok.pad_token_id, dora, pack)  # fmt: skip
-            mb["enc"] = {k: v.to(self.device) for k, v in mb["enc"].items()}
-            stats = train._step(model, [mb], cfg, f, None, 1, self.device, self.amp, objective == "wdpo", False)
+            rows = self.rows(idx, ref_lp)
+            mbs = [train.collate_micro(rows, slice(i, i + micro), "preference", "dpo", self.tok.pad_token_id, dora,
+                                       pack) for i in range(0, a.batch, micro)]  # fmt: skip
+            for mb in mbs:
+                mb["enc"] = {k: v.to(self.device) for k, v in mb["enc"].items()}
+            stats = train._step(model, mbs, cfg, f, None, 1, self.device, self.amp, objective == "wdpo", False)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
@@ -200,6 +206,7 @@ def main() -> None:
     p.add_argument("--preset", default="base-gpt2")
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--micro", type=int, default=4, help="rows per micro-batch in the gradient-accumulation runs")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -218,7 +225,7 @@ def main() -> None:
     params = count_parameters(load_causal_lm(model_dir))
     results: dict[str, Any] = {"preset": args.preset, "parameters": params, "batch_pairs": args.batch,
                                "max_length": args.max_length, "threads": args.threads, "precision": "fp32",
-                               "rounds": args.rounds}  # fmt: skip
+                               "micro": args.micro, "rounds": args.rounds}  # fmt: skip
 
     # raydora as it runs by default (model.attn_implementation=auto): sdpa, and eager for WDPO (double backward),
     # packed sequences. TRL gets the better of its default kernel (sdpa) and eager, per configuration.
@@ -247,6 +254,12 @@ def main() -> None:
         steppers["raydora_wdpo_fd"] = sdpa.stepper("wdpo", wdpo_grad="finite_difference")
         steppers["raydora_dpo_padded"] = sdpa.stepper("erm", pack=False)
         steppers["raydora_dpo_ref_forward"] = sdpa.stepper("erm", ref_forward=True)
+        # Gradient accumulation (micro-batches of --micro rows): the log-sum-exp objectives in one pass (online
+        # softmax, the default) and with the window pass (one more forward per micro-batch).
+        for o in ("erm", "dora", "kldpo"):
+            steppers[f"raydora_{o}_micro"] = sdpa.stepper(o, micro=args.micro)
+        for o in ("dora", "kldpo"):
+            steppers[f"raydora_{o}_micro_window"] = sdpa.stepper(o, micro=args.micro, accumulation="window")
         batches = [lambda st=steppers: lockstep(st, args.steps, args.warmup, args.batch)]
         batches += [(lambda n=n: {n: trl_jobs[n]()}) for n in trl_jobs]
         for job in batches if r % 2 == 0 else batches[::-1]:
@@ -276,6 +289,10 @@ def main() -> None:
         "wdpo_finite_difference_step_vs_dpo": runs["raydora_wdpo_fd"]["step_s"] / ours["step_s"],
         "mfu_vs_dense_matmul": achieved / flops,
     }
+    for o in ("dora", "kldpo"):
+        base = runs["raydora_erm_micro"]["step_s"]
+        ratios[f"{o}_step_vs_dpo_micro"] = runs[f"raydora_{o}_micro"]["step_s"] / base
+        ratios[f"{o}_window_step_vs_dpo_micro"] = runs[f"raydora_{o}_micro_window"]["step_s"] / base
     if "trl_defaults" in runs:
         ratios["ours_vs_trl_defaults"] = ours["pairs_per_s"] / runs["trl_defaults"]["pairs_per_s"]
     results.update({"runs": runs, "ratios": ratios, "dense_matmul_flops": flops, "achieved_model_flops": achieved,

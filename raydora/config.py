@@ -261,6 +261,11 @@ class TrainConfig:
     """Global batch: prompts per optimizer step across all workers; robust weights are exact over it."""
     micro_batch_size: int = 4
     """Prompts per forward pass on one worker; gradient accumulation makes up the rest."""
+    accumulation: Literal["online", "window"] = "online"
+    """How a sample-coupling objective accumulates over micro-batches: ``online`` backpropagates each micro-batch
+    once and rescales like an online softmax (kl_dro, dora, normalised kldpo, dr_dpo, under DDP); ``window`` first
+    runs a no-grad pass over the window's micro-batches (a second forward of each). Objectives that ``online``
+    cannot express (wdpo global, clipped kldpo) and FSDP always use ``window``. Same gradient either way."""
     epochs: int = 1
     """Passes over the training data."""
     lr: float = 1e-4

@@ -15,6 +15,14 @@ returns the same (global) value, and the accumulated gradient is exactly that of
 
 Without ``group`` or ``share`` the local batch *is* the global batch and plain autograd is used (so higher-order
 derivatives, e.g. ``gradcheck``/``gradgradcheck``, work too).
+
+**One pass instead of two.** The log-sum-exp objectives (kl_dro, dora, normalised unclipped kldpo, dr_dpo) have
+gradients of one shape: ``dF/dl_i = c * a_i * softmax(s)_i`` (a :class:`Tilt`). :class:`OnlineTilt` accumulates
+them over micro-batches in a single pass, like an online softmax: each micro-batch backpropagates
+``sum_i a_i exp(s_i - m) l_i`` against the running max ``m`` of the scores seen so far on this rank, the
+gradients already accumulated are rescaled when ``m`` rises, and at the end one factor
+``c * exp(m - M) / Z`` (``M``, ``Z``: the global max and normaliser, from the losses gathered for the metrics
+anyway) turns this rank's sum into its share of the exact global gradient. No window pass, no extra collective.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from torch import Tensor
 from raydora.distributed import ProcessGroup, all_gather_varlen, world_size
 
 __all__ = [
+    "OnlineTilt",
     "Share",
+    "Tilt",
     "dora",
     "dora_weights",
     "dr_dpo",
@@ -316,6 +326,94 @@ def dora_weights(
         raise ValueError("source_share must be >= 0")
     p = p_golden.clamp(eps, 1 - eps)
     return 1.0 / (alpha + share * gamma * (1 - p) / p)
+
+
+@dataclass(frozen=True)
+class Tilt:
+    """A log-sum-exp objective's gradient as a softmax tilt: ``dF/dl_i = c * a_i * softmax(s)_i`` with
+
+    - scores ``s_i = sign * (h_i if weighted == "inside" else 1) * l_i / temperature``;
+    - multipliers ``a_i = h_i`` when ``weighted == "inside"``, else 1;
+    - a global constant ``c = mean_j h_j`` when ``weighted == "outside"``, else 1.
+
+    kl_dro(lam) is ``Tilt(lam)``, dora(lam) ``Tilt(lam, weighted=...)``, kldpo(tau) (normalised, unclipped)
+    ``Tilt(tau)`` (Danskin: the gradient of the tilted sum is the softmax-weighted one), dr_dpo(b) ``Tilt(b, -1)``.
+    ``h`` are the rows' weights (data, no gradient).
+    """
+
+    temperature: float
+    sign: float = 1.0
+    weighted: Literal["none", "inside", "outside"] = "none"
+
+    def scores(self, losses: Tensor, weights: Tensor) -> Tensor:
+        s = self.sign * losses.detach().double() / self.temperature
+        return s * weights.detach().double() if self.weighted == "inside" else s
+
+    def multipliers(self, weights: Tensor) -> Tensor | float:
+        return weights.detach().double() if self.weighted == "inside" else 1.0
+
+    def constant(self, weights: Tensor) -> Tensor | float:
+        return weights.detach().double().mean() if self.weighted == "outside" else 1.0
+
+
+def tilt_of(objective: str, **params: object) -> Tilt | None:
+    """The :class:`Tilt` of an objective with these settings, or None when its gradient is not a softmax tilt
+    (erm, reweight: linear; wdpo; kldpo clipped or unnormalised: the weight depends on the global mean)."""
+    if objective == "kl_dro":
+        return Tilt(float(params["lam"]))  # type: ignore[arg-type]
+    if objective == "dora":
+        return Tilt(float(params["lam"]), weighted=params.get("calibration", "inside"))  # type: ignore[arg-type]
+    if objective == "kldpo" and params.get("normalize", True) and params.get("clip") is None:
+        return Tilt(float(params["tau"]))  # type: ignore[arg-type]
+    if objective == "dr_dpo":
+        return Tilt(float(params["beta_prime"]), sign=-1.0)  # type: ignore[arg-type]
+    return None
+
+
+class OnlineTilt:
+    """One optimizer step of a :class:`Tilt` objective over micro-batches, in one pass (an online softmax).
+
+    For each micro-batch: ``surrogate = acc.surrogate(losses, weights)``, then ``surrogate.backward()``. When the
+    running max of the scores rises, ``surrogate`` first rescales the gradients accumulated so far (``grads()``,
+    the tensors backward accumulates into) by ``exp(m_old - m_new)``, so that they always hold
+    ``sum_i a_i exp(s_i - m) grad l_i`` for the rows seen. After the last micro-batch,
+    ``factor(all_losses, all_weights, world)`` is what to multiply this rank's gradients by before a *mean*
+    all-reduce over ``world`` ranks (or ``world=1`` without one): ``world * c * exp(m - M) / Z`` with the global
+    max ``M`` and ``Z = sum_j exp(s_j - M)`` over the gathered rows of every rank.
+    """
+
+    def __init__(self, tilt: Tilt, grads: Callable[[], Sequence[Tensor]]):
+        self.tilt = tilt
+        self.grads = grads
+        self.shift: Tensor | None = None  # running max of this rank's scores (float64, stays on the device)
+
+    def surrogate(self, losses: Tensor, weights: Tensor) -> Tensor:
+        """``sum_i a_i exp(s_i - m) l_i`` over this micro-batch (coefficients detached); rescales the gradients
+        accumulated so far first when this micro-batch raises the running max ``m``."""
+        _check_1d("losses", losses)
+        _check_1d("weights", weights, losses)
+        s = self.tilt.scores(losses, weights)
+        top = s.max()
+        if self.shift is None:
+            self.shift = top
+        else:
+            new = torch.maximum(self.shift, top)  # NaN propagates: a NaN loss makes every gradient NaN
+            if bool(new > self.shift):
+                grads = [g for g in self.grads() if g is not None]
+                if grads:
+                    torch._foreach_mul_(grads, float(torch.exp(self.shift - new)))
+            self.shift = new
+        coef = self.tilt.multipliers(weights) * torch.exp(s - self.shift)
+        return (coef.to(losses.dtype) * losses).sum()
+
+    def factor(self, losses: Tensor, weights: Tensor, world: int = 1) -> float:
+        """This rank's gradient factor, from every rank's detached ``losses`` and ``weights`` ``[N]``."""
+        if self.shift is None:
+            raise RuntimeError("OnlineTilt.factor before any micro-batch")
+        s = self.tilt.scores(losses, weights).to(self.shift.device)
+        top = s.max()
+        z = torch.exp(s - top).sum()
+        return float(world * self.tilt.constant(weights) * torch.exp(self.shift - top) / z)
 
 
 def weight_stats(weights: Tensor, *, group: ProcessGroup | None = None) -> dict[str, float]:

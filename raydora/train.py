@@ -12,8 +12,10 @@ an epoch are dropped (a different set each epoch).
 
 **One optimizer step** (``Step``): the worker's rows are cut into micro-batches. With one micro-batch the
 objective gathers the global losses directly (``group=``). With several, a linear objective (erm, reweight,
-pointwise wdpo) needs nothing from the other rows; a non-linear one first runs a no-grad pass over the window,
-gathers it once and then backpropagates each micro-batch against that fixed global vector (``robust.Share``).
+pointwise wdpo) needs nothing from the other rows; a log-sum-exp one (kl_dro, dora, kldpo, dr_dpo) accumulates
+as an online softmax in one pass (``robust.OnlineTilt``); any other (wdpo global, clipped kldpo, or any of them
+under FSDP or ``train.accumulation=window``) first runs a no-grad pass over the window, gathers it once and then
+backpropagates each micro-batch against that fixed global vector (``robust.Share``).
 Gradients are then averaged over workers (one coalesced all-reduce, or FSDP2's reduce-scatter), clipped, and
 AdamW steps with a warmup + cosine (or linear / constant) schedule.
 """
@@ -363,6 +365,19 @@ def objective_fn(cfg: dict[str, Any]) -> Any:
         return robust.wdpo(ls, pen, t["rho"], t["wdpo_mode"], **kw)
 
     return f
+
+
+def objective_tilt(cfg: dict[str, Any], fsdp: bool = False) -> Any:
+    """The :class:`robust.Tilt` that accumulates ``train.objective`` over micro-batches in one pass, or None: the
+    objective is linear or not a softmax tilt, ``train.accumulation`` is ``window``, or FSDP (its gradients are
+    reduce-scattered inside the last backward, before a per-rank rescale could apply)."""
+    from raydora import robust
+
+    t = cfg["train"]
+    if cfg["mode"] == "sft" or t.get("accumulation", "online") != "online" or fsdp:
+        return None
+    return robust.tilt_of(t["objective"], lam=t["lam"], calibration=t["dora_calibration"], tau=t["tau"],
+                          normalize=t["kldpo_normalize"], clip=t["kldpo_clip"], beta_prime=t["beta_prime"])  # fmt: skip
 
 
 def _is_linear(cfg: dict[str, Any]) -> bool:
@@ -770,8 +785,12 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
         )
         return out
 
-    share_vectors = None
-    if len(micro) > 1 and not _is_linear(cfg):
+    share_vectors, online = None, None
+    tilt = objective_tilt(cfg, fsdp) if len(micro) > 1 and not _is_linear(cfg) else None
+    if tilt is not None:
+        # One pass: an online softmax over the micro-batches (robust.OnlineTilt), rescaled once at the end.
+        online = robust.OnlineTilt(tilt, lambda: [p.grad for p in model.parameters() if p.requires_grad])
+    elif len(micro) > 1 and not _is_linear(cfg):
         # First pass: the whole window's losses (no grad, except through WDPO's penalty), gathered once.
         cols = []
         for mb in micro:
@@ -788,7 +807,9 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
     rows_seen, local_stats, tokens = 0, [], 0
     for i, mb in enumerate(micro):
         o = forward(mb)
-        if share_vectors is None:
+        if online is not None:
+            value = online.surrogate(o["losses"], o["weights"])
+        elif share_vectors is None:
             value = f(o["losses"], o["weights"], o["penalties"], group=group)
         else:
             ls, ws, ps, offset = share_vectors
@@ -805,7 +826,15 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
         zero = torch.zeros_like(o["losses"])
         cols = [o["losses"], o["weights"], o["penalties"], o.get("chosen", zero), o.get("rejected", zero)]
         local_stats.append(torch.stack([c.detach() for c in cols], 1))
+    # Listed after the forwards: FSDP2 swaps a module's registered parameters between sharded and unsharded.
     params = [p for p in model.parameters() if p.requires_grad]
+    stats, _ = distributed.all_gather_varlen(torch.cat(local_stats), group)
+    if online is not None:
+        # This rank's share of the global softmax, times W for the mean all-reduce below.
+        factor = online.factor(stats[:, 0], stats[:, 1], world)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
     if not fsdp:
         for p in params:
             if p.grad is None:
@@ -813,7 +842,6 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
         distributed.all_reduce_mean_([p.grad for p in params], group)
     clip = t["grad_clip"] if t["grad_clip"] > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    stats, _ = distributed.all_gather_varlen(torch.cat(local_stats), group)
     tok = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
     distributed.all_reduce_mean_([tok], group)
     ls, ws, ps = stats[:, 0], stats[:, 1], stats[:, 2]
@@ -888,7 +916,8 @@ def build_trainer(
 
 
 # Keys that change where or how often things happen, not the trained weights: a rerun with new values resumes.
-NOT_IN_FINGERPRINT = ("placement_strategy", "keep_checkpoints", "log_every", "max_failures")
+# accumulation: the online softmax and the window pass compute the same gradient (to rounding).
+NOT_IN_FINGERPRINT = ("placement_strategy", "keep_checkpoints", "log_every", "max_failures", "accumulation")
 
 
 def fit(

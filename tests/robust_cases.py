@@ -52,6 +52,16 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# The log-sum-exp objectives above as softmax tilts (robust.OnlineTilt: gradient accumulation in one pass).
+TILTS: dict[str, robust.Tilt] = {
+    "kl_dro": robust.tilt_of("kl_dro", lam=0.7),
+    "dora_inside": robust.tilt_of("dora", lam=0.7),
+    "dora_outside": robust.tilt_of("dora", lam=0.7, calibration="outside"),
+    "kldpo_paper": robust.tilt_of("kldpo", tau=0.5),
+    "dr_dpo": robust.tilt_of("dr_dpo", beta_prime=0.8),
+}
+
+
 def reference() -> dict[str, tuple[Tensor, Tensor]]:
     """One process holding all N rows: value and gradient (weight and bias, flattened) per objective."""
     x, w = data()

@@ -207,3 +207,67 @@ def test_argument_errors_name_the_argument() -> None:
         R.erm(X.reshape(4, 4))
     with pytest.raises(ValueError, match=r"Share\.weights"):
         R.dora(X[:2], W[:2], share=R.Share(losses=X, offset=0))
+
+
+def test_tilt_by_hand() -> None:
+    """L = [0, ln 2, ln 3], h~ = [1, 2, 1], lam = 1: dora inside's scores h~ L = [0, ln 4, ln 3], softmax
+    [1, 4, 3] / 8, gradient a * softmax = [1/8, 8/8, 3/8]. Outside: mean(h~) * [1, 2, 3] / 6 = [2/9, 4/9, 6/9].
+    dr_dpo (b' = 1): softmax(-L) = [1, 1/2, 1/3] / (11/6) = [6/11, 3/11, 2/11]."""
+    w = T([1.0, 2.0, 1.0], dtype=torch.float64)
+
+    def tilt_grad(tilt: R.Tilt) -> torch.Tensor:
+        s = tilt.scores(L3, w)
+        return tilt.constant(w) * tilt.multipliers(w) * torch.softmax(s, 0)
+
+    cases = {
+        R.tilt_of("dora", lam=1.0): [1 / 8, 1.0, 3 / 8],
+        R.tilt_of("dora", lam=1.0, calibration="outside"): [2 / 9, 4 / 9, 6 / 9],
+        R.tilt_of("dr_dpo", beta_prime=1.0): [6 / 11, 3 / 11, 2 / 11],
+        R.tilt_of("kl_dro", lam=1.0): [1 / 6, 2 / 6, 3 / 6],
+        R.tilt_of("kldpo", tau=1.0): [1 / 6, 2 / 6, 3 / 6],
+    }
+    for tilt, expected in cases.items():
+        torch.testing.assert_close(tilt_grad(tilt), T(expected, dtype=torch.float64))
+    assert R.tilt_of("kldpo", tau=1.0, clip=10.0) is None and R.tilt_of("kldpo", tau=1.0, normalize=False) is None
+    assert R.tilt_of("erm") is None and R.tilt_of("wdpo") is None and R.tilt_of("reweight") is None
+
+
+@pytest.mark.parametrize("name", ["kl_dro", "dora_inside", "dora_outside", "kldpo", "dr_dpo"])
+def test_tilt_is_the_objective_gradient(name: str) -> None:
+    """c * a_i * softmax(s)_i equals autograd's dF/dl_i of the objective itself."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(9, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    w = torch.rand(9, generator=g, dtype=torch.float64) * 2 + 0.1
+    objective, tilt = {
+        "kl_dro": (lambda: R.kl_dro(x, 0.6), R.tilt_of("kl_dro", lam=0.6)),
+        "dora_inside": (lambda: R.dora(x, w, 0.6), R.tilt_of("dora", lam=0.6)),
+        "dora_outside": (lambda: R.dora(x, w, 0.6, calibration="outside"),
+                         R.tilt_of("dora", lam=0.6, calibration="outside")),
+        "kldpo": (lambda: R.kldpo(x, 0.4), R.tilt_of("kldpo", tau=0.4)),
+        "dr_dpo": (lambda: R.dr_dpo(x, 0.9), R.tilt_of("dr_dpo", beta_prime=0.9)),
+    }[name]  # fmt: skip
+    (expected,) = torch.autograd.grad(objective(), x)
+    s = tilt.scores(x, w)
+    torch.testing.assert_close(tilt.constant(w) * tilt.multipliers(w) * torch.softmax(s, 0), expected)
+
+
+def test_online_tilt_survives_scores_far_beyond_exp_range() -> None:
+    """Losses of 1000 at lam = 1 (exp overflows float64 past ~709): the online softmax only ever takes exp of
+    differences <= 0, so a parameter's accumulated gradient stays exact. Rows x_i * theta, theta = 1."""
+    theta = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    x = T([1000.0, 990.0, 1010.0, 0.0], dtype=torch.float64)
+    acc = R.OnlineTilt(R.Tilt(1.0), lambda: [theta.grad])
+    for part in (x[:2], x[2:]):  # the max rises from 1000 to 1010 at the second micro-batch
+        acc.surrogate(part * theta, torch.ones(2, dtype=torch.float64)).backward()
+    theta.grad.mul_(acc.factor(x, torch.ones(4, dtype=torch.float64)))
+    # d/dtheta lam log mean exp(x theta) = sum softmax(x)_i x_i
+    expected = (torch.softmax(x, 0) * x).sum()
+    torch.testing.assert_close(theta.grad[0], expected)
+
+
+def test_online_tilt_propagates_nan() -> None:
+    theta = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    acc = R.OnlineTilt(R.Tilt(1.0), lambda: [theta.grad])
+    acc.surrogate(T([1.0, 2.0], dtype=torch.float64) * theta, torch.ones(2, dtype=torch.float64)).backward()
+    acc.surrogate(T([float("nan"), 2.0], dtype=torch.float64) * theta, torch.ones(2, dtype=torch.float64)).backward()
+    assert math.isnan(float(theta.grad[0] * acc.factor(T([1.0, 2.0, float("nan"), 2.0]), torch.ones(4))))

@@ -1,6 +1,7 @@
 """Real multi-process checks of the exact global batch: 2 gloo processes under DDP, holding unequal shards
 (3 and 5 rows), must reproduce one process on all 8 rows (value and DDP-averaged gradient) to 1e-8 in float64,
-for every objective, both with a per-call all-gather (``group=``) and with gradient accumulation (``share=``)."""
+for every objective, both with a per-call all-gather (``group=``) and with gradient accumulation (``share=``),
+and for the log-sum-exp ones with gradient accumulation in one pass (``robust.OnlineTilt``)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 values.append(value.detach())
             results[f"{name}/share/value"] = torch.stack(values)
             results[f"{name}/share/grad"] = _grads(ddp.module)
+
+            # (c) the same micro-batches in one pass (an online softmax), as the training loop runs the
+            # log-sum-exp objectives: plain modules, one factor per rank, then a mean all-reduce.
+            if name in rc.TILTS:
+                m = rc.model()
+                acc = robust.OnlineTilt(rc.TILTS[name], lambda m=m: [p.grad for p in m.parameters()])
+                seen = []
+                for a, b in rc.MICRO[rank]:
+                    losses, pen = rc.losses_and_penalties(m, x[a:b])
+                    acc.surrogate(losses, w[a:b]).backward()
+                    seen.append(torch.stack([losses.detach(), w[a:b], pen.detach()], dim=1))
+                full, _ = distributed.all_gather_varlen(torch.cat(seen), group)
+                factor = acc.factor(full[:, 0], full[:, 1], world)
+                grads = [p.grad for p in m.parameters()]
+                torch._foreach_mul_(grads, factor)
+                distributed.all_reduce_mean_(grads, group)
+                results[f"{name}/online/value"] = obj(full[:, 0], full[:, 1], full[:, 2]).detach()[None]
+                results[f"{name}/online/grad"] = _grads(m)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -78,8 +97,10 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str,
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("name", list(rc.OBJECTIVES))
-@pytest.mark.parametrize("mode", ["group", "share"])
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [(n, m) for n in rc.OBJECTIVES for m in ("group", "share")] + [(n, "online") for n in rc.TILTS],
+)
 def test_two_gloo_ranks_equal_one_process(two_rank_results, name: str, mode: str) -> None:
     ref_value, ref_grad = rc.reference()[name]
     assert ref_grad.abs().sum() > 1e-3, "degenerate case: the reference gradient is ~0"

@@ -113,10 +113,11 @@ def test_two_workers_train_the_policy(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("objective", ["dora", "kldpo"])
 def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, objective: str) -> None:
-    # 1 worker: 8 rows per step in 2 micro-batches (the Share path); 2 workers: 4 rows each (the all-gather path).
+    # 1 worker: 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
+    # accumulate in one pass (robust.OnlineTilt); the 2 workers' per-rank factors meet in the mean all-reduce.
     common = (f"train.objective={objective}", "train.max_steps=4", "train.checkpoint_every=100")
     fit(run_dir, f"w1-{objective}", *common, "train.num_workers=1", master_dtype="float64")
-    fit(run_dir, f"w2-{objective}", *common, "train.num_workers=2", master_dtype="float64")
+    fit(run_dir, f"w2-{objective}", *common, "train.num_workers=2", "train.micro_batch_size=2", master_dtype="float64")
     a, b = weights(run_dir / f"w1-{objective}" / "final"), weights(run_dir / f"w2-{objective}" / "final")
     init = weights(run_dir / "init")
     for k in a:
@@ -128,7 +129,9 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, object
 
 
 def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
-    common = ("train.objective=kldpo", "train.max_steps=4", "train.checkpoint_every=2", "train.num_workers=2")
+    # Micro-batches of 2: DDP accumulates in one pass (online softmax), FSDP2 with the window pass.
+    common = ("train.objective=kldpo", "train.max_steps=4", "train.checkpoint_every=2", "train.num_workers=2",
+              "train.micro_batch_size=2")  # fmt: skip
     if not (run_dir / "w2-kldpo" / "final").exists():  # the equality test above normally made it
         fit(run_dir, "w2-kldpo", *common, master_dtype="float64")
     fit(run_dir, "fsdp", *common, "train.strategy=fsdp", master_dtype="float64")

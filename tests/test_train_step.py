@@ -79,18 +79,62 @@ def test_wdpo_differs_from_dpo_by_exactly_the_penalty_gradient(setup) -> None:
     torch.testing.assert_close(g_loop, g_wdpo, atol=1e-12, rtol=1e-9)
 
 
-@pytest.mark.parametrize("objective", ["erm", "kl_dro", "kldpo", "dr_dpo"])
-def test_micro_batches_accumulate_the_full_batch_gradient(setup, objective: str) -> None:
+ROW_WEIGHTS = [0.4, 1.7, 0.9, 2.5]  # h~ per row for dora (the collation gives ones without DoRA metadata)
+
+
+@pytest.mark.parametrize("accumulation", ["online", "window"])
+@pytest.mark.parametrize(
+    "objective", ["erm", "kl_dro", "kldpo", "dr_dpo", "dora", "dora_outside", "kldpo_clipped", "wdpo_global"]
+)
+def test_micro_batches_accumulate_the_full_batch_gradient(
+    setup, monkeypatch, objective: str, accumulation: str
+) -> None:
+    """One micro-batch of 4 (the objective gathers itself) against 4 micro-batches of 1, in the order that raises
+    the running max at every micro-batch, so the online softmax rescales its accumulated gradient each time.
+    Online: exactly one forward per micro-batch; window: one more per micro-batch for coupled objectives."""
     tok, model, rows = setup
-    cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, beta_prime=0.7)
+    extra = {"dora_outside": {"objective": "dora", "dora_calibration": "outside"},
+             "kldpo_clipped": {"objective": "kldpo", "kldpo_normalize": False, "kldpo_clip": 3.0},
+             "wdpo_global": {"objective": "wdpo", "wdpo_mode": "global", "rho": 0.3}}.get(objective, {"objective": objective})  # fmt: skip
+    cfg = cfg_for(loss="dpo", lam=0.5, tau=0.5, beta_prime=0.7, accumulation=accumulation, **extra)
+    wdpo = extra["objective"] == "wdpo"
     f = train.objective_fn(cfg)
+    weights = torch.tensor(ROW_WEIGHTS, dtype=torch.float64)
+    with torch.no_grad():
+        full = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
+        losses = train.per_sample_losses(model, full, cfg)["losses"]
+    tilt = train.objective_tilt(cfg)
+    order = torch.argsort(tilt.scores(losses, weights)) if tilt is not None else torch.arange(4)
+    assert (tilt is not None) == (accumulation == "online" and objective in ("kl_dro", "kldpo", "dr_dpo", "dora",
+                                                                             "dora_outside"))  # fmt: skip
+
+    def take(idx: list[int]) -> dict:
+        sub = {k: v[idx] for k, v in rows.items()}
+        mb = train.collate_micro(sub, slice(0, len(idx)), "preference", "dpo", tok.pad_token_id, None)
+        mb["weights"] = weights[idx]
+        return mb
+
+    forwards, rescales = [0], [0]
+    real_forward = train.per_sample_losses
+    monkeypatch.setattr(train, "per_sample_losses", lambda *a, **k: (forwards.__setitem__(0, forwards[0] + 1),
+                                                                     real_forward(*a, **k))[1])  # fmt: skip
+
+    class Counting(robust.OnlineTilt):  # counts the rescales of the accumulated gradient
+        def __init__(self, tilt, grads):
+            super().__init__(tilt, lambda: (rescales.__setitem__(0, rescales[0] + 1), grads())[1])
+
+    monkeypatch.setattr(robust, "OnlineTilt", Counting)
     grads = []
-    for mbs in (4, 1):  # one micro-batch of 4 (group path) vs 4 micro-batches of 1 (Share / linear path)
+    for micro in ([take(order.tolist())], [take([int(i)]) for i in order]):
         model.zero_grad(set_to_none=True)
-        micro = [train.collate_micro(rows, slice(i, i + mbs), "preference", "dpo", tok.pad_token_id, None)
-                 for i in range(0, 4, mbs)]  # fmt: skip
-        stats = train._step(model, micro, cfg, f, None, 1, torch.device("cpu"), torch.float32, False, False)
+        forwards[0] = rescales[0] = 0
+        stats = train._step(model, micro, cfg, f, None, 1, torch.device("cpu"), torch.float32, wdpo, False)
         grads.append((torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"]["loss"]))
+    # The window pass adds a forward per micro-batch for every coupled objective online cannot express.
+    assert forwards[0] == (4 if tilt is not None or objective == "erm" else 8)
+    if tilt is not None:
+        assert rescales[0] == 3  # the running max rose at micro-batches 2, 3 and 4
+    assert grads[0][0].abs().sum() > 1e-6
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=1e-9)
     assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-12)
 
