@@ -1,5 +1,6 @@
-"""DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), trained on
-Ray Train and calibrated on held-out data by temperature scaling (``classifier.calibration: platt`` adds a bias).
+"""DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), all trained in
+one Ray Train run (one after another: the workers start once) and calibrated on held-out data by temperature
+scaling (``classifier.calibration: platt`` adds a bias).
 
 **Input** is the pair ``[CLS] prompt [SEP] response [SEP]``, not the response alone: a sloppy source's artefact
 is a *wrong* answer, and whether an answer is wrong depends on the prompt. The prompt is truncated first when the
@@ -113,8 +114,10 @@ def margins(model: Any, tokenizer: Any, prompts: list[str], responses: list[str]
 
 
 def _train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker: fine-tune golden-vs-source on this worker's shard (DDP), then rank 0 scores the whole
-    held-out set and reports the model folder plus the held-out margins as the checkpoint."""
+    """Ray Train worker: for each source in turn, fine-tune golden-vs-source on this worker's shard (DDP), then
+    rank 0 scores that source's held-out set. One run trains every source (one worker start-up, not one per
+    source); each source's model starts from the same seed as a run of its own would. Rank 0 reports one
+    checkpoint: a folder per source with the model and the held-out margins."""
     import ray.train
     import ray.train.torch
     import torch
@@ -124,53 +127,63 @@ def _train_loop(cfg: dict[str, Any]) -> None:
 
     transformers.utils.logging.disable_progress_bar()
 
-    torch.manual_seed(cfg["seed"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     tok = load_tokenizer(cfg["tokenizer"])
     kind, name = cfg["backbone"]
-    model = build_model(name, tok, num_labels=2, seed=cfg["seed"]) if kind == "preset" else load_encoder(name)
-    model.train()
-    model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     ctx = ray.train.get_context()
     per_worker = max(1, cfg["batch_size"] // ctx.get_world_size())
-    shard = ray.train.get_dataset_shard("train")
-    device = next(model.parameters()).device
-    for epoch in range(cfg["epochs"]):
-        total, n = 0.0, 0
-        for batch in shard.iter_batches(
-            batch_size=per_worker,
-            batch_format="numpy",
-            local_shuffle_buffer_size=4 * per_worker,
-            local_shuffle_seed=cfg["seed"] + epoch,
-        ):
-            enc = encode(tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"]).to(device)
-            labels = torch.as_tensor(batch["label"], device=device)
-            loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"classifier loss is {loss.item()} at epoch {epoch}: stopping")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            total, n = total + loss.item() * len(labels), n + len(labels)
-        metrics = {"epoch": epoch, "train_loss": total / max(n, 1)}
-        if epoch < cfg["epochs"] - 1:
-            ray.train.report(metrics)
+    out = Path(tempfile.mkdtemp(prefix="raydora-clf-"))
+    metrics: dict[str, Any] = {}
+    for source in cfg["sources"]:
+        torch.manual_seed(cfg["seed"])
+        model = build_model(name, tok, num_labels=2, seed=cfg["seed"]) if kind == "preset" else load_encoder(name)
+        model.train()
+        model = ray.train.torch.prepare_model(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+        shard = ray.train.get_dataset_shard(f"train_{source}")
+        device = next(model.parameters()).device
+        for epoch in range(cfg["epochs"]):
+            total, n = 0.0, 0
+            for batch in shard.iter_batches(
+                batch_size=per_worker,
+                batch_format="numpy",
+                local_shuffle_buffer_size=4 * per_worker,
+                local_shuffle_seed=cfg["seed"] + epoch,
+            ):
+                enc = encode(tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"]).to(device)
+                labels = torch.as_tensor(batch["label"], device=device)
+                loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), labels)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"classifier {source!r}: loss is {loss.item()} at epoch {epoch}: stopping")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                total, n = total + loss.item() * len(labels), n + len(labels)
+            metrics[f"{source}/epoch"] = epoch
+            metrics[f"{source}/train_loss"] = total / max(n, 1)
+        inner = model.module if hasattr(model, "module") else model
+        if ctx.get_world_rank() == 0:
+            inner.eval()
+            held: dict[str, list[Any]] = {"margin": [], "label": [], "calib": []}
+            for batch in ray.train.get_dataset_shard(f"holdout_{source}").iter_batches(
+                batch_size=64, batch_format="numpy"
+            ):
+                held["margin"].extend(
+                    margins(inner, tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"])
+                )
+                held["label"].extend(batch["label"].tolist())
+                held["calib"].extend(batch["calib"].tolist())
+            save_pretrained(inner, tok, out / source / "model")
+            np.save(out / source / "holdout.npy",
+                    np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64))  # fmt: skip
+        del model, inner, opt
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if ctx.get_world_rank() != 0:
         ray.train.report(metrics)
         return
-    inner = model.module if hasattr(model, "module") else model
-    inner.eval()
-    held: dict[str, list[Any]] = {"margin": [], "label": [], "calib": []}
-    for batch in ray.train.get_dataset_shard("holdout").iter_batches(batch_size=64, batch_format="numpy"):
-        held["margin"].extend(margins(inner, tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"]))
-        held["label"].extend(batch["label"].tolist())
-        held["calib"].extend(batch["calib"].tolist())
-    out = Path(tempfile.mkdtemp(prefix="raydora-clf-"))
-    save_pretrained(inner, tok, out / "model")
-    np.save(out / "holdout.npy", np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
 
 
@@ -249,8 +262,11 @@ def train_classifiers(
         )
     backbone = resolve_backbone(cfg.backbone)
     summary: dict[str, Any] = {}
+    held: dict[str, np.ndarray] = {}
     with staging(out.parent, out.name) as tmp:
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
+        datasets: dict[str, Any] = {}
+        balance: dict[str, tuple[int, int]] = {}
         for source in sources:
             # Materialised once, before training (small: prompt, response, label): both splits filter the same
             # examples, and the Train workers hold the cores, so a lazy read would never get a CPU slot.
@@ -270,31 +286,41 @@ def train_classifiers(
             n_source = train.count() - n_golden
             if n_golden == 0 or n_source == 0:
                 raise ValueError(f"source {source!r}: the training split has {n_golden} golden, {n_source} {source}")
-            trainer = TorchTrainer(
-                _train_loop,
-                train_loop_config={
-                    "seed": seed,
-                    "lr": cfg.lr,
-                    "epochs": cfg.epochs,
-                    "batch_size": cfg.batch_size,
-                    "max_length": cfg.max_length,
-                    "tokenizer": tokenizer,
-                    "backbone": backbone,
-                    "threads": cfg.threads_per_worker,
-                },
-                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.device == "cuda"),
-                datasets={"train": train, "holdout": holdout},
-                # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
-                dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
-                run_config=RunConfig(name=f"classifier-{source}", storage_path=str((tmp / ".ray_train").absolute())),
-            )
-            result = trainer.fit()
-            if result.checkpoint is None:
-                raise RuntimeError(f"classifier {source!r}: Ray Train returned no checkpoint ({result.error})")
-            with result.checkpoint.as_directory() as ckpt:
-                shutil.copytree(Path(ckpt) / "model", tmp / source)
-                holdout = np.load(Path(ckpt) / "holdout.npy", allow_pickle=False)
-            temperature, bias, metrics = calibrate(holdout, cfg.calibration)
+            datasets[f"train_{source}"], datasets[f"holdout_{source}"] = train, holdout
+            balance[source] = (n_golden, n_source)
+        # One Ray Train run for every source: the workers start once (tens of seconds on a GPU node), then
+        # train the classifiers one after another.
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "seed": seed,
+                "sources": sources,
+                "lr": cfg.lr,
+                "epochs": cfg.epochs,
+                "batch_size": cfg.batch_size,
+                "max_length": cfg.max_length,
+                "tokenizer": tokenizer,
+                "backbone": backbone,
+                "threads": cfg.threads_per_worker,
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.device == "cuda"),
+            datasets=datasets,
+            # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
+            dataset_config=DataConfig(
+                datasets_to_split=[f"train_{s}" for s in sources], execution_options=ordered_ingest()
+            ),
+            run_config=RunConfig(name="classifiers", storage_path=str((tmp / ".ray_train").absolute())),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"classifiers {sources}: Ray Train returned no checkpoint ({result.error})")
+        with result.checkpoint.as_directory() as ckpt:
+            for source in sources:
+                shutil.copytree(Path(ckpt) / source / "model", tmp / source)
+                held[source] = np.load(Path(ckpt) / source / "holdout.npy", allow_pickle=False)
+        for source in sources:
+            temperature, bias, metrics = calibrate(held[source], cfg.calibration)
+            n_golden, n_source = balance[source]
             gamma = n_source / n_golden
             info = {
                 "source": source,

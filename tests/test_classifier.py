@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from raydora import classifier, data, robust, scoring, synth
 from raydora.config import ClassifierConfig
@@ -90,6 +91,21 @@ def test_calibration_lowers_the_ece_on_fresh_benchmark_rows(trained: Path) -> No
 def test_rerun_skips_trained_classifiers(trained: Path) -> None:
     again = classifier.train_classifiers(trained / "data", trained / "classifier", CFG, seed=0)
     assert again.skipped
+
+
+def test_one_run_trains_each_source_as_if_alone(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All sources train in one Ray Train run, one after another. Each classifier must not depend on the others
+        (each starts from the seed): training verbose alone gives the same weights, bit for bit, as training it second,
+    after sloppy (sources train in sorted order)."""
+    real = classifier.synthetic_sources
+    monkeypatch.setattr(classifier, "synthetic_sources", lambda d: {k: v for k, v in real(d).items() if k != "sloppy"})
+    alone = classifier.train_classifiers(trained / "data", trained / "verbose-alone", CFG, seed=0)
+    assert alone.counts == {"classifiers": 1}
+    a = load_file(str(trained / "classifier" / "verbose" / "model.safetensors"))
+    b = load_file(str(trained / "verbose-alone" / "verbose" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    both = json.loads((trained / "classifier" / "verbose" / "calibration.json").read_text())
+    assert json.loads((trained / "verbose-alone" / "verbose" / "calibration.json").read_text()) == both
 
 
 @pytest.fixture(scope="module")
