@@ -5,7 +5,8 @@ classifiers, one epoch), each source's classifier is calibrated again here on th
 calibrated on (the rows' hashed splits, ``classifier.explode``): once by temperature (``T``, which must equal the
 run's ``calibration.json``: checked) and once by Platt scaling (``T`` and ``b``). Both are then measured on fresh
 benchmark rows (another seed: ~2,500 golden-vs-source examples per classifier, where ECE's noise floor is ~0.01):
-ECE (15 bins) and NLL, uncalibrated, temperature and Platt. No Ray: the classifiers run in this process.
+ECE (15 bins) and NLL, uncalibrated, temperature, Platt, and Platt with Platt's smoothed targets. No Ray: the
+classifiers run in this process.
 
     .venv/bin/python bench/calibration_compare.py --out bench/results
 """
@@ -64,13 +65,19 @@ def main() -> None:
             saved = classifier.read_calibration(folder)["temperature"]
             assert abs(t - saved) <= 1e-9 * saved, (base, source, t, saved)  # the run's own calibration, redone
             tp, bp = calibration.fit_platt(z_cal, y_cal)
+            # Platt's (1999) own targets, (N+ + 1) / (N+ + 2) and 1 / (N- + 2) instead of 1 and 0 (sklearn's
+            # sigmoid calibration uses them): a prior against extreme fits on small calibration sets.
+            n_pos, n_neg = int(y_cal.sum()), int(len(y_cal) - y_cal.sum())
+            soft = np.where(y_cal == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+            ts, bs = calibration.fit_platt(z_cal, soft)
             pairs = [(r["prompt"], x, int(s == "golden")) for r in fresh
                      for x, s in zip(r["responses"], r["sources"], strict=True) if s in ("golden", source)]  # fmt: skip
             z = margins_of(model, tok, [(a, b) for a, b, _ in pairs], cfg.classifier.max_length)
             y = np.array([label for _, _, label in pairs])
             row = {"run": str(base), "source": source, "calibration_examples": len(calib), "fresh_examples": len(y),
-                   "fitted_temperature": t, "platt_temperature": tp, "platt_bias": bp}  # fmt: skip
-            fits = {"uncalibrated": (1.0, 0.0), "temperature": (t, 0.0), "platt": (tp, bp)}
+                   "fitted_temperature": t, "platt_temperature": tp, "platt_bias": bp,
+                   "platt_soft_temperature": ts, "platt_soft_bias": bs}  # fmt: skip
+            fits = {"uncalibrated": (1.0, 0.0), "temperature": (t, 0.0), "platt": (tp, bp), "platt_soft": (ts, bs)}
             for name, (tt, bb) in fits.items():
                 m = calibration.metrics(z, y, tt, bb)
                 row[name] = {"ece": m["ece"], "nll": m["nll"]}
@@ -78,11 +85,12 @@ def main() -> None:
             print(f"{base.parent.name} {source:<8} n_cal={len(calib):>3} T={t:.3f} | Platt T={tp:.3f} b={bp:+.3f} | "
                   f"ECE {row['uncalibrated']['ece']:.3f} -> {row['temperature']['ece']:.3f} (T) / "
                   f"{row['platt']['ece']:.3f} (Platt); NLL {row['uncalibrated']['nll']:.3f} -> "
-                  f"{row['temperature']['nll']:.3f} / {row['platt']['nll']:.3f}", flush=True)  # fmt: skip
+                  f"{row['temperature']['nll']:.3f} / {row['platt']['nll']:.3f} | soft targets T={ts:.3f} b={bs:+.3f} "
+                  f"ECE {row['platt_soft']['ece']:.3f} NLL {row['platt_soft']['nll']:.3f}", flush=True)  # fmt: skip
     if not results:
         raise SystemExit(f"no base runs under {args.runs}: run `make results` first")
     summary = {name: {k: float(np.mean([r[name][k] for r in results])) for k in ("ece", "nll")}
-               for name in ("uncalibrated", "temperature", "platt")}  # fmt: skip
+               for name in ("uncalibrated", "temperature", "platt", "platt_soft")}  # fmt: skip
     print("mean over classifiers:", json.dumps(summary), flush=True)
     print(f"written to {record('calibration_compare', {'classifiers': results, 'mean': summary}, args.out)}")
 
