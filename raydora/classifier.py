@@ -17,6 +17,7 @@ Output per source: ``classifier/<source>/`` holds a HF model folder (safetensors
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -133,7 +134,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     kind, name = cfg["backbone"]
     ctx = ray.train.get_context()
     per_worker = max(1, cfg["batch_size"] // ctx.get_world_size())
-    out = Path(tempfile.mkdtemp(prefix="raydora-clf-"))
+    rank0 = ctx.get_world_rank() == 0
+    out = Path(tempfile.mkdtemp(prefix="raydora-clf-")) if rank0 else None
     metrics: dict[str, Any] = {}
     for source in cfg["sources"]:
         torch.manual_seed(cfg["seed"])
@@ -143,6 +145,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
         shard = ray.train.get_dataset_shard(f"train_{source}")
         device = next(model.parameters()).device
+        loss = enc = labels = None
         for epoch in range(cfg["epochs"]):
             total, n = 0.0, 0
             for batch in shard.iter_batches(
@@ -164,7 +167,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             metrics[f"{source}/epoch"] = epoch
             metrics[f"{source}/train_loss"] = total / max(n, 1)
         inner = model.module if hasattr(model, "module") else model
-        if ctx.get_world_rank() == 0:
+        if out is not None:
             inner.eval()
             held: dict[str, list[Any]] = {"margin": [], "label": [], "calib": []}
             for batch in ray.train.get_dataset_shard(f"holdout_{source}").iter_batches(
@@ -178,13 +181,16 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             save_pretrained(inner, tok, out / source / "model")
             np.save(out / source / "holdout.npy",
                     np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64))  # fmt: skip
-        del model, inner, opt
+        # Free this source's model before the next one is built: the last loss's graph holds every parameter.
+        del model, inner, opt, loss, enc, labels
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if ctx.get_world_rank() != 0:
+    if out is None:
         ray.train.report(metrics)
         return
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
+    shutil.rmtree(out, ignore_errors=True)  # report() has persisted it to the run's storage
 
 
 def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, float, dict[str, Any]]:

@@ -403,7 +403,10 @@ class OnlineTilt:
                 if grads:
                     torch._foreach_mul_(grads, float(torch.exp(self.shift - new)))
             self.shift = new
-        coef = self.tilt.multipliers(weights) * torch.exp(s - self.shift)
+        # A score of -inf (dr_dpo at an infinite loss) weighs 0, as in the softmax, even while the running max is
+        # still -inf (exp(-inf - -inf) would be NaN).
+        e = torch.exp(s - self.shift).where(~torch.isneginf(s), torch.zeros_like(s))
+        coef = self.tilt.multipliers(weights) * e
         return (coef.to(losses.dtype) * losses).sum()
 
     def factor(self, losses: Tensor, weights: Tensor, world: int = 1) -> float:

@@ -271,3 +271,18 @@ def test_online_tilt_propagates_nan() -> None:
     acc.surrogate(T([1.0, 2.0], dtype=torch.float64) * theta, torch.ones(2, dtype=torch.float64)).backward()
     acc.surrogate(T([float("nan"), 2.0], dtype=torch.float64) * theta, torch.ones(2, dtype=torch.float64)).backward()
     assert math.isnan(float(theta.grad[0] * acc.factor(T([1.0, 2.0, float("nan"), 2.0]), torch.ones(4))))
+
+
+def test_online_tilt_weighs_minus_infinite_scores_zero() -> None:
+    """dr_dpo at an infinite loss scores -inf: weight 0 in the softmax, also when it comes first on a rank (the
+    running max is then -inf, and exp(-inf - -inf) would be NaN). Rows l_i = x_i + theta * c_i (a finite
+    derivative c_i even where the loss is infinite): the gradient is sum_i softmax(-x)_i c_i over the finite rows."""
+    theta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    x = T([float("inf"), 0.079, 0.065, 0.007], dtype=torch.float64)
+    c = T([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    acc = R.OnlineTilt(R.tilt_of("dr_dpo", beta_prime=1.0), lambda: [theta.grad])
+    ones = torch.ones(4, dtype=torch.float64)
+    for part in (slice(0, 1), slice(1, 2), slice(2, 4)):
+        acc.surrogate(x[part] + theta * c[part], ones[part]).backward()
+    theta.grad.mul_(acc.factor(x, ones))
+    torch.testing.assert_close(theta.grad[0], (torch.softmax(-x[1:], 0) * c[1:]).sum())
