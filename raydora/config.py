@@ -263,7 +263,7 @@ class TrainConfig:
     """Prompts per forward pass on one worker; gradient accumulation makes up the rest."""
     accumulation: Literal["online", "window"] = "online"
     """How a sample-coupling objective accumulates over micro-batches: ``online`` backpropagates each micro-batch
-    once and rescales like an online softmax (kl_dro, dora, normalised kldpo, dr_dpo, under DDP); ``window`` first
+    once and rescales like an online softmax (kl_dro, dora, normalised unclipped kldpo, dr_dpo); ``window`` first
     runs a no-grad pass over the window's micro-batches (a second forward of each). Objectives that ``online``
     cannot express (wdpo global, clipped kldpo) and FSDP always use ``window``. Same gradient either way."""
     epochs: int = 1
