@@ -268,11 +268,11 @@ def train_classifiers(
         )
     backbone = resolve_backbone(cfg.backbone)
     summary: dict[str, Any] = {}
-    held: dict[str, np.ndarray] = {}
     with staging(out.parent, out.name) as tmp:
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
         datasets: dict[str, Any] = {}
         balance: dict[str, tuple[int, int]] = {}
+        held: dict[str, np.ndarray] = {}
         for source in sources:
             # Materialised once, before training (small: prompt, response, label): both splits filter the same
             # examples, and the Train workers hold the cores, so a lazy read would never get a CPU slot.

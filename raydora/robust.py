@@ -377,9 +377,9 @@ class OnlineTilt:
     running max of the scores rises, ``surrogate`` first rescales the gradients accumulated so far (``grads()``,
     the tensors backward accumulates into) by ``exp(m_old - m_new)``, so that they always hold
     ``sum_i a_i exp(s_i - m) grad l_i`` for the rows seen. After the last micro-batch,
-    ``factor(all_losses, all_weights, world)`` is what to multiply this rank's gradients by before a *mean*
-    all-reduce over ``world`` ranks (or ``world=1`` without one): ``world * c * exp(m - M) / Z`` with the global
-    max ``M`` and ``Z = sum_j exp(s_j - M)`` over the gathered rows of every rank.
+    ``finish(all_losses, all_weights, world)`` multiplies this rank's gradients by ``factor(...)``, ready for a
+    *mean* all-reduce over ``world`` ranks (or ``world=1`` without one): ``world * c * exp(m - M) / Z`` with the
+    global max ``M`` and ``Z = sum_j exp(s_j - M)`` over the gathered rows of every rank.
     """
 
     def __init__(self, tilt: Tilt, grads: Callable[[], Sequence[Tensor]]):
@@ -399,9 +399,7 @@ class OnlineTilt:
         else:
             new = torch.maximum(self.shift, top)  # NaN propagates: a NaN loss makes every gradient NaN
             if bool(new > self.shift):
-                grads = [g for g in self.grads() if g is not None]
-                if grads:
-                    torch._foreach_mul_(grads, float(torch.exp(self.shift - new)))
+                self._scale(float(torch.exp(self.shift - new)))
             self.shift = new
         # A score of -inf (dr_dpo at an infinite loss) weighs 0, as in the softmax, even while the running max is
         # still -inf (exp(-inf - -inf) would be NaN).
@@ -417,6 +415,17 @@ class OnlineTilt:
         top = s.max()
         z = torch.exp(s - top).sum()
         return float(world * self.tilt.constant(weights) * torch.exp(self.shift - top) / z)
+
+    def finish(self, losses: Tensor, weights: Tensor, world: int = 1) -> float:
+        """Multiply the accumulated gradients by :meth:`factor` (ready for a mean all-reduce); returns it."""
+        factor = self.factor(losses, weights, world)
+        self._scale(factor)
+        return factor
+
+    def _scale(self, factor: float) -> None:
+        grads = [g for g in self.grads() if g is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
 
 
 def weight_stats(weights: Tensor, *, group: ProcessGroup | None = None) -> dict[str, float]:

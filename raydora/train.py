@@ -786,11 +786,12 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
         return out
 
     share_vectors, online = None, None
-    tilt = objective_tilt(cfg, fsdp) if len(micro) > 1 and not _is_linear(cfg) else None
+    coupled = len(micro) > 1 and not _is_linear(cfg)
+    tilt = objective_tilt(cfg, fsdp) if coupled else None
     if tilt is not None:
         # One pass: an online softmax over the micro-batches (robust.OnlineTilt), rescaled once at the end.
         online = robust.OnlineTilt(tilt, lambda: [p.grad for p in model.parameters() if p.requires_grad])
-    elif len(micro) > 1 and not _is_linear(cfg):
+    elif coupled:
         # First pass: the whole window's losses (no grad, except through WDPO's penalty), gathered once.
         cols = []
         for mb in micro:
@@ -830,11 +831,7 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
     params = [p for p in model.parameters() if p.requires_grad]
     stats, _ = distributed.all_gather_varlen(torch.cat(local_stats), group)
     if online is not None:
-        # This rank's share of the global softmax, times W for the mean all-reduce below.
-        factor = online.factor(stats[:, 0], stats[:, 1], world)
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
+        online.finish(stats[:, 0], stats[:, 1], world)  # this rank's share of the global softmax, times W
     if not fsdp:
         for p in params:
             if p.grad is None:

@@ -95,8 +95,8 @@ def test_rerun_skips_trained_classifiers(trained: Path) -> None:
 
 def test_one_run_trains_each_source_as_if_alone(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """All sources train in one Ray Train run, one after another. Each classifier must not depend on the others
-        (each starts from the seed): training verbose alone gives the same weights, bit for bit, as training it second,
-    after sloppy (sources train in sorted order)."""
+    (each starts from the seed): training verbose alone gives the same weights, bit for bit, as training it
+    second, after sloppy (sources train in sorted order)."""
     real = classifier.synthetic_sources
     monkeypatch.setattr(classifier, "synthetic_sources", lambda d: {k: v for k, v in real(d).items() if k != "sloppy"})
     alone = classifier.train_classifiers(trained / "data", trained / "verbose-alone", CFG, seed=0)

@@ -259,7 +259,7 @@ def test_online_tilt_survives_scores_far_beyond_exp_range() -> None:
     acc = R.OnlineTilt(R.Tilt(1.0), lambda: [theta.grad])
     for part in (x[:2], x[2:]):  # the max rises from 1000 to 1010 at the second micro-batch
         acc.surrogate(part * theta, torch.ones(2, dtype=torch.float64)).backward()
-    theta.grad.mul_(acc.factor(x, torch.ones(4, dtype=torch.float64)))
+    acc.finish(x, torch.ones(4, dtype=torch.float64))
     # d/dtheta lam log mean exp(x theta) = sum softmax(x)_i x_i
     expected = (torch.softmax(x, 0) * x).sum()
     torch.testing.assert_close(theta.grad[0], expected)
@@ -270,7 +270,8 @@ def test_online_tilt_propagates_nan() -> None:
     acc = R.OnlineTilt(R.Tilt(1.0), lambda: [theta.grad])
     acc.surrogate(T([1.0, 2.0], dtype=torch.float64) * theta, torch.ones(2, dtype=torch.float64)).backward()
     acc.surrogate(T([float("nan"), 2.0], dtype=torch.float64) * theta, torch.ones(2, dtype=torch.float64)).backward()
-    assert math.isnan(float(theta.grad[0] * acc.factor(T([1.0, 2.0, float("nan"), 2.0]), torch.ones(4))))
+    acc.finish(T([1.0, 2.0, float("nan"), 2.0]), torch.ones(4))
+    assert math.isnan(float(theta.grad[0]))
 
 
 def test_online_tilt_weighs_minus_infinite_scores_zero() -> None:
@@ -284,5 +285,5 @@ def test_online_tilt_weighs_minus_infinite_scores_zero() -> None:
     ones = torch.ones(4, dtype=torch.float64)
     for part in (slice(0, 1), slice(1, 2), slice(2, 4)):
         acc.surrogate(x[part] + theta * c[part], ones[part]).backward()
-    theta.grad.mul_(acc.factor(x, ones))
+    acc.finish(x, ones)
     torch.testing.assert_close(theta.grad[0], (torch.softmax(-x[1:], 0) * c[1:]).sum())

@@ -79,10 +79,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     acc.surrogate(losses, w[a:b]).backward()
                     seen.append(torch.stack([losses.detach(), w[a:b], pen.detach()], dim=1))
                 full, _ = distributed.all_gather_varlen(torch.cat(seen), group)
-                factor = acc.factor(full[:, 0], full[:, 1], world)
-                grads = [p.grad for p in m.parameters()]
-                torch._foreach_mul_(grads, factor)
-                distributed.all_reduce_mean_(grads, group)
+                acc.finish(full[:, 0], full[:, 1], world)
+                distributed.all_reduce_mean_([p.grad for p in m.parameters()], group)
                 results[f"{name}/online/value"] = obj(full[:, 0], full[:, 1], full[:, 2]).detach()[None]
                 results[f"{name}/online/grad"] = _grads(m)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
