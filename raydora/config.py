@@ -142,6 +142,9 @@ class ClassifierConfig:
     """Where classifiers train and score."""
     max_length: int = 128
     """Tokens per (prompt, response) pair; the prompt is truncated first."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast of the classifiers' training and scoring forwards (weights stay fp32): auto is bf16 where the
+    device runs it natively (CUDA, AMX / AVX512-BF16 CPUs), else fp32."""
     threads_per_worker: int = 0
     """torch threads per training worker and scoring actor (0: torch's default)."""
     actor_cpus: float = 0.75
@@ -265,7 +268,8 @@ class TrainConfig:
     """How a sample-coupling objective accumulates over micro-batches: ``online`` backpropagates each micro-batch
     once and rescales like an online softmax (kl_dro, dora, normalised unclipped kldpo, dr_dpo); ``window`` first
     runs a no-grad pass over the window's micro-batches (a second forward of each). Objectives that ``online``
-    cannot express (wdpo global, clipped kldpo) and FSDP always use ``window``. Same gradient either way."""
+    cannot express (wdpo global, clipped kldpo) and FSDP with ``fsdp_grad_sync=step`` always use ``window``.
+    Same gradient either way."""
     epochs: int = 1
     """Passes over the training data."""
     lr: float = 1e-4
@@ -290,6 +294,11 @@ class TrainConfig:
     """A NaN/inf loss or gradient: stop the run naming the step, or skip that batch and count it."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: replicate the model and average gradients (ddp), or shard it with FSDP2 (fsdp)."""
+    fsdp_grad_sync: Literal["micro_batch", "step"] = "micro_batch"
+    """When FSDP reduce-scatters the gradients under gradient accumulation: after every micro-batch (each rank
+    only ever holds its shard of the gradients, and ``accumulation=online`` applies), or once per step, after the
+    last micro-batch (one reduce-scatter a step, but every earlier micro-batch holds the full unsharded gradients
+    on each rank, and coupled objectives take the ``window`` pass). Accelerate's ``sync_each_batch``."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Where Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node."""
     lora_r: int = 0

@@ -380,12 +380,18 @@ class OnlineTilt:
     ``finish(all_losses, all_weights, world)`` multiplies this rank's gradients by ``factor(...)``, ready for a
     *mean* all-reduce over ``world`` ranks (or ``world=1`` without one): ``world * c * exp(m - M) / Z`` with the
     global max ``M`` and ``Z = sum_j exp(s_j - M)`` over the gathered rows of every rank.
+
+    ``group``: for gradients that are already averaged over the ranks after every backward (FSDP reducing each
+    micro-batch), where a rank can no longer scale its own share. The running max is then the max over every rank
+    of ``group`` (one scalar all-reduce per micro-batch), so every rank rescales the shared gradients alike and
+    :meth:`finish`'s factor, ``world * c / Z``, is the same on each. Every rank must run as many micro-batches.
     """
 
-    def __init__(self, tilt: Tilt, grads: Callable[[], Sequence[Tensor]]):
+    def __init__(self, tilt: Tilt, grads: Callable[[], Sequence[Tensor]], group: ProcessGroup | None = None):
         self.tilt = tilt
         self.grads = grads
-        self.shift: Tensor | None = None  # running max of this rank's scores (float64, stays on the device)
+        self.group = group
+        self.shift: Tensor | None = None  # running max of the scores (float64, stays on the device)
 
     def surrogate(self, losses: Tensor, weights: Tensor) -> Tensor:
         """``sum_i a_i exp(s_i - m) l_i`` over this micro-batch (coefficients detached); rescales the gradients
@@ -394,6 +400,8 @@ class OnlineTilt:
         _check_1d("weights", weights, losses)
         s = self.tilt.scores(losses, weights)
         top = s.max()
+        if self.group is not None:
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=self.group)
         if self.shift is None:
             self.shift = top
         else:

@@ -14,10 +14,11 @@ an epoch are dropped (a different set each epoch).
 objective gathers the global losses directly (``group=``). With several, a linear objective (erm, reweight,
 pointwise wdpo) needs nothing from the other rows; a log-sum-exp one (kl_dro, dora, kldpo, dr_dpo) accumulates
 as an online softmax in one pass (``robust.OnlineTilt``); any other (wdpo global, clipped kldpo, or any of them
-under FSDP or ``train.accumulation=window``) first runs a no-grad pass over the window, gathers it once and then
-backpropagates each micro-batch against that fixed global vector (``robust.Share``).
-Gradients are then averaged over workers (one coalesced all-reduce, or FSDP2's reduce-scatter), clipped, and
-AdamW steps with a warmup + cosine (or linear / constant) schedule.
+under ``train.accumulation=window`` or ``train.fsdp_grad_sync=step``) first runs a no-grad pass over the window,
+gathers it once and then backpropagates each micro-batch against that fixed global vector (``robust.Share``).
+Gradients are then averaged over workers (one coalesced all-reduce at the end of the step, or FSDP2's
+reduce-scatter after every micro-batch), clipped, and AdamW steps with a warmup + cosine (or linear / constant)
+schedule.
 """
 
 from __future__ import annotations
@@ -367,14 +368,15 @@ def objective_fn(cfg: dict[str, Any]) -> Any:
     return f
 
 
-def objective_tilt(cfg: dict[str, Any], fsdp: bool = False) -> Any:
+def objective_tilt(cfg: dict[str, Any], fsdp_step_sync: bool = False) -> Any:
     """The :class:`robust.Tilt` that accumulates ``train.objective`` over micro-batches in one pass, or None: the
-    objective is linear or not a softmax tilt, ``train.accumulation`` is ``window``, or FSDP (its gradients are
-    reduce-scattered inside the last backward, before a per-rank rescale could apply)."""
+    objective is linear or not a softmax tilt, ``train.accumulation`` is ``window``, or FSDP reduces once per step
+    (``fsdp_step_sync``: the reduce-scatter inside the last backward mixes the ranks before the scale of a rank's
+    share, which depends on the rows every rank has seen, is known)."""
     from raydora import robust
 
     t = cfg["train"]
-    if cfg["mode"] == "sft" or t.get("accumulation", "online") != "online" or fsdp:
+    if cfg["mode"] == "sft" or t.get("accumulation", "online") != "online" or fsdp_step_sync:
         return None
     return robust.tilt_of(t["objective"], lam=t["lam"], calibration=t["dora_calibration"], tau=t["tau"],
                           normalize=t["kldpo_normalize"], clip=t["kldpo_clip"], beta_prime=t["beta_prime"])  # fmt: skip
@@ -787,10 +789,17 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
 
     share_vectors, online = None, None
     coupled = len(micro) > 1 and not _is_linear(cfg)
-    tilt = objective_tilt(cfg, fsdp) if coupled else None
+    # FSDP reduce-scatters after every micro-batch (each rank keeps only its gradient shard) unless told to once.
+    sync_each = fsdp and t.get("fsdp_grad_sync", "micro_batch") == "micro_batch"
+    tilt = objective_tilt(cfg, fsdp and not sync_each) if coupled else None
+    # The parameters whose .grad backward accumulates into, listed after each backward: a forward (even a no-grad
+    # one before the step) leaves FSDP2's root unit with its unsharded parameters registered, while the reduced
+    # gradients accumulate on the sharded ones, which every unit has registered again after a backward.
+    trainable: list[Any] = []
     if tilt is not None:
-        # One pass: an online softmax over the micro-batches (robust.OnlineTilt), rescaled once at the end.
-        online = robust.OnlineTilt(tilt, lambda: [p.grad for p in model.parameters() if p.requires_grad])
+        # One pass: an online softmax over the micro-batches (robust.OnlineTilt), rescaled once at the end. Under
+        # FSDP the gradients are already averaged after each micro-batch, so the running max is shared (group).
+        online = robust.OnlineTilt(tilt, lambda: [p.grad for p in trainable], group if sync_each else None)
     elif coupled:
         # First pass: the whole window's losses (no grad, except through WDPO's penalty), gathered once.
         cols = []
@@ -817,11 +826,13 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
             share = robust.Share(ls, offset + rows_seen, ws, ps, world_size=world)
             value = f(o["losses"], o["weights"], o["penalties"], share=share)
         if fsdp:
-            model.set_requires_gradient_sync(i == len(micro) - 1)
+            model.set_requires_gradient_sync(sync_each or i == len(micro) - 1)
         if fd:
             o["penalties"] = wdpo_fd_backward(model, o, value, forward, mb, t["rho"], t["wdpo_fd_step"])
         else:
             value.backward()
+        if online is not None:
+            trainable[:] = [p for p in model.parameters() if p.requires_grad]
         rows_seen += mb["rows"]
         tokens += int(o["tokens"])
         zero = torch.zeros_like(o["losses"])
@@ -913,8 +924,16 @@ def build_trainer(
 
 
 # Keys that change where or how often things happen, not the trained weights: a rerun with new values resumes.
-# accumulation: the online softmax and the window pass compute the same gradient (to rounding).
-NOT_IN_FINGERPRINT = ("placement_strategy", "keep_checkpoints", "log_every", "max_failures", "accumulation")
+# accumulation, fsdp_grad_sync: the online softmax and the window pass, and FSDP reducing every micro-batch or once
+# a step, compute the same gradient (to rounding).
+NOT_IN_FINGERPRINT = (
+    "placement_strategy",
+    "keep_checkpoints",
+    "log_every",
+    "max_failures",
+    "accumulation",
+    "fsdp_grad_sync",
+)
 
 
 def fit(

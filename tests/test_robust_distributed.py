@@ -1,7 +1,8 @@
 """Real multi-process checks of the exact global batch: 2 gloo processes under DDP, holding unequal shards
 (3 and 5 rows), must reproduce one process on all 8 rows (value and DDP-averaged gradient) to 1e-8 in float64,
 for every objective, both with a per-call all-gather (``group=``) and with gradient accumulation (``share=``),
-and for the log-sum-exp ones with gradient accumulation in one pass (``robust.OnlineTilt``)."""
+and for the log-sum-exp ones with gradient accumulation in one pass (``robust.OnlineTilt``), with per-rank
+factors before one all-reduce, or with the gradients averaged after every micro-batch (FSDP's way)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 distributed.all_reduce_mean_([p.grad for p in m.parameters()], group)
                 results[f"{name}/online/value"] = obj(full[:, 0], full[:, 1], full[:, 2]).detach()[None]
                 results[f"{name}/online/grad"] = _grads(m)
+
+                # (d) one pass with the gradients averaged over the ranks after every micro-batch, as FSDP reduces
+                # them (train.fsdp_grad_sync=micro_batch): a shared running max (group=), one factor for all.
+                m = rc.model()
+                acc = robust.OnlineTilt(rc.TILTS[name], lambda m=m: [p.grad for p in m.parameters()], group)
+                seen = []
+                for a, b in rc.MICRO[rank]:
+                    losses, pen = rc.losses_and_penalties(m, x[a:b])
+                    acc.surrogate(losses, w[a:b]).backward()
+                    distributed.all_reduce_mean_([p.grad for p in m.parameters()], group)
+                    seen.append(torch.stack([losses.detach(), w[a:b], pen.detach()], dim=1))
+                full, _ = distributed.all_gather_varlen(torch.cat(seen), group)
+                acc.finish(full[:, 0], full[:, 1], world)
+                results[f"{name}/synced/value"] = obj(full[:, 0], full[:, 1], full[:, 2]).detach()[None]
+                results[f"{name}/synced/grad"] = _grads(m)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -97,7 +113,8 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str,
 
 @pytest.mark.parametrize(
     ("name", "mode"),
-    [(n, m) for n in rc.OBJECTIVES for m in ("group", "share")] + [(n, "online") for n in rc.TILTS],
+    [(n, m) for n in rc.OBJECTIVES for m in ("group", "share")]
+    + [(n, m) for n in rc.TILTS for m in ("online", "synced")],
 )
 def test_two_gloo_ranks_equal_one_process(two_rank_results, name: str, mode: str) -> None:
     ref_value, ref_grad = rc.reference()[name]

@@ -138,7 +138,8 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, object
 
 
 def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
-    # Micro-batches of 2: DDP accumulates in one pass (online softmax), FSDP2 with the window pass.
+    # Micro-batches of 2: both accumulate in one pass (online softmax). DDP scales each rank's share before its
+    # one all-reduce; FSDP2 reduce-scatters every micro-batch and shares the running max (fsdp_grad_sync).
     common = ("train.objective=kldpo", "train.max_steps=4", "train.checkpoint_every=2", "train.num_workers=2",
               "train.micro_batch_size=2")  # fmt: skip
     if not (run_dir / "w2-kldpo" / "final").exists():  # the equality test above normally made it

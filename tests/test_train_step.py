@@ -120,8 +120,8 @@ def test_micro_batches_accumulate_the_full_batch_gradient(
                                                                      real_forward(*a, **k))[1])  # fmt: skip
 
     class Counting(robust.OnlineTilt):  # counts the passes over the accumulated gradient
-        def __init__(self, tilt, grads):
-            super().__init__(tilt, lambda: (rescales.__setitem__(0, rescales[0] + 1), grads())[1])
+        def __init__(self, tilt, grads, group=None):
+            super().__init__(tilt, lambda: (rescales.__setitem__(0, rescales[0] + 1), grads())[1], group)
 
     monkeypatch.setattr(robust, "OnlineTilt", Counting)
     grads = []
@@ -432,3 +432,113 @@ def test_merged_lora_writes_a_layer_merged_elsewhere_back_into_the_gathered_stat
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0)
     assert all(got[k].data_ptr() == gathered[k].data_ptr() for k in adapted)
+
+
+def _fsdp_rows(n: int = 8) -> dict[str, Any]:
+    rng = np.random.default_rng(3)
+    return {
+        "prompt_ids": _objects([rng.integers(2, 290, size=int(rng.integers(3, 7))) for _ in range(n)]),
+        "response_ids": _objects(
+            [[rng.integers(2, 290, size=int(rng.integers(2, 6))) for _ in range(2)] for _ in range(n)]
+        ),
+        "scores": _objects([[1.0, 0.0] if i % 2 else [0.0, 1.0] for i in range(n)]),
+        "reference_logps": _objects([rng.normal(-20, 2, size=2) for _ in range(n)]),
+    }
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """2 gloo ranks, FSDP2 over a float64 tiny GPT-2, 4 rows each in 2 micro-batches of 2, against one process
+    stepping all 8 rows as one micro-batch; both ``train.fsdp_grad_sync`` settings, counting the forwards."""
+    import os
+
+    import torch.distributed as dist
+
+    from raydora import distributed
+
+    tok = train_tokenizer(TEXTS * 5, vocab_size=300)
+    rows, weights = _fsdp_rows(), torch.tensor([0.4, 1.7, 0.9, 2.5, 1.1, 0.3, 2.0, 0.8], dtype=torch.float64)
+    cpu, results = torch.device("cpu"), {}
+    forwards, scales = [0], [0]
+    real_forward, real_scale = train.per_sample_losses, robust.OnlineTilt._scale
+
+    def counting(*a: Any, **k: Any) -> Any:
+        forwards[0] += 1
+        return real_forward(*a, **k)
+
+    def counting_scale(self: Any, factor: float) -> None:
+        scales[0] += 1
+        real_scale(self, factor)
+
+    # This spawned process's own modules.
+    train.per_sample_losses, robust.OnlineTilt._scale = counting, counting_scale  # type: ignore[method-assign]
+
+    def micro(idx: list[int]) -> dict[str, Any]:
+        mb = train.collate_micro({k: v[idx] for k, v in rows.items()}, slice(0, len(idx)), "preference", "dpo",
+                                 tok.pad_token_id, None)  # fmt: skip
+        mb["weights"] = weights[idx]
+        return mb
+
+    cases = [(o, s) for o in ("dora", "kldpo") for s in ("micro_batch", "step")]
+    order = {}
+    for objective, sync in cases:  # the single-process reference, before any process group exists
+        cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, fsdp_grad_sync=sync)
+        cfg["batch_size"] = 8
+        model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train()
+        with torch.no_grad():
+            losses = real_forward(model, micro(list(range(8))), cfg)["losses"]
+        # Rows in rising score order, cut contiguously: the ranks' shared running max rises at micro-batch 2.
+        order[objective] = torch.argsort(train.objective_tilt(cfg).scores(losses, weights)).tolist()
+        train._step(model, [micro(order[objective])], cfg, train.objective_fn(cfg), None, 1, cpu, torch.float32,
+                    False, False)  # fmt: skip
+        results[f"{objective}/{sync}/ref"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for objective, sync in cases:
+            cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, fsdp_grad_sync=sync)
+            cfg["batch_size"] = 8
+            model = distributed.shard_fsdp(build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train())
+            mine = order[objective][4 * rank : 4 * rank + 4]
+            with torch.no_grad():  # as the loop's packing check does: leaves the root's unsharded parameters in
+                real_forward(model, micro(mine[:2]), cfg)
+            forwards[0] = scales[0] = 0
+            train._step(model, [micro(mine[:2]), micro(mine[2:])], cfg, train.objective_fn(cfg),
+                        distributed.default_group(), world, cpu, torch.float32, False, True)  # fmt: skip
+            results[f"{objective}/{sync}/forwards"] = forwards[0]
+            results[f"{objective}/{sync}/scales"] = scales[0]
+            results[f"{objective}/{sync}/fsdp"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync", ["micro_batch", "step"])
+@pytest.mark.parametrize("objective", ["dora", "kldpo"])
+def test_fsdp2_accumulation_gives_the_single_process_gradient(
+    fsdp_results: list[dict[str, Any]], objective: str, sync: str
+) -> None:
+    """FSDP2 reducing after every micro-batch accumulates the log-sum-exp objectives in one pass (a running max
+    shared by the ranks: 2 forwards, one per micro-batch, a rescale when the max rises at the second and the final
+    factor); reducing once per step takes the window pass (4 forwards). Both hold the single-process gradient of
+    the 8 rows, on every rank."""
+    for res in fsdp_results:
+        assert res[f"{objective}/{sync}/forwards"] == (2 if sync == "micro_batch" else 4)
+        assert res[f"{objective}/{sync}/scales"] == (2 if sync == "micro_batch" else 0)
+        ref, got = res[f"{objective}/{sync}/ref"], res[f"{objective}/{sync}/fsdp"]
+        assert sorted(ref) == sorted(got) and sum(g.abs().sum() for g in ref.values()) > 1e-6
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], atol=1e-12, rtol=1e-9, msg=name)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_fsdp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
