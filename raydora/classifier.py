@@ -103,12 +103,29 @@ def encode(tokenizer: Any, prompts: list[str], responses: list[str], max_length:
     )
 
 
-def margins(model: Any, tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
+def autocast(device: Any, precision: str | None) -> Any:
+    """The autocast context of ``classifier.precision`` on ``device`` (disabled where it resolves to fp32)."""
+    import torch
+
+    from raydora.hardware import resolve_precision
+
+    dtype = resolve_precision(precision or "fp32", device.type)
+    return torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+
+
+def margins(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    precision: str | None = "fp32",
+) -> np.ndarray:
     """Logit margins ``z = logit_golden - logit_other`` (no grad), one per pair."""
     import torch
 
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         enc = encode(tokenizer, prompts, responses, max_length).to(device)
         logits = model(**enc).logits.float()
     return (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
@@ -145,7 +162,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
         shard = ray.train.get_dataset_shard(f"train_{source}")
         device = next(model.parameters()).device
-        loss = enc = labels = None
+        amp = autocast(device, cfg["precision"])
+        loss = enc = labels = logits = None
         for epoch in range(cfg["epochs"]):
             total, n = 0.0, 0
             for batch in shard.iter_batches(
@@ -156,7 +174,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             ):
                 enc = encode(tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"]).to(device)
                 labels = torch.as_tensor(batch["label"], device=device)
-                loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), labels)
+                with amp:
+                    logits = model(**enc).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"classifier {source!r}: loss is {loss.item()} at epoch {epoch}: stopping")
                 opt.zero_grad(set_to_none=True)
@@ -173,16 +193,15 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             for batch in ray.train.get_dataset_shard(f"holdout_{source}").iter_batches(
                 batch_size=64, batch_format="numpy"
             ):
-                held["margin"].extend(
-                    margins(inner, tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"])
-                )
+                held["margin"].extend(margins(inner, tok, list(batch["prompt"]), list(batch["response"]),
+                                              cfg["max_length"], cfg["precision"]))  # fmt: skip
                 held["label"].extend(batch["label"].tolist())
                 held["calib"].extend(batch["calib"].tolist())
             save_pretrained(inner, tok, out / source / "model")
             np.save(out / source / "holdout.npy",
                     np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64))  # fmt: skip
         # Free this source's model before the next one is built: the last loss's graph holds every parameter.
-        del model, inner, opt, loss, enc, labels
+        del model, inner, opt, loss, enc, labels, logits
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -254,8 +273,11 @@ def train_classifiers(
     data_dir, out = Path(data_dir), Path(out_dir)
     marker = read_success(data_dir) or {}
     settings = {k: getattr(cfg, k) for k in TRAIN_SETTINGS}  # scoring settings do not invalidate the classifiers
-    if cfg.calibration != "temperature":  # only away from its default: run folders made before it stay valid
+    # Only away from their defaults: run folders made before these settings existed stay valid.
+    if cfg.calibration != "temperature":
         settings["calibration"] = cfg.calibration
+    if (cfg.precision or "fp32") != "fp32":  # all classifiers were fp32 before the setting
+        settings["precision"] = cfg.precision
     fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), settings, seed)
     if not force and is_done(out, fp):
         done = read_success(out) or {}
@@ -305,6 +327,7 @@ def train_classifiers(
                 "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size,
                 "max_length": cfg.max_length,
+                "precision": cfg.precision,
                 "tokenizer": tokenizer,
                 "backbone": backbone,
                 "threads": cfg.threads_per_worker,

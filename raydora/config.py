@@ -142,9 +142,10 @@ class ClassifierConfig:
     """Where classifiers train and score."""
     max_length: int = 128
     """Tokens per (prompt, response) pair; the prompt is truncated first."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Autocast of the classifiers' training and scoring forwards (weights stay fp32): auto is bf16 where the
-    device runs it natively (CUDA, AMX / AVX512-BF16 CPUs), else fp32."""
+    precision: Literal["auto", "fp32", "bf16"] | None = None
+    """Autocast of the classifiers' training and scoring forwards (weights stay fp32), as ``model.precision``:
+    auto is bf16 where the device runs it natively (CUDA, AMX / AVX512-BF16 CPUs), else fp32. null: the run's
+    ``model.precision`` (a ClassifierConfig used on its own: fp32)."""
     threads_per_worker: int = 0
     """torch threads per training worker and scoring actor (0: torch's default)."""
     actor_cpus: float = 0.75
@@ -462,6 +463,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        if self.classifier.precision is None:  # the classifiers follow the run's precision unless set
+            object.__setattr__(self, "classifier", dataclasses.replace(self.classifier,
+                                                                       precision=self.model.precision))  # fmt: skip
         t = self.train
         if t.objective == "wdpo" and t.wdpo_grad == "finite_difference":
             _check(t.wdpo_mode == "pointwise", "train.wdpo_grad", "finite_difference needs wdpo_mode=pointwise")

@@ -54,6 +54,7 @@ class Scorer:
         threads: int = 0,
         device: str = "cpu",
         batch_size: int = 64,
+        precision: str | None = "fp32",
     ) -> None:
         import torch
 
@@ -61,7 +62,7 @@ class Scorer:
 
         if threads:
             torch.set_num_threads(threads)
-        self.sources, self.max_length, self.batch_size = sources, max_length, batch_size
+        self.sources, self.max_length, self.batch_size, self.precision = sources, max_length, batch_size, precision
         self.shares = np.asarray(shares, dtype=np.float64)
         self.models, self.tokenizers, temps, biases, gammas = [], [], [], [], []
         for s in sources:
@@ -84,7 +85,7 @@ class Scorer:
         for j, (model, tok) in enumerate(zip(self.models, self.tokenizers, strict=True)):
             for i in range(0, len(responses), self.batch_size):
                 sl = slice(i, i + self.batch_size)
-                z = margins(model, tok, prompts[sl], responses[sl], self.max_length)
+                z = margins(model, tok, prompts[sl], responses[sl], self.max_length, self.precision)
                 probs[sl, j] = calibration.calibrated(z, self.temperatures[j], self.biases[j])
         mixture = mixture_p_golden(probs, self.shares, self.gammas)
         own = {s: j for j, s in enumerate(self.sources)}
@@ -122,8 +123,9 @@ def score(
     )
     out = Path(out_dir)
     fp = fingerprint(
-        "score", (read_success(data_dir) or {}).get("fingerprint"), clf["fingerprint"], shares, cfg.max_length
-    )
+        "score", (read_success(data_dir) or {}).get("fingerprint"), clf["fingerprint"], shares, cfg.max_length,
+        *([cfg.precision] if (cfg.precision or "fp32") != "fp32" else []),  # as classify: old folders stay valid
+    )  # fmt: skip
     if not force and is_done(out, fp):
         done = read_success(out) or {}
         return StageResult("score", {"scored": str(out)}, done.get("rows", {}), skipped=True)
@@ -145,6 +147,7 @@ def score(
                 "threads": cfg.threads_per_worker,
                 "device": device,
                 "batch_size": cfg.score_batch_size,
+                "precision": cfg.precision,
             },
             keys=("classifier.score_actors", "classifier.actor_cpus"),
             batch_size=cfg.score_batch_size,

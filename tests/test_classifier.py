@@ -223,3 +223,48 @@ def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_b
         z = classifier.margins(model, tok, [a for a, _, _ in picked], [b for _, b, _ in picked], CFG.max_length)
         expected = calibration.calibrated(z, cal["temperature"], cal["bias"])
         np.testing.assert_allclose([p for _, _, p in picked], expected, rtol=1e-6)
+
+
+def test_precision_autocasts_the_margins_where_bf16_is_native(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """classifier.precision: fp32 (and null, a ClassifierConfig on its own) are the plain margins; on a CPU
+    without native bf16 (patched) auto gives them bit for bit and bf16 is refused; where bf16 is native (patched;
+    this CPU has AVX512-BF16), auto autocasts the forward: the margins move, within bf16's rounding."""
+    from raydora import hardware
+    from raydora.models import load_encoder, load_tokenizer
+
+    folder = trained / "classifier" / "verbose"
+    model, tok = load_encoder(folder).eval(), load_tokenizer(folder)
+    rows = _rows(trained / "data")[:16]
+    prompts, responses = [r["prompt"] for r in rows], [r["responses"][0] for r in rows]
+    fp32 = classifier.margins(model, tok, prompts, responses, CFG.max_length)
+    np.testing.assert_array_equal(classifier.margins(model, tok, prompts, responses, CFG.max_length, None), fp32)
+    monkeypatch.setattr(hardware, "bf16_native", lambda device, cpuinfo=None: False)
+    np.testing.assert_array_equal(classifier.margins(model, tok, prompts, responses, CFG.max_length, "auto"), fp32)
+    with pytest.raises(ValueError, match="no native bf16"):
+        classifier.margins(model, tok, prompts, responses, CFG.max_length, "bf16")
+    monkeypatch.setattr(hardware, "bf16_native", lambda device, cpuinfo=None: True)
+    bf16 = classifier.margins(model, tok, prompts, responses, CFG.max_length, "auto")
+    assert not np.array_equal(bf16, fp32)
+    np.testing.assert_allclose(bf16, fp32, atol=0.1 * np.abs(fp32).max() + 0.05)
+    assert np.corrcoef(bf16, fp32)[0, 1] > 0.99
+
+
+def test_bf16_classifiers_train_where_native(trained: Path) -> None:
+    """classifier.precision=bf16 on a CPU with native bf16 (this one has AVX512-BF16): the Ray Train workers
+    autocast the forwards; a new fingerprint, different weights, still separating the sources."""
+    from raydora import hardware
+
+    if not hardware.bf16_native("cpu"):
+        pytest.skip("this CPU has no native bf16 (AMX / AVX512-BF16)")
+    cfg = ClassifierConfig(**{**CFG.__dict__, "precision": "bf16"})
+    out = trained / "classifier_bf16"
+    result = classifier.train_classifiers(trained / "data", out, cfg, seed=0)
+    assert not result.skipped
+    plain = json.loads((trained / "classifier" / "_SUCCESS").read_text())
+    assert json.loads((out / "_SUCCESS").read_text())["fingerprint"] != plain["fingerprint"]
+    for source in ("verbose", "sloppy"):
+        a = load_file(str(out / source / "model.safetensors"))
+        b = load_file(str(trained / "classifier" / source / "model.safetensors"))
+        assert all(v.dtype == torch.float32 for v in a.values())  # autocast: the weights stay fp32
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+        assert result.info[source]["auc"] > AUC_THRESHOLD, result.info

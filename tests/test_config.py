@@ -20,6 +20,16 @@ def test_defaults_and_overrides() -> None:
     assert cfg.train.beta == RunConfig().train.beta  # untouched keys keep their defaults
 
 
+def test_classifiers_follow_the_run_precision_unless_set() -> None:
+    assert load_config(None, ["model.precision=fp32"]).classifier.precision == "fp32"
+    assert load_config(None, ["model.precision=bf16"]).classifier.precision == "bf16"
+    assert load_config(None, []).classifier.precision == "auto"
+    cfg = load_config(None, ["model.precision=bf16", "classifier.precision=fp32"])
+    assert (cfg.model.precision, cfg.classifier.precision) == ("bf16", "fp32")
+    with pytest.raises(ConfigError, match=r"classifier\.precision"):
+        load_config(None, ["classifier.precision=fp16"])
+
+
 def test_configs_are_frozen() -> None:
     cfg = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):

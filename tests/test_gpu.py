@@ -141,3 +141,21 @@ def test_lora_merge_of_a_cuda_model_runs_on_cuda_and_equals_peft_merge_on_cpu(tm
     for k, v in policy.state_dict().items():
         assert v.device.type == "cuda"
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+
+
+def test_classifier_margins_autocast_bf16_on_cuda_and_track_fp32() -> None:
+    """classifier.precision=auto on CUDA: bf16 autocast (the classify stage's training and scoring forwards);
+    the margins track the fp32 CPU margins of the same weights."""
+    import numpy as np
+
+    from raydora import classifier
+    from raydora.models import build_model, train_tokenizer
+
+    texts = ["sort : b a c", "a b c", "reverse : x y z", "z y x", "count : a a b", "3"] * 5
+    tok = train_tokenizer(texts, vocab_size=300, kind="encoder")
+    model = build_model("tiny-bert", tok, num_labels=2, seed=0).eval()
+    prompts, responses = texts[0::2], texts[1::2]
+    cpu = classifier.margins(model, tok, prompts, responses, 32)
+    cuda = classifier.margins(model.cuda(), tok, prompts, responses, 32, "auto")
+    assert not np.array_equal(cuda, cpu)  # bf16 really ran
+    np.testing.assert_allclose(cuda, cpu, atol=0.1 * np.abs(cpu).max() + 0.05)
