@@ -84,6 +84,7 @@ bench: ## the benchmarks (installs the bench extra); results in bench/results/, 
 	$(BIN)/python bench/synth_stream.py --rows 100000
 	$(BIN)/python bench/score_scaling.py --rows 600 --memory-rows 1000
 	$(BIN)/python bench/train_speed.py --steps 12 --warmup 3
+	$(BIN)/python bench/fsdp_accumulation.py
 	$(BIN)/python bench/demo_run.py
 
 results: $(STAMP) ## the method matrix (every objective, 3 seeds, label-noise and alpha sweeps): docs/results.md
