@@ -56,7 +56,7 @@ def main() -> None:
         for folder in sorted(d for d in (base / "classifier").iterdir() if (d / "calibration.json").is_file()):
             source = folder.name
             model, tok = load_encoder(folder).eval(), load_tokenizer(folder)
-            ex = classifier.explode(data, source, cfg.classifier.holdout_fraction, cfg.seed).to_pydict()
+            ex = classifier.explode(data, [source], cfg.classifier.holdout_fraction, cfg.seed).to_pydict()
             calib = [i for i, (h, c) in enumerate(zip(ex["holdout"], ex["calib"], strict=True)) if h and c]
             z_cal = margins_of(model, tok, [(ex["prompt"][i], ex["response"][i]) for i in calib],
                                cfg.classifier.max_length)  # fmt: skip

@@ -43,15 +43,19 @@ def _bucket(row_id: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") % HASH_BUCKETS / HASH_BUCKETS
 
 
-def explode(batch: pa.Table, source: str, holdout_fraction: float, seed: int) -> pa.Table:
-    """Ray Data UDF: canonical rows -> one example per golden or ``source`` response:
-    ``prompt, response, label (1 golden / 0 source), holdout, calib``."""
-    out: dict[str, list[Any]] = {k: [] for k in ("prompt", "response", "label", "holdout", "calib")}
+def explode(batch: pa.Table, sources: list[str] | str, holdout_fraction: float, seed: int) -> pa.Table:
+    """Ray Data UDF: canonical rows -> the examples of every classifier in ``sources``: each ``s`` response is
+    one example of classifier ``s``, each golden response one example of every classifier.
+    ``source`` (the classifier), ``prompt, response, label (1 golden / 0 source), holdout, calib``; filtered to
+    one source, the examples keep the data's order."""
+    wanted = [sources] if isinstance(sources, str) else list(sources)
+    out: dict[str, list[Any]] = {k: [] for k in ("source", "prompt", "response", "label", "holdout", "calib")}
     for row in batch.select(["id", "prompt", "responses", "sources"]).to_pylist():
         held = _bucket(row["id"], f"holdout-{seed}") < holdout_fraction
         calib = _bucket(row["id"], f"calib-{seed}") < 0.5
         for response, src in zip(row["responses"], row["sources"], strict=True):
-            if src in (GOLDEN, source):
+            for target in wanted if src == GOLDEN else [src] if src in wanted else []:
+                out["source"].append(target)
                 out["prompt"].append(row["prompt"])
                 out["response"].append(response)
                 out["label"].append(int(src == GOLDEN))
@@ -61,6 +65,7 @@ def explode(batch: pa.Table, source: str, holdout_fraction: float, seed: int) ->
         out,
         schema=pa.schema(
             [
+                ("source", pa.string()),
                 ("prompt", pa.string()),
                 ("response", pa.string()),
                 ("label", pa.int64()),
@@ -69,6 +74,19 @@ def explode(batch: pa.Table, source: str, holdout_fraction: float, seed: int) ->
             ]
         ),
     )
+
+
+def split_counts(examples: Any) -> dict[str, tuple[int, int]]:
+    """``{source: (golden, source)}`` training examples (holdout false) of an exploded dataset, in one pass over
+    three small columns."""
+    counts: dict[str, list[int]] = {}
+    for b in examples.select_columns(["source", "holdout", "label"]).iter_batches(batch_format="numpy"):
+        train = ~b["holdout"].astype(bool)
+        for s in np.unique(b["source"][train]):
+            labels = b["label"][train & (b["source"] == s)]
+            c = counts.setdefault(str(s), [0, 0])
+            c[0], c[1] = c[0] + int(labels.sum()), c[1] + int(len(labels) - labels.sum())
+    return {s: (g, n) for s, (g, n) in counts.items()}
 
 
 def synthetic_sources(data_dir: str | Path) -> dict[str, int]:
@@ -293,29 +311,31 @@ def train_classifiers(
     with staging(out.parent, out.name) as tmp:
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
         datasets: dict[str, Any] = {}
-        balance: dict[str, tuple[int, int]] = {}
         held: dict[str, np.ndarray] = {}
+        # Every source's examples in one pass over the data, materialised once before training (small: prompt,
+        # response, label); each source's two splits are filtered from them and materialised too, since the Train
+        # workers hold the cores and a lazy read would never get a CPU slot. In the data's order (``ordered``):
+        # the seeded shuffle below then sees the same stream every run, and a source's examples come in the order
+        # they would if exploded alone.
+        examples = ordered(
+            read_canonical(data_dir).map_batches(
+                explode,
+                batch_format="pyarrow",
+                fn_kwargs={"sources": sources, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
+            )
+        ).materialize()
+        balance = split_counts(examples)
+        columns = ["prompt", "response", "label", "holdout", "calib"]
         for source in sources:
-            # Materialised once, before training (small: prompt, response, label): both splits filter the same
-            # examples, and the Train workers hold the cores, so a lazy read would never get a CPU slot.
-            # In the data's order (``ordered``): the seeded shuffle below then sees the same stream every run.
-            examples = ordered(
-                read_canonical(data_dir).map_batches(
-                    explode,
-                    batch_format="pyarrow",
-                    fn_kwargs={"source": source, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
-                )
-            ).materialize()
-            train = examples.filter(expr=col("holdout") == lit(False)).materialize()
-            holdout = examples.filter(expr=col("holdout") == lit(True)).materialize()
-            for ds in (train, holdout):  # bars from inside the workers would redraw under every log line
-                ds.context.enable_progress_bars = False
-            n_golden = int(train.sum("label") or 0)
-            n_source = train.count() - n_golden
+            n_golden, n_source = balance.get(source, (0, 0))
             if n_golden == 0 or n_source == 0:
                 raise ValueError(f"source {source!r}: the training split has {n_golden} golden, {n_source} {source}")
+            mine = col("source") == lit(source)
+            train = examples.filter(expr=mine & (col("holdout") == lit(False))).select_columns(columns).materialize()
+            holdout = examples.filter(expr=mine & (col("holdout") == lit(True))).select_columns(columns).materialize()
+            for ds in (train, holdout):  # bars from inside the workers would redraw under every log line
+                ds.context.enable_progress_bars = False
             datasets[f"train_{source}"], datasets[f"holdout_{source}"] = train, holdout
-            balance[source] = (n_golden, n_source)
         # One Ray Train run for every source: the workers start once (tens of seconds on a GPU node), then
         # train the classifiers one after another.
         trainer = TorchTrainer(

@@ -268,3 +268,31 @@ def test_bf16_classifiers_train_where_native(trained: Path) -> None:
         assert all(v.dtype == torch.float32 for v in a.values())  # autocast: the weights stay fp32
         assert any(not torch.equal(a[k], b[k]) for k in a)
         assert result.info[source]["auc"] > AUC_THRESHOLD, result.info
+
+
+def test_one_explode_holds_every_source_examples_in_their_own_order(ray_session) -> None:
+    """The classify stage explodes the rows once for all sources: filtered to one source, the examples equal
+    exploding for that source alone (same rows, same order; golden responses once per source), and split_counts
+    counts each source's training examples by hand."""
+    import ray.data
+
+    rows = pa.Table.from_pylist([
+        {"id": "a", "prompt": "p1", "responses": ["g1", "v1", "s1"], "sources": ["golden", "verbose", "sloppy"]},
+        {"id": "b", "prompt": "p2", "responses": ["s2", "g2", "u2"], "sources": ["sloppy", "golden", "unknown"]},
+        {"id": "c", "prompt": "p3", "responses": ["v3", "v3b"], "sources": ["verbose", "verbose"]},
+    ])  # fmt: skip
+    both = classifier.explode(rows, ["sloppy", "verbose"], holdout_fraction=0.5, seed=0).to_pylist()
+    for source in ("sloppy", "verbose"):
+        alone = classifier.explode(rows, source, holdout_fraction=0.5, seed=0).to_pylist()
+        assert [r for r in both if r["source"] == source] == alone
+    assert [(r["source"], r["response"], r["label"]) for r in both] == [
+        ("sloppy", "g1", 1), ("verbose", "g1", 1), ("verbose", "v1", 0), ("sloppy", "s1", 0),
+        ("sloppy", "s2", 0), ("sloppy", "g2", 1), ("verbose", "g2", 1), ("verbose", "v3", 0), ("verbose", "v3b", 0),
+    ]  # fmt: skip
+    held = {r["id"]: classifier._bucket(r["id"], "holdout-0") < 0.5 for r in rows.to_pylist()}
+    want: dict[str, list[int]] = {}
+    for r in both:
+        if not held[{"p1": "a", "p2": "b", "p3": "c"}[r["prompt"]]]:
+            want.setdefault(r["source"], [0, 0])[1 - r["label"]] += 1
+    got = classifier.split_counts(ray.data.from_arrow(pa.Table.from_pylist(both)))
+    assert got == {s: tuple(v) for s, v in want.items()} and got
