@@ -13,7 +13,7 @@ Two gloo ranks on this CPU, each with one torch thread, shard a Llama-shaped mod
   accumulates in one pass with a shared running max; ``step`` needs the window pass, a second forward of every
   micro-batch).
 
-    python bench/fsdp_accumulation.py                   # ~2 minutes on 2 cores
+    python bench/fsdp_accumulation.py                   # ~8 minutes on 2 cores
     python bench/fsdp_accumulation.py --steps 3 --layers 2 --hidden 128   # a quick check of the script
 """
 

@@ -54,7 +54,8 @@ def explode(batch: pa.Table, sources: list[str] | str, holdout_fraction: float, 
         held = _bucket(row["id"], f"holdout-{seed}") < holdout_fraction
         calib = _bucket(row["id"], f"calib-{seed}") < 0.5
         for response, src in zip(row["responses"], row["sources"], strict=True):
-            for target in wanted if src == GOLDEN else [src] if src in wanted else []:
+            targets = wanted if src == GOLDEN else ([src] if src in wanted else [])
+            for target in targets:
                 out["source"].append(target)
                 out["prompt"].append(row["prompt"])
                 out["response"].append(response)
@@ -129,6 +130,24 @@ def autocast(device: Any, precision: str | None) -> Any:
 
     dtype = resolve_precision(precision or "fp32", device.type)
     return torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+
+
+def precision_tag(precision: str | None, device: str) -> str | None:
+    """What the classify and score fingerprints record of ``classifier.precision``: ``"bf16"`` where the forwards
+    will autocast to bf16 on ``device`` (``cuda`` or ``cpu``), None where they run fp32, so that fp32 run folders,
+    all made before the setting existed, stay valid. On CUDA a driver without a GPU (a CPU head node) cannot
+    ask the hardware and takes ``auto`` for bf16, which every GPU raydora targets runs natively; on CPU this
+    node's flags decide (an explicit bf16 on a CPU without it fails here, before any training)."""
+    import torch
+
+    from raydora.hardware import resolve_precision
+
+    requested = precision or "fp32"
+    if requested == "fp32":
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bf16"
+    return "bf16" if resolve_precision(requested, device) == torch.bfloat16 else None
 
 
 def margins(
@@ -294,8 +313,9 @@ def train_classifiers(
     # Only away from their defaults: run folders made before these settings existed stay valid.
     if cfg.calibration != "temperature":
         settings["calibration"] = cfg.calibration
-    if (cfg.precision or "fp32") != "fp32":  # all classifiers were fp32 before the setting
-        settings["precision"] = cfg.precision
+    tag = precision_tag(cfg.precision, "cuda" if cfg.device == "cuda" else "cpu")
+    if tag:
+        settings["precision"] = tag
     fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), settings, seed)
     if not force and is_done(out, fp):
         done = read_success(out) or {}

@@ -463,9 +463,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
-        if self.classifier.precision is None:  # the classifiers follow the run's precision unless set
-            object.__setattr__(self, "classifier", dataclasses.replace(self.classifier,
-                                                                       precision=self.model.precision))  # fmt: skip
         t = self.train
         if t.objective == "wdpo" and t.wdpo_grad == "finite_difference":
             _check(t.wdpo_mode == "pointwise", "train.wdpo_grad", "finite_difference needs wdpo_mode=pointwise")
@@ -492,6 +489,12 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.name
+
+    @property
+    def classifier_precision(self) -> str:
+        """``classifier.precision``, or the run's ``model.precision`` where it is null (resolved where it is used,
+        so a reloaded config with a new ``model.precision`` carries the classifiers along)."""
+        return self.classifier.precision or self.model.precision
 
 
 # ---- loading --------------------------------------------------------------------------------------------------

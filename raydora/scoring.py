@@ -18,6 +18,7 @@ We store probabilities, not weights: ``robust.dora_weights`` turns them into h~ 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydora import calibration
-from raydora.classifier import GOLDEN, margins, read_calibration
+from raydora.classifier import GOLDEN, margins, precision_tag, read_calibration
 from raydora.cluster import resolve_device
 from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
@@ -122,14 +123,15 @@ def score(
         else estimate_shares(clf["response_counts"], sources)
     )
     out = Path(out_dir)
+    device = resolve_device(cfg.device)
+    tag = precision_tag(cfg.precision, device)  # as classify: only bf16, so fp32 run folders stay valid
     fp = fingerprint(
         "score", (read_success(data_dir) or {}).get("fingerprint"), clf["fingerprint"], shares, cfg.max_length,
-        *([cfg.precision] if (cfg.precision or "fp32") != "fp32" else []),  # as classify: old folders stay valid
+        *([tag] if tag else []),
     )  # fmt: skip
     if not force and is_done(out, fp):
         done = read_success(out) or {}
         return StageResult("score", {"scored": str(out)}, done.get("rows", {}), skipped=True)
-    device = resolve_device(cfg.device)
     with staging(out.parent, out.name) as tmp:
         # Read tasks of 4 scoring batches: enough blocks to keep every actor busy (see read_canonical), cut at
         # batch multiples that do not depend on the pool size, so the results do not either.
@@ -176,11 +178,12 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
     from raydora.classifier import train_classifiers
 
     run_dir = Path(run_dir)
-    trained = train_classifiers(run_dir / "data", run_dir / "classifier", cfg.classifier, cfg.seed)
+    clf = dataclasses.replace(cfg.classifier, precision=cfg.classifier_precision)
+    trained = train_classifiers(run_dir / "data", run_dir / "classifier", clf, cfg.seed)
     print(trained.summary(), flush=True)
     for source, s in sorted(trained.info.items()) if not trained.skipped else []:
         print(
             f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} b={s['bias']:.3f} "
             f"AUC={s['auc']:.3f} ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
         )
-    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier)
+    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", clf)

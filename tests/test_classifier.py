@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -190,6 +191,18 @@ def test_restarted_scoring_skips_or_rewrites_atomically(trained: Path, scored: t
     shutil.rmtree(trained / ".scored1.tmp-deadbeef")
 
 
+def _retrain(trained: Path, **change: str) -> tuple[ClassifierConfig, Path, Any]:
+    """Train the module's classifiers again with one setting changed, into ``classifier_<value>``: a new
+    fingerprint, so the stage runs rather than skips."""
+    cfg = ClassifierConfig(**{**CFG.__dict__, **change})
+    out = trained / f"classifier_{next(iter(change.values()))}"
+    result = classifier.train_classifiers(trained / "data", out, cfg, seed=0)
+    assert not result.skipped
+    plain = json.loads((trained / "classifier" / "_SUCCESS").read_text())
+    assert json.loads((out / "_SUCCESS").read_text())["fingerprint"] != plain["fingerprint"]
+    return cfg, out, result
+
+
 def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_bias(trained: Path) -> None:
     """classifier.calibration=platt: a new fingerprint; the same training (bitwise-equal weights: the data order
     and seeds fix it), the same uncalibrated held-out metrics, a fitted bias; scoring then gives
@@ -197,12 +210,7 @@ def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_b
     from raydora import calibration
     from raydora.models import load_encoder, load_tokenizer
 
-    cfg = ClassifierConfig(**{**CFG.__dict__, "calibration": "platt"})
-    out = trained / "classifier_platt"
-    result = classifier.train_classifiers(trained / "data", out, cfg, seed=0)
-    assert not result.skipped
-    plain = json.loads((trained / "classifier" / "_SUCCESS").read_text())
-    assert json.loads((out / "_SUCCESS").read_text())["fingerprint"] != plain["fingerprint"]
+    cfg, out, result = _retrain(trained, calibration="platt")
     for source in ("verbose", "sloppy"):
         assert (out / source / "model.safetensors").read_bytes() == (
             trained / "classifier" / source / "model.safetensors"
@@ -238,11 +246,19 @@ def test_precision_autocasts_the_margins_where_bf16_is_native(trained: Path, mon
     prompts, responses = [r["prompt"] for r in rows], [r["responses"][0] for r in rows]
     fp32 = classifier.margins(model, tok, prompts, responses, CFG.max_length)
     np.testing.assert_array_equal(classifier.margins(model, tok, prompts, responses, CFG.max_length, None), fp32)
+    # The fingerprints record bf16 only: fp32 folders, all made before the setting, stay valid.
+    assert classifier.precision_tag(None, "cpu") is None and classifier.precision_tag("fp32", "cuda") is None
+    if not torch.cuda.is_available():  # a driver on a CPU head node takes CUDA's auto for bf16
+        assert classifier.precision_tag("auto", "cuda") == "bf16"
     monkeypatch.setattr(hardware, "bf16_native", lambda device, cpuinfo=None: False)
     np.testing.assert_array_equal(classifier.margins(model, tok, prompts, responses, CFG.max_length, "auto"), fp32)
+    assert classifier.precision_tag("auto", "cpu") is None
     with pytest.raises(ValueError, match="no native bf16"):
         classifier.margins(model, tok, prompts, responses, CFG.max_length, "bf16")
+    with pytest.raises(ValueError, match="no native bf16"):
+        classifier.precision_tag("bf16", "cpu")
     monkeypatch.setattr(hardware, "bf16_native", lambda device, cpuinfo=None: True)
+    assert classifier.precision_tag("auto", "cpu") == "bf16"
     bf16 = classifier.margins(model, tok, prompts, responses, CFG.max_length, "auto")
     assert not np.array_equal(bf16, fp32)
     np.testing.assert_allclose(bf16, fp32, atol=0.1 * np.abs(fp32).max() + 0.05)
@@ -256,12 +272,7 @@ def test_bf16_classifiers_train_where_native(trained: Path) -> None:
 
     if not hardware.bf16_native("cpu"):
         pytest.skip("this CPU has no native bf16 (AMX / AVX512-BF16)")
-    cfg = ClassifierConfig(**{**CFG.__dict__, "precision": "bf16"})
-    out = trained / "classifier_bf16"
-    result = classifier.train_classifiers(trained / "data", out, cfg, seed=0)
-    assert not result.skipped
-    plain = json.loads((trained / "classifier" / "_SUCCESS").read_text())
-    assert json.loads((out / "_SUCCESS").read_text())["fingerprint"] != plain["fingerprint"]
+    _, out, result = _retrain(trained, precision="bf16")
     for source in ("verbose", "sloppy"):
         a = load_file(str(out / source / "model.safetensors"))
         b = load_file(str(trained / "classifier" / source / "model.safetensors"))

@@ -20,12 +20,16 @@ def test_defaults_and_overrides() -> None:
     assert cfg.train.beta == RunConfig().train.beta  # untouched keys keep their defaults
 
 
-def test_classifiers_follow_the_run_precision_unless_set() -> None:
-    assert load_config(None, ["model.precision=fp32"]).classifier.precision == "fp32"
-    assert load_config(None, ["model.precision=bf16"]).classifier.precision == "bf16"
-    assert load_config(None, []).classifier.precision == "auto"
+def test_classifiers_follow_the_run_precision_unless_set(tmp_path: Path) -> None:
+    assert load_config(None, ["model.precision=fp32"]).classifier_precision == "fp32"
+    assert load_config(None, ["model.precision=bf16"]).classifier_precision == "bf16"
+    assert load_config(None, []).classifier_precision == "auto"
     cfg = load_config(None, ["model.precision=bf16", "classifier.precision=fp32"])
-    assert (cfg.model.precision, cfg.classifier.precision) == ("bf16", "fp32")
+    assert (cfg.model.precision, cfg.classifier_precision) == ("bf16", "fp32")
+    # Resolved where used, not stored: a saved config reloaded with another model.precision carries it along.
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(load_config(None, ["model.precision=fp32"])))
+    assert load_config(saved, ["model.precision=bf16"]).classifier_precision == "bf16"
     with pytest.raises(ConfigError, match=r"classifier\.precision"):
         load_config(None, ["classifier.precision=fp16"])
 

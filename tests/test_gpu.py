@@ -156,6 +156,9 @@ def test_classifier_margins_autocast_bf16_on_cuda_and_track_fp32() -> None:
     model = build_model("tiny-bert", tok, num_labels=2, seed=0).eval()
     prompts, responses = texts[0::2], texts[1::2]
     cpu = classifier.margins(model, tok, prompts, responses, 32)
-    cuda = classifier.margins(model.cuda(), tok, prompts, responses, 32, "auto")
-    assert not np.array_equal(cuda, cpu)  # bf16 really ran
+    fp32 = classifier.margins(model.cuda(), tok, prompts, responses, 32, "fp32")
+    cuda = classifier.margins(model, tok, prompts, responses, 32, "auto")
+    assert classifier.precision_tag("auto", "cuda") == "bf16"
+    assert not np.array_equal(cuda, fp32)  # bf16 really ran (fp32 on CUDA already differs from the CPU a little)
+    np.testing.assert_allclose(fp32, cpu, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(cuda, cpu, atol=0.1 * np.abs(cpu).max() + 0.05)

@@ -86,19 +86,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 results[f"{name}/online/grad"] = _grads(m)
 
                 # (d) one pass with the gradients averaged over the ranks after every micro-batch, as FSDP reduces
-                # them (train.fsdp_grad_sync=micro_batch): a shared running max (group=), one factor for all.
-                m = rc.model()
-                acc = robust.OnlineTilt(rc.TILTS[name], lambda m=m: [p.grad for p in m.parameters()], group)
-                seen = []
-                for a, b in rc.MICRO[rank]:
-                    losses, pen = rc.losses_and_penalties(m, x[a:b])
-                    acc.surrogate(losses, w[a:b]).backward()
-                    distributed.all_reduce_mean_([p.grad for p in m.parameters()], group)
-                    seen.append(torch.stack([losses.detach(), w[a:b], pen.detach()], dim=1))
-                full, _ = distributed.all_gather_varlen(torch.cat(seen), group)
-                acc.finish(full[:, 0], full[:, 1], world)
-                results[f"{name}/synced/value"] = obj(full[:, 0], full[:, 1], full[:, 2]).detach()[None]
-                results[f"{name}/synced/grad"] = _grads(m)
+                # them (train.fsdp_grad_sync=micro_batch): a shared running max (group=), one factor for all. And
+                # the same with each rank's own running max (no group=), which must not match.
+                for mode, shared in (("synced", group), ("synced_local", None)):
+                    m = rc.model()
+                    acc = robust.OnlineTilt(rc.TILTS[name], lambda m=m: [p.grad for p in m.parameters()], shared)
+                    seen = []
+                    for a, b in rc.MICRO[rank]:
+                        losses, pen = rc.losses_and_penalties(m, x[a:b])
+                        acc.surrogate(losses, w[a:b]).backward()
+                        distributed.all_reduce_mean_([p.grad for p in m.parameters()], group)
+                        seen.append(torch.stack([losses.detach(), w[a:b], pen.detach()], dim=1))
+                    full, _ = distributed.all_gather_varlen(torch.cat(seen), group)
+                    acc.finish(full[:, 0], full[:, 1], world)
+                    results[f"{name}/{mode}/value"] = obj(full[:, 0], full[:, 1], full[:, 2]).detach()[None]
+                    results[f"{name}/{mode}/grad"] = _grads(m)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -137,6 +139,14 @@ def test_naive_local_objective_is_not_global(two_rank_results) -> None:
         losses, _ = rc.losses_and_penalties(rc.model(), x[lo:hi])
         naive.append(robust.kl_dro(losses, 0.7).detach())
     assert abs(torch.stack(naive).mean() - ref_value) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(rc.TILTS))
+def test_gradients_averaged_every_micro_batch_need_the_shared_running_max(two_rank_results, name: str) -> None:
+    """Sanity check that the synced mode can fail: with each rank's own running max, the ranks rescale the
+    averaged gradients by different factors, and the result is not the single-process gradient."""
+    _, ref_grad = rc.reference()[name]
+    assert (two_rank_results[0][f"{name}/synced_local/grad"] - ref_grad).abs().max() > 1e-4
 
 
 def test_all_gather_varlen_single_process() -> None:
