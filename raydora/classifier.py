@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydora import calibration
+from raydora.cluster import check_gpus, resolve_device
 from raydora.data import ordered, ordered_ingest, read_canonical
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
@@ -313,7 +314,9 @@ def train_classifiers(
     # Only away from their defaults: run folders made before these settings existed stay valid.
     if cfg.calibration != "temperature":
         settings["calibration"] = cfg.calibration
-    tag = precision_tag(cfg.precision, "cuda" if cfg.device == "cuda" else "cpu")
+    # auto: CUDA when this process or the Ray cluster has a GPU, as for the scoring pool.
+    device = resolve_device(cfg.device)
+    tag = precision_tag(cfg.precision, device)
     if tag:
         settings["precision"] = tag
     fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), settings, seed)
@@ -327,6 +330,8 @@ def train_classifiers(
             f"{data_dir}: classifiers need golden responses and at least one synthetic source; found {counts}"
         )
     backbone = resolve_backbone(cfg.backbone)
+    if device == "cuda":  # Ray would wait forever for GPUs the cluster does not have
+        check_gpus(cfg.num_workers, 1, "classifier.num_workers")
     summary: dict[str, Any] = {}
     with staging(out.parent, out.name) as tmp:
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
@@ -372,7 +377,7 @@ def train_classifiers(
                 "backbone": backbone,
                 "threads": cfg.threads_per_worker,
             },
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.device == "cuda"),
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda"),
             datasets=datasets,
             # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
             dataset_config=DataConfig(

@@ -307,3 +307,14 @@ def test_one_explode_holds_every_source_examples_in_their_own_order(ray_session)
             want.setdefault(r["source"], [0, 0])[1 - r["label"]] += 1
     got = classifier.split_counts(ray.data.from_arrow(pa.Table.from_pylist(both)))
     assert got == {s: tuple(v) for s, v in want.items()} and got
+
+
+def test_classifiers_on_cuda_without_gpus_fail_naming_the_key(trained: Path) -> None:
+    """classifier.device=cuda (or auto on a cluster with GPUs) trains on GPU workers; asking for more GPUs than
+    the Ray cluster has fails at once, naming the key, instead of waiting forever."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = ClassifierConfig(**{**CFG.__dict__, "device": "cuda"})
+    with pytest.raises(ValueError, match=r"classifier\.num_workers=2 GPU workers need 2 GPUs"):
+        classifier.train_classifiers(trained / "data", trained / "classifier_cuda", cfg, seed=0)
+    assert not (trained / "classifier_cuda").exists()
