@@ -20,7 +20,9 @@ Two gloo ranks on this CPU, each with one torch thread, shard a Llama-shaped mod
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import functools
 import os
 import socket
 import statistics
@@ -38,19 +40,27 @@ from common import record
 SETTINGS = ("micro_batch", "step")
 
 
-def _live_heap() -> int:
-    """Bytes malloc has handed out and not had back, in every arena (glibc ``mallinfo2``; 0 elsewhere)."""
-    import ctypes
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
 
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2``, bound once (None where there is none)."""
     try:
         fn = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+def _live_heap() -> int:
+    """Bytes malloc has handed out and not had back, in every arena (glibc ``mallinfo2``; 0 elsewhere)."""
+    fn = _mallinfo2()
+    if fn is None:
         return 0
-    fn.restype = MallInfo2
     info = fn()
     return int(info.uordblks + info.hblkhd)
 
@@ -106,7 +116,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, task: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = distributed.shard_fsdp(_build(args))
+        model = _build(args)
+        n_params = sum(p.numel() for p in model.parameters())
+        model = distributed.shard_fsdp(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = train.make_optimizer(params, 1e-5, 0.0, sharded=True)
         group, cpu = distributed.default_group(), torch.device("cpu")
@@ -122,7 +134,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, task: st
             dist.barrier()
             return time.perf_counter() - tic
 
-        result: dict[str, Any] = {"parameters": sum(p.numel() for p in _build(args).parameters())}
+        result: dict[str, Any] = {"parameters": n_params}
         if task in SETTINGS:  # memory: this setting alone in this process
             # The live heap at the start of every micro-batch's forward but the first: what the earlier
             # micro-batches left behind (the gradients, sharded or not).

@@ -32,6 +32,7 @@ from common import record
 from raydora import synth, train
 from raydora.config import TrainConfig
 from raydora.encoding import encode_batch, forward_logps, pad_sequences, render_prompt
+from raydora.hardware import autocast
 from raydora.models import build_model, count_parameters, load_causal_lm, save_pretrained, train_tokenizer
 
 
@@ -102,8 +103,7 @@ class Ours:
         enc = pad_sequences([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], None,
                             self.tok.pad_token_id)  # fmt: skip
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        autocast = torch.autocast(self.device.type, self.amp, enabled=self.amp != torch.float32)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(self.device.type, self.amp):
             lp, _, _ = forward_logps(ref, enc, 2)
         return lp.double().cpu().numpy()
 

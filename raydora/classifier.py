@@ -125,12 +125,9 @@ def encode(tokenizer: Any, prompts: list[str], responses: list[str], max_length:
 
 def autocast(device: Any, precision: str | None) -> Any:
     """The autocast context of ``classifier.precision`` on ``device`` (disabled where it resolves to fp32)."""
-    import torch
+    from raydora import hardware
 
-    from raydora.hardware import resolve_precision
-
-    dtype = resolve_precision(precision or "fp32", device.type)
-    return torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+    return hardware.autocast(device.type, hardware.resolve_precision(precision or "fp32", device.type))
 
 
 def precision_tag(precision: str | None, device: str) -> str | None:

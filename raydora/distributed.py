@@ -94,6 +94,12 @@ def all_reduce_mean_(tensors: list[Tensor], group: ProcessGroup | None = None) -
         offset += n
 
 
+def all_reduce_max_(x: Tensor, group: ProcessGroup | None = None) -> None:
+    """``x`` becomes its elementwise max over the ranks of ``group``, in place. A no-op in a single process."""
+    if is_initialized() and world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (itself in a single process)."""
     if not is_initialized():

@@ -33,6 +33,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def autocast(device_type: str, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device_type`` (``cuda`` or ``cpu``); disabled for fp32."""
+    return torch.autocast(device_type, dtype, enabled=dtype != torch.float32)
+
+
 def resolve_precision(requested: str, device: str, cpuinfo: str | None = None) -> torch.dtype:
     """``auto`` -> bf16 where native, else fp32. An explicit ``bf16`` on hardware without it is an error: emulated
     bf16 is many times slower than fp32 (about 20x on a plain x86 CPU) and gains nothing."""

@@ -145,11 +145,12 @@ class ReferenceModel:
         import torch
 
         from raydora.encoding import forward_logps, pad_sequences
+        from raydora.hardware import autocast
 
         flat = [(p, r) for p, rs in zip(prompt_ids, response_ids, strict=True) for r in rs]
         out = np.zeros(len(flat))
         pad = self.tokenizer.pad_token_id
-        with torch.no_grad(), torch.autocast(self.device, self.dtype, enabled=self.dtype != torch.float32):
+        with torch.no_grad(), autocast(self.device, self.dtype):
             for i in range(0, len(flat), self.batch_size):
                 chunk = flat[i : i + self.batch_size]
                 enc = pad_sequences([c[0] for c in chunk], [[c[1]] for c in chunk], None, pad)

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from raydora.distributed import ProcessGroup, all_gather_varlen, world_size
+from raydora.distributed import ProcessGroup, all_gather_varlen, all_reduce_max_, world_size
 
 __all__ = [
     "OnlineTilt",
@@ -401,7 +401,7 @@ class OnlineTilt:
         s = self.tilt.scores(losses, weights)
         top = s.max()
         if self.group is not None:
-            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            all_reduce_max_(top, self.group)
         if self.shift is None:
             self.shift = top
         else:

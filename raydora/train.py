@@ -764,10 +764,10 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
     """Forward/backward of one optimizer step over this worker's micro-batches; returns global metrics."""
     import torch
 
-    from raydora import distributed, robust
+    from raydora import distributed, hardware, robust
 
     t = cfg["train"]
-    autocast = torch.autocast(device.type, amp, enabled=amp != torch.float32)
+    autocast = hardware.autocast(device.type, amp)
     n_local = sum(mb["rows"] for mb in micro)
     b = cfg["batch_size"]
 
@@ -795,11 +795,11 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
     # The parameters whose .grad backward accumulates into, listed after each backward: a forward (even a no-grad
     # one before the step) leaves FSDP2's root unit with its unsharded parameters registered, while the reduced
     # gradients accumulate on the sharded ones, which every unit has registered again after a backward.
-    trainable: list[Any] = []
+    params: list[Any] = []
     if tilt is not None:
         # One pass: an online softmax over the micro-batches (robust.OnlineTilt), rescaled once at the end. Under
         # FSDP the gradients are already averaged after each micro-batch, so the running max is shared (group).
-        online = robust.OnlineTilt(tilt, lambda: [p.grad for p in trainable], group if sync_each else None)
+        online = robust.OnlineTilt(tilt, lambda: [p.grad for p in params], group if sync_each else None)
     elif coupled:
         # First pass: the whole window's losses (no grad, except through WDPO's penalty), gathered once.
         cols = []
@@ -831,15 +831,12 @@ def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, 
             o["penalties"] = wdpo_fd_backward(model, o, value, forward, mb, t["rho"], t["wdpo_fd_step"])
         else:
             value.backward()
-        if online is not None:
-            trainable[:] = [p for p in model.parameters() if p.requires_grad]
+        params[:] = [p for p in model.parameters() if p.requires_grad]
         rows_seen += mb["rows"]
         tokens += int(o["tokens"])
         zero = torch.zeros_like(o["losses"])
         cols = [o["losses"], o["weights"], o["penalties"], o.get("chosen", zero), o.get("rejected", zero)]
         local_stats.append(torch.stack([c.detach() for c in cols], 1))
-    # Listed after the forwards: FSDP2 swaps a module's registered parameters between sharded and unsharded.
-    params = [p for p in model.parameters() if p.requires_grad]
     stats, _ = distributed.all_gather_varlen(torch.cat(local_stats), group)
     if online is not None:
         online.finish(stats[:, 0], stats[:, 1], world)  # this rank's share of the global softmax, times W
