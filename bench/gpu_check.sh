@@ -6,7 +6,8 @@
 #   3. the whole pipeline on the GPU through Ray: Ray Train with NCCL and bf16 autocast for SFT and DoRA training,
 #      classifier training and scoring, reference log-probs and generation on GPU actors, then evaluation;
 #   4. (RUN_PRESET=1) bench/gpu_preset.py: the KLDPO LoRA preset at Llama-3.1-8B's shape (random weights) through
-#      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps): throughput and MFU.
+#      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps, and --timeout 420: seconds
+#      for the whole script, the summary included): throughput and MFU.
 #      PRESET_ARGS="--preset dora --steps 100" runs the DoRA preset's LoRA setting instead (adds classify).
 # SKIP_TESTS=1, SKIP_BENCH=1 and SKIP_PIPELINE=1 leave steps 1, 2 and 3 out.
 # Logs and results go to $OUT (default /tmp/gpu-check). The machine has no package index: Ray and its missing
@@ -65,11 +66,16 @@ fi
 if [ -n "${RUN_PRESET:-}" ]; then
   echo "== 4. bench/gpu_preset.py (a LoRA preset, Llama-3.1-8B shape, random weights): ${PRESET_ARGS:-}"
   start=$(date +%s)
-  timeout "${PRESET_TIMEOUT:-480}" $PY bench/gpu_preset.py --out "$OUT" --work /tmp/preset ${PRESET_ARGS:-} 2>&1 \
-    | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"
+  # gpu_preset.py keeps to its own --timeout (default 420 s, the whole script); the outer timeout only backs it
+  # up. If it still fires, `gpu_preset.py --summarize $OUT` rebuilds the summary from the files copied below.
+  inner=$(sed -n 's/.*--timeout[ =]\([0-9]*\).*/\1/p' <<<"${PRESET_ARGS:-}")
+  timeout "${PRESET_TIMEOUT:-$((${inner:-420} + 30))}" $PY bench/gpu_preset.py --out "$OUT" --work /tmp/preset \
+    ${PRESET_ARGS:-} 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"
   summary+=("gpu_preset: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
   cp /tmp/preset/runs/preset/train/metrics.jsonl "$OUT/preset_metrics.jsonl" 2>/dev/null
   cp /tmp/preset/pipeline.log "$OUT/preset_pipeline.log" 2>/dev/null
+  cp /tmp/preset/meta.json "$OUT/preset_meta.json" 2>/dev/null
+  cp /tmp/preset/gpu_peak_mib "$OUT/preset_gpu_peak_mib" 2>/dev/null
   cp /tmp/preset/runs/preset/classifier/_SUCCESS "$OUT/preset_classifier_SUCCESS.json" 2>/dev/null
 fi
 

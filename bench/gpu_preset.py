@@ -169,10 +169,11 @@ def flops_per_token(shape: str, seq: float, lora: bool) -> float:
 
 
 class GpuMemory:
-    """Peak GPU memory in use (MiB, every process) from nvidia-smi, polled each second in a thread."""
+    """Peak GPU memory in use (MiB, every process) from nvidia-smi, polled each second in a thread. Each new peak is
+    also written to ``path`` (when given), so a run killed from outside still leaves it for ``--summarize``."""
 
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+    def __init__(self, path: Path | None = None) -> None:
+        self.peak, self.path, self._stop = 0, path, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -180,9 +181,12 @@ class GpuMemory:
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                      capture_output=True, text=True, timeout=10).stdout  # fmt: skip
-                self.peak = max([self.peak] + [int(x) for x in out.split()])
+                peak = max([self.peak] + [int(x) for x in out.split()])
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 return
+            if peak > self.peak and self.path is not None:
+                self.path.write_text(f"{peak}\n")
+            self.peak = peak
             self._stop.wait(1.0)
 
     def __enter__(self) -> GpuMemory:
@@ -205,11 +209,19 @@ def main() -> None:
     p.add_argument("--prompt-words", type=int, default=150)
     p.add_argument("--response-words", type=int, default=250)
     p.add_argument("--attn", default=None, help="a model.attn_implementation override, e.g. flex_attention")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config override, e.g. model.pad_to_multiple_of=64 (repeatable)")  # fmt: skip
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--timeout", type=int, default=420, help="seconds for the pipeline")
+    p.add_argument("--timeout", type=int, default=420, help="seconds for the whole script (the pipeline gets the rest)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--summarize", default=None, metavar="DIR",
+                   help="only summarise a killed run, from the files gpu_check.sh brought back to DIR")  # fmt: skip
     args = p.parse_args()
+    script_start = time.perf_counter()
+    if args.summarize:
+        summarize_returned(Path(args.summarize), args.out)
+        return
     from train_speed import dense_matmul_flops
 
     from raydora.config import load_config
@@ -274,57 +286,92 @@ def main() -> None:
                       "classifier.score_actors=1", "classifier.epochs=1", "data.format=canonical"]  # fmt: skip
     if args.attn:
         overrides.append(f"model.attn_implementation={args.attn}")
+    overrides += args.set
     if not gpu:
         overrides += ["model.precision=fp32", "train.use_gpu=false", "reference.device=cpu", "model.max_length=512",
                       "classifier.device=cpu"]  # fmt: skip
     cmd = [sys.executable, "-m", "raydora.cli", "pipeline", "--config", str(preset_path), "--stages",
            ",".join(stages), *overrides]  # fmt: skip
+    lora = load_config(str(preset_path), overrides).train.lora_r > 0  # LoRA: no weight gradients for the base
+    # What the summary needs besides the run folder, written before the pipeline starts: a run killed from outside
+    # (the device tool's limit) can still be summarised from the files it leaves (--summarize).
+    meta = {
+        "device": name, "torch": torch.__version__, "shape": args.shape, "parameters": params, "lora": lora,
+        "preset": str(preset_path.relative_to(ROOT)), "preset_name": args.preset, "overrides": overrides,
+        "batch_pairs": args.batch, "micro_batch_pairs": args.micro_batch, "mean_sequence_tokens": seq,
+        "dense_matmul_flops": peak, "seconds": times, "gpu": gpu,
+    }  # fmt: skip
+    (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # --timeout is the whole script's: the pipeline gets what is left of it, less a margin for the summary.
+    budget = max(30.0, args.timeout - (time.perf_counter() - script_start) - 15)
     print("$ " + " ".join(cmd[1:]), flush=True)
+    print(f"pipeline time limit {budget:.0f} s", flush=True)
     tic = time.perf_counter()
     log_path, timed_out = work / "pipeline.log", False
     # The log is written as the pipeline runs, so a run cut short by --timeout still leaves it (and its metrics).
-    with GpuMemory() as mem, log_path.open("w") as log_fh:
+    with GpuMemory(work / "gpu_peak_mib") as mem, log_path.open("w") as log_fh:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
         try:
             rc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=log_fh, stderr=subprocess.STDOUT,
-                                timeout=args.timeout, env=env).returncode  # fmt: skip
+                                timeout=budget, env=env).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             rc, timed_out = None, True
     times["pipeline"] = time.perf_counter() - tic
     log = log_path.read_text()
-    stage_lines = [x for x in log.splitlines() if x.startswith("[") and " s)" in x]
-    print("\n".join(stage_lines), flush=True)
     if rc != 0:
         print(log[-6000:], flush=True)
         if not timed_out:
             raise SystemExit(f"pipeline failed (rc={rc}); log: {log_path}")
-        print(f"pipeline timed out after {args.timeout} s: reporting the steps it finished", flush=True)
+        print(f"pipeline timed out after {budget:.0f} s: reporting the steps it finished", flush=True)
+    result = summarize(meta, log, work / "runs" / "preset", mem.peak or None, timed_out)
+    tag = "gpu_preset" + ("_dora" if args.preset == "dora" else "") + ("" if gpu else "_dryrun_cpu")
+    print(f"written to {record(tag, result, args.out)}", flush=True)
 
-    run_dir = work / "runs" / "preset"
+
+def summarize(meta: dict[str, Any], log: str, run_dir: Path, gpu_peak_mib: int | None,
+              timed_out: bool) -> dict[str, Any]:  # fmt: skip
+    """The summary of a run: ``meta`` (written before the pipeline), the pipeline's log and its run folder."""
+    stage_lines = [x for x in log.splitlines() if x.startswith("[") and " s)" in x]
+    print("\n".join(stage_lines), flush=True)
     metrics = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steady = metrics[max(1, len(metrics) // 10) :]
-    step_s = statistics.median(args.batch / m["pairs_per_s"] for m in steady)
+    batch, shape, seq = meta["batch_pairs"], meta["shape"], meta["mean_sequence_tokens"]
+    peak = meta["dense_matmul_flops"]
+    step_s = statistics.median(batch / m["pairs_per_s"] for m in steady)
     tokens_per_s = statistics.median(m["tokens_per_s"] for m in steady)
-    lora = load_config(str(preset_path), overrides).train.lora_r > 0  # LoRA: no weight gradients for the base
-    achieved = tokens_per_s * flops_per_token(args.shape, seq, lora)
+    achieved = tokens_per_s * flops_per_token(shape, seq, meta["lora"])
     result = {
-        "device": name, "torch": torch.__version__, "shape": args.shape, "parameters": params,
-        "preset": str(preset_path.relative_to(ROOT)), "overrides": overrides, "steps": len(metrics),
-        "batch_pairs": args.batch, "micro_batch_pairs": args.micro_batch, "mean_sequence_tokens": seq,
-        "dense_matmul_flops": peak, "pairs_per_s": args.batch / step_s, "tokens_per_s": tokens_per_s,
-        "step_s": step_s, "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
-        "mfu_6n_convention": tokens_per_s * flops_per_token(args.shape, seq, False) / peak,
+        **{k: v for k, v in meta.items() if k not in ("seconds", "gpu", "lora", "preset_name")},
+        "steps": len(metrics), "pairs_per_s": batch / step_s, "tokens_per_s": tokens_per_s, "step_s": step_s,
+        "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
+        "mfu_6n_convention": tokens_per_s * flops_per_token(shape, seq, False) / peak,
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
-        "gpu_peak_mib": mem.peak or None, "seconds": times, "timed_out": timed_out,
-        "stages": stage_lines,
+        "gpu_peak_mib": gpu_peak_mib, "seconds": meta["seconds"], "timed_out": timed_out,
+        "final_saved": (run_dir / "train" / "final").is_dir(), "stages": stage_lines,
     }  # fmt: skip
     marker = run_dir / "classifier" / "_SUCCESS"
     if marker.is_file():  # the classifiers' held-out quality: did they find the sources' artefacts?
         result["classifiers"] = json.loads(marker.read_text()).get("classifiers")
     for k in ("pairs_per_s", "tokens_per_s", "step_s", "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):
         print(f"{k:<22} {result[k]}", flush=True)
-    tag = "gpu_preset" + ("_dora" if args.preset == "dora" else "") + ("" if gpu else "_dryrun_cpu")
-    print(f"written to {record(tag, result, args.out)}", flush=True)
+    return result
+
+
+def summarize_returned(folder: Path, out: str) -> None:
+    """``--summarize``: the summary of a run killed from outside, from the files ``gpu_check.sh`` brings back
+    (``preset_meta.json``, ``preset_pipeline.log``, ``preset_metrics.jsonl``, ``preset_gpu_peak_mib``)."""
+    meta = json.loads((folder / "preset_meta.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        (run_dir / "train").mkdir()
+        shutil.copy(folder / "preset_metrics.jsonl", run_dir / "train" / "metrics.jsonl")
+        peak_file = folder / "preset_gpu_peak_mib"
+        peak = int(peak_file.read_text()) if peak_file.is_file() else None
+        result = summarize(meta, (folder / "preset_pipeline.log").read_text(), run_dir, peak, timed_out=True)
+    result["final_saved"] = None  # not known from the returned files
+    result["summarized_from"] = str(folder)
+    tag = "gpu_preset" + ("_dora" if meta.get("preset_name") == "dora" else "") + ("" if meta["gpu"] else "_dryrun_cpu")
+    print(f"written to {record(tag, result, out)}", flush=True)
 
 
 if __name__ == "__main__":

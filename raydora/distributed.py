@@ -110,7 +110,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def barrier() -> None:
-    if is_initialized():
+    """Wait for every rank. Under NCCL it names this rank's GPU: Ray Train creates the process group without a
+    ``device_id``, and a bare ``barrier()`` then makes NCCL guess the GPU from the global rank (torch warns that
+    this "can cause a hang if rank to GPU mapping is heterogeneous", as on nodes with unequal GPU counts)."""
+    if not is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         dist.barrier()
 
 

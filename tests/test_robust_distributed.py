@@ -153,3 +153,16 @@ def test_all_gather_varlen_single_process() -> None:
     x = torch.arange(6.0).reshape(3, 2)
     full, offset = distributed.all_gather_varlen(x, None)
     assert offset == 0 and torch.equal(full, x)
+
+
+@pytest.mark.parametrize(("backend", "expected"), [("nccl", {"device_ids": [3]}), ("gloo", {})])
+def test_barrier_names_the_gpu_under_nccl(monkeypatch: pytest.MonkeyPatch, backend: str, expected: dict) -> None:
+    """A bare NCCL barrier makes NCCL guess each rank's GPU from its global rank (a hang where ranks and GPUs map
+    differently): ``barrier`` passes the current device. Gloo takes no device."""
+    calls: list[dict] = []
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    distributed.barrier()
+    assert calls == [expected]
