@@ -69,9 +69,14 @@ class ModelConfig:
     """Maximum prompt + response tokens; longer rows are rejected by validation."""
     trust_remote_code: bool = False
     """Allow model code shipped inside a model folder. Off by default: it runs arbitrary Python."""
+    pad_to_multiple_of: int = 0
+    """Round the token width of every training micro-batch (padded or packed) and reference batch up to a multiple
+    of this (0: off), as TRL's ``pad_to_multiple_of``. Fewer distinct shapes for the GPU's per-shape costs
+    (attention plans, allocator growth); the extra tokens are masked, so the log-probs do not change."""
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "max_length", "must be >= 8")
+        _check(self.pad_to_multiple_of >= 0, "pad_to_multiple_of", "must be >= 0 (0: off)")
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
 
 

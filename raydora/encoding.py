@@ -87,15 +87,22 @@ def _sequences(
     return seqs, starts
 
 
+def round_up(n: int, multiple_of: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple_of`` (``n`` itself when ``multiple_of`` is 0)."""
+    return -(-n // multiple_of) * multiple_of if multiple_of > 0 else n
+
+
 def pad_sequences(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[Sequence[int]]],
     select: np.ndarray | None,
     pad_id: int,
+    multiple_of: int = 0,
 ) -> dict[str, Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` ``[K * B, T]`` in **k-major** order: row
     ``k * B + i`` is response ``select[i, k]`` of row ``i`` (all responses when ``select`` is None, then every
-    row needs the same K). ``T`` is the longest sequence of this batch. ``loss_mask`` marks response tokens."""
+    row needs the same K). ``T`` is the longest sequence of this batch, rounded up to a multiple of
+    ``multiple_of`` when it is > 0. ``loss_mask`` marks response tokens."""
     b = len(prompt_ids)
     if select is None:
         ks = {len(r) for r in response_ids}
@@ -103,7 +110,7 @@ def pad_sequences(
             raise ValueError(f"rows have different numbers of responses {sorted(ks)}; pass select")
         select = np.tile(np.arange(ks.pop()), (b, 1))
     seqs, starts = _sequences(prompt_ids, response_ids, select)
-    t = max(len(s) for s in seqs)
+    t = round_up(max(len(s) for s in seqs), multiple_of)
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), t), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), t), dtype=torch.long)
@@ -120,11 +127,13 @@ def pack_sequences(
     select: np.ndarray,
     pad_id: int,
     capacity: int | None = None,
+    multiple_of: int = 0,
 ) -> dict[str, Tensor]:
     """Padding-free layout of the same sequences as :func:`pad_sequences` (k-major, ``select`` as there): the
     sequences are packed first-fit-decreasing into rows of at most ``capacity`` tokens (default: twice the longest
     sequence, so two typical sequences share a row), ``position_ids`` restart
     at 0 for each, and ``segment_ids`` says which sequence (k-major index) each token belongs to (-1: padding).
+    The rows' width is the fullest row's, rounded up to a multiple of ``multiple_of`` when it is > 0.
 
     transformers builds a block-diagonal causal mask from restarting ``position_ids`` when ``attention_mask`` is
     None, so a sequence only attends to itself: the log-probs equal the padded layout's, without computing the
@@ -144,7 +153,7 @@ def pack_sequences(
         else:
             rows.append([n])
             fill.append(len(seqs[n]))
-    width = max(fill)
+    width = round_up(max(fill), multiple_of)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     seg = torch.full((len(rows), width), -1, dtype=torch.long)

@@ -109,6 +109,7 @@ class ReferenceModel:
         threads: int = 0,
         attn: str = "sdpa",
         frozen_in_compute_dtype: bool = False,
+        pad_to_multiple_of: int = 0,
     ) -> None:
         import torch
 
@@ -119,6 +120,7 @@ class ReferenceModel:
             torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.dtype = resolve_precision(precision, device)
         self.model = None
         if model_dir is not None:
@@ -153,7 +155,8 @@ class ReferenceModel:
         with torch.no_grad(), autocast(self.device, self.dtype):
             for i in range(0, len(flat), self.batch_size):
                 chunk = flat[i : i + self.batch_size]
-                enc = pad_sequences([c[0] for c in chunk], [[c[1]] for c in chunk], None, pad)
+                enc = pad_sequences([c[0] for c in chunk], [[c[1]] for c in chunk], None, pad,
+                                    multiple_of=self.pad_to_multiple_of)  # fmt: skip
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 lp, _, _ = forward_logps(self.model, enc, 1)
                 out[i : i + len(chunk)] = lp[:, 0].double().cpu().numpy()
@@ -177,6 +180,7 @@ def encode_rows(
     precision: str = "fp32",
     attn: str = "sdpa",
     frozen_in_compute_dtype: bool = False,
+    pad_to_multiple_of: int = 0,
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
     with a ``_SUCCESS`` marker holding ``fp``). Returns the row count."""
@@ -196,6 +200,7 @@ def encode_rows(
                 "precision": precision,
                 "attn": attn,
                 "frozen_in_compute_dtype": frozen_in_compute_dtype,
+                "pad_to_multiple_of": pad_to_multiple_of,
             },
             keys=("reference.actors", "reference.actor_cpus"),
             batch_size=cfg.batch_size,
@@ -237,5 +242,6 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
         return StageResult("reference", {"reference": str(out)}, (read_success(out) or {}).get("rows", {}), True)
     rows = encode_rows(source, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
                        cfg=cfg.reference, stage="reference", fp=fp, precision=cfg.model.precision,
-                       attn=attn_implementation(cfg), frozen_in_compute_dtype=bool(cfg.train.lora_r))  # fmt: skip
+                       attn=attn_implementation(cfg), frozen_in_compute_dtype=bool(cfg.train.lora_r),
+                       pad_to_multiple_of=cfg.model.pad_to_multiple_of)  # fmt: skip
     return StageResult("reference", {"reference": str(out)}, {"reference": rows}, info={"model": str(model)})

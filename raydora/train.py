@@ -197,9 +197,10 @@ def collate_micro(
     pad_id: int,
     dora: dict[str, Any] | None,
     pack: bool = False,
+    multiple_of: int = 0,
 ) -> dict[str, Any]:
-    """One micro-batch: token tensors (k-major; padded, or packed without padding), reference log-probs, scores
-    and weights."""
+    """One micro-batch: token tensors (k-major; padded, or packed without padding; widths rounded up to a multiple
+    of ``multiple_of`` when it is > 0), reference log-probs, scores and weights."""
     import torch
 
     from raydora.encoding import pack_sequences, pad_sequences, pair_indices
@@ -216,7 +217,8 @@ def collate_micro(
         if len(ks) != 1:
             raise ValueError(f"listwise loss {loss!r} needs the same number of responses per row, got {sorted(ks)}")
         select = np.tile(np.arange(ks.pop()), (len(prompts), 1))
-    batch = (pack_sequences if pack else pad_sequences)(prompts, responses, select, pad_id)
+    layout = pack_sequences if pack else pad_sequences
+    batch = layout(prompts, responses, select, pad_id, multiple_of=multiple_of)
     out: dict[str, Any] = {"enc": batch, "k": select.shape[1], "rows": len(prompts)}
     # Row by row: pairwise losses take rows of any K (real data and the online loop's rows vary).
     out["scores"] = (
@@ -616,6 +618,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     local = cfg["batch_size"] // world
     mbs = cfg["micro_batch_size"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    multiple = cfg.get("pad_to_multiple_of", 0)
     wdpo = cfg["mode"] != "sft" and t["objective"] == "wdpo"
     dora = cfg.get("dora")
     fsdp = t["strategy"] == "fsdp" and world > 1
@@ -637,7 +640,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if pack is None:  # decided once, on the first batch
             pack = t.get("packing", False) and packing_supported(model, rows, cfg, pad, device, rank)
         micro = [
-            collate_micro(rows, slice(i, i + mbs), cfg["mode"], t["loss"], pad, dora, pack)
+            collate_micro(rows, slice(i, i + mbs), cfg["mode"], t["loss"], pad, dora, pack, multiple)
             for i in range(0, local, mbs)
         ]
         for mb in micro:
@@ -984,6 +987,7 @@ def fit(
         "seed": run_cfg.seed,
         "precision": run_cfg.model.precision,
         "attn_implementation": attn_implementation(run_cfg),
+        "pad_to_multiple_of": run_cfg.model.pad_to_multiple_of,
         "batch_size": batch_size,
         "micro_batch_size": micro_batch_size,
         "lr": lr,

@@ -76,6 +76,7 @@ def test_dict_override_replaces_the_whole_mapping() -> None:
         (["train.objective=kldpo", "train.kldpo_normalize=false"], "train.kldpo_clip", "overflow"),
         (["model.attn_implementation=flash_attention_2"], "model.attn_implementation", "CUDA"),
         (["model.attn_implementation=flex_attention"], "model.attn_implementation", "flex_attention needs CUDA"),
+        (["model.pad_to_multiple_of=-8"], "model.pad_to_multiple_of", "must be >= 0"),
     ],
 )
 def test_errors_name_the_key(overrides: list[str], key: str, message: str) -> None:

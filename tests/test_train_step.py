@@ -217,6 +217,49 @@ def test_packed_sequences_give_the_padded_log_probs(setup, preset: str, attn: st
     torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_pad_to_multiple_of_rounds_the_width_and_keeps_the_log_probs(setup, pack: bool, monkeypatch) -> None:
+    """``model.pad_to_multiple_of``: the micro-batch's width becomes a multiple of it (more masked tokens, the same
+    real ones), and the log-probs and their gradients equal the unrounded layout's."""
+    from raydora.encoding import forward_logps
+    from raydora.reference import ReferenceModel
+
+    tok, _, rows = setup
+    model = build_model("tiny-llama", tok, dtype=torch.float64, seed=4)
+    base = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+    wide = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack, 64)
+    w0, w1 = base["enc"]["input_ids"].shape[1], wide["enc"]["input_ids"].shape[1]
+    assert w1 % 64 == 0 and w0 <= w1 < w0 + 64 and w0 % 64 != 0  # the rounding did something
+    assert base["enc"]["input_ids"].shape[0] == wide["enc"]["input_ids"].shape[0]
+    assert int(wide["enc"]["attention_mask"].sum()) == int(base["enc"]["attention_mask"].sum())
+    a, la, _ = forward_logps(model, base["enc"], base["k"])
+    b, lb, _ = forward_logps(model, wide["enc"], wide["k"])
+    # Llama's attention takes its softmax in float32, so float32-level agreement (a leak into the padding: ~1e-1).
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(la, lb)
+    emb = model.get_input_embeddings().weight
+    (ga,) = torch.autograd.grad(a.sum(), emb)
+    (gb,) = torch.autograd.grad(forward_logps(model, wide["enc"], wide["k"])[0].sum(), emb)
+    torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+    if not pack:  # the reference pass pads the same way and gets the same log-probs
+        ref = ReferenceModel.__new__(ReferenceModel)
+        ref.model, ref.tokenizer, ref.device, ref.dtype, ref.batch_size = model, tok, "cpu", torch.float32, 3
+        prompts = [r.tolist() for r in rows["prompt_ids"][:4]]
+        responses = [[x.tolist() for x in rs] for rs in rows["response_ids"][:4]]
+        ref.pad_to_multiple_of = 0
+        plain = ref.logps(prompts, responses)
+        widths: list[int] = []
+
+        def recording(model, enc, k):
+            widths.append(enc["input_ids"].shape[1])
+            return forward_logps(model, enc, k)
+
+        monkeypatch.setattr("raydora.encoding.forward_logps", recording)
+        ref.pad_to_multiple_of = 64
+        np.testing.assert_allclose(ref.logps(prompts, responses), plain, rtol=1e-6, atol=1e-6)
+        assert len(widths) == 3 and all(w % 64 == 0 for w in widths)  # 8 sequences in batches of 3
+
+
 def test_wdpo_on_packed_sequences_equals_the_padded_layout(setup) -> None:
     tok, _, rows = setup
     model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
