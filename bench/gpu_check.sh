@@ -9,6 +9,9 @@
 #      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps, and --timeout 420: seconds
 #      for the whole script, the summary included): throughput and MFU.
 #      PRESET_ARGS="--preset dora --steps 100" runs the DoRA preset's LoRA setting instead (adds classify).
+#   5. (VLLM=1) vLLM against raydora's hf backend and a bare generate loop on the GPU (bench/gpu_speed.py
+#      --generation-only), with vLLM 0.26.0 from .whl-vllm/ (bench/gpu_wheels.sh vllm; its parts may have come in
+#      earlier calls and been copied to /tmp/vparts, docs/gpu.md).
 # SKIP_TESTS=1, SKIP_BENCH=1 and SKIP_PIPELINE=1 leave steps 1, 2 and 3 out.
 # Logs and results go to $OUT (default /tmp/gpu-check). The machine has no package index: Ray and its missing
 # dependencies travel in .whl/ (a slimmed Ray 2.60 tarball and wheels; docs/gpu.md says how they were made).
@@ -17,12 +20,20 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
 PY=${PY:-python3}
+export PYTHONPATH=/tmp/site:$PWD  # what travels in .whl/ and .whl-vllm/ is unpacked there
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   [ -f .whl/ray_slim.tar.xz ] && tar -xJf .whl/ray_slim.tar.xz -C /tmp/site
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+fi
+if [ -n "${VLLM:-}" ]; then  # vLLM's slimmed tree, from parts carried in this call or copied in earlier ones
+  mkdir -p /tmp/vparts
+  cp .whl-vllm/vllm_slim.tar.xz.part* /tmp/vparts/ 2>/dev/null
+  if (cd /tmp/vparts && sha256sum -c --quiet "$OLDPWD/.whl-vllm/parts.sha256"); then
+    mkdir -p /tmp/site && cat /tmp/vparts/vllm_slim.tar.xz.part* | xz -dc | tar -xf - -C /tmp/site
+  else
+    echo "vLLM's parts are missing or damaged in /tmp/vparts: step 5 will fail"
+  fi
+  export VLLM_USE_FLASHINFER_SAMPLER=0  # FlashInfer does not travel: vLLM's PyTorch sampler
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
@@ -79,7 +90,17 @@ if [ -n "${RUN_PRESET:-}" ]; then
   cp /tmp/preset/runs/preset/classifier/_SUCCESS "$OUT/preset_classifier_SUCCESS.json" 2>/dev/null
 fi
 
+if [ -n "${VLLM:-}" ]; then
+  echo "== 5. vLLM against the hf backend and a bare loop (bench/gpu_speed.py --generation-only)"
+  start=$(date +%s)
+  $PY -c "import vllm; print('vllm', vllm.__version__)"
+  timeout "${VLLM_TIMEOUT:-300}" $PY bench/gpu_speed.py --generation-only --out "$OUT" ${VLLM_ARGS:-} 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/gpu_vllm.log"
+  summary+=("vllm: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
+fi
+
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 grep -E "TFLOP|pairs/s|^(mfu|packed|precomputed|dora|kldpo|wdpo|hf_engine)" "$OUT/gpu_speed.log" 2>/dev/null | head -20
+grep -E "^round|_vs_" "$OUT/gpu_vllm.log" 2>/dev/null
 grep -E "^\[|win|report:" "$OUT/pipeline.log" 2>/dev/null | tail -15

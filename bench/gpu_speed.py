@@ -6,14 +6,17 @@
   robust objectives' overhead, precomputed reference log-probs against a reference forward in every step, and
   model FLOPs utilisation against the measured matmul rate;
 - generation: raydora's hf backend (``HFGenerator``) against a bare batched ``generate`` loop, bf16, same model,
-  prompts and batches (vLLM is measured where it is installed on the GPU machine).
+  prompts and batches; and raydora's vllm backend (``VLLMGenerator``: vLLM's defaults on CUDA, torch.compile and
+  CUDA graphs) where vLLM is installed. Greedy decoding; each engine is built before its timed rounds.
 
     python bench/gpu_speed.py --out bench/results          # on a CUDA machine; about two minutes on an H100
+    python bench/gpu_speed.py --generation-only            # the generation comparison alone
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -65,6 +68,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (fp32), for checking it")
+    p.add_argument("--generation-only", action="store_true", help="leave out the training-step benchmarks")
+    p.add_argument("--backends", default="loop,hf,vllm", help="generation backends (vllm where it is installed)")
     args = p.parse_args()
     dev = args.device
     if dev == "cuda":
@@ -80,6 +85,55 @@ def main() -> None:
     tok = train_tokenizer(iter(texts), work / "tok", vocab_size=512)
     model_dir = save_pretrained(build_model(args.preset, tok, seed=0), tok, work / "model")
     params = count_parameters(load_causal_lm(model_dir))
+    result: dict[str, Any] = {"device": gpu, "torch": torch.__version__, "preset": args.preset, "parameters": params,
+                              "dense_bf16_matmul_flops": peak}  # fmt: skip
+    ratios: dict[str, float] = {}
+    if not args.generation_only:
+        training = train_steps(args, model_dir, tok, pairs, dev, amp, peak)
+        ratios.update(training.pop("ratios"))
+        result.update(training)
+
+    gen: dict[str, Any] = {}
+    texts_gen = prompts(args.prompts)
+    wanted = args.backends.split(",")
+    fns: dict[str, Any] = {}
+    if "loop" in wanted:
+        fns["loop"] = lambda: bare_loop(model_dir, texts_gen, args.new_tokens, args.gen_batch, dev, precision)
+    if "hf" in wanted:
+        fns["hf_engine"] = Engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "hf", device=dev,
+                                  precision=precision)  # fmt: skip
+    if "vllm" in wanted and importlib.util.find_spec("vllm") is not None:
+        # vLLM's defaults on CUDA (compiled, CUDA graphs); eager on CPU, where the CPU build runs it.
+        fns["vllm_engine"] = Engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "vllm", eager=dev != "cuda",
+                                    device=dev, precision=precision)  # fmt: skip
+    names = list(fns)
+    for r in range(2):  # two rounds, the order reversed in the second; the best round counts
+        for name in names if r == 0 else names[::-1]:
+            tic = time.perf_counter()
+            tokens, seconds = fns[name]()
+            gen.setdefault(name, []).append({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds})
+            print(f"round {r} {name:<11} {tokens} tokens in {seconds:6.2f} s ({time.perf_counter() - tic:.1f} s wall)",
+                  flush=True)  # fmt: skip
+    for fn in fns.values():
+        if isinstance(fn, Engine):
+            fn.close()
+    best_gen = {k: max(x["tokens_per_s"] for x in v) for k, v in gen.items()}
+    if "hf_engine" in best_gen and "loop" in best_gen:
+        ratios["hf_engine_vs_loop"] = best_gen["hf_engine"] / best_gen["loop"]
+    if "vllm_engine" in best_gen and "hf_engine" in best_gen:
+        ratios["vllm_engine_vs_hf_engine"] = best_gen["vllm_engine"] / best_gen["hf_engine"]
+    result["generation"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, "batch": args.gen_batch,
+                            "precision": precision, "best_tokens_per_s": best_gen, "runs": gen}  # fmt: skip
+    result["ratios"] = ratios
+    for k, v in ratios.items():
+        print(f"{k:<28} {v:.3f}")
+    tag = ("gpu_speed" if dev == "cuda" else "gpu_speed_dryrun_cpu") + ("_generation" if args.generation_only else "")
+    print(f"written to {record(tag, result, args.out)}")
+
+
+def train_steps(args: argparse.Namespace, model_dir: Path, tok: Any, pairs: list[dict[str, str]], dev: str,
+                amp: torch.dtype, peak: float) -> dict[str, Any]:  # fmt: skip
+    """The training-step benchmarks (every objective in lockstep): runs, MFU and the step ratios."""
     args.threads = 0
     sdpa = Ours(model_dir, tok, pairs, args, "sdpa", device=dev, amp=amp)
     eager = Ours(model_dir, tok, pairs, args, "eager", device=dev, amp=amp)
@@ -104,37 +158,14 @@ def main() -> None:
         "wdpo_step_vs_dpo": runs["raydora_wdpo"]["step_s"] / ours["step_s"],
         "wdpo_step_vs_dpo_eager": runs["raydora_wdpo"]["step_s"] / runs["raydora_dpo_eager"]["step_s"],
     }
-    train_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     for k, v in runs.items():
         print(f"{k:<28} {v['pairs_per_s']:9.1f} pairs/s {v['tokens_per_s']:11.0f} tokens/s  "
               f"step {v['step_s'] * 1000:7.1f} ms", flush=True)  # fmt: skip
-
-    gen: dict[str, Any] = {}
-    texts_gen = prompts(args.prompts)
-    loop_fn = lambda: bare_loop(model_dir, texts_gen, args.new_tokens, args.gen_batch, dev, precision)
-    hf_fn = Engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "hf", device=dev, precision=precision)
-    for r in range(2):
-        for name, fn in (
-            (("loop", loop_fn), ("hf_engine", hf_fn)) if r == 0 else (("hf_engine", hf_fn), ("loop", loop_fn))
-        ):
-            tic = time.perf_counter()
-            tokens, seconds = fn()
-            gen.setdefault(name, []).append({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds})
-            print(f"round {r} {name:<10} {tokens} tokens in {seconds:6.2f} s ({time.perf_counter() - tic:.1f} s wall)",
-                  flush=True)  # fmt: skip
-    best_gen = {k: max(x["tokens_per_s"] for x in v) for k, v in gen.items()}
-    ratios["hf_engine_vs_loop"] = best_gen["hf_engine"] / best_gen["loop"]
-    result = {
-        "device": gpu, "torch": torch.__version__, "preset": args.preset,
-        "parameters": params, "batch_pairs": args.batch, "precision": f"{precision} autocast, fp32 weights",
-        "dense_bf16_matmul_flops": peak, "achieved_model_flops": achieved, "mean_sequence_tokens": seq,
-        "train_peak_gib": train_peak_gib, "runs": runs, "generation": {"prompts": args.prompts,
-        "new_tokens": args.new_tokens, "batch": args.gen_batch, "best_tokens_per_s": best_gen, "runs": gen},
-        "ratios": ratios,
-    }  # fmt: skip
-    for k, v in ratios.items():
-        print(f"{k:<28} {v:.3f}")
-    print(f"written to {record('gpu_speed' if dev == 'cuda' else 'gpu_speed_dryrun_cpu', result, args.out)}")
+    precision = "bf16" if amp == torch.bfloat16 else "fp32"
+    return {"batch_pairs": args.batch, "precision": f"{precision} autocast, fp32 weights",
+            "achieved_model_flops": achieved, "mean_sequence_tokens": seq,
+            "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
+            "runs": runs, "ratios": ratios}  # fmt: skip
 
 
 if __name__ == "__main__":
