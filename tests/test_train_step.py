@@ -266,16 +266,20 @@ def test_wdpo_on_packed_sequences_equals_the_padded_layout(setup) -> None:
     cfg = cfg_for(loss="dpo", objective="wdpo", rho=0.3)
     f = train.objective_fn(cfg)
     out = []
-    for pack in (False, True):
+    # Padded, packed, and both with widths rounded up to a multiple of 64 (model.pad_to_multiple_of): the extra
+    # positions take no gradient, so the penalty is unchanged.
+    for pack, multiple in ((False, 0), (True, 0), (False, 64), (True, 64)):
         model.zero_grad(set_to_none=True)
-        mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+        mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack, multiple)
+        assert mb["enc"]["input_ids"].shape[1] % 64 == 0 or not multiple
         o = train.per_sample_losses(model, mb, cfg, embeddings=True)
         pen = train.wdpo_penalty(o["losses"], o["embeds"], mb["enc"])
         f(o["losses"], torch.ones(4, dtype=torch.float64), pen).backward()
         out.append((pen.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
     assert "segment_ids" in mb["enc"] and out[0][0].min() > 0
-    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-10, rtol=1e-8)
+    for other in out[1:]:
+        torch.testing.assert_close(out[0][0], other[0], atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(out[0][1], other[1], atol=1e-10, rtol=1e-8)
 
 
 def objects(items: list) -> np.ndarray:
