@@ -338,11 +338,17 @@ def summarize(meta: dict[str, Any], log: str, run_dir: Path, gpu_peak_mib: int |
     batch, shape, seq = meta["batch_pairs"], meta["shape"], meta["mean_sequence_tokens"]
     peak = meta["dense_matmul_flops"]
     step_s = statistics.median(batch / m["pairs_per_s"] for m in steady)
+    # Every step, warm-up included, and the median of each fifth of the run: how long the warm-up lasts (new
+    # sequence widths keep arriving early on; model.pad_to_multiple_of bounds them).
+    steps_s = [batch / m["pairs_per_s"] for m in metrics]
+    fifths = [steps_s[i * len(steps_s) // 5 : (i + 1) * len(steps_s) // 5] for i in range(5)]
     tokens_per_s = statistics.median(m["tokens_per_s"] for m in steady)
     achieved = tokens_per_s * flops_per_token(shape, seq, meta["lora"])
     result = {
         **{k: v for k, v in meta.items() if k not in ("seconds", "gpu", "lora", "preset_name")},
         "steps": len(metrics), "pairs_per_s": batch / step_s, "tokens_per_s": tokens_per_s, "step_s": step_s,
+        "step_s_mean_all": statistics.mean(steps_s),
+        "step_s_median_by_fifth": [statistics.median(f) if f else None for f in fifths],
         "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
         "mfu_6n_convention": tokens_per_s * flops_per_token(shape, seq, False) / peak,
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
@@ -352,7 +358,8 @@ def summarize(meta: dict[str, Any], log: str, run_dir: Path, gpu_peak_mib: int |
     marker = run_dir / "classifier" / "_SUCCESS"
     if marker.is_file():  # the classifiers' held-out quality: did they find the sources' artefacts?
         result["classifiers"] = json.loads(marker.read_text()).get("classifiers")
-    for k in ("pairs_per_s", "tokens_per_s", "step_s", "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):
+    for k in ("pairs_per_s", "tokens_per_s", "step_s", "step_s_mean_all", "step_s_median_by_fifth",
+              "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):  # fmt: skip
         print(f"{k:<22} {result[k]}", flush=True)
     return result
 
