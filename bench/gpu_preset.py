@@ -323,17 +323,25 @@ def main() -> None:
         if not timed_out:
             raise SystemExit(f"pipeline failed (rc={rc}); log: {log_path}")
         print(f"pipeline timed out after {budget:.0f} s: reporting the steps it finished", flush=True)
-    result = summarize(meta, log, work / "runs" / "preset", mem.peak or None, timed_out)
-    tag = "gpu_preset" + ("_dora" if args.preset == "dora" else "") + ("" if gpu else "_dryrun_cpu")
-    print(f"written to {record(tag, result, args.out)}", flush=True)
+    run_dir = work / "runs" / "preset"
+    result = summarize(meta, log, run_dir / "train" / "metrics.jsonl", run_dir / "classifier" / "_SUCCESS",
+                       mem.peak or None, timed_out)  # fmt: skip
+    result["final_saved"] = (run_dir / "train" / "final").is_dir()
+    print(f"written to {record(result_tag(meta), result, args.out)}", flush=True)
 
 
-def summarize(meta: dict[str, Any], log: str, run_dir: Path, gpu_peak_mib: int | None,
-              timed_out: bool) -> dict[str, Any]:  # fmt: skip
-    """The summary of a run: ``meta`` (written before the pipeline), the pipeline's log and its run folder."""
+def result_tag(meta: dict[str, Any]) -> str:
+    """The result file's name: ``gpu_preset``, ``_dora`` for that preset, ``_dryrun_cpu`` off the GPU."""
+    return "gpu_preset" + ("_dora" if meta["preset_name"] == "dora" else "") + ("" if meta["gpu"] else "_dryrun_cpu")
+
+
+def summarize(meta: dict[str, Any], log: str, metrics_file: Path, classifier_marker: Path,
+              gpu_peak_mib: int | None, timed_out: bool) -> dict[str, Any]:  # fmt: skip
+    """The summary of a run: ``meta`` (written before the pipeline), the pipeline's log, the train stage's
+    ``metrics.jsonl`` and the classify stage's ``_SUCCESS`` marker (where it ran)."""
     stage_lines = [x for x in log.splitlines() if x.startswith("[") and " s)" in x]
     print("\n".join(stage_lines), flush=True)
-    metrics = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
     steady = metrics[max(1, len(metrics) // 10) :]
     batch, shape, seq = meta["batch_pairs"], meta["shape"], meta["mean_sequence_tokens"]
     peak = meta["dense_matmul_flops"]
@@ -352,12 +360,10 @@ def summarize(meta: dict[str, Any], log: str, run_dir: Path, gpu_peak_mib: int |
         "achieved_model_flops": achieved, "mfu_vs_dense_matmul": achieved / peak,
         "mfu_6n_convention": tokens_per_s * flops_per_token(shape, seq, False) / peak,
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
-        "gpu_peak_mib": gpu_peak_mib, "seconds": meta["seconds"], "timed_out": timed_out,
-        "final_saved": (run_dir / "train" / "final").is_dir(), "stages": stage_lines,
+        "gpu_peak_mib": gpu_peak_mib, "seconds": meta["seconds"], "timed_out": timed_out, "stages": stage_lines,
     }  # fmt: skip
-    marker = run_dir / "classifier" / "_SUCCESS"
-    if marker.is_file():  # the classifiers' held-out quality: did they find the sources' artefacts?
-        result["classifiers"] = json.loads(marker.read_text()).get("classifiers")
+    if classifier_marker.is_file():  # the classifiers' held-out quality: did they find the sources' artefacts?
+        result["classifiers"] = json.loads(classifier_marker.read_text()).get("classifiers")
     for k in ("pairs_per_s", "tokens_per_s", "step_s", "step_s_mean_all", "step_s_median_by_fifth",
               "mfu_vs_dense_matmul", "mfu_6n_convention", "gpu_peak_mib"):  # fmt: skip
         print(f"{k:<22} {result[k]}", flush=True)
@@ -366,19 +372,16 @@ def summarize(meta: dict[str, Any], log: str, run_dir: Path, gpu_peak_mib: int |
 
 def summarize_returned(folder: Path, out: str) -> None:
     """``--summarize``: the summary of a run killed from outside, from the files ``gpu_check.sh`` brings back
-    (``preset_meta.json``, ``preset_pipeline.log``, ``preset_metrics.jsonl``, ``preset_gpu_peak_mib``)."""
+    (``preset_meta.json``, ``preset_pipeline.log``, ``preset_metrics.jsonl``, ``preset_gpu_peak_mib``,
+    ``preset_classifier_SUCCESS.json``)."""
     meta = json.loads((folder / "preset_meta.json").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp)
-        (run_dir / "train").mkdir()
-        shutil.copy(folder / "preset_metrics.jsonl", run_dir / "train" / "metrics.jsonl")
-        peak_file = folder / "preset_gpu_peak_mib"
-        peak = int(peak_file.read_text()) if peak_file.is_file() else None
-        result = summarize(meta, (folder / "preset_pipeline.log").read_text(), run_dir, peak, timed_out=True)
+    peak_file = folder / "preset_gpu_peak_mib"
+    peak = int(peak_file.read_text()) if peak_file.is_file() else None
+    result = summarize(meta, (folder / "preset_pipeline.log").read_text(), folder / "preset_metrics.jsonl",
+                       folder / "preset_classifier_SUCCESS.json", peak, timed_out=True)  # fmt: skip
     result["final_saved"] = None  # not known from the returned files
     result["summarized_from"] = str(folder)
-    tag = "gpu_preset" + ("_dora" if meta.get("preset_name") == "dora" else "") + ("" if meta["gpu"] else "_dryrun_cpu")
-    print(f"written to {record(tag, result, out)}", flush=True)
+    print(f"written to {record(result_tag(meta), result, out)}", flush=True)
 
 
 if __name__ == "__main__":
