@@ -84,10 +84,12 @@ class Engine:
     (untimed); ``close`` stops it, so a vLLM engine's polling workers never overlap another configuration's run."""
 
     def __init__(self, model_dir: Path, texts: list[str], new_tokens: int, batch: int, backend: str,
-                 eager: bool = True, device: str = "cpu", precision: str = "fp32") -> None:  # fmt: skip
+                 eager: bool = True, device: str = "cpu", precision: str = "fp32",
+                 gpu_memory: float | None = None) -> None:  # fmt: skip
         import pyarrow as pa
 
         self.args = (str(model_dir), new_tokens, backend, eager, device, precision)
+        self.gpu_memory = gpu_memory  # vLLM's gpu_memory_utilization (None: the generator's default)
         self.texts, self.batch, self.g = texts, batch, None
         self.table = pa.table({"id": [f"p{i}" for i in range(len(texts))], "prompt": texts})
 
@@ -99,8 +101,14 @@ class Engine:
         if backend == "hf":
             return gen.HFGenerator(model_dir, sampling, max_length=256, batch_size=self.batch, device=device,
                                    precision=precision)  # fmt: skip
+        extra = {} if self.gpu_memory is None else {"gpu_memory_utilization": self.gpu_memory}
+        if device == "cuda":  # what the other engines freed goes back to the GPU before vLLM sizes its KV cache
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
         return gen.VLLMGenerator(model_dir, sampling, max_length=256, device=device, precision=precision,
-                                 enforce_eager=eager)  # fmt: skip
+                                 enforce_eager=eager, **extra)  # fmt: skip
 
     def __call__(self) -> tuple[int, float]:
         if self.g is None:

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record
 from generate_speed import Engine, bare_loop, prompts
+from gpu_preset import SHAPES, build_random_model
 from train_speed import Ours, dense_matmul_flops, lockstep, make_pairs, model_flops_per_token
 
 from raydora import models as M
@@ -70,7 +71,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (fp32), for checking it")
     p.add_argument("--generation-only", action="store_true", help="leave out the training-step benchmarks")
     p.add_argument("--backends", default="loop,hf,vllm", help="generation backends (vllm where it is installed)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="with --generation-only: a Llama model of gpu_preset.py's shape (random weights, built on "
+                        "the device) instead of --preset")  # fmt: skip
+    p.add_argument("--vllm-memory", type=float, default=None,
+                   help="vLLM's gpu_memory_utilization (the other engines' models stay loaded while it starts)")
     args = p.parse_args()
+    if args.shape and not args.generation_only:
+        p.error("--shape is for the generation comparison: add --generation-only")
     dev = args.device
     if dev == "cuda":
         assert torch.cuda.is_available(), "gpu_speed.py needs a CUDA GPU (or --device cpu for a dry run)"
@@ -83,10 +91,14 @@ def main() -> None:
     texts = [t for r in pairs for t in (r["prompt"], r["chosen"], r["rejected"])]
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     tok = train_tokenizer(iter(texts), work / "tok", vocab_size=512)
-    model_dir = save_pretrained(build_model(args.preset, tok, seed=0), tok, work / "model")
-    params = count_parameters(load_causal_lm(model_dir))
-    result: dict[str, Any] = {"device": gpu, "torch": torch.__version__, "preset": args.preset, "parameters": params,
-                              "dense_bf16_matmul_flops": peak}  # fmt: skip
+    if args.shape:
+        params = build_random_model(args.shape, tok, work / "model", dev)
+        model_dir = work / "model"
+    else:
+        model_dir = save_pretrained(build_model(args.preset, tok, seed=0), tok, work / "model")
+        params = count_parameters(load_causal_lm(model_dir))
+    result: dict[str, Any] = {"device": gpu, "torch": torch.__version__, "preset": args.shape or args.preset,
+                              "parameters": params, "dense_bf16_matmul_flops": peak}  # fmt: skip
     ratios: dict[str, float] = {}
     if not args.generation_only:
         training = train_steps(args, model_dir, tok, pairs, dev, amp, peak)
@@ -105,7 +117,7 @@ def main() -> None:
     if "vllm" in wanted and importlib.util.find_spec("vllm") is not None:
         # vLLM's defaults on CUDA (compiled, CUDA graphs); eager on CPU, where the CPU build runs it.
         fns["vllm_engine"] = Engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "vllm", eager=dev != "cuda",
-                                    device=dev, precision=precision)  # fmt: skip
+                                    device=dev, precision=precision, gpu_memory=args.vllm_memory)  # fmt: skip
     names = list(fns)
     for r in range(2):  # two rounds, the order reversed in the second; the best round counts
         for name in names if r == 0 else names[::-1]:
@@ -128,6 +140,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:<28} {v:.3f}")
     tag = ("gpu_speed" if dev == "cuda" else "gpu_speed_dryrun_cpu") + ("_generation" if args.generation_only else "")
+    tag += f"_{args.shape}" if args.shape else ""
     print(f"written to {record(tag, result, args.out)}")
 
 
