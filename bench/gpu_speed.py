@@ -74,8 +74,12 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="with --generation-only: a Llama model of gpu_preset.py's shape (random weights, built on "
                         "the device) instead of --preset")  # fmt: skip
-    p.add_argument("--vllm-memory", type=float, default=None,
-                   help="vLLM's gpu_memory_utilization (the other engines' models stay loaded while it starts)")
+    p.add_argument(
+        "--vllm-memory",
+        type=float,
+        default=None,
+        help="vLLM's gpu_memory_utilization (the other engines' models stay loaded while it starts)",
+    )
     args = p.parse_args()
     if args.shape and not args.generation_only:
         p.error("--shape is for the generation comparison: add --generation-only")
