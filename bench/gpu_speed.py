@@ -7,10 +7,12 @@
   model FLOPs utilisation against the measured matmul rate;
 - generation: raydora's hf backend (``HFGenerator``) against a bare batched ``generate`` loop, bf16, same model,
   prompts and batches; and raydora's vllm backend (``VLLMGenerator``: vLLM's defaults on CUDA, torch.compile and
-  CUDA graphs) where vLLM is installed. Greedy decoding; each engine is built before its timed rounds.
+  CUDA graphs) where vLLM is installed. Greedy decoding; each engine is built before its timed rounds. With
+  ``--shape llama3-8b`` the three engines run a Llama-3.1-8B-shaped model (random weights, built on the GPU).
 
     python bench/gpu_speed.py --out bench/results          # on a CUDA machine; about two minutes on an H100
     python bench/gpu_speed.py --generation-only            # the generation comparison alone
+    python bench/gpu_speed.py --generation-only --shape llama3-8b --prompts 512 --new-tokens 128 --vllm-memory 0.6
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="with --generation-only: a Llama model of gpu_preset.py's shape (random weights, built on "
                         "the device) instead of --preset")  # fmt: skip
+    p.add_argument("--vllm-batch", type=int, default=0, help="prompts per vLLM call (0: --gen-batch)")
     p.add_argument(
         "--vllm-memory",
         type=float,
@@ -120,8 +123,9 @@ def main() -> None:
                                   precision=precision)  # fmt: skip
     if "vllm" in wanted and importlib.util.find_spec("vllm") is not None:
         # vLLM's defaults on CUDA (compiled, CUDA graphs); eager on CPU, where the CPU build runs it.
-        fns["vllm_engine"] = Engine(model_dir, texts_gen, args.new_tokens, args.gen_batch, "vllm", eager=dev != "cuda",
-                                    device=dev, precision=precision, gpu_memory=args.vllm_memory)  # fmt: skip
+        fns["vllm_engine"] = Engine(model_dir, texts_gen, args.new_tokens, args.vllm_batch or args.gen_batch, "vllm",
+                                    eager=dev != "cuda", device=dev, precision=precision,
+                                    gpu_memory=args.vllm_memory)  # fmt: skip
     names = list(fns)
     for r in range(2):  # two rounds, the order reversed in the second; the best round counts
         for name in names if r == 0 else names[::-1]:
@@ -139,6 +143,7 @@ def main() -> None:
     if "vllm_engine" in best_gen and "hf_engine" in best_gen:
         ratios["vllm_engine_vs_hf_engine"] = best_gen["vllm_engine"] / best_gen["hf_engine"]
     result["generation"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, "batch": args.gen_batch,
+                            "vllm_batch": args.vllm_batch or args.gen_batch,
                             "precision": precision, "best_tokens_per_s": best_gen, "runs": gen}  # fmt: skip
     result["ratios"] = ratios
     for k, v in ratios.items():
