@@ -9,10 +9,11 @@
 #      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps, and --timeout 420: seconds
 #      for the whole script, the summary included): throughput and MFU.
 #      PRESET_ARGS="--preset dora --steps 100" runs the DoRA preset's LoRA setting instead (adds classify).
-#   5. (VLLM=1) vLLM against raydora's hf backend and a bare generate loop on the GPU (bench/gpu_speed.py
-#      --generation-only), with vLLM 0.26.0 from .whl-vllm/ (bench/gpu_wheels.sh vllm; its parts may have come in
-#      earlier calls and been copied to /tmp/vparts, docs/gpu.md).
-# SKIP_TESTS=1, SKIP_BENCH=1 and SKIP_PIPELINE=1 leave steps 1, 2 and 3 out.
+#   5. (VLLM=1) the vllm test tier (tests/test_vllm.py) on the GPU, then vLLM against raydora's hf backend and a
+#      bare generate loop (bench/gpu_speed.py --generation-only, VLLM_ARGS), with vLLM 0.26.0 from .whl-vllm/
+#      (bench/gpu_wheels.sh vllm; its parts may have come in earlier calls and been copied to /tmp/vparts,
+#      docs/gpu.md).
+# SKIP_TESTS=1 leaves out the test tiers (steps 1 and 5's); SKIP_BENCH=1 and SKIP_PIPELINE=1 steps 2 and 3.
 # Logs and results go to $OUT (default /tmp/gpu-check). The machine has no package index: Ray and its missing
 # dependencies travel in .whl/ (a slimmed Ray 2.60 tarball and wheels; docs/gpu.md says how they were made).
 set -u
@@ -91,9 +92,14 @@ if [ -n "${RUN_PRESET:-}" ]; then
 fi
 
 if [ -n "${VLLM:-}" ]; then
-  echo "== 5. vLLM against the hf backend and a bare loop (bench/gpu_speed.py --generation-only)"
-  start=$(date +%s)
+  echo "== 5. the vllm test tier on the GPU, then vLLM against the hf backend and a bare loop (bench/gpu_speed.py --generation-only)"
   $PY -c "import vllm; print('vllm', vllm.__version__)"
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    timeout "${VLLM_TESTS_TIMEOUT:-240}" $PY -m pytest -q -p no:logging -m vllm tests/test_vllm.py 2>&1 \
+      | grep -v "Loading weights" | tee "$OUT/pytest_vllm.log"
+    summary+=("vllm tests: rc=${PIPESTATUS[0]} $(tail -1 "$OUT/pytest_vllm.log")")
+  fi
+  start=$(date +%s)
   timeout "${VLLM_TIMEOUT:-300}" $PY bench/gpu_speed.py --generation-only --out "$OUT" ${VLLM_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_vllm.log"
   summary+=("vllm: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")

