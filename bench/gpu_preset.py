@@ -282,7 +282,7 @@ def main() -> None:
         times["build_and_save_encoder"] = time.perf_counter() - tic
         print(f"random classifier backbone: {encoder / 1e6:.1f}M parameters", flush=True)
         stages.insert(1, "classify")
-        overrides += [f"classifier.backbone={work / 'encoder'}", "classifier.num_workers=1",
+        overrides += [f"classifier.backbone={work / 'encoder'}", "classifier.num_workers=1", "classifier.concurrency=1",
                       "classifier.score_actors=1", "classifier.epochs=1", "data.format=canonical"]  # fmt: skip
     if args.attn:
         overrides.append(f"model.attn_implementation={args.attn}")

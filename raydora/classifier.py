@@ -296,14 +296,35 @@ def _encoder_tokenizer(data_dir: Path, out: Path, backbone: tuple[str, str]) -> 
     return str(out)
 
 
+def _fit_group(sources: list[str], datasets: dict[str, Any], loop_config: dict[str, Any], num_workers: int,
+               use_gpu: bool, storage: str, name: str) -> Any:  # fmt: skip
+    """One Ray Train run that trains ``sources``' classifiers one after another; returns its checkpoint."""
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={**loop_config, "sources": sources},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        datasets={f"{split}_{s}": datasets[f"{split}_{s}"] for s in sources for split in ("train", "holdout")},
+        # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
+        dataset_config=DataConfig(
+            datasets_to_split=[f"train_{s}" for s in sources], execution_options=ordered_ingest()
+        ),
+        run_config=RunConfig(name=name, storage_path=storage),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"classifiers {sources}: Ray Train returned no checkpoint ({result.error})")
+    return result.checkpoint
+
+
 def train_classifiers(
     data_dir: str | Path, out_dir: str | Path, cfg: Any, seed: int = 0, force: bool = False
 ) -> StageResult:
     """Train, calibrate and save one classifier per synthetic source found in ``data_dir``. ``cfg`` is a
     ``ClassifierConfig``. Skips when ``out_dir/_SUCCESS`` matches the data and settings."""
     from ray.data.expressions import col, lit
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     data_dir, out = Path(data_dir), Path(out_dir)
     marker = read_success(data_dir) or {}
@@ -327,8 +348,11 @@ def train_classifiers(
             f"{data_dir}: classifiers need golden responses and at least one synthetic source; found {counts}"
         )
     backbone = resolve_backbone(cfg.backbone)
+    runs = min(cfg.concurrency, len(sources))
+    groups = [sources[i::runs] for i in range(runs)]  # dealt round-robin: each run gets its share of the sources
     if device == "cuda":  # Ray would wait forever for GPUs the cluster does not have
-        check_gpus(cfg.num_workers, 1, "classifier.num_workers")
+        key = "classifier.num_workers" if runs == 1 else f"classifier.concurrency={runs} runs x classifier.num_workers"
+        check_gpus(cfg.num_workers * runs, 1, key)
     summary: dict[str, Any] = {}
     with staging(out.parent, out.name) as tmp:
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
@@ -358,37 +382,36 @@ def train_classifiers(
             for ds in (train, holdout):  # bars from inside the workers would redraw under every log line
                 ds.context.enable_progress_bars = False
             datasets[f"train_{source}"], datasets[f"holdout_{source}"] = train, holdout
-        # One Ray Train run for every source: the workers start once (tens of seconds on a GPU node), then
-        # train the classifiers one after another.
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={
-                "seed": seed,
-                "sources": sources,
-                "lr": cfg.lr,
-                "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size,
-                "max_length": cfg.max_length,
-                "precision": cfg.precision,
-                "tokenizer": tokenizer,
-                "backbone": backbone,
-                "threads": cfg.threads_per_worker,
-            },
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda"),
-            datasets=datasets,
-            # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
-            dataset_config=DataConfig(
-                datasets_to_split=[f"train_{s}" for s in sources], execution_options=ordered_ingest()
-            ),
-            run_config=RunConfig(name="classifiers", storage_path=str((tmp / ".ray_train").absolute())),
-        )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"classifiers {sources}: Ray Train returned no checkpoint ({result.error})")
-        with result.checkpoint.as_directory() as ckpt:
-            for source in sources:
-                shutil.copytree(Path(ckpt) / source / "model", tmp / source)
-                held[source] = np.load(Path(ckpt) / source / "holdout.npy", allow_pickle=False)
+        # One Ray Train run per group of sources, the groups at once (classifier.concurrency; default one group:
+        # the workers start once, tens of seconds on a GPU node, and train the classifiers one after another).
+        # Each classifier starts from the seed and sees its own data in its own order, so the grouping changes
+        # nothing in the results (tests/test_classifier.py).
+        loop_config = {
+            "seed": seed,
+            "lr": cfg.lr,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length,
+            "precision": cfg.precision,
+            "tokenizer": tokenizer,
+            "backbone": backbone,
+            "threads": cfg.threads_per_worker,
+        }
+        storage = str((tmp / ".ray_train").absolute())
+        fits = [(group, datasets, loop_config, cfg.num_workers, device == "cuda", storage, f"classifiers-{i}")
+                for i, group in enumerate(groups)]  # fmt: skip
+        if len(fits) == 1:
+            checkpoints = [_fit_group(*fits[0])]
+        else:
+            import ray
+
+            remote = ray.remote(num_cpus=0, max_retries=0)(_fit_group)  # a failed run is reported, not rerun
+            checkpoints = ray.get([remote.remote(*f) for f in fits])
+        for group, checkpoint in zip(groups, checkpoints, strict=True):
+            with checkpoint.as_directory() as ckpt:
+                for source in group:
+                    shutil.copytree(Path(ckpt) / source / "model", tmp / source)
+                    held[source] = np.load(Path(ckpt) / source / "holdout.npy", allow_pickle=False)
         for source in sources:
             temperature, bias, metrics = calibrate(held[source], cfg.calibration)
             n_golden, n_source = balance[source]
@@ -423,6 +446,7 @@ def train_classifiers(
                 "sources": sources,
                 "response_counts": counts,
                 "classifiers": summary,
+                "training_runs": groups,  # the sources each Ray Train run trained (classifier.concurrency)
                 "rows": {"classifiers": len(sources)},
             },
         )

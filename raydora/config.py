@@ -137,6 +137,11 @@ class ClassifierConfig:
     """Global training batch size."""
     num_workers: int = 1
     """Ray Train data-parallel workers."""
+    concurrency: int = 1
+    """Classifiers trained at the same time: the sources are dealt into this many groups (at most one per source),
+    each trained by its own Ray Train run of ``num_workers`` workers, the runs at once. 1: one run trains them one
+    after another, and its workers start once. The results are the same either way; on a cluster with
+    concurrency x num_workers free GPUs, K classifiers train in the time of K / concurrency."""
     holdout_fraction: float = 0.2
     """Held-out share for calibration and metrics."""
     score_actors: int = 2
@@ -171,7 +176,7 @@ class ClassifierConfig:
         _check(self.actor_cpus > 0, "actor_cpus", "must be > 0")
         if self.source_shares is not None:
             _check(all(v > 0 for v in self.source_shares.values()), "source_shares", "shares must be > 0")
-        for key in ("epochs", "batch_size", "num_workers", "score_actors", "score_batch_size"):
+        for key in ("epochs", "batch_size", "num_workers", "concurrency", "score_actors", "score_batch_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.lr > 0, "lr", "must be > 0")
 

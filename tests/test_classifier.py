@@ -3,6 +3,7 @@ and applied by a Ray Data actor pool. Uses the tiny-bert preset (trained from sc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -107,6 +108,30 @@ def test_one_run_trains_each_source_as_if_alone(trained: Path, monkeypatch: pyte
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     both = json.loads((trained / "classifier" / "verbose" / "calibration.json").read_text())
     assert json.loads((trained / "verbose-alone" / "verbose" / "calibration.json").read_text()) == both
+
+
+def test_concurrent_runs_train_the_same_classifiers(trained: Path) -> None:
+    """classifier.concurrency=2: each source trained by its own Ray Train run (one worker each, both runs at once
+    on the 2-CPU test cluster) gives the same weights and calibration, bit for bit, as one run training them in
+    turn; and the setting is not part of the stage's fingerprint."""
+    cfg = dataclasses.replace(CFG, num_workers=1)
+    one = classifier.train_classifiers(trained / "data", trained / "clf-serial", cfg, seed=0)
+    two = classifier.train_classifiers(trained / "data", trained / "clf-concurrent",
+                                       dataclasses.replace(cfg, concurrency=2), seed=0)  # fmt: skip
+    assert one.counts == two.counts == {"classifiers": 2} and not two.skipped
+    runs = [
+        json.loads((trained / d / "_SUCCESS").read_text())["training_runs"] for d in ("clf-serial", "clf-concurrent")
+    ]
+    assert runs == [[["sloppy", "verbose"]], [["sloppy"], ["verbose"]]]
+    for source in ("sloppy", "verbose"):
+        a = load_file(str(trained / "clf-serial" / source / "model.safetensors"))
+        b = load_file(str(trained / "clf-concurrent" / source / "model.safetensors"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), source
+        calibration = [json.loads((trained / d / source / "calibration.json").read_text())
+                       for d in ("clf-serial", "clf-concurrent")]  # fmt: skip
+        assert calibration[0] == calibration[1]
+    again = dataclasses.replace(cfg, concurrency=2)
+    assert classifier.train_classifiers(trained / "data", trained / "clf-serial", again, seed=0).skipped
 
 
 @pytest.fixture(scope="module")
