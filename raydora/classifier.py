@@ -319,6 +319,25 @@ def _fit_group(sources: list[str], datasets: dict[str, Any], loop_config: dict[s
     return result.checkpoint
 
 
+def _gather(refs: list[Any], groups: list[list[str]]) -> list[Any]:
+    """The concurrent runs' checkpoints, in order. The first run to fail stops the others (their tasks are killed,
+    and with them the Ray Train runs they own) before its error is raised, naming its sources: nothing keeps
+    writing into the staging folder that the error is about to remove."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except Exception as e:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            group = groups[refs.index(done[0])]
+            raise RuntimeError(f"classifier run for sources {group} failed: {e}") from e
+    return ray.get(refs)
+
+
 def train_classifiers(
     data_dir: str | Path, out_dir: str | Path, cfg: Any, seed: int = 0, force: bool = False
 ) -> StageResult:
@@ -406,7 +425,7 @@ def train_classifiers(
             import ray
 
             remote = ray.remote(num_cpus=0, max_retries=0)(_fit_group)  # a failed run is reported, not rerun
-            checkpoints = ray.get([remote.remote(*f) for f in fits])
+            checkpoints = _gather([remote.remote(*f) for f in fits], groups)
         for group, checkpoint in zip(groups, checkpoints, strict=True):
             with checkpoint.as_directory() as ckpt:
                 for source in group:

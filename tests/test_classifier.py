@@ -134,6 +134,17 @@ def test_concurrent_runs_train_the_same_classifiers(trained: Path) -> None:
     assert classifier.train_classifiers(trained / "data", trained / "clf-serial", again, seed=0).skipped
 
 
+def test_a_failed_concurrent_run_stops_the_stage_naming_its_sources(trained: Path) -> None:
+    """A classifier whose loss turns non-finite (an absurd learning rate) fails its run; the stage stops with the
+    run's sources and the worker's reason, and leaves no output folder."""
+    cfg = dataclasses.replace(CFG, num_workers=1, concurrency=2, lr=1e30, epochs=1)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)classifier run for sources \['(sloppy|verbose)'\] failed.*loss is nan"
+    ):
+        classifier.train_classifiers(trained / "data", trained / "clf-nan", cfg, seed=0)
+    assert not (trained / "clf-nan").exists()
+
+
 @pytest.fixture(scope="module")
 def scored(trained: Path) -> tuple[Path, Path]:
     one = scoring.score(trained / "data", trained / "classifier", trained / "scored1", CFG)
