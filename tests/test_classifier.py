@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,20 @@ def test_concurrent_runs_train_the_same_classifiers(trained: Path) -> None:
 
 def test_a_failed_concurrent_run_stops_the_stage_naming_its_sources(trained: Path) -> None:
     """A classifier whose loss turns non-finite (an absurd learning rate) fails its run; the stage stops with the
-    run's sources and the worker's reason, and leaves no output folder."""
+    run's sources and the worker's reason once every run has ended, leaves no output folder, and holds no CPU."""
     cfg = dataclasses.replace(CFG, num_workers=1, concurrency=2, lr=1e30, epochs=1)
     with pytest.raises(
         RuntimeError, match=r"(?s)classifier run for sources \['(sloppy|verbose)'\] failed.*loss is nan"
     ):
         classifier.train_classifiers(trained / "data", trained / "clf-nan", cfg, seed=0)
     assert not (trained / "clf-nan").exists()
+    # Every run ended and gave its CPUs back (a killed run's placement group kept one, and the next stage hung).
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 @pytest.fixture(scope="module")
