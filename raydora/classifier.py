@@ -327,17 +327,18 @@ def _gather(refs: list[Any], groups: list[list[str]]) -> list[Any]:
     import ray
 
     ray.wait(refs, num_returns=len(refs))
+    checkpoints: list[Any] = []
     errors: list[tuple[list[str], Exception]] = []
     for ref, group in zip(refs, groups, strict=True):
         try:
-            ray.get(ref)
+            checkpoints.append(ray.get(ref))
         except ray.exceptions.RayError as e:  # the task's error (RayTaskError), or its worker's death
             errors.append((group, e))
     if errors:
         group, e = errors[0]
         more = f" ({len(errors)} of {len(refs)} runs failed)" if len(errors) > 1 else ""
         raise RuntimeError(f"classifier run for sources {group} failed{more}: {e}") from e
-    return ray.get(refs)
+    return checkpoints
 
 
 def train_classifiers(

