@@ -286,6 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"raydora: {e.strerror}: {e.filename}", file=sys.stderr)
         return 2
+    if args.command not in ("check", "config", "synth"):
+        from raydora.paths import resolve_model_paths
+
+        try:
+            cfg = resolve_model_paths(cfg)
+        except ConfigError as e:
+            print(f"raydora: config error: {e}", file=sys.stderr)
+            return 2
     fn, _ = COMMANDS[args.command]
     return fn(args, cfg)
 
