@@ -44,9 +44,16 @@ def _bucket(row_id: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") % HASH_BUCKETS / HASH_BUCKETS
 
 
-def explode(batch: pa.Table, sources: list[str] | str, holdout_fraction: float, seed: int) -> pa.Table:
+def explode(
+    batch: pa.Table,
+    sources: list[str] | str,
+    holdout_fraction: float,
+    seed: int,
+    targets: tuple[str, ...] | list[str] = (GOLDEN,),
+) -> pa.Table:
     """Ray Data UDF: canonical rows -> the examples of every classifier in ``sources``: each ``s`` response is
-    one example of classifier ``s``, each golden response one example of every classifier.
+    one example of classifier ``s``, each target response (``data.target_sources``, default golden) one example
+    of every classifier.
     ``source`` (the classifier), ``prompt, response, label (1 golden / 0 source), holdout, calib``; filtered to
     one source, the examples keep the data's order."""
     wanted = [sources] if isinstance(sources, str) else list(sources)
@@ -55,12 +62,12 @@ def explode(batch: pa.Table, sources: list[str] | str, holdout_fraction: float, 
         held = _bucket(row["id"], f"holdout-{seed}") < holdout_fraction
         calib = _bucket(row["id"], f"calib-{seed}") < 0.5
         for response, src in zip(row["responses"], row["sources"], strict=True):
-            targets = wanted if src == GOLDEN else ([src] if src in wanted else [])
-            for target in targets:
-                out["source"].append(target)
+            is_target = src in targets
+            for classifier in wanted if is_target else ([src] if src in wanted else []):
+                out["source"].append(classifier)
                 out["prompt"].append(row["prompt"])
                 out["response"].append(response)
-                out["label"].append(int(src == GOLDEN))
+                out["label"].append(int(is_target))
                 out["holdout"].append(held)
                 out["calib"].append(calib)
     return pa.table(
@@ -116,10 +123,33 @@ def resolve_backbone(backbone: str) -> tuple[str, str]:
     return "path", backbone
 
 
+def fit_pair(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Token ids of a ``(prompt, response)`` pair cut to ``budget`` tokens together: the prompt is cut first, from
+    its start (its end, the last turn, stays), down to ``budget // 2`` tokens; then the response, from its end. A
+    pair that fits is returned unchanged."""
+    if len(prompt) + len(response) <= budget:
+        return prompt, response
+    keep_response = min(len(response), max(budget - len(prompt), budget - min(len(prompt), budget // 2)))
+    keep_prompt = budget - keep_response
+    return prompt[len(prompt) - keep_prompt :], response[:keep_response]
+
+
 def encode(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> Any:
-    """The classifier input: ``(prompt, response)`` pairs, prompt truncated first."""
+    """The classifier input: ``(prompt, response)`` pairs in ``max_length`` tokens. Pairs that fit are encoded as
+    they are; longer ones are cut by :func:`fit_pair` (the prompt keeps its end, and half the budget when it needs
+    it; a long response keeps its start), so neither a long prompt nor a long response fails."""
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    if budget < 2:
+        raise ValueError(f"classifier.max_length={max_length} leaves no room for a prompt and a response")
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    prompts, responses = list(prompts), list(responses)
+    for i, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
+        if len(p) + len(r) > budget:  # decoded back to text; longest_first trims what re-encoding may add
+            p, r = fit_pair(p, r, budget)
+            prompts[i], responses[i] = tokenizer.decode(p), tokenizer.decode(r)
     return tokenizer(
-        prompts, responses, truncation="only_first", max_length=max_length, padding=True, return_tensors="pt"
+        prompts, responses, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt"
     )
 
 
@@ -342,10 +372,16 @@ def _gather(refs: list[Any], groups: list[list[str]]) -> list[Any]:
 
 
 def train_classifiers(
-    data_dir: str | Path, out_dir: str | Path, cfg: Any, seed: int = 0, force: bool = False
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Any,
+    seed: int = 0,
+    force: bool = False,
+    targets: tuple[str, ...] = (GOLDEN,),
 ) -> StageResult:
-    """Train, calibrate and save one classifier per synthetic source found in ``data_dir``. ``cfg`` is a
-    ``ClassifierConfig``. Skips when ``out_dir/_SUCCESS`` matches the data and settings."""
+    """Train, calibrate and save one classifier per synthetic source found in ``data_dir``: the ``targets``
+    sources (``data.target_sources``) against each other source. ``cfg`` is a ``ClassifierConfig``. Skips when
+    ``out_dir/_SUCCESS`` matches the data and settings."""
     from ray.data.expressions import col, lit
 
     data_dir, out = Path(data_dir), Path(out_dir)
@@ -359,15 +395,18 @@ def train_classifiers(
     tag = precision_tag(cfg.precision, device)
     if tag:
         settings["precision"] = tag
+    if tuple(targets) != (GOLDEN,):
+        settings["targets"] = sorted(targets)
     fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), settings, seed)
     if not force and is_done(out, fp):
         done = read_success(out) or {}
         return StageResult("classify", {"classifier": str(out)}, done.get("rows", {}), skipped=True, info=done)
     counts = synthetic_sources(data_dir)
-    sources = sorted(s for s in counts if s not in (GOLDEN, UNKNOWN))
-    if counts.get(GOLDEN, 0) == 0 or not sources:
+    sources = sorted(s for s in counts if s not in (*targets, UNKNOWN))
+    if not sum(counts.get(t, 0) for t in targets) or not sources:
         raise ValueError(
-            f"{data_dir}: classifiers need golden responses and at least one synthetic source; found {counts}"
+            f"{data_dir}: classifiers need target responses (data.target_sources={list(targets)}) and at least one "
+            f"other source; found {counts}"
         )
     backbone = resolve_backbone(cfg.backbone)
     runs = min(cfg.concurrency, len(sources))
@@ -389,7 +428,12 @@ def train_classifiers(
             read_canonical(data_dir).map_batches(
                 explode,
                 batch_format="pyarrow",
-                fn_kwargs={"sources": sources, "holdout_fraction": cfg.holdout_fraction, "seed": seed},
+                fn_kwargs={
+                    "sources": sources,
+                    "holdout_fraction": cfg.holdout_fraction,
+                    "seed": seed,
+                    "targets": list(targets),
+                },
             )
         ).materialize()
         balance = split_counts(examples)
@@ -467,6 +511,7 @@ def train_classifiers(
                 "fingerprint": fp,
                 "sources": sources,
                 "response_counts": counts,
+                "targets": list(targets),
                 "classifiers": summary,
                 "training_runs": groups,  # the sources each Ray Train run trained (classifier.concurrency)
                 "rows": {"classifiers": len(sources)},

@@ -66,7 +66,12 @@ class ModelConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 only where it is native (CUDA, CPUs with AMX / AVX512-BF16), else fp32."""
     max_length: int = 256
-    """Maximum prompt + response tokens; longer rows are rejected by validation."""
+    """Maximum prompt + response tokens of one sequence. Longer rows follow ``data.truncation``: keep_end (default)
+    keeps the prompt's last tokens (at most ``max_prompt_length``) and cuts each response's tail; drop quarantines
+    them at validate with reason over_length. Every tokenizing stage reports how many rows it truncated."""
+    max_prompt_length: int | None = None
+    """Maximum prompt tokens (TRL's ``max_prompt_length``); a longer prompt keeps its end (the last turn). null:
+    the prompt takes what the longest response leaves, but at most ``max_length - max_length // 2``."""
     trust_remote_code: bool = False
     """Allow model code shipped inside a model folder. Off by default: it runs arbitrary Python."""
     pad_to_multiple_of: int = 0
@@ -76,6 +81,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "max_length", "must be >= 8")
+        if self.max_prompt_length is not None:
+            _check(0 < self.max_prompt_length < self.max_length, "max_prompt_length",
+                   f"must be in (0, max_length={self.max_length}) or null")  # fmt: skip
         _check(self.pad_to_multiple_of >= 0, "pad_to_multiple_of", "must be >= 0 (0: off)")
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
 
@@ -89,9 +97,24 @@ class DataConfig:
     """Row layout; auto detects it from the columns."""
     max_chars: int = 20000
     """Rows whose prompt + responses exceed this many characters go to quarantine (over_length)."""
+    truncation: Literal["keep_end", "drop"] = "keep_end"
+    """Rows longer than ``model.max_length`` tokens (or prompts longer than ``model.max_prompt_length``): keep_end
+    truncates them as TRL does (the prompt keeps its end, the responses their start); drop sends them to quarantine
+    at validate (reason over_length, the field and the token counts in the detail)."""
+    target_sources: tuple[str, ...] = ("golden",)
+    """Sources whose responses define the target distribution (DoRA's golden class; the classifiers learn target vs
+    each other source). Checked at validate for objectives that read p_golden (dora, reweight): the error lists the
+    sources found with their counts."""
+    heldout_fraction: float = 0.05
+    """Share of the prompts (chosen by a hash of the prompt, so every row of a prompt lands on the same side) that
+    validate holds out of training into ``heldout/`` when ``generate.prompts`` is not set and the data is your own
+    (data.input). evaluate reports the implicit reward's preference accuracy on them, and generation samples them."""
 
     def __post_init__(self) -> None:
         _check(self.max_chars > 0, "max_chars", "must be > 0")
+        _check(0 <= self.heldout_fraction < 1, "heldout_fraction", "must be in [0, 1)")
+        _check(len(self.target_sources) > 0 and all(self.target_sources), "target_sources",
+               "name at least one source")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -400,9 +423,10 @@ class GenerateConfig:
 class EvalConfig:
     prompts: int = 200
     """Held-out prompts to generate for and evaluate (the first N of the prompt set)."""
-    reward: str = "gold"
-    """gold: the benchmark's programmatic gold reward; or a local folder holding a reward model (one logit) or a
-    raydora classifier (its calibrated p_golden is the reward)."""
+    reward: str = "auto"
+    """auto: gold on the synthetic benchmark, none on your own data (data.input); gold: the benchmark's programmatic
+    gold reward; none: no generation win rates (the held-out implicit-reward accuracy is still reported); or a
+    local folder holding a reward model (one logit) or a raydora classifier (its calibrated p_golden is the reward)."""
     references: tuple[str, ...] = ("sft", "sources")
     """What the policy is compared with: `sft` (the SFT policy's samples, same prompts and seeds) and `sources`
     (each source's responses to the prompts: golden/verbose/sloppy on the benchmark, the prompt file's

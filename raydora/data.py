@@ -10,8 +10,10 @@ it lands in ``quarantine/`` with its original bytes, file, line and a named ``re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ CANONICAL_SCHEMA = pa.schema(
         ("sources", pa.list_(pa.string())),
         ("split", pa.string()),
         ("meta", pa.string()),
+        ("prompt_messages", pa.string()),  # a conversational prompt's turns (JSON), rendered by the policy's template
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -246,8 +249,18 @@ def _chat_renderer(tokenizer_path: str | None) -> schema.ChatRenderer:
     return render
 
 
-def read_and_validate(batch: dict[str, Any], max_chars: int, tokenizer: str | None = None) -> Iterator[pa.Table]:
-    """Ray Data UDF: read the tasks in ``batch`` (descriptors as JSON text) and yield staged Arrow tables."""
+def heldout_bucket(prompt: str) -> float:
+    """A stable number in [0, 1) per prompt text: prompts below ``data.heldout_fraction`` are held out, so every
+    row of a prompt lands on the same side."""
+    digest = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=8, person=b"heldout").digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def read_and_validate(
+    batch: dict[str, Any], max_chars: int, tokenizer: str | None = None, heldout_fraction: float = 0.0
+) -> Iterator[pa.Table]:
+    """Ray Data UDF: read the tasks in ``batch`` (descriptors as JSON text) and yield staged Arrow tables (``kind``
+    valid, heldout or quarantine)."""
     render = _chat_renderer(tokenizer)
     rows: list[dict[str, Any]] = []
     for desc in batch["task"]:
@@ -258,7 +271,7 @@ def read_and_validate(batch: dict[str, Any], max_chars: int, tokenizer: str | No
                 if error is not None:
                     raise error
                 row.update(schema.process_record(record, task["format"], max_chars, render, task["fallback"]))
-                row["kind"] = "valid"
+                row["kind"] = "heldout" if heldout_bucket(row["prompt"]) < heldout_fraction else "valid"
             except schema.RowError as e:
                 row.update(kind="quarantine", reason=e.reason, field=e.field, detail=e.detail, raw=raw)
             rows.append(row)
@@ -275,15 +288,16 @@ def read_staged(
     max_chars: int = 20000,
     tokenizer: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    heldout_fraction: float = 0.0,
 ) -> Any:
-    """A streaming Ray Dataset of staged rows (``kind`` = valid / quarantine) for everything under ``path``."""
+    """A streaming Ray Dataset of staged rows (``kind`` = valid / heldout / quarantine) for everything under
+    ``path``."""
     import ray.data
 
     tasks = plan_reads(path, fmt, chunk_bytes)
     descs = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-    return descs.map_batches(
-        read_and_validate, batch_size=1, fn_kwargs={"max_chars": max_chars, "tokenizer": tokenizer}
-    )
+    kwargs = {"max_chars": max_chars, "tokenizer": tokenizer, "heldout_fraction": heldout_fraction}
+    return descs.map_batches(read_and_validate, batch_size=1, fn_kwargs=kwargs)
 
 
 IO_CPUS = 0.25  # CPU slots a parquet read / write task claims next to an actor pool that holds the cores
@@ -405,6 +419,44 @@ def write_rows(ds: Any, folder: Path) -> int:
     return _parquet_rows(folder)
 
 
+@dataclass(frozen=True)
+class TokenLimits:
+    """Token limits that validate enforces (``data.truncation=drop``): rows over them go to quarantine."""
+
+    max_length: int
+    max_prompt_length: int | None = None
+    tokenizer: str | None = None  # None: the tokenizer validate trains into ``tokenizer_out``
+
+
+def check_token_lengths(batch: pa.Table, limits: dict[str, Any], tokenizer: str) -> pa.Table:
+    """Ray Data UDF over staged rows: a valid or held-out row whose prompt exceeds ``max_prompt_length`` tokens, or
+    whose prompt + a response (+ EOS) exceeds ``max_length``, becomes a quarantine row (``over_length``, the field
+    and the token counts in the detail, the row as JSON in ``raw``). Tokens are counted as training encodes them."""
+    from raydora.encoding import prompt_tokens
+    from raydora.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    max_length, max_prompt = limits["max_length"], limits["max_prompt_length"]
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["kind"] == "quarantine":
+            continue
+        n_prompt = len(prompt_tokens(tok, row["prompt"], row["prompt_messages"]))
+        n_resp = [len(tok(r, add_special_tokens=False)["input_ids"]) + 1 for r in row["responses"]]
+        longest = max(range(len(n_resp)), key=lambda i: n_resp[i])
+        if max_prompt is not None and n_prompt > max_prompt:
+            field, detail = "prompt", f"{n_prompt} prompt tokens > model.max_prompt_length={max_prompt}"
+        elif n_prompt + n_resp[longest] > max_length:
+            field = f"responses[{longest}]"
+            detail = f"{n_prompt} prompt + {n_resp[longest]} response tokens > model.max_length={max_length}"
+        else:
+            continue
+        canonical = {k: row[k] for k in CANONICAL_SCHEMA.names}
+        raw = json.dumps(canonical, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        row.update(kind="quarantine", reason="over_length", field=field, detail=detail, raw=raw)
+    return pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
+
+
 def validate(
     input: str | Path,
     output: str | Path,
@@ -413,29 +465,71 @@ def validate(
     tokenizer: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     force: bool = False,
+    *,
+    heldout_fraction: float = 0.0,
+    tokenizer_out: str | Path | None = None,
+    vocab_size: int = 512,
+    limits: TokenLimits | None = None,
 ) -> StageResult:
     """Validate everything under ``input`` into ``output/data`` and ``output/quarantine`` (atomically).
 
+    - ``heldout_fraction``: that share of the prompts (by :func:`heldout_bucket`) goes to ``output/heldout``
+      instead of ``data/``;
+    - ``tokenizer_out``: a BPE of ``vocab_size`` is trained on the valid rows into that folder (the run's
+      tokenizer for a preset policy);
+    - ``limits``: rows over the token limits go to quarantine (``over_length``), counted with ``limits.tokenizer``
+      or the tokenizer just trained.
+
     Skips when ``output/data/_SUCCESS`` was written for the same inputs and settings, unless ``force``."""
     out = Path(output)
-    fp = fingerprint("validate", file_fingerprints(input), fmt, max_chars, tokenizer)
+    extras = [f"heldout={heldout_fraction}"] if heldout_fraction else []
+    if tokenizer_out is not None:
+        extras.append(f"tokenizer-vocab={vocab_size}")
+    if limits is not None:
+        extras.append([limits.max_length, limits.max_prompt_length,
+                       file_fingerprints(limits.tokenizer) if limits.tokenizer else None])  # fmt: skip
+    fp = fingerprint("validate", file_fingerprints(input), fmt, max_chars, tokenizer, *extras)
     outputs = {"data": str(out / "data"), "quarantine": str(out / "quarantine")}
-    if not force and is_done(out / "data", fp):
+    if heldout_fraction:
+        outputs["heldout"] = str(out / "heldout")
+    if tokenizer_out is not None:
+        outputs["tokenizer"] = str(tokenizer_out)
+    if not force and is_done(out / "data", fp) and (tokenizer_out is None or Path(tokenizer_out).is_dir()):
         marker = json.loads((out / "data" / "_SUCCESS").read_text())
         return StageResult("validate", outputs, marker["rows"], skipped=True, info={"reasons": marker["reasons"]})
     with staging(out, "validate") as tmp:
-        ordered(read_staged(input, fmt, max_chars, tokenizer, chunk_bytes)).write_parquet(str(tmp / "staged"))
-        if list((tmp / "staged").glob("*.parquet")):  # an empty input stages nothing
-            staged = ordered(read_canonical(tmp / "staged"))
-            canonical, quarantine = [f.name for f in CANONICAL_SCHEMA], [f.name for f in QUARANTINE_SCHEMA]
-            staged.filter(expr="kind == 'valid'").select_columns(canonical).write_parquet(str(tmp / "data"))
-            staged.filter(expr="kind == 'quarantine'").select_columns(quarantine).write_parquet(str(tmp / "quarantine"))
+        ordered(read_staged(input, fmt, max_chars, tokenizer, chunk_bytes, heldout_fraction)).write_parquet(
+            str(tmp / "staged")
+        )
         (tmp / "staged").mkdir(exist_ok=True)
-        for name in ("data", "quarantine"):
+        staged_dir = tmp / "staged"
+        if tokenizer_out is not None:
+            from raydora.reference import data_corpus, write_tokenizer
+
+            write_tokenizer(lambda: data_corpus(staged_dir, kinds=("valid",)), tmp / "tokenizer", fp, vocab_size)
+        if limits is not None and list(staged_dir.glob("*.parquet")):
+            tok = limits.tokenizer or str(tmp / "tokenizer")
+            checked = ordered(read_canonical(staged_dir)).map_batches(
+                check_token_lengths, batch_format="pyarrow",
+                fn_kwargs={"limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length},
+                           "tokenizer": str(Path(tok).absolute())},
+            )  # fmt: skip
+            checked.write_parquet(str(tmp / "checked"))
+            staged_dir = tmp / "checked"
+        kinds = {"data": "valid", "heldout": "heldout", "quarantine": "quarantine"}
+        if list(staged_dir.glob("*.parquet")):  # an empty input stages nothing
+            staged = ordered(read_canonical(staged_dir))
+            canonical, quarantine = [f.name for f in CANONICAL_SCHEMA], [f.name for f in QUARANTINE_SCHEMA]
+            for name, kind in kinds.items():
+                columns = quarantine if kind == "quarantine" else canonical
+                staged.filter(expr=f"kind == '{kind}'").select_columns(columns).write_parquet(str(tmp / name))
+        for name in kinds:
             (tmp / name).mkdir(exist_ok=True)  # Ray writes no folder for an empty dataset
         counts = {"input": _parquet_rows(tmp / "staged"), "valid": _parquet_rows(tmp / "data"),
                   "quarantined": _parquet_rows(tmp / "quarantine")}  # fmt: skip
-        if counts["valid"] + counts["quarantined"] != counts["input"]:
+        if heldout_fraction:
+            counts["heldout"] = _parquet_rows(tmp / "heldout")
+        if counts["valid"] + counts.get("heldout", 0) + counts["quarantined"] != counts["input"]:
             raise RuntimeError(f"row counts do not add up, nothing committed: {counts}")
         reasons: dict[str, int] = {}
         for f in (tmp / "quarantine").glob("*.parquet"):
@@ -444,11 +538,68 @@ def validate(
         write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
                                      "rows": counts, "reasons": dict(sorted(reasons.items()))})  # fmt: skip
         promote(tmp / "quarantine", out / "quarantine")
+        if heldout_fraction:
+            write_success(tmp / "heldout", {"stage": "validate", "fingerprint": fp, "rows": counts["heldout"]})
+            promote(tmp / "heldout", out / "heldout")
+        if tokenizer_out is not None:
+            promote(tmp / "tokenizer", Path(tokenizer_out))
         promote(tmp / "data", out / "data")  # the commit point: data/ arrives with its marker
     return StageResult("validate", outputs, counts, info={"reasons": reasons})
 
 
+def source_counts(folder: str | Path) -> dict[str, int]:
+    """Responses per source in a canonical parquet folder (one column read in this process)."""
+    counts: dict[str, int] = {}
+    for f in sorted(Path(folder).glob("*.parquet")):
+        for sources in pq.read_table(f, columns=["sources"]).column("sources").to_pylist():
+            for s in sources:
+                counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+def check_target_sources(targets: tuple[str, ...], counts: dict[str, int], folder: str | Path) -> None:
+    """Fail, listing the sources found with their counts, when the data has no response from ``targets`` or no
+    other (synthetic) source to tell them apart from: DoRA's classifiers would have nothing to learn."""
+    found = ", ".join(f"{s} ({n})" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+    if not any(counts.get(t, 0) for t in targets):
+        raise ValueError(
+            f"data.target_sources={list(targets)}: no response in {folder} comes from these sources. Sources found "
+            f"(responses): {found}. Set data.target_sources to the sources whose responses are the target "
+            "distribution (e.g. human-written or curated ones), or give rows a `sources` column (TRL layouts: "
+            "`chosen_source` / `rejected_source`); docs/real-data.md"
+        )
+    if not [s for s in counts if s not in (*targets, schema.UNKNOWN_SOURCE)]:
+        raise ValueError(
+            f"data.target_sources={list(targets)}: every response in {folder} is a target or unknown (sources "
+            f"found: {found}); the classifiers need at least one other named source to compare with"
+        )
+
+
 def run(cfg: Any, run_dir: str | Path) -> StageResult:
-    """Pipeline stage: validate ``cfg.data.input`` (default: the synth stage's ``train`` split) into the run."""
-    source = cfg.data.input or str(Path(run_dir) / "synth" / "train")
-    return validate(source, run_dir, cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer)
+    """Pipeline stage: validate ``cfg.data.input`` (default: the synth stage's ``train`` split) into the run.
+
+    On your own data (``data.input``) it also holds out ``data.heldout_fraction`` of the prompts into ``heldout/``
+    when ``generate.prompts`` is unset, and trains the run's tokenizer on the valid rows for a preset policy without
+    ``model.tokenizer``. ``data.truncation=drop`` quarantines rows over the token limits; objectives that read
+    p_golden check ``data.target_sources`` against the sources found."""
+    from raydora.config import P_GOLDEN_OBJECTIVES
+    from raydora.reference import needs_run_tokenizer, tokenizer_dir
+    from raydora.rundir import read_success
+
+    run_dir = Path(run_dir)
+    own = cfg.data.input is not None
+    source = cfg.data.input or str(run_dir / "synth" / "train")
+    train_tokenizer = needs_run_tokenizer(cfg) and read_success(run_dir / "synth") is None
+    limits = None
+    if cfg.data.truncation == "drop":
+        tok = None if train_tokenizer else str(tokenizer_dir(cfg, run_dir))
+        limits = TokenLimits(cfg.model.max_length, cfg.model.max_prompt_length, tok)
+    heldout = cfg.data.heldout_fraction if own and cfg.generate.prompts is None else 0.0
+    result = validate(source, run_dir, cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer,
+                      heldout_fraction=heldout, tokenizer_out=run_dir / "tokenizer" if train_tokenizer else None,
+                      vocab_size=cfg.model.vocab_size, limits=limits)  # fmt: skip
+    for reason, n in sorted(result.info.get("reasons", {}).items()):
+        print(f"  quarantined {n:>8}  {reason}", flush=True)
+    if cfg.train.objective in P_GOLDEN_OBJECTIVES:
+        check_target_sources(tuple(cfg.data.target_sources), source_counts(run_dir / "data"), run_dir / "data")
+    return result

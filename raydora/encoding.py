@@ -3,17 +3,20 @@ sequence log-probs, shared by the reference pass and training so both see exactl
 
 A response's sequence is ``prompt_ids + response_ids``:
 
-- ``prompt_ids``: the prompt rendered with the tokenizer's chat template as one user turn plus the assistant
-  header (``add_generation_prompt``), or the raw prompt text when the tokenizer has no template;
+- ``prompt_ids``: the prompt rendered once with the tokenizer's chat template (a conversational prompt's own turns,
+  a plain prompt as one user turn) plus the assistant header (``add_generation_prompt``), or the canonical prompt
+  text when the tokenizer has no template;
 - ``response_ids``: the response text followed by EOS, so the policy learns to stop.
 
-Truncation to ``max_length`` keeps the *end* of the prompt (at most ``max_length // 2`` tokens when the pair is
-too long, as TRL's ``keep_end``) and then cuts the response's tail. Only response tokens count in the log-prob.
+Truncation to ``model.max_length`` keeps the *end* of the prompt (at most ``model.max_prompt_length`` tokens, or,
+when that is null and the pair is too long, what leaves the responses half the budget; TRL's ``keep_end``) and then
+cuts each response's tail. Only response tokens count in the log-prob.
 Batches are right-padded to their longest sequence, not to ``max_length``: no wasted padding.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,44 +27,102 @@ from torch import Tensor
 from raydora.logprobs import sequence_logps, token_counts, token_logps
 
 
-def render_prompt(tokenizer: Any, prompt: str) -> str:
-    """The prompt as the model sees it: the chat template's user turn + assistant header, or the raw text."""
-    if getattr(tokenizer, "chat_template", None):
-        text: str = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return text
-    return prompt
+def _turns(messages: str | Sequence[dict[str, str]] | None) -> list[dict[str, str]] | None:
+    if messages is None or isinstance(messages, list):
+        return messages
+    if isinstance(messages, str):
+        return list(json.loads(messages))
+    return list(messages)
 
 
-def prompt_tokens(tokenizer: Any, prompt: str) -> list[int]:
+def render_prompt(tokenizer: Any, prompt: str, messages: str | Sequence[dict[str, str]] | None = None) -> str:
+    """The prompt as the model sees it, rendered exactly once. A conversational prompt (``messages``: its turns, as
+    the canonical ``prompt_messages`` JSON or a list) goes through the tokenizer's chat template with the assistant
+    header; without a template its canonical text (``prompt``, already rendered at validate) is used as is. A plain
+    prompt becomes the template's user turn + assistant header, or stays the raw text without a template."""
+    turns = _turns(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    text: str = tokenizer.apply_chat_template(
+        turns or [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return text
+
+
+def prompt_tokens(tokenizer: Any, prompt: str, messages: str | Sequence[dict[str, str]] | None = None) -> list[int]:
     """The prompt's token ids as the policy sees them (:func:`render_prompt`, no special tokens added)."""
-    ids: list[int] = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    ids: list[int] = tokenizer(render_prompt(tokenizer, prompt, messages), add_special_tokens=False)["input_ids"]
     return ids
 
 
-def encode(tokenizer: Any, prompt: str, responses: Sequence[str], max_length: int) -> tuple[list[int], list[list[int]]]:
-    """``(prompt_ids, [response_ids per response])``, truncated so each ``prompt + response`` fits ``max_length``."""
+def prompt_budget(max_length: int, longest_response: int, max_prompt_length: int | None = None) -> int:
+    """Prompt tokens kept: ``max_prompt_length`` when set (TRL), else what the longest response leaves, but at most
+    ``max_length - max_length // 2`` when the pair is too long (responses keep at least half the budget)."""
+    if max_prompt_length is not None:
+        return max_prompt_length
+    return max(1, max_length - min(longest_response, max_length - max_length // 2))
+
+
+def encode(
+    tokenizer: Any,
+    prompt: str,
+    responses: Sequence[str],
+    max_length: int,
+    *,
+    messages: str | Sequence[dict[str, str]] | None = None,
+    max_prompt_length: int | None = None,
+) -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [response_ids per response])``, truncated so each ``prompt + response`` fits ``max_length``:
+    the prompt keeps its end (:func:`prompt_budget` tokens at most), then each response is cut at the end."""
+    prompt_ids, response_ids, _ = _encode(tokenizer, prompt, responses, max_length, messages, max_prompt_length)
+    return prompt_ids, response_ids
+
+
+def _encode(
+    tokenizer: Any,
+    prompt: str,
+    responses: Sequence[str],
+    max_length: int,
+    messages: str | Sequence[dict[str, str]] | None,
+    max_prompt_length: int | None,
+) -> tuple[list[int], list[list[int]], bool]:
     if max_length < 4:
         raise ValueError(f"max_length must be >= 4, got {max_length}")
-    prompt_ids = prompt_tokens(tokenizer, prompt)
+    prompt_ids = prompt_tokens(tokenizer, prompt, messages)
     eos = tokenizer.eos_token_id
     resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []) for r in responses]
     longest = max(len(r) for r in resp)
-    if len(prompt_ids) + longest > max_length:
-        # Keep the prompt's end (the question is usually last), leaving responses at least half the budget.
-        keep = max(1, min(len(prompt_ids), max_length - min(longest, max_length - max_length // 2)))
-        prompt_ids = prompt_ids[-keep:]
+    full = len(prompt_ids)
+    if max_prompt_length is not None or full + longest > max_length:
+        # Keep the prompt's end (the question, or the last turn, is usually last).
+        keep = min(full, prompt_budget(max_length, longest, max_prompt_length))
+        prompt_ids = prompt_ids[full - keep :]
     room = max_length - len(prompt_ids)
-    return list(prompt_ids), [list(r[:room]) for r in resp]
+    truncated = len(prompt_ids) < full or longest > room
+    return list(prompt_ids), [list(r[:room]) for r in resp], truncated
 
 
 def encode_batch(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[Sequence[str]], max_length: int
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    max_length: int,
+    *,
+    messages: Sequence[str | None] | None = None,
+    max_prompt_length: int | None = None,
+    truncated: list[bool] | None = None,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """:func:`encode` over rows."""
-    out = [encode(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
-    return [o[0] for o in out], [o[1] for o in out]
+    """:func:`encode` over rows (``messages``: each row's ``prompt_messages`` or None). ``truncated``, when given,
+    receives whether each row lost tokens (its prompt's start or a response's end)."""
+    turns = messages if messages is not None else [None] * len(prompts)
+    ids, resp = [], []
+    for p, r, m in zip(prompts, responses, turns, strict=True):
+        p_ids, r_ids, cut = _encode(tokenizer, p, r, max_length, m, max_prompt_length)
+        ids.append(p_ids)
+        resp.append(r_ids)
+        if truncated is not None:
+            truncated.append(cut)
+    return ids, resp
 
 
 def pair_indices(scores: Sequence[Sequence[float]]) -> np.ndarray:

@@ -35,7 +35,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
+from raydora.rundir import (
+    StageResult,
+    file_fingerprints,
+    fingerprint,
+    is_done,
+    promote,
+    read_success,
+    staging,
+    write_success,
+)
 
 Reward = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (prompts, responses) -> rewards
 
@@ -108,7 +117,7 @@ class RewardModel:
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         from raydora.calibration import calibrated
-        from raydora.classifier import margins
+        from raydora.classifier import encode, margins
 
         out = []
         for i in range(0, len(prompts), self.batch_size):
@@ -118,8 +127,7 @@ class RewardModel:
                 out.append(calibrated(z, self.temperature, self.bias))
                 continue
             with self.torch.no_grad():
-                enc = self.tokenizer(p, r, truncation="only_first", max_length=self.max_length, padding=True,
-                                     return_tensors="pt").to(next(self.model.parameters()).device)  # fmt: skip
+                enc = encode(self.tokenizer, p, r, self.max_length).to(next(self.model.parameters()).device)
                 logits = self.model(**enc).logits.float()
             out.append(logits[:, -1].cpu().numpy().astype(np.float64))
         return np.concatenate(out) if out else np.zeros(0)
@@ -282,7 +290,13 @@ def build_report(
     n = max(len(s) for s in samples[name]) if samples[name] else 1
     benchmark = _is_benchmark(prompts)
     if reward == "gold" and not benchmark:
-        raise ValueError("evaluate.reward=gold needs the benchmark's prompts; give a reward model folder instead")
+        raise ValueError(
+            "evaluate.reward=gold needs the benchmark's prompts; give a reward model folder, or evaluate.reward=none "
+            "(the held-out implicit-reward accuracy is reported without a reward)"
+        )
+    if reward == "none":
+        return {"policy": name, "reward": "none", "prompts": len(order), "samples_per_prompt": n, "mean_reward": {},
+                "win_rates": {}}  # fmt: skip
     sets = dict(samples)
     if "sources" in references:
         sets.update(benchmark_sources(prompts, n, seed) if benchmark else data_sources(prompts))
@@ -336,6 +350,11 @@ def _fmt_rate(w: dict[str, Any]) -> str:
     return f"{w['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _fmt_ci(m: dict[str, Any]) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     """``report.md``: the headline win-rate table, then the breakdowns."""
     name = report["policy"]
@@ -355,7 +374,22 @@ def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         mr = report["mean_reward"].get(ref)
         lines.append(f"| {ref} | {_fmt_rate(w)} | {w['win']:.3f} | {w['tie']:.3f} | {w['lose']:.3f} | "
                      f"{'n/a' if mr is None else f'{mr:.3f}'} |")  # fmt: skip
-    lines += ["", f"Mean reward of `{name}`: {report['mean_reward'][name]:.3f}", ""]
+    if name in report["mean_reward"]:
+        lines += ["", f"Mean reward of `{name}`: {report['mean_reward'][name]:.3f}", ""]
+    else:
+        lines += ["", "No reward (evaluate.reward=none): no generation win rates; samples in generations/.", ""]
+    if report.get("heldout"):
+        h = report["heldout"]
+        lines += [f"## Held-out preference pairs ({h['pairs']} pairs, beta={h['beta']})", "",
+                  "Implicit reward r = beta * (log pi - log pi_ref) of the chosen (best-scored) against the rejected "
+                  "(worst-scored) response; accuracy = share of pairs with r(chosen) > r(rejected) (TRL's "
+                  "`rewards/accuracies`); the reference is the initial (SFT) policy, so its own implicit reward is 0. "
+                  "Log-prob accuracy: share with log pi(chosen) > log pi(rejected). 95% bootstrap intervals over "
+                  "pairs.", "", "| policy | implicit-reward accuracy | mean margin | log-prob accuracy |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for k, m in h["policies"].items():
+            lines.append(f"| {k} | {_fmt_ci(m['accuracy'])} | {_fmt_ci(m['margin'])} | {_fmt_ci(m['logp_accuracy'])} |")
+        lines.append("")
     if report.get("by_task"):
         lines += ["## Win rate against the SFT policy, by task", "", "| task | prompts | win rate [95% CI] |",
                   "|---|---|---|"]  # fmt: skip
@@ -433,16 +467,34 @@ def write_report(report: dict[str, Any], out: Path, title: str = "Evaluation") -
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report, title) + "\n")
-    plot_win_rates(list(report["win_rates"].items()), out / "winrate.png", f"{report['policy']} vs references")
+    if report["win_rates"]:
+        plot_win_rates(list(report["win_rates"].items()), out / "winrate.png", f"{report['policy']} vs references")
     if report.get("sweep"):
         names = list(report["sweep"][0]["mean_reward"])
         series = {k: [(r["alpha"], r["mean_reward"][k]) for r in report["sweep"]] for k in names}
         plot_sweep(series, out / "reward_vs_alpha.png", "Gold reward under the alpha shift")
 
 
+def heldout_table(report: dict[str, Any]) -> str:
+    """The held-out pairs' metrics as printed by the CLI ('' when the run has none)."""
+    h = report.get("heldout")
+    if not h:
+        return ""
+    rows = [f"held-out preference pairs ({h['pairs']}): implicit-reward accuracy, mean margin, log-prob accuracy "
+            "[95% CI]:"]  # fmt: skip
+    for k, m in h["policies"].items():
+        rows.append(f"  {k:<10} {_fmt_ci(m['accuracy']):<24} {_fmt_ci(m['margin']):<26} {_fmt_ci(m['logp_accuracy'])}")
+    return "\n".join(rows)
+
+
 def win_table(report: dict[str, Any]) -> str:
     """The headline table printed by the CLI and ``make demo``."""
     name = report["policy"]
+    if not report["win_rates"]:
+        return (
+            f"{report['prompts']} prompts x {report['samples_per_prompt']} samples of {name} in generations/; "
+            f"no generation win rates (evaluate.reward={report['reward']}: give a reward model folder for them)"
+        )
     rows = [f"win rate of {name} ({report['prompts']} prompts x {report['samples_per_prompt']} samples, "
             f"reward {report['reward']}):"]  # fmt: skip
     rows.append(f"  {'reference':<10} {'win rate [95% CI]':<26} {'win':>6} {'tie':>6} {'lose':>6}")
@@ -450,6 +502,73 @@ def win_table(report: dict[str, Any]) -> str:
         if w.get("win_rate") is not None:
             rows.append(f"  {ref:<10} {_fmt_rate(w):<26} {w['win']:>6.3f} {w['tie']:>6.3f} {w['lose']:>6.3f}")
     return "\n".join(rows)
+
+
+# ---- held-out preference pairs -------------------------------------------------------------------------------------
+def _mean_ci(values: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
+    return {"mean": float(values.mean()), "ci95": bootstrap_ci(values, resamples, seed)}
+
+
+def preference_metrics(
+    policy: np.ndarray, reference: np.ndarray, beta: float, resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Held-out pair metrics from sequence log-probs ``[n, 2]`` (chosen, rejected) of a policy and the reference:
+    the implicit reward ``beta * (log pi - log pi_ref)``'s accuracy (``r_c > r_r``, TRL's ``rewards/accuracies``) and
+    mean margin, and the log-prob accuracy (``log pi_c > log pi_r``), each with a 95% bootstrap interval."""
+    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    logp = policy[:, 0] - policy[:, 1]
+    return {"accuracy": _mean_ci((margin > 0).astype(np.float64), resamples, seed),
+            "margin": _mean_ci(margin, resamples, seed),
+            "logp_accuracy": _mean_ci((logp > 0).astype(np.float64), resamples, seed)}  # fmt: skip
+
+
+def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path) -> np.ndarray:
+    """``[n, 2]`` log-probs of ``model`` for the chosen (best-scored) and rejected (worst-scored) response of every
+    held-out row, through the reference pass (same tokens as training), cached in ``eval_logps/<name>/``."""
+    import pyarrow.parquet as pq
+
+    from raydora.encoding import pair_indices
+    from raydora.reference import attn_implementation, encode_rows, tokenizer_dir
+
+    heldout, tok = run_dir / "heldout", tokenizer_dir(cfg, run_dir)
+    fp = fingerprint("heldout_logps", (read_success(heldout) or {}).get("fingerprint"), file_fingerprints(model),
+                     file_fingerprints(tok), cfg.model.max_length, cfg.model.max_prompt_length,
+                     cfg.model.precision)  # fmt: skip
+    out = run_dir / "eval_logps" / name
+    if not is_done(out, fp):
+        encode_rows(heldout, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
+                    cfg=cfg.reference, stage=f"heldout_{name}", fp=fp, precision=cfg.model.precision,
+                    attn=attn_implementation(cfg), max_prompt_length=cfg.model.max_prompt_length)  # fmt: skip
+    files = sorted(out.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, columns=["scores", "reference_logps"]) for f in files])
+    idx = pair_indices(table.column("scores").to_pylist())
+    logps = table.column("reference_logps").to_pylist()
+    return np.array([[row[i], row[j]] for row, (i, j) in zip(logps, idx, strict=True)], dtype=np.float64)
+
+
+def heldout_report(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
+    """The held-out pairs' metrics (:func:`preference_metrics`) of the trained policy and the SFT (initial) policy,
+    both against the reference (the initial policy); None when the run has no ``heldout/`` rows."""
+    from raydora.reference import initial_policy, trained_policy
+
+    marker = read_success(run_dir / "heldout")
+    if marker is None or not marker.get("rows"):
+        return None
+    models = {"sft": initial_policy(cfg, run_dir)}
+    trained = trained_policy(run_dir)
+    if trained is not None:
+        models = {"policy": trained, **models}
+    logps = {k: heldout_logps(cfg, run_dir, k, m) for k, m in models.items()}
+    e = cfg.evaluate
+    policies = {k: preference_metrics(v, logps["sft"], cfg.train.beta, e.bootstrap, cfg.seed) for k, v in logps.items()}
+    return {"pairs": len(logps["sft"]), "beta": cfg.train.beta, "policies": policies}
+
+
+def resolve_reward(cfg: Any) -> str:
+    """``evaluate.reward`` with ``auto`` resolved: gold on the benchmark, none on your own data."""
+    if cfg.evaluate.reward != "auto":
+        return str(cfg.evaluate.reward)
+    return "gold" if cfg.data.input is None else "none"
 
 
 # ---- the stage and the comparison -------------------------------------------------------------------------------
@@ -462,19 +581,26 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     markers = {p.name: read_success(p) for p in folders}
     if not any(markers.values()):
         raise FileNotFoundError(f"{run_dir / 'generations'}: no finished generations; run the generate stage first")
-    e = cfg.evaluate
-    fp = fingerprint("evaluate", {k: (v or {}).get("fingerprint") for k, v in markers.items()}, e.reward,
-                     e.references, e.alphas, e.bootstrap, e.tie_tolerance, cfg.seed)  # fmt: skip
+    e, reward_name = cfg.evaluate, resolve_reward(cfg)
+    held = read_success(run_dir / "heldout")
+    extra = [held.get("fingerprint"), cfg.train.beta, cfg.model.max_prompt_length] if held else []
+    fp = fingerprint("evaluate", {k: (v or {}).get("fingerprint") for k, v in markers.items()}, reward_name,
+                     e.references, e.alphas, e.bootstrap, e.tie_tolerance, cfg.seed, *extra)  # fmt: skip
     out = run_dir / "eval"
     if not force and is_done(out, fp):
         report = json.loads((out / "report.json").read_text())
         return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]}, True,
-                           info={"table": win_table(report)})  # fmt: skip
+                           info={"table": win_table(report), "heldout": heldout_table(report)})  # fmt: skip
     prompts = gen.read_prompts(gen.prompt_source(cfg, run_dir), e.prompts)
     generations = {k: gen.read_generations(run_dir / "generations" / k) for k, m in markers.items() if m}
-    reward: Reward | str = e.reward if e.reward == "gold" else model_reward(e.reward, cfg.model.max_length)
+    reward: Reward | str = (
+        reward_name if reward_name in ("gold", "none") else model_reward(reward_name, cfg.model.max_length)
+    )
     report = build_report(prompts, generations, reward, references=e.references, alphas=e.alphas,
                           bootstrap=e.bootstrap, tie_tolerance=e.tie_tolerance, seed=cfg.seed)  # fmt: skip
+    heldout = heldout_report(cfg, run_dir)
+    if heldout is not None:
+        report["heldout"] = heldout
     report["run"] = {"name": cfg.name, "loss": cfg.train.loss, "objective": cfg.train.objective}
     report["generation"] = {k: {x: (m or {}).get(x) for x in ("backend", "tokens_per_s", "sampling")}
                             for k, m in markers.items()}  # fmt: skip
@@ -483,7 +609,7 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
         write_success(tmp / "out", {"stage": "evaluate", "fingerprint": fp, "rows": {"prompts": report["prompts"]}})
         promote(tmp / "out", out)
     return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]},
-                       info={"table": win_table(report)})  # fmt: skip
+                       info={"table": win_table(report), "heldout": heldout_table(report)})  # fmt: skip
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, dict[str, Any]]:

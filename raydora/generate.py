@@ -83,11 +83,21 @@ class Generator(Protocol):
     def __call__(self, batch: pa.Table) -> pa.Table: ...
 
 
-def _prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Prompt tokens exactly as training sees them, keeping the prompt's end when it is too long."""
+def _prompt_ids(
+    tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int, messages: Sequence[str | None] | None = None
+) -> list[list[int]]:
+    """Prompt tokens exactly as training sees them (a conversational prompt's ``messages``, the canonical
+    ``prompt_messages``, through the chat template), keeping the prompt's end when it is too long."""
     from raydora.encoding import prompt_tokens
 
-    return [prompt_tokens(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+    turns = messages if messages is not None else [None] * len(prompts)
+    return [prompt_tokens(tokenizer, p, m)[-max_prompt_tokens:] for p, m in zip(prompts, turns, strict=True)]
+
+
+def _batch_prompt_ids(tokenizer: Any, batch: pa.Table, max_prompt_tokens: int) -> list[list[int]]:
+    """:func:`_prompt_ids` of a batch of prompt rows (``prompt``, and ``prompt_messages`` where the rows have it)."""
+    messages = batch.column("prompt_messages").to_pylist() if "prompt_messages" in batch.schema.names else None
+    return _prompt_ids(tokenizer, batch.column("prompt").to_pylist(), max_prompt_tokens, messages)
 
 
 def _with_outputs(
@@ -191,7 +201,7 @@ class HFGenerator:
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.sampling
         ids = [str(x) for x in batch.column("id").to_pylist()]
-        prompts = _prompt_ids(self.tokenizer, batch.column("prompt").to_pylist(), self.max_prompt_tokens)
+        prompts = _batch_prompt_ids(self.tokenizer, batch, self.max_prompt_tokens)
         seqs = [(i, j) for i in range(len(ids)) for j in range(s.n)]
         seqs.sort(key=lambda ij: len(prompts[ij[0]]))
         generated: dict[tuple[int, int], list[int]] = {}
@@ -275,7 +285,7 @@ class VLLMGenerator:
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.sampling
         ids = [str(x) for x in batch.column("id").to_pylist()]
-        prompts = _prompt_ids(self.tokenizer, batch.column("prompt").to_pylist(), self.max_prompt_tokens)
+        prompts = _batch_prompt_ids(self.tokenizer, batch, self.max_prompt_tokens)
         params = [self.params(sample_seed(s.seed, i, 0)) for i in ids]
         requests = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -456,12 +466,18 @@ def to_preferences(
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
 def prompt_source(cfg: Any, run_dir: Path) -> Path:
-    """``generate.prompts``, else the benchmark's held-out ``eval`` split."""
+    """``generate.prompts``; else, on your own data, the prompts validate held out (``heldout/``); else the
+    benchmark's held-out ``eval`` split."""
     if cfg.generate.prompts:
         return Path(cfg.generate.prompts).absolute()
     if cfg.data.input is not None:
+        heldout = Path(run_dir) / "heldout"
+        if (read_success(heldout) or {}).get("rows"):
+            return heldout
         raise ValueError(
-            "generate.prompts is not set: with real data (data.input) give a held-out prompt file to evaluate on"
+            f"generate.prompts is not set and {heldout} holds no prompts: validate holds out data.heldout_fraction "
+            f"(now {cfg.data.heldout_fraction}) of your prompts when generate.prompts is unset; raise it (and rerun "
+            "validate), or give a prompt file in generate.prompts"
         )
     return run_dir / "synth" / "eval"
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from raydora import data, evaluate, generate, reference, scoring, synth, train
 from raydora.cluster import init_ray
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
+from raydora.paths import resolve_model_paths
 from raydora.rundir import StageResult
 
 Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
@@ -35,6 +37,7 @@ def run(cfg: RunConfig, stages: Sequence[str] | None = None) -> list[StageResult
     if stages is None and cfg.train.objective not in P_GOLDEN_OBJECTIVES:
         names.remove("classify")  # nothing reads p_golden, and the data may have no golden source to classify
         print(f"[classify] not needed: train.objective={cfg.train.objective} does not use p_golden", flush=True)
+    cfg = resolve_model_paths(cfg)  # a policy name that is neither a folder nor cached fails before any work
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -54,4 +57,8 @@ def report(result: StageResult) -> None:
     """The evaluate stage's win-rate table and where its report is."""
     if result.stage == "evaluate" and result.info.get("table"):
         print(result.info["table"])
-        print(f"report: {result.outputs['eval']}/report.md (plots: winrate.png, reward_vs_alpha.png)", flush=True)
+        if result.info.get("heldout"):
+            print(result.info["heldout"])
+        plots = [p for p in ("winrate.png", "reward_vs_alpha.png") if (Path(result.outputs["eval"]) / p).is_file()]
+        print(f"report: {result.outputs['eval']}/report.md" + (f" (plots: {', '.join(plots)})" if plots else ""),
+              flush=True)  # fmt: skip

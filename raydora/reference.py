@@ -18,6 +18,7 @@ HF folder, or a preset built once into ``init/`` so the reference pass and every
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,58 @@ from raydora.rundir import (
 )
 
 
+def write_tokenizer(
+    texts: Callable[[], Iterable[str]], out_dir: str | Path, source: str, vocab_size: int = 512
+) -> StageResult:
+    """Train the byte-level BPE of the preset policies on ``texts()`` into ``out_dir`` (a HF folder), unless a
+    tokenizer trained from the same ``source`` (a fingerprint of the corpus) and vocabulary is already there."""
+    from raydora.models import train_tokenizer
+
+    out = Path(out_dir)
+    fp = fingerprint("tokenizer", source, vocab_size)
+    if is_done(out, fp):
+        return StageResult("tokenizer", {"tokenizer": str(out)}, {}, skipped=True)
+    with staging(out.parent, out.name) as tmp:
+        tok = train_tokenizer(texts(), tmp / "tok", vocab_size=vocab_size)
+        write_success(tmp / "tok", {"stage": "tokenizer", "fingerprint": fp, "vocab": len(tok)})
+        promote(tmp / "tok", out)
+    return StageResult("tokenizer", {"tokenizer": str(out)}, {"vocab": len(tok)})
+
+
+TOKENIZER_CORPUS_CHARS = 50_000_000  # a 512-token BPE learns its merges long before this
+
+
+def data_corpus(
+    data_dir: str | Path, max_chars: int = TOKENIZER_CORPUS_CHARS, kinds: tuple[str, ...] | None = None
+) -> Iterator[str]:
+    """Prompts and responses of the rows in ``data_dir`` (canonical parquet; staged rows of validate when ``kinds``
+    names the kinds to keep), streamed, up to ``max_chars`` characters."""
+    import pyarrow.parquet as pq
+
+    seen = 0
+    columns = ["prompt", "responses", *(["kind"] if kinds else [])]
+    for f in sorted(Path(data_dir).glob("*.parquet")):
+        for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=1024):
+            for row in batch.to_pylist():
+                if kinds and row["kind"] not in kinds:
+                    continue
+                for text in (row["prompt"], *row["responses"]):
+                    yield text
+                    seen += len(text)
+                if seen >= max_chars:
+                    return
+
+
+def needs_run_tokenizer(cfg: Any) -> bool:
+    """Whether the run trains its own tokenizer: a preset policy and no ``model.tokenizer``."""
+    from raydora.models import PRESETS
+
+    return cfg.model.tokenizer is None and cfg.model.policy in PRESETS
+
+
 def tokenizer_dir(cfg: Any, run_dir: Path) -> Path:
-    """The run's tokenizer: ``model.tokenizer``, else the BPE the synth stage trained into ``tokenizer/``."""
+    """The run's tokenizer: ``model.tokenizer``, else the BPE trained into ``tokenizer/`` (by the synth stage on the
+    benchmark, or by validate on your data), else a real policy folder's own."""
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
     tok = Path(run_dir) / "tokenizer"
@@ -110,6 +161,7 @@ class ReferenceModel:
         attn: str = "sdpa",
         frozen_in_compute_dtype: bool = False,
         pad_to_multiple_of: int = 0,
+        max_prompt_length: int | None = None,
     ) -> None:
         import torch
 
@@ -120,7 +172,7 @@ class ReferenceModel:
             torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.max_prompt_length = pad_to_multiple_of, max_prompt_length
         self.dtype = resolve_precision(precision, device)
         self.model = None
         if model_dir is not None:
@@ -134,7 +186,15 @@ class ReferenceModel:
 
         prompts = batch.column("prompt").to_pylist()
         responses = batch.column("responses").to_pylist()
-        prompt_ids, response_ids = encode_batch(self.tokenizer, prompts, responses, self.max_length)
+        names = batch.schema.names
+        messages = batch.column("prompt_messages").to_pylist() if "prompt_messages" in names else None
+        truncated: list[bool] = []
+        prompt_ids, response_ids = encode_batch(self.tokenizer, prompts, responses, self.max_length, messages=messages,
+                                                max_prompt_length=self.max_prompt_length,
+                                                truncated=truncated)  # fmt: skip
+        if "truncated" in names:  # rows re-encoded by a later stage (the loop's rounds) get the new flags
+            batch = batch.drop_columns(["truncated"])
+        batch = batch.append_column("truncated", pa.array(truncated, pa.bool_()))
         batch = batch.append_column("prompt_ids", pa.array(prompt_ids, pa.list_(pa.int32())))
         batch = batch.append_column("response_ids", pa.array(response_ids, pa.list_(pa.list_(pa.int32()))))
         if self.model is None:
@@ -181,9 +241,11 @@ def encode_rows(
     attn: str = "sdpa",
     frozen_in_compute_dtype: bool = False,
     pad_to_multiple_of: int = 0,
+    max_prompt_length: int | None = None,
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
-    with a ``_SUCCESS`` marker holding ``fp``). Returns the row count."""
+    with a ``_SUCCESS`` marker holding ``fp``, the row count and how many rows were truncated). Returns the row
+    count."""
     out = Path(out_dir)
     device = resolve_device(cfg.device)
     with staging(out.parent, out.name) as tmp:
@@ -201,6 +263,7 @@ def encode_rows(
                 "attn": attn,
                 "frozen_in_compute_dtype": frozen_in_compute_dtype,
                 "pad_to_multiple_of": pad_to_multiple_of,
+                "max_prompt_length": max_prompt_length,
             },
             keys=("reference.actors", "reference.actor_cpus"),
             batch_size=cfg.batch_size,
@@ -209,9 +272,24 @@ def encode_rows(
             gpus=1 if device == "cuda" else 0,
         )
         rows = write_rows(encoded, tmp / "out")
-        write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}})
+        cut = count_true(tmp / "out", "truncated")
+        if cut:
+            limit = f"model.max_length={max_length}"
+            limit += f", max_prompt_length={max_prompt_length}" if max_prompt_length else ""
+            print(f"[{stage}] {cut} of {rows} rows truncated to {limit} tokens: each prompt keeps its end, each "
+                  "response its start (data.truncation=keep_end)", flush=True)  # fmt: skip
+        write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}, "truncated": cut})
         promote(tmp / "out", out)
     return rows
+
+
+def count_true(folder: Path, column: str) -> int:
+    """How many rows of a parquet folder have ``column`` true (read from that one column)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return sum(int(pc.sum(pq.read_table(f, columns=[column]).column(column)).as_py() or 0)
+               for f in sorted(Path(folder).glob("*.parquet")))  # fmt: skip
 
 
 def reference_input(run_dir: Path) -> Path:
@@ -236,6 +314,7 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
         cfg.model.precision,
         attn_implementation(cfg),
         *(["lora-base"] if cfg.train.lora_r else []),  # the LoRA base's storage dtype (see ReferenceModel)
+        *([f"prompt<={cfg.model.max_prompt_length}"] if cfg.model.max_prompt_length else []),
     )
     out = run_dir / "reference"
     if not force and is_done(out, fp):
@@ -243,5 +322,8 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     rows = encode_rows(source, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
                        cfg=cfg.reference, stage="reference", fp=fp, precision=cfg.model.precision,
                        attn=attn_implementation(cfg), frozen_in_compute_dtype=bool(cfg.train.lora_r),
-                       pad_to_multiple_of=cfg.model.pad_to_multiple_of)  # fmt: skip
-    return StageResult("reference", {"reference": str(out)}, {"reference": rows}, info={"model": str(model)})
+                       pad_to_multiple_of=cfg.model.pad_to_multiple_of,
+                       max_prompt_length=cfg.model.max_prompt_length)  # fmt: skip
+    truncated = (read_success(out) or {}).get("truncated", 0)
+    return StageResult("reference", {"reference": str(out)}, {"reference": rows, "truncated": truncated},
+                       info={"model": str(model)})  # fmt: skip

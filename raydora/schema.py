@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-CANONICAL_COLUMNS = ("id", "prompt", "responses", "scores", "sources", "split", "meta")
+CANONICAL_COLUMNS = ("id", "prompt", "responses", "scores", "sources", "split", "meta", "prompt_messages")
 FORMATS = ("canonical", "trl", "trl_conversational", "trl_implicit", "rrhf")
 UNKNOWN_SOURCE = "unknown"
 LAYOUT_KEYS = {  # the fields that identify each layout
@@ -38,7 +38,8 @@ REASONS = {
     "length_mismatch": "responses, scores and sources have different lengths",
     "nonfinite_score": "a score is NaN or infinite",
     "tied_scores": "all scores are equal: no preference",
-    "over_length": "prompt + responses exceed the configured number of characters",
+    "over_length": "prompt + responses exceed data.max_chars characters, or (data.truncation=drop) model.max_length "
+    "tokens (prompt: model.max_prompt_length)",
 }
 
 ChatRenderer = Callable[[list[dict[str, str]]], str]
@@ -73,8 +74,9 @@ def detect_format(columns: Sequence[str] | Mapping[str, Any]) -> str | None:
 
 
 def default_chat_renderer(messages: list[dict[str, str]]) -> str:
-    """The built-in chat template used when no tokenizer is configured: ``<|role|>\\ncontent\\n`` per turn, then
-    ``<|assistant|>\\n`` as the generation prompt. Configure ``model.tokenizer`` to use that model's template."""
+    """The text of a conversational prompt in the canonical ``prompt`` column: ``<|role|>\\ncontent\\n`` per turn,
+    then ``<|assistant|>\\n``. The turns themselves are kept in ``prompt_messages``, and the policy sees them
+    rendered once, by its own tokenizer's chat template (``encoding.render_prompt``)."""
     return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 
@@ -112,8 +114,11 @@ def _assistant_text(messages: list[dict[str, str]], field: str) -> str:
     return "\n".join(parts)
 
 
-def _split_implicit(chosen: Any, rejected: Any, render: ChatRenderer) -> tuple[str, str, str]:
-    """TRL's implicit prompt: the shared prefix of chosen and rejected is the prompt."""
+def _split_implicit(
+    chosen: Any, rejected: Any, render: ChatRenderer
+) -> tuple[list[dict[str, str]] | None, str, str, str]:
+    """TRL's implicit prompt: the shared prefix of chosen and rejected is the prompt. Returns the prompt's turns
+    (None for plain text), the prompt text, and the two responses."""
     if isinstance(chosen, list) or isinstance(rejected, list):
         c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
         n = 0
@@ -121,7 +126,7 @@ def _split_implicit(chosen: Any, rejected: Any, render: ChatRenderer) -> tuple[s
             n += 1
         if n == 0:
             raise RowError("missing_field", "prompt", "chosen and rejected share no prompt turns")
-        return render(c[:n]), _assistant_text(c[n:], "chosen"), _assistant_text(r[n:], "rejected")
+        return c[:n], render(c[:n]), _assistant_text(c[n:], "chosen"), _assistant_text(r[n:], "rejected")
     c, r = _text(chosen, "chosen"), _text(rejected, "rejected")
     n = 0
     while n < min(len(c), len(r)) and c[n] == r[n]:
@@ -131,36 +136,44 @@ def _split_implicit(chosen: Any, rejected: Any, render: ChatRenderer) -> tuple[s
         n -= 1
     if n == 0:
         raise RowError("missing_field", "prompt", "chosen and rejected share no prompt prefix")
-    return c[:n], c[n:], r[n:]
+    return None, c[:n], c[n:], r[n:]
 
 
 def to_canonical(record: Mapping[str, Any], fmt: str, render: ChatRenderer = default_chat_renderer) -> dict[str, Any]:
     """Convert one record in layout ``fmt`` into an (unvalidated) canonical row. Raises RowError."""
     extra = {k: record.get(k) for k in ("split", "meta") if record.get(k) is not None}
-    if fmt == "canonical":
-        row = {k: record.get(k) for k in ("id", "prompt", "responses", "scores", "sources")}
-        for field in ("prompt", "responses", "scores"):
-            _require(record, field)
-        return {**row, **extra}
-    if fmt == "rrhf":
+    if fmt in ("canonical", "rrhf"):
+        key = "prompt" if fmt == "canonical" else "query"
+        prompt, messages = _require(record, key), record.get("prompt_messages")
+        if isinstance(prompt, list):  # a conversational prompt: its turns are kept, its text rendered for display
+            messages = _messages(prompt, key)
+            prompt = render(messages)
+        elif isinstance(messages, str):  # canonical rows written by raydora carry the turns as JSON text
+            try:
+                messages = json.loads(messages)
+            except ValueError:
+                raise RowError("wrong_type", "prompt_messages", "not a JSON list of messages") from None
         return {
             "id": record.get("id"),
-            "prompt": _require(record, "query"),
+            "prompt": prompt,
             "responses": _require(record, "responses"),
             "scores": _require(record, "scores"),
             "sources": record.get("sources"),
+            "prompt_messages": messages,
             **extra,
         }
     chosen, rejected = _require(record, "chosen"), _require(record, "rejected")
+    messages = None
     if fmt == "trl":
         prompt = _require(record, "prompt")
         responses = [_text(chosen, "chosen"), _text(rejected, "rejected")]
     elif fmt == "trl_conversational":
-        prompt = render(_messages(_require(record, "prompt"), "prompt"))
+        messages = _messages(_require(record, "prompt"), "prompt")
+        prompt = render(messages)
         responses = [_assistant_text(_messages(chosen, "chosen"), "chosen"),
                      _assistant_text(_messages(rejected, "rejected"), "rejected")]  # fmt: skip
     elif fmt == "trl_implicit":
-        prompt, *responses = _split_implicit(chosen, rejected, render)
+        messages, prompt, *responses = _split_implicit(chosen, rejected, render)
     else:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     sources = [record.get("chosen_source"), record.get("rejected_source")]
@@ -170,6 +183,7 @@ def to_canonical(record: Mapping[str, Any], fmt: str, render: ChatRenderer = def
         "responses": responses,
         "scores": [1.0, 0.0],
         "sources": sources if all(isinstance(s, str) for s in sources) else None,
+        "prompt_messages": messages,
         **extra,
     }
 
@@ -231,6 +245,9 @@ def validate(row: Mapping[str, Any], max_chars: int) -> dict[str, Any]:
             _utf8(meta_text, "meta")
     except (TypeError, ValueError) as e:
         raise RowError("wrong_type", "meta", str(e)) from None
+    messages = row.get("prompt_messages")
+    if messages is not None:
+        messages = json.dumps(_messages(messages, "prompt"), ensure_ascii=False)
     return {
         "id": str(rid) if rid is not None else row_id(prompt, responses),
         "prompt": prompt,
@@ -239,6 +256,7 @@ def validate(row: Mapping[str, Any], max_chars: int) -> dict[str, Any]:
         "sources": list(sources),
         "split": split,
         "meta": meta_text,
+        "prompt_messages": messages,
     }
 
 

@@ -165,7 +165,8 @@ def score(
                 "fingerprint": fp,
                 "classifiers": sources,
                 "shares": dict(zip(sources, shares, strict=True)),
-                "golden_share": clf["response_counts"].get(GOLDEN, 0) / max(1, sum(clf["response_counts"].values())),
+                "golden_share": sum(clf["response_counts"].get(t, 0) for t in clf.get("targets", [GOLDEN]))
+                / max(1, sum(clf["response_counts"].values())),
                 "rows": {"scored": rows},
             },
         )
@@ -179,7 +180,8 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
 
     run_dir = Path(run_dir)
     clf = dataclasses.replace(cfg.classifier, precision=cfg.classifier_precision)
-    trained = train_classifiers(run_dir / "data", run_dir / "classifier", clf, cfg.seed)
+    trained = train_classifiers(run_dir / "data", run_dir / "classifier", clf, cfg.seed,
+                                targets=tuple(cfg.data.target_sources))  # fmt: skip
     print(trained.summary(), flush=True)
     for source, s in sorted(trained.info.items()) if not trained.skipped else []:
         print(

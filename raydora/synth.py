@@ -309,18 +309,11 @@ def corpus(synth_dir: str | Path) -> Iterator[str]:
 
 def write_tokenizer(synth_dir: str | Path, out_dir: str | Path, vocab_size: int = 512) -> StageResult:
     """Train the byte-level BPE of the tiny presets on the benchmark corpus and save it as a HF folder."""
-    from raydora.models import train_tokenizer
+    from raydora.reference import write_tokenizer as train_into
 
-    out = Path(out_dir)
     marker = Path(synth_dir) / "_SUCCESS"
-    fp = fingerprint("tokenizer", marker.read_text() if marker.exists() else str(synth_dir), vocab_size)
-    if is_done(out, fp):
-        return StageResult("tokenizer", {"tokenizer": str(out)}, {}, skipped=True)
-    with staging(out.parent, out.name) as tmp:
-        tok = train_tokenizer(corpus(synth_dir), tmp / "tok", vocab_size=vocab_size)
-        write_success(tmp / "tok", {"stage": "tokenizer", "fingerprint": fp, "vocab": len(tok)})
-        promote(tmp / "tok", out)
-    return StageResult("tokenizer", {"tokenizer": str(out)}, {"vocab": len(tok)})
+    source = marker.read_text() if marker.exists() else str(synth_dir)
+    return train_into(lambda: corpus(synth_dir), out_dir, source, vocab_size)
 
 
 def run(cfg: Any, run_dir: str | Path) -> StageResult:

@@ -1067,12 +1067,14 @@ def _sft_rows_from_synth(batch: dict[str, Any]) -> dict[str, Any]:
 
 def _sft_rows_from_preferences(batch: pa.Table) -> pa.Table:
     """The best-scored response of each preference row, as a one-response row."""
-    rows = batch.select(["prompt", "responses", "scores", "sources"]).to_pylist()
+    columns = ["prompt", "responses", "scores", "sources"]
+    rows = batch.select(columns + [c for c in ("prompt_messages",) if c in batch.schema.names]).to_pylist()
     best = [int(np.argmax(r["scores"])) for r in rows]
     return pa.table({"prompt": [r["prompt"] for r in rows],
                      "responses": [[r["responses"][b]] for r, b in zip(rows, best, strict=True)],
                      "scores": [[1.0] for _ in rows],
-                     "sources": [[r["sources"][b]] for r, b in zip(rows, best, strict=True)]})  # fmt: skip
+                     "sources": [[r["sources"][b]] for r, b in zip(rows, best, strict=True)],
+                     "prompt_messages": pa.array([r.get("prompt_messages") for r in rows], pa.string())})  # fmt: skip
 
 
 def sft_corpus(cfg: Any, run_dir: Path) -> Path:
@@ -1090,7 +1092,8 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
     if not upstream:
         raise FileNotFoundError(f"{source}: no SFT corpus (run synth, or validate your data first)")
     tok = tokenizer_dir(cfg, run_dir)
-    fp = fingerprint("sft_data", upstream.get("fingerprint"), file_fingerprints(tok), cfg.model.max_length)
+    fp = fingerprint("sft_data", upstream.get("fingerprint"), file_fingerprints(tok), cfg.model.max_length,
+                     *([f"prompt<={cfg.model.max_prompt_length}"] if cfg.model.max_prompt_length else []))  # fmt: skip
     out = run_dir / "sft_data"
     if is_done(out, fp):
         return out
@@ -1107,7 +1110,8 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
         write_rows(ds, tmp / "rows")
         write_success(tmp / "rows", {"stage": "sft_corpus", "fingerprint": fp})
         encode_rows(tmp / "rows", tmp / "encoded", model_dir=None, tokenizer=tok, max_length=cfg.model.max_length,
-                    cfg=cfg.reference, stage="sft_data", fp=fp)  # fmt: skip
+                    cfg=cfg.reference, stage="sft_data", fp=fp,
+                    max_prompt_length=cfg.model.max_prompt_length)  # fmt: skip
         promote(tmp / "encoded", out)
     return out
 
