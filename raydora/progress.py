@@ -162,8 +162,9 @@ def watch(progress: Progress, poll_s: float = 1.0) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
-        try:
-            progress.update(sum(ray.get(handle.get.remote(), timeout=10).values()))
-        except Exception:  # noqa: BLE001
-            pass
-        ray.kill(handle)
+        for last in (lambda: progress.update(sum(ray.get(handle.get.remote(), timeout=10).values())),
+                     lambda: ray.kill(handle)):  # fmt: skip
+            try:
+                last()
+            except Exception:  # noqa: BLE001 - a dead actor, or Ray shut down by the failure that ended the block
+                pass
