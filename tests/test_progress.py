@@ -77,25 +77,30 @@ def test_unknown_total_prints_counts_without_eta() -> None:
 
 
 def test_watch_counts_what_ray_tasks_add(ray_session) -> None:
-    """The counter actor sums what remote tasks send it; the driver's thread turns that into lines."""
+    """The counter actor sums what remote tasks send it; the driver's thread turns that into lines while the block
+    runs, and the block's end reads the last count."""
+    import time
+
     ray = ray_session
     out: list[str] = []
     p = Progress("classify", "work", 60, "items", every_s=0.2, out=out.append)
 
     @ray.remote(num_cpus=0)
     def work(counter, n: int) -> int:
-        import time
-
         for _ in range(n):
             counter.add.remote(1)
-            time.sleep(0.02)
         return n
 
-    with watch(p, poll_s=0.1) as counter:
-        assert sum(ray.get([work.remote(counter, 20) for _ in range(3)])) == 60
+    with watch(p, poll_s=0.05) as counter:
+        assert ray.get(work.remote(counter, 25)) == 25
+        deadline = time.monotonic() + 30
+        while p.done < 25 and time.monotonic() < deadline:  # the task's calls reach the actor after it returns
+            time.sleep(0.05)
+        assert p.done == 25 and out and parse(out[-1]) == (25, 60), out  # seen by the thread, inside the block
+        assert sum(ray.get([work.remote(counter, 5) for _ in range(7)])) == 35
     line = p.finish(60)
     assert parse(line) == (60, 60) and "(100%)" in line
     done = [parse(x)[0] for x in out]
-    assert done == sorted(done) and len(out) >= 2, out  # at least one line while the tasks ran
+    assert done == sorted(done), out
     with pytest.raises(ray.exceptions.RayActorError):  # the actor is gone with the block
         ray.get(counter.get.remote(), timeout=30)
