@@ -31,6 +31,7 @@ import pyarrow as pa
 from raydora import calibration
 from raydora.cluster import check_gpus, resolve_device
 from raydora.data import ordered, ordered_ingest, read_canonical
+from raydora.progress import Progress, watch
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
 GOLDEN, UNKNOWN = "golden", "unknown"
@@ -215,6 +216,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     tok = load_tokenizer(cfg["tokenizer"])
     kind, name = cfg["backbone"]
     ctx = ray.train.get_context()
+    counter = cfg.get("progress")  # a progress.Counter actor: every rank adds the examples it trained on
     per_worker = max(1, cfg["batch_size"] // ctx.get_world_size())
     rank0 = ctx.get_world_rank() == 0
     out = Path(tempfile.mkdtemp(prefix="raydora-clf-")) if rank0 else None
@@ -249,6 +251,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 total, n = total + loss.item() * len(labels), n + len(labels)
+                if counter is not None:
+                    counter.add.remote(len(labels))
             metrics[f"{source}/epoch"] = epoch
             metrics[f"{source}/train_loss"] = total / max(n, 1)
         inner = model.module if hasattr(model, "module") else model
@@ -416,6 +420,7 @@ def train_classifiers(
         check_gpus(cfg.num_workers * runs, 1, key)
     summary: dict[str, Any] = {}
     with staging(out.parent, out.name) as tmp:
+        print(f"[classify] preparing the examples of {len(sources)} classifiers ({', '.join(sources)})", flush=True)
         tokenizer = _encoder_tokenizer(data_dir, tmp / "tokenizer", backbone)
         datasets: dict[str, Any] = {}
         held: dict[str, np.ndarray] = {}
@@ -464,15 +469,22 @@ def train_classifiers(
             "threads": cfg.threads_per_worker,
         }
         storage = str((tmp / ".ray_train").absolute())
-        fits = [(group, datasets, loop_config, cfg.num_workers, device == "cuda", storage, f"classifiers-{i}")
-                for i, group in enumerate(groups)]  # fmt: skip
-        if len(fits) == 1:
-            checkpoints = [_fit_group(*fits[0])]
-        else:
-            import ray
+        examples_total = cfg.epochs * sum(sum(balance[s]) for s in sources)
+        print(f"[classify] {sum(sum(balance[s]) for s in sources):,} training examples x {cfg.epochs} epochs; "
+              f"{runs} Ray Train run(s) x {cfg.num_workers} workers on {device}", flush=True)  # fmt: skip
+        bar = Progress("classify", f"training {len(sources)} classifiers", examples_total, "examples")
+        with watch(bar) as counter:
+            loop_config["progress"] = counter
+            fits = [(group, datasets, loop_config, cfg.num_workers, device == "cuda", storage, f"classifiers-{i}")
+                    for i, group in enumerate(groups)]  # fmt: skip
+            if len(fits) == 1:
+                checkpoints = [_fit_group(*fits[0])]
+            else:
+                import ray
 
-            remote = ray.remote(num_cpus=0, max_retries=0)(_fit_group)  # a failed run is reported, not rerun
-            checkpoints = _gather([remote.remote(*f) for f in fits], groups)
+                remote = ray.remote(num_cpus=0, max_retries=0)(_fit_group)  # a failed run is reported, not rerun
+                checkpoints = _gather([remote.remote(*f) for f in fits], groups)
+        bar.finish()
         for group, checkpoint in zip(groups, checkpoints, strict=True):
             with checkpoint.as_directory() as ckpt:
                 for source in group:

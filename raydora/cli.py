@@ -54,7 +54,9 @@ def cmd_check(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.ray:
         import ray
 
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from raydora.cluster import package_guard
+
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False, **package_guard())
         try:
             got = ray.get(ray.remote(lambda x: x * 2).remote(21))
             print(f"  [{'ok' if got == 42 else 'FAIL'}] local Ray runs a task (ray {ray.__version__})")

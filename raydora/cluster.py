@@ -3,23 +3,91 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from raydora.config import RayConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # the raydora package this process runs
+
+
+def shadowing_dirs(cwd: str | Path | None = None) -> list[str]:
+    """The folders Ray puts first on its workers' ``sys.path`` (the driver's working directory, and its script's
+    folder when that is on the driver's path) that hold a ``raydora`` folder or ``raydora.py`` other than this
+    package. In a worker, such a folder would be imported as ``raydora`` instead of the installed package: an
+    empty ``raydora/`` (or a checkout's root, run from its parent) as a namespace package, a stale copy of the
+    package as itself, with errors like ``cannot import name 'check_gpus' from 'raydora.cluster' (unknown
+    location)`` far from their cause."""
+    candidates = [Path(cwd) if cwd is not None else Path.cwd()]
+    script = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] not in ("", "-c", "-m") else None
+    if script is not None and str(script) in sys.path:
+        candidates.append(script)
+    found: list[str] = []
+    for folder in candidates:
+        # A folder or a module: the console script ``bin/raydora`` (no suffix) is neither and is never imported.
+        local = (folder / "raydora").is_dir() and (folder / "raydora").resolve() != PACKAGE_DIR
+        if (local or (folder / "raydora.py").is_file()) and str(folder.resolve()) not in found:
+            found.append(str(folder.resolve()))
+    return found
+
+
+def _import_package_first(shadows: list[str]) -> Callable[[], None]:
+    """A Ray ``worker_process_setup_hook``: imports ``raydora`` with the ``shadows`` left off ``sys.path``, so that
+    the real package is in ``sys.modules`` before Ray adds the driver's folders to the path (it does so at the
+    worker's first task); ``raydora.<module>`` then resolves inside that package. A closure, so Ray ships it by
+    value: a hook named by module path would itself be imported through the shadowing folder. Never fails a
+    worker: without an importable package the worker runs as it would have."""
+
+    def hook() -> None:
+        import importlib
+        import os
+        import sys
+
+        saved = list(sys.path)
+        sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) not in shadows]
+        try:
+            importlib.import_module("raydora")
+        except Exception:  # noqa: BLE001 - best effort: the worker's own import errors will say what is wrong
+            pass
+        finally:
+            sys.path[:] = saved
+
+    return hook
+
+
+def package_guard(cwd: str | Path | None = None) -> dict[str, Any]:
+    """``ray.init`` keyword arguments that keep a local ``raydora`` folder from shadowing the package in the
+    workers (see :func:`shadowing_dirs`); empty when nothing shadows it, so the usual start is untouched."""
+    shadows = shadowing_dirs(cwd)
+    if not shadows:
+        return {}
+    print(
+        f"[ray] {', '.join(str(Path(s) / 'raydora') for s in shadows)} is not the raydora package this process "
+        f"runs ({PACKAGE_DIR}); Ray workers put that folder first on sys.path, so raydora makes them import the "
+        "package first",
+        flush=True,
+    )
+    return {"runtime_env": {"worker_process_setup_hook": _import_package_first(shadows)}}
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join the cluster of the current Ray job (``RAY_ADDRESS``) or ``cfg.address``, else start a local Ray.
 
-    A local Ray binds its dashboard to ``cfg.dashboard_host`` (127.0.0.1 by default). Idempotent."""
+    A local Ray binds its dashboard to ``cfg.dashboard_host`` (127.0.0.1 by default). A ``raydora`` folder in the
+    working directory that is not the package does not shadow it in the workers (:func:`package_guard`).
+    Idempotent."""
     import ray
 
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
+    guard = package_guard()
     if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address, log_to_driver=True)
+        ray.init(address=cfg.address, log_to_driver=True, **guard)
         return
-    ray.init(num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host)
+    ray.init(num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **guard)
 
 
 def resolve_device(setting: str) -> str:

@@ -476,6 +476,35 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `sqlite:///mlflow.db`, `file:///abs/path/mlruns`, `databricks`).
+    Set, the sft and train stages also log every step's metrics (those of metrics.jsonl) and the run's config (as
+    params, dotted keys) to an MLflow run named `<name>/<stage>`, from the rank-0 training worker, which must
+    reach the URI. Needs `pip install mlflow-skinny` (or `mlflow`; sqlite URIs also need sqlalchemy and
+    alembic). A `file:` URI uses MLflow's file store, which raydora opts into (MLflow 3 refuses it unless
+    MLFLOW_ALLOW_FILE_STORE is set). null: no MLflow."""
+    mlflow_experiment: str = "raydora"
+    """MLflow experiment the runs go to (created when missing)."""
+    wandb_project: str | None = None
+    """Weights & Biases project. Set, the sft and train stages also log every step's metrics and the run's config
+    to a W&B run named `<name>/<stage>` (files under the stage folder's `wandb/`), from the rank-0 training
+    worker. Needs `pip install wandb`. null: no W&B."""
+    wandb_entity: str | None = None
+    """W&B entity (user or team) of the project; null: your default entity."""
+    wandb_mode: str | None = None
+    """W&B mode; null: WANDB_MODE of the environment raydora starts in (passed on to the worker), else online.
+    offline writes the run under the stage folder's `wandb/` with no network (`wandb sync` uploads it later)."""
+
+    def __post_init__(self) -> None:
+        _check(self.mlflow_uri is None or bool(self.mlflow_uri.strip()), "mlflow_uri", "must be a URI or null")
+        _check(bool(self.mlflow_experiment), "mlflow_experiment", "must be a non-empty name")
+        _check(self.wandb_project is None or bool(self.wandb_project), "wandb_project", "must be a name or null")
+        ok = self.wandb_mode in (None, "online", "offline", "disabled")
+        _check(ok, "wandb_mode", f"must be online, offline, disabled or null, got {self.wandb_mode!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"
     """Run name: outputs go to <root>/<name>/."""
@@ -494,6 +523,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raydora import calibration
 from raydora.classifier import GOLDEN, margins, precision_tag, read_calibration
 from raydora.cluster import resolve_device
 from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
+from raydora.progress import Progress, watch
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
 EPS = 1e-6
@@ -56,6 +58,7 @@ class Scorer:
         device: str = "cpu",
         batch_size: int = 64,
         precision: str | None = "fp32",
+        progress: Any = None,
     ) -> None:
         import torch
 
@@ -64,6 +67,7 @@ class Scorer:
         if threads:
             torch.set_num_threads(threads)
         self.sources, self.max_length, self.batch_size, self.precision = sources, max_length, batch_size, precision
+        self.progress = progress  # a progress.Counter actor (or None): told the rows of every scored batch
         self.shares = np.asarray(shares, dtype=np.float64)
         self.models, self.tokenizers, temps, biases, gammas = [], [], [], [], []
         for s in sources:
@@ -99,6 +103,8 @@ class Scorer:
             by_col.append(probs[k : k + n].tolist())
             k += n
         batch = batch.append_column("p_golden", pa.array(p_col, pa.list_(pa.float64())))
+        if self.progress is not None:
+            self.progress.add.remote(batch.num_rows)
         return batch.append_column("p_golden_by_source", pa.array(by_col, pa.list_(pa.list_(pa.float64()))))
 
 
@@ -138,26 +144,31 @@ def score(
         rows_in = read_canonical(
             data_dir, num_cpus=IO_CPUS, block_rows=cfg.score_batch_size, slice_rows=4 * cfg.score_batch_size
         )
-        scored = map_on_actor_pool(
-            rows_in,
-            Scorer,
-            {
-                "classifier_dir": str(Path(classifier_dir).absolute()),
-                "sources": sources,
-                "shares": shares,
-                "max_length": cfg.max_length,
-                "threads": cfg.threads_per_worker,
-                "device": device,
-                "batch_size": cfg.score_batch_size,
-                "precision": cfg.precision,
-            },
-            keys=("classifier.score_actors", "classifier.actor_cpus"),
-            batch_size=cfg.score_batch_size,
-            actors=cfg.score_actors,
-            actor_cpus=cfg.actor_cpus,
-            gpus=1 if device == "cuda" else 0,
-        )
-        rows = write_rows(scored, tmp / "scored")
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(data_dir).glob("*.parquet"))
+        bar = Progress("classify", f"scoring with {len(sources)} classifiers", total, "rows")
+        with watch(bar) as counter:
+            scored = map_on_actor_pool(
+                rows_in,
+                Scorer,
+                {
+                    "classifier_dir": str(Path(classifier_dir).absolute()),
+                    "sources": sources,
+                    "shares": shares,
+                    "max_length": cfg.max_length,
+                    "threads": cfg.threads_per_worker,
+                    "device": device,
+                    "batch_size": cfg.score_batch_size,
+                    "precision": cfg.precision,
+                    "progress": counter,
+                },
+                keys=("classifier.score_actors", "classifier.actor_cpus"),
+                batch_size=cfg.score_batch_size,
+                actors=cfg.score_actors,
+                actor_cpus=cfg.actor_cpus,
+                gpus=1 if device == "cuda" else 0,
+            )
+            rows = write_rows(scored, tmp / "scored")
+        bar.finish(rows)
         write_success(
             tmp / "scored",
             {

@@ -42,12 +42,12 @@ from raydora.cluster import check_gpus
 from raydora.config import P_GOLDEN_OBJECTIVES
 from raydora.config import PAIRWISE_LOSSES as PAIRWISE
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
+from raydora.tracking import METRICS_FILE, STATE_FILE
 
-METRICS_FILE = "metrics.jsonl"
 FAILED_FILE = "_FAILED"
 # Left out of the ``_SUCCESS`` manifest of train/ and sft/: Ray Train manages (and prunes) checkpoints/, and the
 # logs and diagnostics may be deleted without invalidating final/ (which, with the metrics, is in the manifest).
-UNTRACKED = ("checkpoints", "tensorboard", "workers")
+UNTRACKED = ("checkpoints", "tensorboard", "workers", "wandb", STATE_FILE)
 TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the trainable (adapter) parameters, training's names
 
 
@@ -563,6 +563,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from raydora import distributed
     from raydora.hardware import resolve_precision
     from raydora.models import load_tokenizer
+    from raydora.tracking import Tracker
 
     transformers.utils.logging.disable_progress_bar()
     t = cfg["train"]
@@ -609,11 +610,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             scheduler.load_state_dict(saved["scheduler"])
             start = int(saved["step"])
     group = distributed.default_group() if world > 1 else None
-    metrics_path = Path(cfg["out_dir"]) / METRICS_FILE
-    writer = None
+    tracker = None  # rank 0: metrics.jsonl, TensorBoard, and MLflow / W&B when the logging section asks
     if rank == 0:
-        _truncate_metrics(metrics_path, start)
-        writer = _tensorboard(Path(cfg["out_dir"]) / "tensorboard")
+        tracker = Tracker(Path(cfg["out_dir"]), start, cfg.get("tracking"), cfg.get("params"),
+                          cfg.get("run_name", cfg["mode"]))  # fmt: skip
     f = objective_fn(cfg)
     local = cfg["batch_size"] // world
     mbs = cfg["micro_batch_size"]
@@ -656,8 +656,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 if rank == 0:
                     (Path(cfg["out_dir"]) / FAILED_FILE).write_text(msg + "\n")
                 ray.train.report({"step": step + 1, "failed": msg})
-                if writer is not None:
-                    writer.close()
+                if tracker is not None:
+                    tracker.close(failed=True)
                 return
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
@@ -673,12 +673,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
              "tokens_per_s": stats["tokens"] / (toc - tic), **stats["metrics"]}  # fmt: skip
         tic = toc
         last_metrics = m
-        if rank == 0:
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(m) + "\n")
-            if writer is not None:
-                for key, value in m.items():
-                    writer.add_scalar(key, value, step)
+        if tracker is not None:
+            tracker.log(m, step)
             if step % t["log_every"] == 0 or step == total:
                 print(f"[{cfg['mode']}] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
                       f"grad {m['grad_norm']:.3f} {m['pairs_per_s']:.1f} rows/s", flush=True)  # fmt: skip
@@ -688,8 +684,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(m, checkpoint=checkpoint)
             if path:
                 shutil.rmtree(path, ignore_errors=True)
-    if writer is not None:
-        writer.close()
+    if tracker is not None:
+        tracker.close()
     state = distributed.full_state_dict(model)
     if rank == 0:
         _save_model(model, tokenizer, Path(cfg["out_dir"]) / "final", state)
@@ -740,26 +736,6 @@ def packing_supported(model: Any, rows: dict[str, Any], cfg: dict[str, Any], pad
             f"[train] packed log-probs differ from padded ones (max {float((a - b).abs().max()):.3g}): padding instead"
         )
     return ok
-
-
-def _tensorboard(folder: Path) -> Any:
-    """A TensorBoard writer when ``tensorboard`` (or ``tensorboardX``) is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            return None
-    return SummaryWriter(str(folder), flush_secs=10)
-
-
-def _truncate_metrics(path: Path, start: int) -> None:
-    """Keep the metric lines of steps <= ``start`` (a resumed run rewrites the later ones)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-    path.write_text("".join(x + "\n" for x in keep))
 
 
 def _step(model: Any, micro: list[dict[str, Any]], cfg: dict[str, Any], f: Any, group: Any, world: int,
@@ -953,9 +929,12 @@ def fit(
     force: bool = False,
 ) -> StageResult:
     """Train ``model_dir`` on ``data_dir`` into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``final/``)."""
+    from raydora import tracking
+    from raydora.config import to_dict
     from raydora.reference import attn_implementation
 
     t = run_cfg.train
+    tracked = tracking.settings(getattr(run_cfg, "logging", None))  # fails here when a backend is not installed
     out_dir = Path(out_dir).absolute()
     same_result = {k: v for k, v in train.items() if k not in NOT_IN_FINGERPRINT}
     fp = fingerprint(mode, (read_success(data_dir) or {}).get("fingerprint"), file_fingerprints(model_dir),
@@ -995,6 +974,9 @@ def fit(
         "resume_from": str(resume) if resume else None,
         "steps_per_epoch": plan.steps_per_epoch,
         "threads": (extra or {}).get("threads", 1 if not t.use_gpu else 0),
+        "tracking": tracked,
+        "params": to_dict(run_cfg) if tracked else None,
+        "run_name": f"{run_cfg.name}/{mode}",
         **(extra or {}),
     }
     if loop_cfg["mode"] == "preference" and train["objective"] in P_GOLDEN_OBJECTIVES:

@@ -3,8 +3,11 @@ and applied by a Ray Data actor pool. Uses the tiny-bert preset (trained from sc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,9 +42,46 @@ def trained(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
     root = tmp_path_factory.mktemp("classify")
     synth.write_benchmark(root / "synth", rows=400, k=4, seed=0, eval_rows=10, block_rows=400)
     data.validate(root / "synth" / "train", root)
-    result = classifier.train_classifiers(root / "data", root / "classifier", CFG, seed=0)
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # the stage's progress lines, read by a test below
+        result = classifier.train_classifiers(root / "data", root / "classifier", CFG, seed=0)
+    (root / "classify.log").write_text(out.getvalue())
     assert result.counts == {"classifiers": 2} and not result.skipped
     return root
+
+
+PROGRESS = re.compile(r"^\[classify\] (.+?): ([\d,]+)/([\d,]+) (\w+) \((\d+)%\)(.*)$")
+
+
+def _progress(text: str, what: str) -> list[tuple[int, int, str]]:
+    """``(done, total, rest of the line)`` of the ``[classify] what: done/total ...`` lines in ``text``."""
+    found = [PROGRESS.match(line) for line in text.splitlines()]
+    return [(int(m[2].replace(",", "")), int(m[3].replace(",", "")), m[6]) for m in found if m and m[1] == what]
+
+
+def test_classifier_training_prints_progress(trained: Path) -> None:
+    """Training the classifiers prints examples done out of epochs x training examples (counted by every Train
+    worker), rising, with a rate and an ETA, a bounded number of times."""
+    lines = _progress((trained / "classify.log").read_text(), "training 2 classifiers")
+    examples = 0
+    for source in ("verbose", "sloppy"):
+        n = json.loads((trained / "classifier" / source / "calibration.json").read_text())["train_examples"]
+        examples += n["golden"] + n[source]
+    assert len(lines) >= 2, lines
+    assert {t for _, t, _ in lines} == {CFG.epochs * examples}
+    done = [d for d, _, _ in lines]
+    assert done == sorted(done) and 0 < done[0] < done[-1] <= CFG.epochs * examples
+    # Ray Train's equal split drops at most one example per worker, source and epoch.
+    assert done[-1] >= CFG.epochs * (examples - CFG.num_workers * 2)
+    assert any("examples/s" in rest and "ETA" in rest for _, _, rest in lines)
+    assert len(lines) <= 10 + 1 + 30  # every 10% and every 10 s: the run takes well under 5 minutes
+
+
+def test_scoring_prints_progress(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = scoring.score(trained / "data", trained / "classifier", trained / "scored-progress", CFG)
+    lines = _progress(capsys.readouterr().out, "scoring with 2 classifiers")
+    assert lines and {t for _, t, _ in lines} == {400} and result.counts == {"scored": 400}
+    done = [d for d, _, _ in lines]
+    assert done == sorted(done) and done[-1] == 400 and "rows/s" in lines[-1][2]
 
 
 def test_classifiers_separate_the_sources(trained: Path) -> None:

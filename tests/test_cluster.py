@@ -199,3 +199,89 @@ def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Pa
     for k in one:
         torch.testing.assert_close(spread[k], one[k], rtol=1e-5, atol=1e-6)
     assert single.counts["steps"] == 4
+
+
+PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])  # the driver runs this checkout's raydora; the workers only see the installed one
+import ray
+from raydora.cluster import package_guard
+
+def probe():
+    import raydora
+    try:
+        from raydora.cluster import check_gpus  # noqa: F401
+        error = None
+    except ImportError as e:
+        error = str(e)
+    return {"file": getattr(raydora, "__file__", None), "error": error}
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def run(self):
+        return probe()
+
+out = {}
+for mode in sys.argv[2:]:
+    guard = package_guard() if mode == "guarded" else {}  # what init_ray adds (test_init_ray_passes_the_guard)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False, **guard)
+    try:
+        out[mode] = {"task": ray.get(ray.remote(num_cpus=0)(probe).remote()), "actor": ray.get(Probe.remote().run.remote())}
+    finally:
+        ray.shutdown()
+print("PROBE " + json.dumps(out))
+"""
+
+
+def test_a_local_raydora_folder_does_not_shadow_the_package_in_ray_workers(tmp_path: Path) -> None:
+    """Ray workers put the driver's working directory first on sys.path. Run from the parent of a raydora checkout
+    (here: a ``raydora/`` folder holding a ``cluster/`` folder), the workers of an editable install imported that
+    folder as the package ("cannot import name 'check_gpus' from 'raydora.cluster' (unknown location)"); init_ray
+    makes them import the package itself (cluster.package_guard)."""
+    import raydora
+
+    (tmp_path / "raydora" / "cluster").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rayS.", dir="/tmp")
+    # Does a folder first on sys.path shadow this install (an editable install's finder runs after the path)?
+    check = "import sys; sys.path.insert(0, ''); import raydora; print(getattr(raydora, '__file__', None))"
+    plain_python = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True)
+    shadows = plain_python.stdout.strip() == "None"
+    modes = ["plain", "guarded"] if shadows else ["guarded"]
+    run = subprocess.run([sys.executable, "-c", PROBE, str(Path(raydora.__file__).parents[1]), *modes], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("PROBE ", 1)[1])
+    if shadows:  # the bug, reproduced: both workers import the folder
+        for where in ("task", "actor"):
+            assert out["plain"][where]["file"] is None, out
+            assert "unknown location" in out["plain"][where]["error"], out
+    for where in ("task", "actor"):
+        got = out["guarded"][where]
+        assert got["error"] is None and got["file"] is not None, out
+        assert Path(got["file"]).name == "__init__.py" and Path(got["file"]).parent != tmp_path / "raydora", out
+    assert f"{tmp_path / 'raydora'} is not the raydora package" in run.stdout
+
+
+def test_init_ray_passes_the_guard_only_where_a_folder_shadows(tmp_path: Path, monkeypatch) -> None:
+    import ray
+
+    from raydora import cluster
+    from raydora.config import RayConfig
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cluster.init_ray(RayConfig(num_cpus=1))
+    (tmp_path / "raydora").mkdir()
+    cluster.init_ray(RayConfig(num_cpus=1))
+    cluster.init_ray(RayConfig(address="auto"))
+    assert "runtime_env" not in calls[0] and calls[0]["num_cpus"] == 1
+    assert [c["runtime_env"]["worker_process_setup_hook"].__qualname__ for c in calls[1:]] == [
+        "_import_package_first.<locals>.hook"
+    ] * 2
+    assert calls[2]["address"] == "auto"
+    assert cluster.shadowing_dirs(tmp_path) == [str(tmp_path.resolve())]
+    assert cluster.shadowing_dirs(cluster.PACKAGE_DIR.parent) == []  # the checkout's root holds the package itself
