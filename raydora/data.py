@@ -1,21 +1,31 @@
 """Read preference data into the canonical schema with Ray Data, validating every row into ``data/`` or
 ``quarantine/``.
 
-Inputs: JSONL / JSON, parquet, a saved HF ``datasets`` folder, or a folder of such files, in the canonical, TRL
-(string, conversational, implicit-prompt) or RRHF layouts (see ``schema``). Large files are cut into byte ranges
-at line boundaries and read as a stream, so inputs may exceed memory. A malformed record never fails the read:
-it lands in ``quarantine/`` with its original bytes, file, line and a named ``reason``, and
+Inputs: JSONL / JSON, parquet (each also gzip / bz2 / xz / zstd compressed), a saved HF ``datasets`` folder, or a
+folder of such files, in the canonical, TRL (string, conversational, implicit-prompt) or RRHF layouts (see
+``schema``). Large plain files are cut into byte ranges at line boundaries and read as a stream, so inputs may
+exceed memory; a compressed file is one read task that decompresses as it streams. A malformed record never fails
+the read: it lands in ``quarantine/`` with its original bytes, file, line and a named ``reason``, and
 ``valid + quarantined == input`` is checked before the stage commits.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
+import shutil
+import tempfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydora import schema
@@ -49,14 +59,78 @@ QUARANTINE_SCHEMA = pa.schema(
 STAGED_SCHEMA = pa.schema([("kind", pa.string()), *CANONICAL_SCHEMA, *QUARANTINE_SCHEMA])
 
 
+SUFFIX_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # suffix -> codec, after a kind suffix
+# What a damaged compressed file raises while it is decompressed (gzip/bz2: OSError, EOFError when truncated,
+# zlib.error on a bad deflate block; xz: LZMAError; zstd via pyarrow: OSError / ArrowException).
+DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error, pa.ArrowException)
+
+
+# ---- compressed files ---------------------------------------------------------------------------------------------
+def compression(path: str | Path) -> str | None:
+    """The codec of ``path`` from its last suffix (gzip, bz2, xz, zstd), or None for a plain file."""
+    return COMPRESSIONS.get(Path(path).suffix.lower())
+
+
+def open_input(path: str | Path, codec: str | None = None) -> io.BufferedIOBase:
+    """``path`` opened for binary reading, decompressed as a stream when ``codec`` is set (never read whole):
+    gzip / bz2 / xz through the standard library, zstd through ``zstandard`` when installed, else pyarrow."""
+    if codec is None:
+        return open(path, "rb")
+    if codec == "gzip":
+        return gzip.open(path, "rb")
+    if codec == "bz2":
+        return bz2.open(path, "rb")
+    if codec == "xz":
+        return lzma.open(path, "rb")
+    if codec != "zstd":
+        raise ValueError(f"unknown compression {codec!r}")
+    try:
+        import zstandard
+    except ImportError:
+        return io.BufferedReader(pa.CompressedInputStream(pa.OSFile(str(path)), "zstd"))
+    raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return io.BufferedReader(raw)
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return DECOMPRESS_ERRORS
+    return (*DECOMPRESS_ERRORS, zstandard.ZstdError)
+
+
+@contextmanager
+def _decompressed_parquet(path: Path, codec: str) -> Iterator[Path]:
+    """A compressed parquet file decompressed into a temporary file (parquet needs random access to its footer)."""
+    with tempfile.TemporaryDirectory(prefix="raydora-parquet-") as tmp:
+        out = Path(tmp) / path.name[: -len(path.suffix)]
+        with open_input(path, codec) as src, out.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        yield out
+
+
+def _starts_json_array(path: Path, codec: str | None) -> bool:
+    """True when the first non-blank byte of the (decompressed) file, after a UTF-8 BOM, is ``[``."""
+    with open_input(path, codec) as f:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+        while head and not head.strip():
+            head = f.read(1 << 16)
+    return head.lstrip().startswith(b"[")
+
+
 # ---- planning (driver side) ------------------------------------------------------------------------------------
 def _kind(path: Path) -> str | None:
+    """jsonl / json / parquet for a file (plain or compressed), hf for a saved HF datasets folder, else None."""
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return "hf"
         return None
-    suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(suffix)
+    name = path.name.lower()
+    if compression(path):
+        name = name[: -len(path.suffix)]
+    return SUFFIX_KINDS.get(Path(name).suffix)
 
 
 def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
@@ -68,7 +142,10 @@ def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
     if kind:
         return [(p, kind)]
     if p.is_file():
-        raise ValueError(f"{p}: unsupported file type (expected .jsonl, .json, .parquet or a saved HF datasets folder)")
+        raise ValueError(
+            f"{p}: unsupported file type (expected .jsonl, .ndjson, .json or .parquet, each optionally compressed as "
+            ".gz, .bz2, .xz or .zst, or a saved HF datasets folder)"
+        )
     found: list[tuple[Path, str]] = []
     for child in sorted(p.iterdir()):
         if child.name.startswith((".", "_")):
@@ -118,8 +195,17 @@ def _sniff_format(path: Path, kind: str) -> str | None:
 
 
 def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
+    """The first ``n`` records of one input (fewer when it is damaged: sniffing never fails the plan, the read task
+    then quarantines what it cannot read)."""
+    codec = compression(path) if kind != "hf" else None
     out: list[Any] = []
     if kind == "parquet":
+        if codec:
+            try:
+                with _decompressed_parquet(path, codec) as plain:
+                    return _sample_records(plain, kind, n)
+            except _decompress_errors():
+                return []
         pf = pq.ParquetFile(path)
         if pf.metadata.num_rows:
             out = next(pf.iter_batches(batch_size=n)).to_pylist()
@@ -129,21 +215,24 @@ def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
                 out = next(iter(pa.ipc.open_stream(src)), pa.record_batch([])).slice(0, n).to_pylist()
             break
     else:
-        with path.open("rb") as f:
-            head = f.read(1 << 16)
-        text = head.lstrip(b"\xef\xbb\xbf").lstrip()
-        if kind == "json" and text.startswith(b"["):
+        head = b""
+        try:
+            with open_input(path, codec) as f:
+                while len(head) < 1 << 16 and (block := f.readline(1 << 16)):  # lines: keep what precedes damage
+                    head += block
+                if kind == "json" and head.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+                    try:
+                        value = json.loads(head + f.read())
+                        return value[:n] if isinstance(value, list) else []
+                    except (ValueError, UnicodeDecodeError):
+                        return []
+        except _decompress_errors():
+            pass  # a damaged compressed file: sniff what was read; its read task quarantines the rest
+        for raw in head.splitlines()[:n]:
             try:
-                value = json.loads(path.read_bytes())
-                out = value[:n] if isinstance(value, list) else []
-            except (ValueError, UnicodeDecodeError):
-                out = []
-        else:
-            for raw in head.splitlines()[:n]:
-                try:
-                    out.append(schema.parse_json_line(raw))
-                except schema.RowError:
-                    continue
+                out.append(schema.parse_json_line(raw))
+            except schema.RowError:
+                continue
     return out
 
 
@@ -163,8 +252,12 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
     tasks: list[dict[str, Any]] = []
     for p, kind in list_inputs(path):
         forced = None if fmt == "auto" else fmt
-        base = {"file": str(p), "kind": kind, "format": forced, "fallback": forced or _sniff_format(p, kind)}
-        if kind == "jsonl" or kind == "json":
+        codec = compression(p) if kind != "hf" else None
+        base = {"file": str(p), "kind": kind, "format": forced, "fallback": forced or _sniff_format(p, kind),
+                "compression": codec}  # fmt: skip
+        if codec is not None:  # a compressed stream cannot be cut into byte ranges: one task reads it all
+            tasks.append({**base, "start": 0, "end": -1, "line": 1, "split": None, "row_groups": None})
+        elif kind == "jsonl" or kind == "json":
             for start, end, line in _jsonl_chunks(p, chunk_bytes) if kind == "jsonl" else [(0, -1, 1)]:
                 tasks.append({**base, "start": start, "end": end, "line": line, "split": None})
         elif kind == "parquet":
@@ -184,9 +277,28 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
 
 
 # ---- reading (inside Ray tasks) ---------------------------------------------------------------------------------
+def _corrupt(path: Path, codec: str, line: int, e: BaseException) -> schema.RowError:
+    where = "from the start" if line == 1 else f"after line {line - 1}"
+    return schema.RowError("corrupt_file", "", f"{path.name}: the {codec} stream cannot be read {where}: {e}")
+
+
 def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.RowError | None]]:
-    """(line, original bytes, parsed record or None, parse error or None) for one task."""
-    path, kind, line = Path(task["file"]), task["kind"], task["line"]
+    """(line, original bytes, parsed record or None, parse error or None) for one task.
+
+    A compressed file that cannot be decompressed (truncated, damaged, or not compressed at all) ends in one
+    ``corrupt_file`` record at the line where reading stopped: what was read before it is kept, and the stage's
+    counts still add up."""
+    path, kind, line, codec = Path(task["file"]), task["kind"], task["line"], task.get("compression")
+    errors = _decompress_errors() if codec else ()
+    if kind == "parquet" and codec:
+        try:
+            with _decompressed_parquet(path, codec) as plain:
+                for item in _records({**task, "file": str(plain), "compression": None, "row_groups": None}):
+                    yield item
+                    line += 1
+        except errors as e:
+            yield line, b"", None, _corrupt(path, codec, line, e)
+        return
     if kind in ("parquet", "hf"):
         if kind == "parquet":
             batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, row_groups=task["row_groups"])
@@ -200,9 +312,20 @@ def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.Row
                 yield line, raw, record, None
                 line += 1
         return
+    end = task["end"]
     if kind == "json":
-        data = path.read_bytes()
-        if data.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+        try:
+            array = _starts_json_array(path, codec)
+        except errors as e:
+            yield line, b"", None, _corrupt(path, codec, line, e)
+            return
+        if array:
+            try:
+                with open_input(path, codec) as f:
+                    data = f.read()
+            except errors as e:
+                yield line, b"", None, _corrupt(path, codec, line, e)
+                return
             try:
                 value = json.loads(data)
             except UnicodeDecodeError as e:
@@ -214,12 +337,17 @@ def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.Row
             for i, record in enumerate(value, start=1):
                 yield i, json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass"), record, None
             return
-        task = {**task, "start": 0, "end": len(data)}  # a .json file holding JSON lines
-    with path.open("rb") as f:
-        f.seek(task["start"])
+        end = -1  # a .json file holding JSON lines: read to its end
+    with open_input(path, codec) as f:
+        if not codec:
+            f.seek(task["start"])
         pos = task["start"]
-        while pos < task["end"]:
-            raw = f.readline()
+        while end < 0 or pos < end:
+            try:
+                raw = f.readline()
+            except errors as e:  # only compressed files: a plain file's I/O error fails the task
+                yield line, b"", None, _corrupt(path, codec, line, e)
+                return
             if not raw:
                 break
             pos += len(raw)
@@ -439,8 +567,11 @@ def validate(
             raise RuntimeError(f"row counts do not add up, nothing committed: {counts}")
         reasons: dict[str, int] = {}
         for f in (tmp / "quarantine").glob("*.parquet"):
-            for r in pq.read_table(f, columns=["reason"]).column("reason").to_pylist():
+            table = pq.read_table(f, columns=["reason", "file", "detail"])
+            for r in table.column("reason").to_pylist():
                 reasons[r] = reasons.get(r, 0) + 1
+            for row in table.filter(pc.equal(table["reason"], "corrupt_file")).to_pylist():
+                print(f"[validate] warning: {row['file']} is damaged, rows after the damage are lost: {row['detail']}")
         write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
                                      "rows": counts, "reasons": dict(sorted(reasons.items()))})  # fmt: skip
         promote(tmp / "quarantine", out / "quarantine")

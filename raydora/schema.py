@@ -39,6 +39,8 @@ REASONS = {
     "nonfinite_score": "a score is NaN or infinite",
     "tied_scores": "all scores are equal: no preference",
     "over_length": "prompt + responses exceed the configured number of characters",
+    # a file-level reason: the rest of a compressed file could not be decompressed (truncated or damaged)
+    "corrupt_file": "a compressed file cannot be decompressed from this line on (truncated or damaged)",
 }
 
 ChatRenderer = Callable[[list[dict[str, str]]], str]

@@ -3,7 +3,10 @@ restarts, and a 1,000-row fuzzed file whose rows are all accounted for."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -33,7 +36,8 @@ def test_messy_file_loses_nothing_and_names_every_reason(tmp_path: Path) -> None
     assert result.counts == {"input": 16, "valid": 3, "quarantined": 13}
     quarantined = {r["line"]: r for r in _table(tmp_path / "quarantine")}
     assert {line: r["reason"] for line, r in quarantined.items()} == MESSY_REASONS
-    assert set(MESSY_REASONS.values()) == set(schema.REASONS)  # the file exercises every reason
+    # the file exercises every row-level reason (corrupt_file, a damaged compressed file, is tested below)
+    assert set(MESSY_REASONS.values()) == set(schema.REASONS) - {"corrupt_file"}
     raw_lines = MESSY.read_bytes().split(b"\n")
     for line, r in quarantined.items():
         assert r["raw"] == raw_lines[line - 1] and r["file"] == str(MESSY)  # original bytes, kept exactly
@@ -199,3 +203,115 @@ def test_stage_writes_keep_the_input_order_when_later_batches_finish_first(tmp_p
     assert sorted(unordered) == list(range(64)) and unordered != list(range(64))
     # ... and every stage writes through write_rows, which keeps the order.
     assert run(data.write_rows) == list(range(64))
+
+
+# ---- compressed inputs ------------------------------------------------------------------------------------------
+def _compress(codec: str, raw: bytes) -> bytes:
+    if codec == "zstd":
+        out = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(out, "zstd") as z:
+            z.write(raw)
+        return out.getvalue().to_pybytes()
+    return {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec](raw)
+
+
+def test_compressed_files_number_lines_and_keep_raw_bytes_like_plain_ones(tmp_path: Path) -> None:
+    """The messy file compressed four ways (one read task each, however small chunk_bytes is), a gzipped JSON
+    array and a zstd parquet file: the same reasons on the same lines, the original (decompressed) bytes kept."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = {"gzip": "m.jsonl.gz", "bz2": "m.jsonl.bz2", "xz": "m.ndjson.xz", "zstd": "m.jsonl.zst"}
+    for codec, name in names.items():
+        (src / name).write_bytes(_compress(codec, MESSY.read_bytes()))
+    (src / "a.json.gz").write_bytes(_compress("gzip", json.dumps(_rows(3)).encode()))
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(_rows(5)), buf, row_group_size=2)
+    (src / "b.parquet.zst").write_bytes(_compress("zstd", buf.getvalue().to_pybytes()))
+    tasks = data.plan_reads(src, chunk_bytes=64)
+    assert sorted(Path(t["file"]).name for t in tasks) == sorted([*names.values(), "a.json.gz", "b.parquet.zst"])
+    assert {Path(t["file"]).name: t["fallback"] for t in tasks}["m.jsonl.zst"] == "canonical"  # sniffed through zstd
+    result = data.validate(src, tmp_path / "out", chunk_bytes=64)
+    assert result.counts == {"input": 4 * 16 + 3 + 5, "valid": 4 * 3 + 3 + 5, "quarantined": 4 * 13}
+    raw_lines = MESSY.read_bytes().split(b"\n")
+    quarantined = _table(tmp_path / "out" / "quarantine")
+    for name in names.values():
+        rows = {r["line"]: r for r in quarantined if r["file"] == str((src / name).absolute())}
+        assert {line: r["reason"] for line, r in rows.items()} == MESSY_REASONS, name
+        assert all(r["raw"] == raw_lines[line - 1] for line, r in rows.items()), name
+    valid = _table(tmp_path / "out" / "data")
+    assert sorted(r["prompt"] for r in valid if r["prompt"].startswith("p")) == sorted(
+        [f"p{i}" for i in range(3)] + [f"p{i}" for i in range(5)]
+    )
+
+
+def test_damaged_compressed_files_end_in_one_corrupt_file_row_and_counts_add_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps(r).encode() for r in _rows(400)]
+    whole = _compress("gzip", b"\n".join(lines) + b"\n")
+    (src / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download that stopped half way
+    (src / "fake.jsonl.xz").write_bytes(b"".join(lines[:3]))  # plain text named .xz
+    (src / "cut.parquet.bz2").write_bytes(_compress("bz2", b"PAR1 whatever")[:-5])
+    result = data.validate(src, tmp_path / "out")
+    q = {(Path(r["file"]).name, r["reason"]): r for r in _table(tmp_path / "out" / "quarantine")}
+    assert set(q) == {("cut.jsonl.gz", "corrupt_file"), ("fake.jsonl.xz", "corrupt_file"),
+                      ("cut.parquet.bz2", "corrupt_file")}  # fmt: skip
+    read = q[("cut.jsonl.gz", "corrupt_file")]["line"] - 1  # the lines decompressed before the damage
+    assert 0 < read < 400 and result.counts == {"input": read + 3, "valid": read, "quarantined": 3}
+    assert "cut.jsonl.gz" in q[("cut.jsonl.gz", "corrupt_file")]["detail"]
+    assert q[("fake.jsonl.xz", "corrupt_file")]["line"] == 1 and q[("cut.parquet.bz2", "corrupt_file")]["line"] == 1
+    ids = sorted(int(r["prompt"][1:]) for r in _table(tmp_path / "out" / "data"))
+    assert ids == list(range(read))  # every line before the damage, in order, none invented
+    assert json.loads((tmp_path / "out" / "data" / "_SUCCESS").read_text())["reasons"] == {"corrupt_file": 3}
+    printed = capsys.readouterr().out
+    assert f"[validate] warning: {(src / 'cut.jsonl.gz').absolute()} is damaged" in printed
+
+
+@pytest.mark.parametrize("codec,suffix", [("gzip", ".gz"), ("zstd", ".zst")])
+def test_compressed_jsonl_is_streamed_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str,
+                                                     suffix: str) -> None:  # fmt: skip
+    """The first records of a 4 MB (decompressed) file cost a few KiB of decompressed reads."""
+    src = tmp_path / f"big.jsonl{suffix}"
+    src.write_bytes(_compress(codec, b"\n".join(json.dumps(r).encode() for r in _rows(80_000)) + b"\n"))
+    consumed = []
+    opened = data.open_input
+
+    class Counting:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+        def __getattr__(self, name):
+            def call(*args):
+                out = getattr(self.f, name)(*args)
+                consumed.append(len(out) if isinstance(out, bytes) else 0)
+                return out
+
+            return call
+
+    monkeypatch.setattr(data, "open_input", lambda path, c=None: Counting(opened(path, c)))
+    (task,) = data.plan_reads(src, chunk_bytes=1 << 10)
+    consumed.clear()  # planning sniffs the first 64 KiB
+    records = data._records(task)
+    first = [next(records) for _ in range(3)]
+    assert [r[2]["prompt"] for r in first] == ["p0", "p1", "p2"] and [r[0] for r in first] == [1, 2, 3]
+    assert 0 < sum(consumed) < 1 << 10
+    assert sum(1 for _ in records) == 80_000 - 3 and sum(consumed) > 4 << 20
+
+
+def test_list_inputs_knows_compressed_suffixes(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl.gz").write_bytes(_compress("gzip", b"{}\n"))
+    (tmp_path / "b.PARQUET.ZST").write_bytes(b"")
+    assert data.list_inputs(tmp_path / "a.jsonl.gz") == [((tmp_path / "a.jsonl.gz").absolute(), "jsonl")]
+    assert [k for _, k in data.list_inputs(tmp_path)] == ["jsonl", "parquet"]
+    assert data.compression(tmp_path / "b.PARQUET.ZST") == "zstd" and data.compression(MESSY) is None
+    (tmp_path / "c.jsonl.lz4").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"c\.jsonl\.lz4: unsupported file type"):
+        data.list_inputs(tmp_path / "c.jsonl.lz4")
