@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import shutil
 import tempfile
 import zlib
@@ -133,31 +134,62 @@ def _kind(path: Path) -> str | None:
     return SUFFIX_KINDS.get(Path(name).suffix)
 
 
-def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
-    """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf."""
+READABLE = ".jsonl, .ndjson, .json or .parquet, each optionally compressed as .gz, .bz2, .xz or .zst"
+
+
+def scan_inputs(path: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """``(inputs, skipped)``: every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet /
+    hf, and every other file found in its folders (``notes.txt``, ``data.csv``: files it cannot read, which the
+    caller reports). Names starting with ``.`` or ``_`` (hidden files, ``_SUCCESS`` markers) are left out of
+    both. Raises when ``path`` is missing, is a file of another type, or holds no input at all."""
     p = Path(path).absolute()  # tasks run in Ray workers, whose working folder may differ
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
     kind = _kind(p)
     if kind:
-        return [(p, kind)]
+        return [(p, kind)], []
     if p.is_file():
-        raise ValueError(
-            f"{p}: unsupported file type (expected .jsonl, .ndjson, .json or .parquet, each optionally compressed as "
-            ".gz, .bz2, .xz or .zst, or a saved HF datasets folder)"
-        )
+        raise ValueError(f"{p}: unsupported file type (expected {READABLE}, or a saved HF datasets folder)")
     found: list[tuple[Path, str]] = []
-    for child in sorted(p.iterdir()):
-        if child.name.startswith((".", "_")):
-            continue
-        k = _kind(child)
-        if k:
-            found.append((child, k))
-        elif child.is_dir():
-            found.extend(list_inputs(child))
+    skipped: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for child in sorted(folder.iterdir()):
+            if child.name.startswith((".", "_")):
+                continue
+            k = _kind(child)
+            if k:
+                found.append((child, k))
+            elif child.is_dir():
+                walk(child)
+            else:
+                skipped.append(child)
+
+    walk(p)
     if not found:
-        raise ValueError(f"{p}: no .jsonl, .json, .parquet files or HF datasets folders inside")
-    return found
+        shown = "".join(f"\n  {f.relative_to(p)}" for f in skipped[:10])
+        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        raise ValueError(
+            f"{p}: no input inside (readable: {READABLE}, or saved HF datasets folders)"
+            + (f"; {len(skipped)} other file(s) found:{shown}{more}" if skipped else "")
+        )
+    return found, skipped
+
+
+def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
+    """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf (see
+    :func:`scan_inputs`, which also returns the files it skipped)."""
+    return scan_inputs(path)[0]
+
+
+def warn_skipped(root: str | Path, skipped: list[str]) -> None:
+    """Print which files under the input folder ``root`` are not read (never skipped silently)."""
+    if not skipped:
+        return
+    names = [os.path.relpath(f, Path(root).absolute()) for f in skipped]
+    more = f" and {len(names) - 10} more (listed in data/_SUCCESS)" if len(names) > 10 else ""
+    print(f"[validate] warning: skipping {len(names)} file(s) in {root} that are not inputs ({READABLE}): "
+          f"{', '.join(names[:10])}{more}", flush=True)  # fmt: skip
 
 
 def _jsonl_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
@@ -550,7 +582,11 @@ def validate(
     outputs = {"data": str(out / "data"), "quarantine": str(out / "quarantine")}
     if not force and is_done(out / "data", fp):
         marker = json.loads((out / "data" / "_SUCCESS").read_text())
-        return StageResult("validate", outputs, marker["rows"], skipped=True, info={"reasons": marker["reasons"]})
+        warn_skipped(input, marker.get("skipped_files", []))
+        info = {"reasons": marker["reasons"], "skipped_files": marker.get("skipped_files", [])}
+        return StageResult("validate", outputs, marker["rows"], skipped=True, info=info)
+    skipped = [str(f) for f in scan_inputs(input)[1]]
+    warn_skipped(input, skipped)
     with staging(out, "validate") as tmp:
         ordered(read_staged(input, fmt, max_chars, tokenizer, chunk_bytes)).write_parquet(str(tmp / "staged"))
         if list((tmp / "staged").glob("*.parquet")):  # an empty input stages nothing
@@ -573,10 +609,11 @@ def validate(
             for row in table.filter(pc.equal(table["reason"], "corrupt_file")).to_pylist():
                 print(f"[validate] warning: {row['file']} is damaged, rows after the damage are lost: {row['detail']}")
         write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
-                                     "rows": counts, "reasons": dict(sorted(reasons.items()))})  # fmt: skip
+                                     "rows": counts, "reasons": dict(sorted(reasons.items())),
+                                     "skipped_files": skipped})  # fmt: skip
         promote(tmp / "quarantine", out / "quarantine")
         promote(tmp / "data", out / "data")  # the commit point: data/ arrives with its marker
-    return StageResult("validate", outputs, counts, info={"reasons": reasons})
+    return StageResult("validate", outputs, counts, info={"reasons": reasons, "skipped_files": skipped})
 
 
 def run(cfg: Any, run_dir: str | Path) -> StageResult:

@@ -315,3 +315,36 @@ def test_list_inputs_knows_compressed_suffixes(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl.lz4").write_bytes(b"")
     with pytest.raises(ValueError, match=r"c\.jsonl\.lz4: unsupported file type"):
         data.list_inputs(tmp_path / "c.jsonl.lz4")
+
+
+# ---- folders ------------------------------------------------------------------------------------------------------
+def test_files_a_folder_cannot_read_are_named_never_skipped_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    (src / "logs").mkdir(parents=True)  # a subfolder holding no input at all is no error
+    (src / "a.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(2)) + "\n")
+    (src / "data.csv").write_text("prompt,chosen,rejected\n")
+    (src / "logs" / "notes.txt").write_text("hello\n")
+    (src / "_SUCCESS").write_text("{}")  # markers and hidden files stay ignored, silently
+    (src / ".DS_Store").write_bytes(b"\0")
+    inputs, skipped = data.scan_inputs(src)
+    assert [p.name for p, _ in inputs] == ["a.jsonl"]
+    assert skipped == [(src / "data.csv").absolute(), (src / "logs" / "notes.txt").absolute()]
+    result = data.validate(src, tmp_path / "out")
+    assert result.counts == {"input": 2, "valid": 2, "quarantined": 0}
+    printed = capsys.readouterr().out
+    assert f"[validate] warning: skipping 2 file(s) in {src} that are not inputs" in printed
+    assert "data.csv, logs/notes.txt" in printed and "_SUCCESS" not in printed and "DS_Store" not in printed
+    marker = json.loads((tmp_path / "out" / "data" / "_SUCCESS").read_text())
+    assert marker["skipped_files"] == [str(f) for f in skipped]
+    assert data.validate(src, tmp_path / "out").skipped  # an up-to-date rerun says it again
+    assert "data.csv, logs/notes.txt" in capsys.readouterr().out
+
+
+def test_a_folder_without_inputs_lists_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rows.csv").write_text("a,b\n")
+    (tmp_path / "_SUCCESS").write_text("{}")
+    with pytest.raises(ValueError, match=r"no input inside .*1 other file\(s\) found:\n  sub/rows\.csv$"):
+        data.list_inputs(tmp_path)
