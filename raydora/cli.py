@@ -99,8 +99,12 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
         print("raydora validate: give --input PATH (or data.input in the config)", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
-    result = data.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
-                           cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
+    try:
+        result = data.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
+                               cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
+    except (data.InputError, FileNotFoundError) as e:  # the input is unusable: say why, no traceback
+        print(f"raydora validate: {e}", file=sys.stderr)
+        return 1
     print(result.summary())
     for reason, n in sorted(result.info.get("reasons", {}).items()):
         print(f"  quarantined {n:>8}  {reason}")
@@ -188,9 +192,13 @@ def cmd_report(args: argparse.Namespace, cfg: RunConfig | None) -> int:
 
 def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Run the pipeline's stages in order over <root>/<name>/ (each skips itself when up to date)."""
-    from raydora import pipeline
+    from raydora import data, pipeline
 
-    pipeline.run(cfg, args.stages.split(",") if args.stages else None)
+    try:
+        pipeline.run(cfg, args.stages.split(",") if args.stages else None)
+    except data.InputError as e:  # stop at the validate stage, before a later one fails for want of data/
+        print(f"raydora pipeline: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

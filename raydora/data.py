@@ -67,6 +67,15 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # su
 DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error, pa.ArrowException)
 
 
+class InputError(ValueError):
+    """An input the validate stage cannot use (unsupported, empty, nothing valid, not in the HF cache): the message
+    says what and where, and the ``raydora`` command prints it and exits 1 without a traceback."""
+
+
+class NoValidRowsError(InputError):
+    """Validation left no valid row: nothing is committed to ``data/``, and ``quarantine/`` holds every row."""
+
+
 # ---- compressed files ---------------------------------------------------------------------------------------------
 def compression(path: str | Path) -> str | None:
     """The codec of ``path`` from its last suffix (gzip, bz2, xz, zstd), or None for a plain file."""
@@ -149,7 +158,7 @@ def scan_inputs(path: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     if kind:
         return [(p, kind)], []
     if p.is_file():
-        raise ValueError(f"{p}: unsupported file type (expected {READABLE}, or a saved HF datasets folder)")
+        raise InputError(f"{p}: unsupported file type (expected {READABLE}, or a saved HF datasets folder)")
     found: list[tuple[Path, str]] = []
     skipped: list[Path] = []
 
@@ -169,7 +178,7 @@ def scan_inputs(path: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     if not found:
         shown = "".join(f"\n  {f.relative_to(p)}" for f in skipped[:10])
         more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        raise ValueError(
+        raise InputError(
             f"{p}: no input inside (readable: {READABLE}, or saved HF datasets folders)"
             + (f"; {len(skipped)} other file(s) found:{shown}{more}" if skipped else "")
         )
@@ -565,6 +574,39 @@ def write_rows(ds: Any, folder: Path) -> int:
     return _parquet_rows(folder)
 
 
+def _quarantine_reasons(folder: Path) -> dict[str, int]:
+    """Rows per reason in a quarantine folder; prints a warning naming each damaged compressed file."""
+    reasons: dict[str, int] = {}
+    for f in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(f, columns=["reason", "file", "detail"])
+        for r in table.column("reason").to_pylist():
+            reasons[r] = reasons.get(r, 0) + 1
+        for row in table.filter(pc.equal(table["reason"], "corrupt_file")).to_pylist():
+            print(f"[validate] warning: {row['file']} is damaged, rows after the damage are lost: {row['detail']}")
+    return reasons
+
+
+def _fail_without_valid_rows(
+    input: str | Path, out: Path, tmp: Path, counts: dict[str, int], reasons: dict[str, int], skipped: list[str]
+) -> None:
+    """Keep the quarantine for inspection, remove a ``data/`` left by an earlier input (no later stage may train
+    on it), and raise :class:`NoValidRowsError` saying why and where to look."""
+    if (out / "data").exists():
+        shutil.rmtree(out / "data")
+    promote(tmp / "quarantine", out / "quarantine")  # this input's quarantine, not an earlier one's
+    if not counts["input"]:
+        raise NoValidRowsError(
+            f"{input}: no rows to validate (the input files are empty)"
+            + (f"; {len(skipped)} file(s) that are not inputs were skipped" if skipped else "")
+        )
+    by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    raise NoValidRowsError(
+        f"{input}: no valid row, all {counts['input']} were quarantined ({by_reason}). Nothing was written to "
+        f"{out / 'data'}; the quarantined rows (file, line, reason, field, detail and the original bytes) are in "
+        f"{out / 'quarantine'}. Fix the input, or set the layout with --format / data.format, and rerun."
+    )
+
+
 def validate(
     input: str | Path,
     output: str | Path,
@@ -601,13 +643,9 @@ def validate(
                   "quarantined": _parquet_rows(tmp / "quarantine")}  # fmt: skip
         if counts["valid"] + counts["quarantined"] != counts["input"]:
             raise RuntimeError(f"row counts do not add up, nothing committed: {counts}")
-        reasons: dict[str, int] = {}
-        for f in (tmp / "quarantine").glob("*.parquet"):
-            table = pq.read_table(f, columns=["reason", "file", "detail"])
-            for r in table.column("reason").to_pylist():
-                reasons[r] = reasons.get(r, 0) + 1
-            for row in table.filter(pc.equal(table["reason"], "corrupt_file")).to_pylist():
-                print(f"[validate] warning: {row['file']} is damaged, rows after the damage are lost: {row['detail']}")
+        reasons = _quarantine_reasons(tmp / "quarantine")
+        if counts["valid"] == 0:
+            _fail_without_valid_rows(input, out, tmp, counts, reasons, skipped)
         write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
                                      "rows": counts, "reasons": dict(sorted(reasons.items())),
                                      "skipped_files": skipped})  # fmt: skip

@@ -348,3 +348,46 @@ def test_a_folder_without_inputs_lists_what_it_found(tmp_path: Path) -> None:
     (tmp_path / "_SUCCESS").write_text("{}")
     with pytest.raises(ValueError, match=r"no input inside .*1 other file\(s\) found:\n  sub/rows\.csv$"):
         data.list_inputs(tmp_path)
+
+
+# ---- nothing valid ------------------------------------------------------------------------------------------------
+def test_no_valid_row_is_an_error_that_keeps_the_quarantine(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(_rows(1)[0]) + "\n")
+    data.validate(good, out)  # an earlier input's data/, which must not survive a failed validation
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'not json\n{"prompt": "p"}\n{"prompt": "q", "chosen": "a"}\n')
+    with pytest.raises(data.NoValidRowsError) as err:
+        data.validate(bad, out)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: no valid row, all 3 were quarantined (unknown_format: 2, malformed_json: 1)")
+    assert f"in {out / 'quarantine'}." in message
+    assert not (out / "data").exists()
+    assert [(r["file"], r["line"]) for r in _table(out / "quarantine")] == [(str(bad), 1), (str(bad), 2), (str(bad), 3)]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(data.NoValidRowsError, match=r"empty\.jsonl: no rows to validate"):
+        data.validate(empty, out)
+    assert _table(out / "quarantine") == []  # the quarantine on disk is always the last input's
+
+
+def test_validate_and_pipeline_commands_exit_1_with_the_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raydora import cli
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a"}\nnot json\n')
+    assert cli.main(["validate", "--input", str(bad), "--output", str(tmp_path / "v")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"raydora validate: {bad}: no valid row, all 2 were quarantined (malformed_json: 1, unknown")
+    assert (tmp_path / "v" / "quarantine").is_dir() and not (tmp_path / "v" / "data").exists()
+    assert cli.main(["pipeline", f"root={tmp_path}", "name=p", f"data.input={bad}"]) == 1
+    out = capsys.readouterr()
+    assert (
+        out.err.startswith(f"raydora pipeline: {bad}: no valid row") and str(tmp_path / "p" / "quarantine") in out.err
+    )
+    assert "[validate]" not in out.out  # it stopped there: no stage summary, no later stage
+    assert cli.main(["validate", "--input", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "v")]) == 1
+    assert f"raydora validate: input not found: {tmp_path / 'notes.txt'}" in capsys.readouterr().err
