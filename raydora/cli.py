@@ -244,7 +244,9 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--label-noise", type=float, help="share of rows with shuffled labels (synth.label_noise)")
     elif name == "validate":
         p.add_argument(
-            "--input", help="file or folder: .jsonl .json .parquet (also .gz .bz2 .xz .zst), a saved HF datasets folder"
+            "--input",
+            help="file or folder: .jsonl .json .parquet (also .gz .bz2 .xz .zst), a saved HF "
+            "datasets folder, or hf://ORG/NAME[@config][:split] from the local HF datasets cache",
         )
         p.add_argument("--format", choices=["auto", *FORMATS], help="row layout (default: detect)")
         p.add_argument("--output", help="output folder for data/ and quarantine/ (default: <root>/<name>)")

@@ -1,12 +1,13 @@
 """Read preference data into the canonical schema with Ray Data, validating every row into ``data/`` or
 ``quarantine/``.
 
-Inputs: JSONL / JSON, parquet (each also gzip / bz2 / xz / zstd compressed), a saved HF ``datasets`` folder, or a
-folder of such files, in the canonical, TRL (string, conversational, implicit-prompt) or RRHF layouts (see
-``schema``). Large plain files are cut into byte ranges at line boundaries and read as a stream, so inputs may
-exceed memory; a compressed file is one read task that decompresses as it streams. A malformed record never fails
-the read: it lands in ``quarantine/`` with its original bytes, file, line and a named ``reason``, and
-``valid + quarantined == input`` is checked before the stage commits.
+Inputs: JSONL / JSON, parquet (each also gzip / bz2 / xz / zstd compressed), a saved HF ``datasets`` folder, a
+folder of such files, or ``hf://ORG/NAME[@config][:split]`` from the local HF datasets cache (offline), in the
+canonical, TRL (string, conversational, implicit-prompt) or RRHF layouts (see ``schema``). Large plain files are
+cut into byte ranges at line boundaries and read as a stream, so inputs may exceed memory; a compressed file is one
+read task that decompresses as it streams. A malformed record never fails the read: it lands in ``quarantine/``
+with its original bytes, file, line and a named ``reason``, and ``valid + quarantined == input`` is checked before
+the stage commits. No valid row at all is an error (:class:`NoValidRowsError`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,89 @@ def _starts_json_array(path: Path, codec: str | None) -> bool:
     return head.lstrip().startswith(b"[")
 
 
+# ---- hf:// inputs: a dataset in the local HF datasets cache ------------------------------------------------------
+HUB_PREFIX = "hf://"
+
+
+def is_hub(path: str | Path) -> bool:
+    """True for ``hf://ORG/NAME[@config][:split]``, a dataset read from the local HF datasets cache."""
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+def parse_hub(uri: str) -> tuple[str, str | None, str | None]:
+    """``hf://ORG/NAME[@config][:split]`` -> (``ORG/NAME``, config or None, split or None)."""
+    name, colon, split = uri[len(HUB_PREFIX) :].partition(":")
+    repo, at, config = name.partition("@")
+    parts = repo.split("/")
+    if not all(parts) or len(parts) > 2 or (at and not config) or (colon and not split) or "[" in split:
+        raise InputError(f"{uri}: expected hf://ORG/NAME, optionally with @CONFIG and :SPLIT (a split name, no slice)")
+    return repo, config or None, split or None
+
+
+def hub_cache_dir() -> Path:
+    """The HF datasets cache hf:// inputs are read from (``HF_DATASETS_CACHE``, else ``$HF_HOME/datasets``)."""
+    import datasets.config
+
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode, whatever HF_HUB_OFFLINE was when they were imported (they read
+    it once), with datasets' own cache-hit warnings silenced."""
+    import datasets
+    import huggingface_hub.constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+        datasets.logging.set_verbosity(verbosity)
+
+
+def hub_arrow_files(uri: str) -> list[tuple[Path, str | None]]:
+    """The cached Arrow files of ``hf://ORG/NAME[@config][:split]`` with their split names, found by
+    ``datasets.load_dataset`` offline (it never reaches the network). A dataset, config or split that is not in the
+    cache is an :class:`InputError` naming the cache folder and how to fill it."""
+    import datasets
+
+    repo, config, split = parse_hub(uri)
+    cache = hub_cache_dir()
+    with _hub_offline():
+        try:
+            loaded = datasets.load_dataset(repo, config, split=split, cache_dir=str(cache),
+                                           download_mode="reuse_dataset_if_exists")  # fmt: skip
+        except (ConnectionError, FileNotFoundError, ValueError) as e:  # offline: what datasets raises on a miss
+            reason = str(e).splitlines()[0]
+            if "multiple" in reason and "configurations" in reason:
+                raise InputError(f"{uri}: {reason} in {cache}; pick one with hf://{repo}@CONFIG") from None
+            args = ", ".join(repr(a) for a in (repo, config) if a) + (f", split={split!r}" if split else "")
+            raise InputError(
+                f"{uri}: not found in the local HF datasets cache {cache} (hf:// inputs are read offline, never "
+                f"downloaded): {reason}\nTo fill the cache, run on a machine with internet, with the same HF_HOME / "
+                f'HF_DATASETS_CACHE: python -c "import datasets; datasets.load_dataset({args})" and copy {cache} '
+                f"here; or save it with datasets.load_dataset({args}).save_to_disk('FOLDER') and pass that folder "
+                "as data.input."
+            ) from None
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(split, loaded)]
+    files = [(Path(c["filename"]), name) for name, ds in splits for c in ds.cache_files]
+    if not files:
+        raise InputError(f"{uri}: the cached dataset has no Arrow files in {cache}")
+    return files
+
+
+def input_fingerprints(path: str | Path) -> list[Any]:
+    """What a rerun compares to decide whether the input changed: (name, size, mtime) of every input file; for
+    hf:// the URI and its cached Arrow files (a refreshed cache writes new files)."""
+    if is_hub(path):
+        return [str(path), *(file_fingerprints(f)[0] for f, _ in hub_arrow_files(str(path)))]
+    return file_fingerprints(path)
+
+
 # ---- planning (driver side) ------------------------------------------------------------------------------------
 def _kind(path: Path) -> str | None:
     """jsonl / json / parquet for a file (plain or compressed), hf for a saved HF datasets folder, else None."""
@@ -187,7 +271,9 @@ def scan_inputs(path: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
 
 def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
     """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf (see
-    :func:`scan_inputs`, which also returns the files it skipped)."""
+    :func:`scan_inputs`, which also returns the files it skipped). Not for hf:// inputs (:func:`hub_arrow_files`)."""
+    if is_hub(path):
+        raise InputError(f"{path}: hf:// inputs are read by the validate stage only; save the dataset to a folder")
     return scan_inputs(path)[0]
 
 
@@ -238,7 +324,7 @@ def _sniff_format(path: Path, kind: str) -> str | None:
 def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
     """The first ``n`` records of one input (fewer when it is damaged: sniffing never fails the plan, the read task
     then quarantines what it cannot read)."""
-    codec = compression(path) if kind != "hf" else None
+    codec = compression(path) if kind not in ("hf", "arrow") else None
     out: list[Any] = []
     if kind == "parquet":
         if codec:
@@ -252,9 +338,10 @@ def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
             out = next(pf.iter_batches(batch_size=n)).to_pylist()
     elif kind == "hf":
         for arrow_file, _ in _hf_arrow_files(path):
-            with pa.memory_map(str(arrow_file)) as src:
-                out = next(iter(pa.ipc.open_stream(src)), pa.record_batch([])).slice(0, n).to_pylist()
-            break
+            return _sample_records(arrow_file, "arrow", n)
+    elif kind == "arrow":  # one Arrow stream file of an HF dataset
+        with pa.memory_map(str(path)) as src:
+            out = next(iter(pa.ipc.open_stream(src)), pa.record_batch([])).slice(0, n).to_pylist()
     else:
         head = b""
         try:
@@ -291,6 +378,12 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
     if fmt != "auto" and fmt not in schema.FORMATS:
         raise ValueError(f"format must be auto or one of {', '.join(schema.FORMATS)}, got {fmt!r}")
     tasks: list[dict[str, Any]] = []
+    if is_hub(path):
+        files = hub_arrow_files(str(path))
+        forced = None if fmt == "auto" else fmt
+        fallback = forced or _sniff_format(files[0][0], "arrow")
+        return [{"file": str(f), "kind": "hf", "format": forced, "fallback": fallback, "line": 1, "split": split}
+                for f, split in files]  # fmt: skip
     for p, kind in list_inputs(path):
         forced = None if fmt == "auto" else fmt
         codec = compression(p) if kind != "hf" else None
@@ -620,14 +713,14 @@ def validate(
 
     Skips when ``output/data/_SUCCESS`` was written for the same inputs and settings, unless ``force``."""
     out = Path(output)
-    fp = fingerprint("validate", file_fingerprints(input), fmt, max_chars, tokenizer)
+    fp = fingerprint("validate", input_fingerprints(input), fmt, max_chars, tokenizer)
     outputs = {"data": str(out / "data"), "quarantine": str(out / "quarantine")}
     if not force and is_done(out / "data", fp):
         marker = json.loads((out / "data" / "_SUCCESS").read_text())
         warn_skipped(input, marker.get("skipped_files", []))
         info = {"reasons": marker["reasons"], "skipped_files": marker.get("skipped_files", [])}
         return StageResult("validate", outputs, marker["rows"], skipped=True, info=info)
-    skipped = [str(f) for f in scan_inputs(input)[1]]
+    skipped = [] if is_hub(input) else [str(f) for f in scan_inputs(input)[1]]
     warn_skipped(input, skipped)
     with staging(out, "validate") as tmp:
         ordered(read_staged(input, fmt, max_chars, tokenizer, chunk_bytes)).write_parquet(str(tmp / "staged"))

@@ -391,3 +391,89 @@ def test_validate_and_pipeline_commands_exit_1_with_the_message(
     assert "[validate]" not in out.out  # it stopped there: no stage summary, no later stage
     assert cli.main(["validate", "--input", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "v")]) == 1
     assert f"raydora validate: input not found: {tmp_path / 'notes.txt'}" in capsys.readouterr().err
+
+
+# ---- hf:// inputs ---------------------------------------------------------------------------------------------------
+def _cache_hub_dataset(cache: Path, repo: str, splits: dict[str, list[dict]], config: str, revision: str) -> None:
+    """Write ``repo`` into the HF datasets cache as a Hub download leaves it: a packaged builder's Arrow files and
+    dataset_info.json in ``<cache>/<org>___<name>/<config>/<version>/<revision>/`` (built here from local JSON
+    files, since a builder given a repo_id only accepts files from the Hub)."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    org, name = repo.split("/")
+    files = cache.parent / f"src-{name}-{config}-{revision}"
+    files.mkdir(parents=True)
+    for split, rows in splits.items():
+        (files / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builder = Json(cache_dir=str(cache), dataset_name=name, config_name=config, config_id=config, hash=revision,
+                   data_files={s: str(files / f"{s}.jsonl") for s in splits})  # fmt: skip
+    builder.download_and_prepare()
+    shutil.copytree(cache / name, cache / f"{org}___{name}", dirs_exist_ok=True)
+    shutil.rmtree(cache / name)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF datasets cache for this test (datasets reads HF_DATASETS_CACHE once, at import)."""
+    import datasets.config
+
+    cache = tmp_path / "hf-cache" / "datasets"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def test_hf_uri_is_found_in_the_local_cache_without_the_network(hub_cache: Path, monkeypatch) -> None:
+    import socket
+
+    import datasets.config
+
+    _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(4), "test": _rows(2)}, "default", "rev1")
+    _cache_hub_dataset(hub_cache, "acme/multi", {"train": _rows(1)}, "a", "rev1")
+    _cache_hub_dataset(hub_cache, "acme/multi", {"train": _rows(2)}, "b", "rev1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as if online: hf:// must not try
+    where = hub_cache / "acme___prefs" / "default" / "0.0.0" / "rev1"
+    assert data.hub_arrow_files("hf://acme/prefs") == [(where / "prefs-train.arrow", "train"),
+                                                        (where / "prefs-test.arrow", "test")]  # fmt: skip
+    assert data.hub_arrow_files("hf://acme/prefs@default:test") == [(where / "prefs-test.arrow", "test")]
+    assert data.hub_arrow_files("hf://acme/multi@b")[0][0].parts[-4] == "b"
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored
+    tasks = data.plan_reads("hf://acme/prefs:train")
+    assert [(t["kind"], t["split"], t["fallback"]) for t in tasks] == [("hf", "train", "trl")]
+    fp = data.input_fingerprints("hf://acme/prefs")
+    assert fp[0] == "hf://acme/prefs" and [f[0] for f in fp[1:]] == ["prefs-train.arrow", "prefs-test.arrow"]
+
+    with pytest.raises(data.InputError) as missing:
+        data.hub_arrow_files("hf://acme/other:train")
+    assert str(missing.value).startswith(f"hf://acme/other:train: not found in the local HF datasets cache {hub_cache}")
+    assert "datasets.load_dataset('acme/other', split='train')" in str(missing.value)
+    assert "save_to_disk('FOLDER')" in str(missing.value)
+    with pytest.raises(data.InputError, match=r"config 'nope'"):
+        data.hub_arrow_files("hf://acme/prefs@nope")
+    with pytest.raises(data.InputError, match=r"Unknown split \"dev\""):
+        data.hub_arrow_files("hf://acme/prefs:dev")
+    with pytest.raises(data.InputError, match=r"configurations in the cache: .*pick one with hf://acme/multi@CONFIG"):
+        data.hub_arrow_files("hf://acme/multi")
+    for bad in ("hf://acme/prefs:train[:10]", "hf://a/b/c", "hf://acme/prefs@"):
+        with pytest.raises(data.InputError, match="expected hf://ORG/NAME"):
+            data.parse_hub(bad)
+
+
+def test_validate_reads_an_hf_uri_and_redoes_when_the_cache_changes(hub_cache: Path) -> None:
+    _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(4), "test": _rows(2)}, "default", "rev1")
+    out = hub_cache.parent / "run"
+    result = data.validate("hf://acme/prefs", out)
+    assert result.counts == {"input": 6, "valid": 6, "quarantined": 0}
+    assert sorted(r["split"] for r in _table(out / "data")) == ["test"] * 2 + ["train"] * 4
+    assert data.validate("hf://acme/prefs", out).skipped
+    assert data.validate("hf://acme/prefs:test", out.parent / "test-only").counts["valid"] == 2
+    _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(3)}, "default", "rev2")  # a newer download
+    again = data.validate("hf://acme/prefs", out)
+    assert not again.skipped and again.counts["valid"] == 3
