@@ -101,8 +101,15 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
         print("raydora validate: give --input PATH (or data.input in the config)", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
-    result = data.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
-                           cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
+    try:
+        if args.input or args.output or args.format:  # a standalone validation of any input into any folder
+            result = data.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
+                                   cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
+        else:  # the run's validate stage: held-out prompts, the run's tokenizer, token limits, target sources
+            result = data.run(cfg, cfg.run_dir, force=args.force)
+    except (data.InputError, FileNotFoundError) as e:  # the input is unusable: say why, no traceback
+        print(f"raydora validate: {e}", file=sys.stderr)
+        return 1
     print(result.summary())
     for reason, n in sorted(result.info.get("reasons", {}).items()):
         print(f"  quarantined {n:>8}  {reason}")
@@ -190,9 +197,13 @@ def cmd_report(args: argparse.Namespace, cfg: RunConfig | None) -> int:
 
 def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Run the pipeline's stages in order over <root>/<name>/ (each skips itself when up to date)."""
-    from raydora import pipeline
+    from raydora import data, pipeline
 
-    pipeline.run(cfg, args.stages.split(",") if args.stages else None)
+    try:
+        pipeline.run(cfg, args.stages.split(",") if args.stages else None)
+    except data.InputError as e:  # stop at the validate stage, before a later one fails for want of data/
+        print(f"raydora pipeline: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -237,7 +248,11 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--k", type=int, help="responses per prompt (default: synth.k)")
         p.add_argument("--label-noise", type=float, help="share of rows with shuffled labels (synth.label_noise)")
     elif name == "validate":
-        p.add_argument("--input", help="file or folder: .jsonl .json .parquet or a saved HF datasets folder")
+        p.add_argument(
+            "--input",
+            help="file or folder: .jsonl .json .parquet (also .gz .bz2 .xz .zst), a saved HF "
+            "datasets folder, or hf://ORG/NAME[@config][:split] from the local HF datasets cache",
+        )
         p.add_argument("--format", choices=["auto", *FORMATS], help="row layout (default: detect)")
         p.add_argument("--output", help="output folder for data/ and quarantine/ (default: <root>/<name>)")
     elif name == "pipeline":

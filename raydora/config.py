@@ -91,8 +91,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     input: str | None = None
-    """Preference data: a JSON/JSONL/parquet file, a folder of them, or a saved HF datasets folder.
-    None: use the synth stage's output."""
+    """Preference data: a JSON/JSONL/parquet file (also compressed: .gz .bz2 .xz .zst), a folder of them, a saved HF
+    datasets folder, or hf://ORG/NAME[@config][:split] read offline from the local HF datasets cache (fill it with
+    datasets.load_dataset on a machine with internet). None: use the synth stage's output."""
     format: Literal["auto", "canonical", "trl", "trl_conversational", "trl_implicit", "rrhf"] = "auto"
     """Row layout; auto detects it from the columns."""
     max_chars: int = 20000

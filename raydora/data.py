@@ -1,23 +1,35 @@
 """Read preference data into the canonical schema with Ray Data, validating every row into ``data/`` or
 ``quarantine/``.
 
-Inputs: JSONL / JSON, parquet, a saved HF ``datasets`` folder, or a folder of such files, in the canonical, TRL
-(string, conversational, implicit-prompt) or RRHF layouts (see ``schema``). Large files are cut into byte ranges
-at line boundaries and read as a stream, so inputs may exceed memory. A malformed record never fails the read:
-it lands in ``quarantine/`` with its original bytes, file, line and a named ``reason``, and
-``valid + quarantined == input`` is checked before the stage commits.
+Inputs: JSONL / JSON, parquet (each also gzip / bz2 / xz / zstd compressed), a saved HF ``datasets`` folder, a
+folder of such files, or ``hf://ORG/NAME[@config][:split]`` from the local HF datasets cache (offline), in the
+canonical, TRL (string, conversational, implicit-prompt) or RRHF layouts (see ``schema``). Large plain files are
+cut into byte ranges at line boundaries and read as a stream, so inputs may exceed memory; a compressed file is one
+read task that decompresses as it streams. A malformed record never fails the read: it lands in ``quarantine/``
+with its original bytes, file, line and a named ``reason``, and ``valid + quarantined == input`` is checked before
+the stage commits. No valid row at all is an error (:class:`NoValidRowsError`).
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
+import lzma
+import os
+import shutil
+import tempfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydora import schema
@@ -52,38 +64,230 @@ QUARANTINE_SCHEMA = pa.schema(
 STAGED_SCHEMA = pa.schema([("kind", pa.string()), *CANONICAL_SCHEMA, *QUARANTINE_SCHEMA])
 
 
+SUFFIX_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # suffix -> codec, after a kind suffix
+# What a damaged compressed file raises while it is decompressed (gzip/bz2: OSError, EOFError when truncated,
+# zlib.error on a bad deflate block; xz: LZMAError; zstd via pyarrow: OSError / ArrowException).
+DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error, pa.ArrowException)
+
+
+class InputError(ValueError):
+    """An input the validate stage cannot use (unsupported, empty, nothing valid, not in the HF cache): the message
+    says what and where, and the ``raydora`` command prints it and exits 1 without a traceback."""
+
+
+class NoValidRowsError(InputError):
+    """Validation left no valid row: nothing is committed to ``data/``, and ``quarantine/`` holds every row."""
+
+
+# ---- compressed files ---------------------------------------------------------------------------------------------
+def compression(path: str | Path) -> str | None:
+    """The codec of ``path`` from its last suffix (gzip, bz2, xz, zstd), or None for a plain file."""
+    return COMPRESSIONS.get(Path(path).suffix.lower())
+
+
+def open_input(path: str | Path, codec: str | None = None) -> io.BufferedIOBase:
+    """``path`` opened for binary reading, decompressed as a stream when ``codec`` is set (never read whole):
+    gzip / bz2 / xz through the standard library, zstd through ``zstandard`` when installed, else pyarrow."""
+    if codec is None:
+        return open(path, "rb")
+    if codec == "gzip":
+        return gzip.open(path, "rb")
+    if codec == "bz2":
+        return bz2.open(path, "rb")
+    if codec == "xz":
+        return lzma.open(path, "rb")
+    if codec != "zstd":
+        raise ValueError(f"unknown compression {codec!r}")
+    try:
+        import zstandard
+    except ImportError:
+        return io.BufferedReader(pa.CompressedInputStream(pa.OSFile(str(path)), "zstd"))
+    raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return io.BufferedReader(raw)
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return DECOMPRESS_ERRORS
+    return (*DECOMPRESS_ERRORS, zstandard.ZstdError)
+
+
+@contextmanager
+def _decompressed_parquet(path: Path, codec: str) -> Iterator[Path]:
+    """A compressed parquet file decompressed into a temporary file (parquet needs random access to its footer)."""
+    with tempfile.TemporaryDirectory(prefix="raydora-parquet-") as tmp:
+        out = Path(tmp) / path.name[: -len(path.suffix)]
+        with open_input(path, codec) as src, out.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        yield out
+
+
+def _starts_json_array(path: Path, codec: str | None) -> bool:
+    """True when the first non-blank byte of the (decompressed) file, after a UTF-8 BOM, is ``[``."""
+    with open_input(path, codec) as f:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+        while head and not head.strip():
+            head = f.read(1 << 16)
+    return head.lstrip().startswith(b"[")
+
+
+# ---- hf:// inputs: a dataset in the local HF datasets cache ------------------------------------------------------
+HUB_PREFIX = "hf://"
+
+
+def is_hub(path: str | Path) -> bool:
+    """True for ``hf://ORG/NAME[@config][:split]``, a dataset read from the local HF datasets cache."""
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+def parse_hub(uri: str) -> tuple[str, str | None, str | None]:
+    """``hf://ORG/NAME[@config][:split]`` -> (``ORG/NAME``, config or None, split or None)."""
+    name, colon, split = uri[len(HUB_PREFIX) :].partition(":")
+    repo, at, config = name.partition("@")
+    parts = repo.split("/")
+    if not all(parts) or len(parts) > 2 or (at and not config) or (colon and not split) or "[" in split:
+        raise InputError(f"{uri}: expected hf://ORG/NAME, optionally with @CONFIG and :SPLIT (a split name, no slice)")
+    return repo, config or None, split or None
+
+
+def hub_cache_dir() -> Path:
+    """The HF datasets cache hf:// inputs are read from (``HF_DATASETS_CACHE``, else ``$HF_HOME/datasets``)."""
+    import datasets.config
+
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode, whatever HF_HUB_OFFLINE was when they were imported (they read
+    it once), with datasets' own cache-hit warnings silenced."""
+    import datasets
+    import huggingface_hub.constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+        datasets.logging.set_verbosity(verbosity)
+
+
+def hub_arrow_files(uri: str) -> list[tuple[Path, str | None]]:
+    """The cached Arrow files of ``hf://ORG/NAME[@config][:split]`` with their split names, found by
+    ``datasets.load_dataset`` offline (it never reaches the network). A dataset, config or split that is not in the
+    cache is an :class:`InputError` naming the cache folder and how to fill it."""
+    import datasets
+
+    repo, config, split = parse_hub(uri)
+    cache = hub_cache_dir()
+    with _hub_offline():
+        try:
+            loaded = datasets.load_dataset(repo, config, split=split, cache_dir=str(cache),
+                                           download_mode="reuse_dataset_if_exists")  # fmt: skip
+        except (ConnectionError, FileNotFoundError, ValueError) as e:  # offline: what datasets raises on a miss
+            reason = str(e).splitlines()[0]
+            if "multiple" in reason and "configurations" in reason:
+                raise InputError(f"{uri}: {reason} in {cache}; pick one with hf://{repo}@CONFIG") from None
+            args = ", ".join(repr(a) for a in (repo, config) if a) + (f", split={split!r}" if split else "")
+            raise InputError(
+                f"{uri}: not found in the local HF datasets cache {cache} (hf:// inputs are read offline, never "
+                f"downloaded): {reason}\nTo fill the cache, run on a machine with internet, with the same HF_HOME / "
+                f'HF_DATASETS_CACHE: python -c "import datasets; datasets.load_dataset({args})" and copy {cache} '
+                f"here; or save it with datasets.load_dataset({args}).save_to_disk('FOLDER') and pass that folder "
+                "as data.input."
+            ) from None
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(split, loaded)]
+    files = [(Path(c["filename"]), name) for name, ds in splits for c in ds.cache_files]
+    if not files:
+        raise InputError(f"{uri}: the cached dataset has no Arrow files in {cache}")
+    return files
+
+
+def input_fingerprints(path: str | Path) -> list[Any]:
+    """What a rerun compares to decide whether the input changed: (name, size, mtime) of every input file; for
+    hf:// the URI and its cached Arrow files (a refreshed cache writes new files)."""
+    if is_hub(path):
+        return [str(path), *(file_fingerprints(f)[0] for f, _ in hub_arrow_files(str(path)))]
+    return file_fingerprints(path)
+
+
 # ---- planning (driver side) ------------------------------------------------------------------------------------
 def _kind(path: Path) -> str | None:
+    """jsonl / json / parquet for a file (plain or compressed), hf for a saved HF datasets folder, else None."""
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return "hf"
         return None
-    suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(suffix)
+    name = path.name.lower()
+    if compression(path):
+        name = name[: -len(path.suffix)]
+    return SUFFIX_KINDS.get(Path(name).suffix)
 
 
-def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
-    """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf."""
+READABLE = ".jsonl, .ndjson, .json or .parquet, each optionally compressed as .gz, .bz2, .xz or .zst"
+
+
+def scan_inputs(path: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """``(inputs, skipped)``: every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet /
+    hf, and every other file found in its folders (``notes.txt``, ``data.csv``: files it cannot read, which the
+    caller reports). Names starting with ``.`` or ``_`` (hidden files, ``_SUCCESS`` markers) are left out of
+    both. Raises when ``path`` is missing, is a file of another type, or holds no input at all."""
     p = Path(path).absolute()  # tasks run in Ray workers, whose working folder may differ
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
     kind = _kind(p)
     if kind:
-        return [(p, kind)]
+        return [(p, kind)], []
     if p.is_file():
-        raise ValueError(f"{p}: unsupported file type (expected .jsonl, .json, .parquet or a saved HF datasets folder)")
+        raise InputError(f"{p}: unsupported file type (expected {READABLE}, or a saved HF datasets folder)")
     found: list[tuple[Path, str]] = []
-    for child in sorted(p.iterdir()):
-        if child.name.startswith((".", "_")):
-            continue
-        k = _kind(child)
-        if k:
-            found.append((child, k))
-        elif child.is_dir():
-            found.extend(list_inputs(child))
+    skipped: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for child in sorted(folder.iterdir()):
+            if child.name.startswith((".", "_")):
+                continue
+            k = _kind(child)
+            if k:
+                found.append((child, k))
+            elif child.is_dir():
+                walk(child)
+            else:
+                skipped.append(child)
+
+    walk(p)
     if not found:
-        raise ValueError(f"{p}: no .jsonl, .json, .parquet files or HF datasets folders inside")
-    return found
+        shown = "".join(f"\n  {f.relative_to(p)}" for f in skipped[:10])
+        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        raise InputError(
+            f"{p}: no input inside (readable: {READABLE}, or saved HF datasets folders)"
+            + (f"; {len(skipped)} other file(s) found:{shown}{more}" if skipped else "")
+        )
+    return found, skipped
+
+
+def list_inputs(path: str | Path) -> list[tuple[Path, str]]:
+    """Every readable input under ``path`` as (path, kind), kind in jsonl / json / parquet / hf (see
+    :func:`scan_inputs`, which also returns the files it skipped). Not for hf:// inputs (:func:`hub_arrow_files`)."""
+    if is_hub(path):
+        raise InputError(f"{path}: hf:// inputs are read by the validate stage only; save the dataset to a folder")
+    return scan_inputs(path)[0]
+
+
+def warn_skipped(root: str | Path, skipped: list[str]) -> None:
+    """Print which files under the input folder ``root`` are not read (never skipped silently)."""
+    if not skipped:
+        return
+    names = [os.path.relpath(f, Path(root).absolute()) for f in skipped]
+    more = f" and {len(names) - 10} more (listed in data/_SUCCESS)" if len(names) > 10 else ""
+    print(f"[validate] warning: skipping {len(names)} file(s) in {root} that are not inputs ({READABLE}): "
+          f"{', '.join(names[:10])}{more}", flush=True)  # fmt: skip
 
 
 def _jsonl_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
@@ -121,32 +325,45 @@ def _sniff_format(path: Path, kind: str) -> str | None:
 
 
 def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
+    """The first ``n`` records of one input (fewer when it is damaged: sniffing never fails the plan, the read task
+    then quarantines what it cannot read)."""
+    codec = compression(path) if kind not in ("hf", "arrow") else None
     out: list[Any] = []
     if kind == "parquet":
+        if codec:
+            try:
+                with _decompressed_parquet(path, codec) as plain:
+                    return _sample_records(plain, kind, n)
+            except _decompress_errors():
+                return []
         pf = pq.ParquetFile(path)
         if pf.metadata.num_rows:
             out = next(pf.iter_batches(batch_size=n)).to_pylist()
     elif kind == "hf":
         for arrow_file, _ in _hf_arrow_files(path):
-            with pa.memory_map(str(arrow_file)) as src:
-                out = next(iter(pa.ipc.open_stream(src)), pa.record_batch([])).slice(0, n).to_pylist()
-            break
+            return _sample_records(arrow_file, "arrow", n)
+    elif kind == "arrow":  # one Arrow stream file of an HF dataset
+        with pa.memory_map(str(path)) as src:
+            out = next(iter(pa.ipc.open_stream(src)), pa.record_batch([])).slice(0, n).to_pylist()
     else:
-        with path.open("rb") as f:
-            head = f.read(1 << 16)
-        text = head.lstrip(b"\xef\xbb\xbf").lstrip()
-        if kind == "json" and text.startswith(b"["):
+        head = b""
+        try:
+            with open_input(path, codec) as f:
+                while len(head) < 1 << 16 and (block := f.readline(1 << 16)):  # lines: keep what precedes damage
+                    head += block
+                if kind == "json" and head.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+                    try:
+                        value = json.loads(head + f.read())
+                        return value[:n] if isinstance(value, list) else []
+                    except (ValueError, UnicodeDecodeError):
+                        return []
+        except _decompress_errors():
+            pass  # a damaged compressed file: sniff what was read; its read task quarantines the rest
+        for raw in head.splitlines()[:n]:
             try:
-                value = json.loads(path.read_bytes())
-                out = value[:n] if isinstance(value, list) else []
-            except (ValueError, UnicodeDecodeError):
-                out = []
-        else:
-            for raw in head.splitlines()[:n]:
-                try:
-                    out.append(schema.parse_json_line(raw))
-                except schema.RowError:
-                    continue
+                out.append(schema.parse_json_line(raw))
+            except schema.RowError:
+                continue
     return out
 
 
@@ -164,10 +381,20 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
     if fmt != "auto" and fmt not in schema.FORMATS:
         raise ValueError(f"format must be auto or one of {', '.join(schema.FORMATS)}, got {fmt!r}")
     tasks: list[dict[str, Any]] = []
+    if is_hub(path):
+        files = hub_arrow_files(str(path))
+        forced = None if fmt == "auto" else fmt
+        fallback = forced or _sniff_format(files[0][0], "arrow")
+        return [{"file": str(f), "kind": "hf", "format": forced, "fallback": fallback, "line": 1, "split": split}
+                for f, split in files]  # fmt: skip
     for p, kind in list_inputs(path):
         forced = None if fmt == "auto" else fmt
-        base = {"file": str(p), "kind": kind, "format": forced, "fallback": forced or _sniff_format(p, kind)}
-        if kind == "jsonl" or kind == "json":
+        codec = compression(p) if kind != "hf" else None
+        base = {"file": str(p), "kind": kind, "format": forced, "fallback": forced or _sniff_format(p, kind),
+                "compression": codec}  # fmt: skip
+        if codec is not None:  # a compressed stream cannot be cut into byte ranges: one task reads it all
+            tasks.append({**base, "start": 0, "end": -1, "line": 1, "split": None, "row_groups": None})
+        elif kind == "jsonl" or kind == "json":
             for start, end, line in _jsonl_chunks(p, chunk_bytes) if kind == "jsonl" else [(0, -1, 1)]:
                 tasks.append({**base, "start": start, "end": end, "line": line, "split": None})
         elif kind == "parquet":
@@ -187,9 +414,28 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
 
 
 # ---- reading (inside Ray tasks) ---------------------------------------------------------------------------------
+def _corrupt(path: Path, codec: str, line: int, e: BaseException) -> schema.RowError:
+    where = "from the start" if line == 1 else f"after line {line - 1}"
+    return schema.RowError("corrupt_file", "", f"{path.name}: the {codec} stream cannot be read {where}: {e}")
+
+
 def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.RowError | None]]:
-    """(line, original bytes, parsed record or None, parse error or None) for one task."""
-    path, kind, line = Path(task["file"]), task["kind"], task["line"]
+    """(line, original bytes, parsed record or None, parse error or None) for one task.
+
+    A compressed file that cannot be decompressed (truncated, damaged, or not compressed at all) ends in one
+    ``corrupt_file`` record at the line where reading stopped: what was read before it is kept, and the stage's
+    counts still add up."""
+    path, kind, line, codec = Path(task["file"]), task["kind"], task["line"], task.get("compression")
+    errors = _decompress_errors() if codec else ()
+    if kind == "parquet" and codec:
+        try:
+            with _decompressed_parquet(path, codec) as plain:
+                for item in _records({**task, "file": str(plain), "compression": None, "row_groups": None}):
+                    yield item
+                    line += 1
+        except errors as e:
+            yield line, b"", None, _corrupt(path, codec, line, e)
+        return
     if kind in ("parquet", "hf"):
         if kind == "parquet":
             batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, row_groups=task["row_groups"])
@@ -203,9 +449,20 @@ def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.Row
                 yield line, raw, record, None
                 line += 1
         return
+    end = task["end"]
     if kind == "json":
-        data = path.read_bytes()
-        if data.lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+        try:
+            array = _starts_json_array(path, codec)
+        except errors as e:
+            yield line, b"", None, _corrupt(path, codec, line, e)
+            return
+        if array:
+            try:
+                with open_input(path, codec) as f:
+                    data = f.read()
+            except errors as e:
+                yield line, b"", None, _corrupt(path, codec, line, e)
+                return
             try:
                 value = json.loads(data)
             except UnicodeDecodeError as e:
@@ -217,12 +474,17 @@ def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.Row
             for i, record in enumerate(value, start=1):
                 yield i, json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass"), record, None
             return
-        task = {**task, "start": 0, "end": len(data)}  # a .json file holding JSON lines
-    with path.open("rb") as f:
-        f.seek(task["start"])
+        end = -1  # a .json file holding JSON lines: read to its end
+    with open_input(path, codec) as f:
+        if not codec:
+            f.seek(task["start"])
         pos = task["start"]
-        while pos < task["end"]:
-            raw = f.readline()
+        while end < 0 or pos < end:
+            try:
+                raw = f.readline()
+            except errors as e:  # only compressed files: a plain file's I/O error fails the task
+                yield line, b"", None, _corrupt(path, codec, line, e)
+                return
             if not raw:
                 break
             pos += len(raw)
@@ -457,6 +719,39 @@ def check_token_lengths(batch: pa.Table, limits: dict[str, Any], tokenizer: str)
     return pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
 
 
+def _quarantine_reasons(folder: Path) -> dict[str, int]:
+    """Rows per reason in a quarantine folder; prints a warning naming each damaged compressed file."""
+    reasons: dict[str, int] = {}
+    for f in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(f, columns=["reason", "file", "detail"])
+        for r in table.column("reason").to_pylist():
+            reasons[r] = reasons.get(r, 0) + 1
+        for row in table.filter(pc.equal(table["reason"], "corrupt_file")).to_pylist():
+            print(f"[validate] warning: {row['file']} is damaged, rows after the damage are lost: {row['detail']}")
+    return reasons
+
+
+def _fail_without_valid_rows(
+    input: str | Path, out: Path, tmp: Path, counts: dict[str, int], reasons: dict[str, int], skipped: list[str]
+) -> None:
+    """Keep the quarantine for inspection, remove a ``data/`` left by an earlier input (no later stage may train
+    on it), and raise :class:`NoValidRowsError` saying why and where to look."""
+    if (out / "data").exists():
+        shutil.rmtree(out / "data")
+    promote(tmp / "quarantine", out / "quarantine")  # this input's quarantine, not an earlier one's
+    if not counts["input"]:
+        raise NoValidRowsError(
+            f"{input}: no rows to validate (the input files are empty)"
+            + (f"; {len(skipped)} file(s) that are not inputs were skipped" if skipped else "")
+        )
+    by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    raise NoValidRowsError(
+        f"{input}: no valid row, all {counts['input']} were quarantined ({by_reason}). Nothing was written to "
+        f"{out / 'data'}; the quarantined rows (file, line, reason, field, detail and the original bytes) are in "
+        f"{out / 'quarantine'}. Fix the input, or set the layout with --format / data.format, and rerun."
+    )
+
+
 def validate(
     input: str | Path,
     output: str | Path,
@@ -488,7 +783,7 @@ def validate(
     if limits is not None:
         extras.append([limits.max_length, limits.max_prompt_length,
                        file_fingerprints(limits.tokenizer) if limits.tokenizer else None])  # fmt: skip
-    fp = fingerprint("validate", file_fingerprints(input), fmt, max_chars, tokenizer, *extras)
+    fp = fingerprint("validate", input_fingerprints(input), fmt, max_chars, tokenizer, *extras)
     outputs = {"data": str(out / "data"), "quarantine": str(out / "quarantine")}
     if heldout_fraction:
         outputs["heldout"] = str(out / "heldout")
@@ -496,7 +791,11 @@ def validate(
         outputs["tokenizer"] = str(tokenizer_out)
     if not force and is_done(out / "data", fp) and (tokenizer_out is None or Path(tokenizer_out).is_dir()):
         marker = json.loads((out / "data" / "_SUCCESS").read_text())
-        return StageResult("validate", outputs, marker["rows"], skipped=True, info={"reasons": marker["reasons"]})
+        warn_skipped(input, marker.get("skipped_files", []))
+        info = {"reasons": marker["reasons"], "skipped_files": marker.get("skipped_files", [])}
+        return StageResult("validate", outputs, marker["rows"], skipped=True, info=info)
+    skipped = [] if is_hub(input) else [str(f) for f in scan_inputs(input)[1]]
+    warn_skipped(input, skipped)
     with staging(out, "validate") as tmp:
         ordered(read_staged(input, fmt, max_chars, tokenizer, chunk_bytes, heldout_fraction)).write_parquet(
             str(tmp / "staged")
@@ -531,12 +830,12 @@ def validate(
             counts["heldout"] = _parquet_rows(tmp / "heldout")
         if counts["valid"] + counts.get("heldout", 0) + counts["quarantined"] != counts["input"]:
             raise RuntimeError(f"row counts do not add up, nothing committed: {counts}")
-        reasons: dict[str, int] = {}
-        for f in (tmp / "quarantine").glob("*.parquet"):
-            for r in pq.read_table(f, columns=["reason"]).column("reason").to_pylist():
-                reasons[r] = reasons.get(r, 0) + 1
+        reasons = _quarantine_reasons(tmp / "quarantine")
+        if counts["valid"] == 0:
+            _fail_without_valid_rows(input, out, tmp, counts, reasons, skipped)
         write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
-                                     "rows": counts, "reasons": dict(sorted(reasons.items()))})  # fmt: skip
+                                     "rows": counts, "reasons": dict(sorted(reasons.items())),
+                                     "skipped_files": skipped})  # fmt: skip
         promote(tmp / "quarantine", out / "quarantine")
         if heldout_fraction:
             write_success(tmp / "heldout", {"stage": "validate", "fingerprint": fp, "rows": counts["heldout"]})
@@ -544,7 +843,7 @@ def validate(
         if tokenizer_out is not None:
             promote(tmp / "tokenizer", Path(tokenizer_out))
         promote(tmp / "data", out / "data")  # the commit point: data/ arrives with its marker
-    return StageResult("validate", outputs, counts, info={"reasons": reasons})
+    return StageResult("validate", outputs, counts, info={"reasons": reasons, "skipped_files": skipped})
 
 
 def source_counts(folder: str | Path) -> dict[str, int]:
@@ -562,20 +861,20 @@ def check_target_sources(targets: tuple[str, ...], counts: dict[str, int], folde
     other (synthetic) source to tell them apart from: DoRA's classifiers would have nothing to learn."""
     found = ", ".join(f"{s} ({n})" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
     if not any(counts.get(t, 0) for t in targets):
-        raise ValueError(
+        raise InputError(
             f"data.target_sources={list(targets)}: no response in {folder} comes from these sources. Sources found "
             f"(responses): {found}. Set data.target_sources to the sources whose responses are the target "
             "distribution (e.g. human-written or curated ones), or give rows a `sources` column (TRL layouts: "
             "`chosen_source` / `rejected_source`); docs/real-data.md"
         )
     if not [s for s in counts if s not in (*targets, schema.UNKNOWN_SOURCE)]:
-        raise ValueError(
+        raise InputError(
             f"data.target_sources={list(targets)}: every response in {folder} is a target or unknown (sources "
             f"found: {found}); the classifiers need at least one other named source to compare with"
         )
 
 
-def run(cfg: Any, run_dir: str | Path) -> StageResult:
+def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     """Pipeline stage: validate ``cfg.data.input`` (default: the synth stage's ``train`` split) into the run.
 
     On your own data (``data.input``) it also holds out ``data.heldout_fraction`` of the prompts into ``heldout/``
@@ -597,9 +896,7 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
     heldout = cfg.data.heldout_fraction if own and cfg.generate.prompts is None else 0.0
     result = validate(source, run_dir, cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer,
                       heldout_fraction=heldout, tokenizer_out=run_dir / "tokenizer" if train_tokenizer else None,
-                      vocab_size=cfg.model.vocab_size, limits=limits)  # fmt: skip
-    for reason, n in sorted(result.info.get("reasons", {}).items()):
-        print(f"  quarantined {n:>8}  {reason}", flush=True)
+                      vocab_size=cfg.model.vocab_size, limits=limits, force=force)  # fmt: skip
     if cfg.train.objective in P_GOLDEN_OBJECTIVES:
         check_target_sources(tuple(cfg.data.target_sources), source_counts(run_dir / "data"), run_dir / "data")
     return result

@@ -54,7 +54,10 @@ def run(cfg: RunConfig, stages: Sequence[str] | None = None) -> list[StageResult
 
 
 def report(result: StageResult) -> None:
-    """The evaluate stage's win-rate table and where its report is."""
+    """The validate stage's quarantine reasons; the evaluate stage's win-rate table and where its report is."""
+    if result.stage == "validate":
+        for reason, n in sorted(result.info.get("reasons", {}).items()):
+            print(f"  quarantined {n:>8}  {reason}", flush=True)
     if result.stage == "evaluate" and result.info.get("table"):
         print(result.info["table"])
         if result.info.get("heldout"):

@@ -40,6 +40,8 @@ REASONS = {
     "tied_scores": "all scores are equal: no preference",
     "over_length": "prompt + responses exceed data.max_chars characters, or (data.truncation=drop) model.max_length "
     "tokens (prompt: model.max_prompt_length)",
+    # a file-level reason: the rest of a compressed file could not be decompressed (truncated or damaged)
+    "corrupt_file": "a compressed file cannot be decompressed from this line on (truncated or damaged)",
 }
 
 ChatRenderer = Callable[[list[dict[str, str]]], str]

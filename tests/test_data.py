@@ -3,7 +3,10 @@ restarts, and a 1,000-row fuzzed file whose rows are all accounted for."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -33,7 +36,8 @@ def test_messy_file_loses_nothing_and_names_every_reason(tmp_path: Path) -> None
     assert result.counts == {"input": 16, "valid": 3, "quarantined": 13}
     quarantined = {r["line"]: r for r in _table(tmp_path / "quarantine")}
     assert {line: r["reason"] for line, r in quarantined.items()} == MESSY_REASONS
-    assert set(MESSY_REASONS.values()) == set(schema.REASONS)  # the file exercises every reason
+    # the file exercises every row-level reason (corrupt_file, a damaged compressed file, is tested below)
+    assert set(MESSY_REASONS.values()) == set(schema.REASONS) - {"corrupt_file"}
     raw_lines = MESSY.read_bytes().split(b"\n")
     for line, r in quarantined.items():
         assert r["raw"] == raw_lines[line - 1] and r["file"] == str(MESSY)  # original bytes, kept exactly
@@ -199,3 +203,277 @@ def test_stage_writes_keep_the_input_order_when_later_batches_finish_first(tmp_p
     assert sorted(unordered) == list(range(64)) and unordered != list(range(64))
     # ... and every stage writes through write_rows, which keeps the order.
     assert run(data.write_rows) == list(range(64))
+
+
+# ---- compressed inputs ------------------------------------------------------------------------------------------
+def _compress(codec: str, raw: bytes) -> bytes:
+    if codec == "zstd":
+        out = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(out, "zstd") as z:
+            z.write(raw)
+        return out.getvalue().to_pybytes()
+    return {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec](raw)
+
+
+def test_compressed_files_number_lines_and_keep_raw_bytes_like_plain_ones(tmp_path: Path) -> None:
+    """The messy file compressed four ways (one read task each, however small chunk_bytes is), a gzipped JSON
+    array and a zstd parquet file: the same reasons on the same lines, the original (decompressed) bytes kept."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = {"gzip": "m.jsonl.gz", "bz2": "m.jsonl.bz2", "xz": "m.ndjson.xz", "zstd": "m.jsonl.zst"}
+    for codec, name in names.items():
+        (src / name).write_bytes(_compress(codec, MESSY.read_bytes()))
+    (src / "a.json.gz").write_bytes(_compress("gzip", json.dumps(_rows(3)).encode()))
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(_rows(5)), buf, row_group_size=2)
+    (src / "b.parquet.zst").write_bytes(_compress("zstd", buf.getvalue().to_pybytes()))
+    tasks = data.plan_reads(src, chunk_bytes=64)
+    assert sorted(Path(t["file"]).name for t in tasks) == sorted([*names.values(), "a.json.gz", "b.parquet.zst"])
+    assert {Path(t["file"]).name: t["fallback"] for t in tasks}["m.jsonl.zst"] == "canonical"  # sniffed through zstd
+    result = data.validate(src, tmp_path / "out", chunk_bytes=64)
+    assert result.counts == {"input": 4 * 16 + 3 + 5, "valid": 4 * 3 + 3 + 5, "quarantined": 4 * 13}
+    raw_lines = MESSY.read_bytes().split(b"\n")
+    quarantined = _table(tmp_path / "out" / "quarantine")
+    for name in names.values():
+        rows = {r["line"]: r for r in quarantined if r["file"] == str((src / name).absolute())}
+        assert {line: r["reason"] for line, r in rows.items()} == MESSY_REASONS, name
+        assert all(r["raw"] == raw_lines[line - 1] for line, r in rows.items()), name
+    valid = _table(tmp_path / "out" / "data")
+    assert sorted(r["prompt"] for r in valid if r["prompt"].startswith("p")) == sorted(
+        [f"p{i}" for i in range(3)] + [f"p{i}" for i in range(5)]
+    )
+
+
+def test_damaged_compressed_files_end_in_one_corrupt_file_row_and_counts_add_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps(r).encode() for r in _rows(400)]
+    whole = _compress("gzip", b"\n".join(lines) + b"\n")
+    (src / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download that stopped half way
+    (src / "fake.jsonl.xz").write_bytes(b"".join(lines[:3]))  # plain text named .xz
+    (src / "cut.parquet.bz2").write_bytes(_compress("bz2", b"PAR1 whatever")[:-5])
+    result = data.validate(src, tmp_path / "out")
+    q = {(Path(r["file"]).name, r["reason"]): r for r in _table(tmp_path / "out" / "quarantine")}
+    assert set(q) == {("cut.jsonl.gz", "corrupt_file"), ("fake.jsonl.xz", "corrupt_file"),
+                      ("cut.parquet.bz2", "corrupt_file")}  # fmt: skip
+    read = q[("cut.jsonl.gz", "corrupt_file")]["line"] - 1  # the lines decompressed before the damage
+    assert 0 < read < 400 and result.counts == {"input": read + 3, "valid": read, "quarantined": 3}
+    assert "cut.jsonl.gz" in q[("cut.jsonl.gz", "corrupt_file")]["detail"]
+    assert q[("fake.jsonl.xz", "corrupt_file")]["line"] == 1 and q[("cut.parquet.bz2", "corrupt_file")]["line"] == 1
+    ids = sorted(int(r["prompt"][1:]) for r in _table(tmp_path / "out" / "data"))
+    assert ids == list(range(read))  # every line before the damage, in order, none invented
+    assert json.loads((tmp_path / "out" / "data" / "_SUCCESS").read_text())["reasons"] == {"corrupt_file": 3}
+    printed = capsys.readouterr().out
+    assert f"[validate] warning: {(src / 'cut.jsonl.gz').absolute()} is damaged" in printed
+
+
+@pytest.mark.parametrize("codec,suffix", [("gzip", ".gz"), ("zstd", ".zst")])
+def test_compressed_jsonl_is_streamed_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str,
+                                                     suffix: str) -> None:  # fmt: skip
+    """The first records of a 4 MB (decompressed) file cost a few KiB of decompressed reads."""
+    src = tmp_path / f"big.jsonl{suffix}"
+    src.write_bytes(_compress(codec, b"\n".join(json.dumps(r).encode() for r in _rows(80_000)) + b"\n"))
+    consumed = []
+    opened = data.open_input
+
+    class Counting:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+        def __getattr__(self, name):
+            def call(*args):
+                out = getattr(self.f, name)(*args)
+                consumed.append(len(out) if isinstance(out, bytes) else 0)
+                return out
+
+            return call
+
+    monkeypatch.setattr(data, "open_input", lambda path, c=None: Counting(opened(path, c)))
+    (task,) = data.plan_reads(src, chunk_bytes=1 << 10)
+    consumed.clear()  # planning sniffs the first 64 KiB
+    records = data._records(task)
+    first = [next(records) for _ in range(3)]
+    assert [r[2]["prompt"] for r in first] == ["p0", "p1", "p2"] and [r[0] for r in first] == [1, 2, 3]
+    assert 0 < sum(consumed) < 1 << 10
+    assert sum(1 for _ in records) == 80_000 - 3 and sum(consumed) > 4 << 20
+
+
+def test_list_inputs_knows_compressed_suffixes(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl.gz").write_bytes(_compress("gzip", b"{}\n"))
+    (tmp_path / "b.PARQUET.ZST").write_bytes(b"")
+    assert data.list_inputs(tmp_path / "a.jsonl.gz") == [((tmp_path / "a.jsonl.gz").absolute(), "jsonl")]
+    assert [k for _, k in data.list_inputs(tmp_path)] == ["jsonl", "parquet"]
+    assert data.compression(tmp_path / "b.PARQUET.ZST") == "zstd" and data.compression(MESSY) is None
+    (tmp_path / "c.jsonl.lz4").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"c\.jsonl\.lz4: unsupported file type"):
+        data.list_inputs(tmp_path / "c.jsonl.lz4")
+
+
+# ---- folders ------------------------------------------------------------------------------------------------------
+def test_files_a_folder_cannot_read_are_named_never_skipped_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    (src / "logs").mkdir(parents=True)  # a subfolder holding no input at all is no error
+    (src / "a.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(2)) + "\n")
+    (src / "data.csv").write_text("prompt,chosen,rejected\n")
+    (src / "logs" / "notes.txt").write_text("hello\n")
+    (src / "_SUCCESS").write_text("{}")  # markers and hidden files stay ignored, silently
+    (src / ".DS_Store").write_bytes(b"\0")
+    inputs, skipped = data.scan_inputs(src)
+    assert [p.name for p, _ in inputs] == ["a.jsonl"]
+    assert skipped == [(src / "data.csv").absolute(), (src / "logs" / "notes.txt").absolute()]
+    result = data.validate(src, tmp_path / "out")
+    assert result.counts == {"input": 2, "valid": 2, "quarantined": 0}
+    printed = capsys.readouterr().out
+    assert f"[validate] warning: skipping 2 file(s) in {src} that are not inputs" in printed
+    assert "data.csv, logs/notes.txt" in printed and "_SUCCESS" not in printed and "DS_Store" not in printed
+    marker = json.loads((tmp_path / "out" / "data" / "_SUCCESS").read_text())
+    assert marker["skipped_files"] == [str(f) for f in skipped]
+    assert data.validate(src, tmp_path / "out").skipped  # an up-to-date rerun says it again
+    assert "data.csv, logs/notes.txt" in capsys.readouterr().out
+
+
+def test_a_folder_without_inputs_lists_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rows.csv").write_text("a,b\n")
+    (tmp_path / "_SUCCESS").write_text("{}")
+    with pytest.raises(ValueError, match=r"no input inside .*1 other file\(s\) found:\n  sub/rows\.csv$"):
+        data.list_inputs(tmp_path)
+
+
+# ---- nothing valid ------------------------------------------------------------------------------------------------
+def test_no_valid_row_is_an_error_that_keeps_the_quarantine(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(_rows(1)[0]) + "\n")
+    data.validate(good, out)  # an earlier input's data/, which must not survive a failed validation
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'not json\n{"prompt": "p"}\n{"prompt": "q", "chosen": "a"}\n')
+    with pytest.raises(data.NoValidRowsError) as err:
+        data.validate(bad, out)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: no valid row, all 3 were quarantined (unknown_format: 2, malformed_json: 1)")
+    assert f"in {out / 'quarantine'}." in message
+    assert not (out / "data").exists()
+    assert [(r["file"], r["line"]) for r in _table(out / "quarantine")] == [(str(bad), 1), (str(bad), 2), (str(bad), 3)]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(data.NoValidRowsError, match=r"empty\.jsonl: no rows to validate"):
+        data.validate(empty, out)
+    assert _table(out / "quarantine") == []  # the quarantine on disk is always the last input's
+
+
+def test_validate_and_pipeline_commands_exit_1_with_the_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raydora import cli
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a"}\nnot json\n')
+    assert cli.main(["validate", "--input", str(bad), "--output", str(tmp_path / "v")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"raydora validate: {bad}: no valid row, all 2 were quarantined (malformed_json: 1, unknown")
+    assert (tmp_path / "v" / "quarantine").is_dir() and not (tmp_path / "v" / "data").exists()
+    assert cli.main(["pipeline", f"root={tmp_path}", "name=p", f"data.input={bad}"]) == 1
+    out = capsys.readouterr()
+    assert (
+        out.err.startswith(f"raydora pipeline: {bad}: no valid row") and str(tmp_path / "p" / "quarantine") in out.err
+    )
+    assert "[validate]" not in out.out  # it stopped there: no stage summary, no later stage
+    assert cli.main(["validate", "--input", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "v")]) == 1
+    assert f"raydora validate: input not found: {tmp_path / 'notes.txt'}" in capsys.readouterr().err
+
+
+# ---- hf:// inputs ---------------------------------------------------------------------------------------------------
+def _cache_hub_dataset(cache: Path, repo: str, splits: dict[str, list[dict]], config: str, revision: str) -> None:
+    """Write ``repo`` into the HF datasets cache as a Hub download leaves it: a packaged builder's Arrow files and
+    dataset_info.json in ``<cache>/<org>___<name>/<config>/<version>/<revision>/`` (built here from local JSON
+    files, since a builder given a repo_id only accepts files from the Hub)."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    org, name = repo.split("/")
+    files = cache.parent / f"src-{name}-{config}-{revision}"
+    files.mkdir(parents=True)
+    for split, rows in splits.items():
+        (files / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builder = Json(cache_dir=str(cache), dataset_name=name, config_name=config, config_id=config, hash=revision,
+                   data_files={s: str(files / f"{s}.jsonl") for s in splits})  # fmt: skip
+    builder.download_and_prepare()
+    shutil.copytree(cache / name, cache / f"{org}___{name}", dirs_exist_ok=True)
+    shutil.rmtree(cache / name)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF datasets cache for this test (datasets reads HF_DATASETS_CACHE once, at import)."""
+    import datasets.config
+
+    cache = tmp_path / "hf-cache" / "datasets"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def test_hf_uri_is_found_in_the_local_cache_without_the_network(hub_cache: Path, monkeypatch) -> None:
+    import socket
+
+    import datasets.config
+
+    _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(4), "test": _rows(2)}, "default", "rev1")
+    _cache_hub_dataset(hub_cache, "acme/multi", {"train": _rows(1)}, "a", "rev1")
+    _cache_hub_dataset(hub_cache, "acme/multi", {"train": _rows(2)}, "b", "rev1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as if online: hf:// must not try
+    where = hub_cache / "acme___prefs" / "default" / "0.0.0" / "rev1"
+    assert data.hub_arrow_files("hf://acme/prefs") == [(where / "prefs-train.arrow", "train"),
+                                                        (where / "prefs-test.arrow", "test")]  # fmt: skip
+    assert data.hub_arrow_files("hf://acme/prefs@default:test") == [(where / "prefs-test.arrow", "test")]
+    assert data.hub_arrow_files("hf://acme/multi@b")[0][0].parts[-4] == "b"
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored
+    tasks = data.plan_reads("hf://acme/prefs:train")
+    assert [(t["kind"], t["split"], t["fallback"]) for t in tasks] == [("hf", "train", "trl")]
+    fp = data.input_fingerprints("hf://acme/prefs")
+    assert fp[0] == "hf://acme/prefs" and [f[0] for f in fp[1:]] == ["prefs-train.arrow", "prefs-test.arrow"]
+
+    with pytest.raises(data.InputError) as missing:
+        data.hub_arrow_files("hf://acme/other:train")
+    assert str(missing.value).startswith(f"hf://acme/other:train: not found in the local HF datasets cache {hub_cache}")
+    assert "datasets.load_dataset('acme/other', split='train')" in str(missing.value)
+    assert "save_to_disk('FOLDER')" in str(missing.value)
+    with pytest.raises(data.InputError, match=r"config 'nope'"):
+        data.hub_arrow_files("hf://acme/prefs@nope")
+    with pytest.raises(data.InputError, match=r"Unknown split \"dev\""):
+        data.hub_arrow_files("hf://acme/prefs:dev")
+    with pytest.raises(data.InputError, match=r"configurations in the cache: .*pick one with hf://acme/multi@CONFIG"):
+        data.hub_arrow_files("hf://acme/multi")
+    for bad in ("hf://acme/prefs:train[:10]", "hf://a/b/c", "hf://acme/prefs@"):
+        with pytest.raises(data.InputError, match="expected hf://ORG/NAME"):
+            data.parse_hub(bad)
+
+
+def test_validate_reads_an_hf_uri_and_redoes_when_the_cache_changes(hub_cache: Path) -> None:
+    _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(4), "test": _rows(2)}, "default", "rev1")
+    out = hub_cache.parent / "run"
+    result = data.validate("hf://acme/prefs", out)
+    assert result.counts == {"input": 6, "valid": 6, "quarantined": 0}
+    assert sorted(r["split"] for r in _table(out / "data")) == ["test"] * 2 + ["train"] * 4
+    assert data.validate("hf://acme/prefs", out).skipped
+    assert data.validate("hf://acme/prefs:test", out.parent / "test-only").counts["valid"] == 2
+    _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(3)}, "default", "rev2")  # a newer download
+    again = data.validate("hf://acme/prefs", out)
+    assert not again.skipped and again.counts["valid"] == 3
