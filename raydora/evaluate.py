@@ -194,7 +194,8 @@ def benchmark_sources(prompts: pa.Table, n: int, seed: int) -> dict[str, list[li
 
 
 def data_sources(prompts: pa.Table) -> dict[str, list[list[str]]]:
-    """The prompt file's own ``responses`` grouped by ``sources`` (``unknown`` when the column is missing)."""
+    """The prompt file's own ``responses`` grouped by ``sources`` (``unknown`` when the column is missing), and, for
+    preference rows (a ``scores`` column, as ``heldout/``), ``chosen``: each row's best-scored response."""
     if "responses" not in prompts.column_names:
         return {}
     responses = prompts.column("responses").to_pylist()
@@ -205,6 +206,11 @@ def data_sources(prompts: pa.Table) -> dict[str, list[list[str]]]:
         tags = (sources[i] if sources else None) or ["unknown"] * len(rs or [])
         for s in names:
             out[s].append([r for r, t in zip(rs or [], tags, strict=False) if t == s])
+    if "scores" in prompts.column_names and "chosen" not in out:  # preference rows: their best response too
+        best = []
+        for rs, sc in zip(responses, prompts.column("scores").to_pylist(), strict=True):
+            best.append([rs[int(np.argmax(sc))]] if rs and sc and len(sc) == len(rs) else [])
+        out["chosen"] = best
     return out
 
 

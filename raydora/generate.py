@@ -94,6 +94,16 @@ def _prompt_ids(
     return [prompt_tokens(tokenizer, p, m)[-max_prompt_tokens:] for p, m in zip(prompts, turns, strict=True)]
 
 
+def truncated_prompts(model_dir: str | Path, prompts: pa.Table, max_prompt_tokens: int) -> int:
+    """How many of ``prompts`` the generators cut to ``max_prompt_tokens`` (counted in this process: evaluation
+    prompt sets are small)."""
+    from raydora.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    full = _batch_prompt_ids(tok, prompts, 1 << 30)
+    return sum(len(ids) > max_prompt_tokens for ids in full)
+
+
 def _batch_prompt_ids(tokenizer: Any, batch: pa.Table, max_prompt_tokens: int) -> list[list[int]]:
     """:func:`_prompt_ids` of a batch of prompt rows (``prompt``, and ``prompt_messages`` where the rows have it)."""
     messages = batch.column("prompt_messages").to_pylist() if "prompt_messages" in batch.schema.names else None
@@ -404,7 +414,12 @@ def generate(
             sum(x) for f in parquet_files(tmp / "out") for x in pq.read_table(f, columns=["generation_tokens"])
             .column("generation_tokens").to_pylist()
         )  # fmt: skip
+        cut = truncated_prompts(model_dir, prompts, max(1, max_length - sampling.max_new_tokens))
+        if cut:
+            print(f"[{stage}] {cut} of {rows} prompts longer than model.max_length - generate.max_new_tokens = "
+                  f"{max(1, max_length - sampling.max_new_tokens)} tokens: each keeps its end", flush=True)  # fmt: skip
         info = {"stage": stage, "fingerprint": fp, "rows": {"prompts": rows, "samples": rows * sampling.n},
+                "prompts_truncated": cut,
                 "model": model_dir, "backend": backend, "device": device, "actors": gen.actors,
                 "sampling": asdict(sampling), "tokens": tokens, "seconds": round(elapsed, 3),
                 "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None}  # fmt: skip

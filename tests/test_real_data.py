@@ -167,7 +167,9 @@ def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("objective", ["kldpo", "dora"])
 def test_own_data_runs_every_stage_with_no_workaround(user_data: Path, tmp_path: Path, ray_session, objective) -> None:
     # DoRA starts from the preset itself (no SFT): both starts are covered, and the test stays short
-    extra = ["data.target_sources=[human]", "sft.enabled=false"] if objective == "dora" else []
+    # DoRA is also judged by one of its own classifiers as the reward: generation win rates on the held-out prompts
+    reward = f"evaluate.reward={tmp_path / 'own' / 'classifier' / 'gen-beta'}"
+    extra = ["data.target_sources=[human]", "sft.enabled=false", reward] if objective == "dora" else []
     cfg = load_config(None, [f"root={tmp_path}", "name=own", f"data.input={user_data}",
                              f"train.objective={objective}", *SMALL, *extra])  # fmt: skip
     results = {r.stage: r for r in pipeline.run(cfg)}
@@ -183,7 +185,11 @@ def test_own_data_runs_every_stage_with_no_workaround(user_data: Path, tmp_path:
     assert conv and all(r["truncated"] == (len(r["prompt_ids"]) + max(map(len, r["response_ids"])) >= 64) or
                         r["truncated"] for r in conv)  # fmt: skip
     report = json.loads((run / "eval" / "report.json").read_text())
-    assert report["reward"] == "none" and report["win_rates"] == {}
+    if objective == "kldpo":
+        assert report["reward"] == "none" and report["win_rates"] == {}
+    else:  # against the SFT policy's samples, each held-out row's chosen response, and each source's responses
+        assert report["reward"] == "model" and {"sft", "chosen", "human"} <= set(report["win_rates"])
+        assert all(0 <= w["win_rate"] <= 1 for w in report["win_rates"].values() if w["win_rate"] is not None)
     held = report["heldout"]
     assert held["pairs"] == counts["heldout"] and set(held["policies"]) == {"policy", "sft"}
     assert held["policies"]["sft"]["margin"]["mean"] == 0  # the reference is the SFT policy
@@ -238,3 +244,17 @@ def test_validate_holds_out_prompts_trains_the_tokenizer_and_drops_over_length(t
         data.run(dora, dora.run_dir)
     data.run(load_config(None, [*base, "name=keep", "train.objective=dora", "data.target_sources=[human]"]),
              keep.run_dir)  # fmt: skip
+
+
+def test_generation_counts_the_prompts_it_cuts(tok, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from raydora.generate import truncated_prompts
+
+    tok.save_pretrained(str(tmp_path / "m"))
+    turns = json.dumps([{"role": "user", "content": "w " * 60}])
+    table = pa.table({"prompt": ["hi", "w " * 60, "x"], "prompt_messages": [None, None, turns]})
+    n = [len(encoding.prompt_tokens(tok, p, m)) for p, m in zip(*table.to_pydict().values(), strict=True)]
+    limit = (n[0] + n[1]) // 2
+    assert n[0] <= limit < n[1] and n[2] > limit
+    assert truncated_prompts(tmp_path / "m", table, limit) == 2
