@@ -106,6 +106,12 @@ class DataConfig:
     """Sources whose responses define the target distribution (DoRA's golden class; the classifiers learn target vs
     each other source). Checked at validate for objectives that read p_golden (dora, reweight): the error lists the
     sources found with their counts."""
+    target: str | None = None
+    """Your target distribution when the rows carry no usable source labels: a JSONL / JSON / parquet file or
+    folder of rows with a ``prompt`` and the target's answer (``response``, ``responses``, or TRL's ``chosen``),
+    e.g. human-written or curated answers. Set, the classify stage trains one classifier, these answers against
+    every response of the training data, and DoRA weighs with the one-mixture density ratio dQ0/dP
+    (docs/classifier.md); ``target_sources`` is then not used."""
     heldout_fraction: float = 0.05
     """Share of the prompts (chosen by a hash of the prompt, so every row of a prompt lands on the same side) that
     validate holds out of training into ``heldout/`` when ``generate.prompts`` is not set and the data is your own

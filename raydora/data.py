@@ -33,7 +33,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydora import schema
-from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, promote, staging, write_success
+from raydora.rundir import (
+    StageResult,
+    file_fingerprints,
+    fingerprint,
+    is_done,
+    promote,
+    read_success,
+    staging,
+    write_success,
+)
 
 CHUNK_BYTES = 64 << 20  # one read task per 64 MiB of JSONL / parquet
 BATCH_ROWS = 2048  # rows per Arrow block a read task yields: bounds a task's memory
@@ -874,6 +883,50 @@ def check_target_sources(targets: tuple[str, ...], counts: dict[str, int], folde
         )
 
 
+def target_rows(table: pa.Table, source: str) -> list[dict[str, Any]]:
+    """``data.target``'s rows as canonical one-response rows (source ``target``): each row's ``prompt`` with its
+    ``response``, each of its ``responses``, or TRL's ``chosen`` (text, or the assistant turns of messages)."""
+    names = set(table.column_names)
+    field = next((f for f in ("response", "responses", "chosen") if f in names), None)
+    if "prompt" not in names or field is None:
+        raise InputError(f"{source}: data.target rows need a `prompt` and a `response` (or `responses`, or TRL's "
+                         f"`chosen`) column; found: {', '.join(sorted(names))}")  # fmt: skip
+    rows = []
+    for i, row in enumerate(table.select(["prompt", field]).to_pylist(), start=1):
+        value = row[field]
+        answers = value if isinstance(value, list) and field == "responses" else [value]
+        for j, answer in enumerate(answers):
+            if isinstance(answer, list):  # messages: the assistant turns
+                answer = "\n".join(m.get("content", "") for m in answer if isinstance(m, dict)
+                                   and m.get("role") == "assistant")  # fmt: skip
+            if not isinstance(row["prompt"], str) or not isinstance(answer, str) or not answer.strip():
+                raise InputError(f"{source}: row {i}: data.target needs a text `prompt` and a non-empty `{field}`")
+            rows.append({"id": f"target-{schema.row_id(row['prompt'], [answer])}-{j}", "prompt": row["prompt"],
+                         "responses": [answer], "scores": [1.0], "sources": ["target"], "split": None, "meta": None,
+                         "prompt_messages": None})  # fmt: skip
+    if not rows:
+        raise InputError(f"{source}: data.target holds no rows")
+    return rows
+
+
+def write_target(path: str | Path, out_dir: Path, force: bool = False) -> int:
+    """``data.target`` into ``out_dir`` (one parquet file of canonical one-response rows, atomically); returns the
+    row count. Read in this process: a curated target set is small."""
+    from raydora.generate import _read_table
+
+    fp = fingerprint("target", input_fingerprints(path))
+    if not force and is_done(out_dir, fp):
+        return int((read_success(out_dir) or {}).get("rows", {}).get("target", 0))
+    rows = [r for f, kind in list_inputs(path) for r in target_rows(_read_table(f, kind), str(f))]
+    with staging(out_dir.parent, out_dir.name) as tmp:
+        (tmp / "rows").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), tmp / "rows" / "target.parquet")
+        write_success(tmp / "rows", {"stage": "target", "fingerprint": fp, "input": str(path),
+                                     "rows": {"target": len(rows)}})  # fmt: skip
+        promote(tmp / "rows", out_dir)
+    return len(rows)
+
+
 def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     """Pipeline stage: validate ``cfg.data.input`` (default: the synth stage's ``train`` split) into the run.
 
@@ -883,7 +936,6 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     p_golden check ``data.target_sources`` against the sources found."""
     from raydora.config import P_GOLDEN_OBJECTIVES
     from raydora.reference import needs_run_tokenizer, tokenizer_dir
-    from raydora.rundir import read_success
 
     run_dir = Path(run_dir)
     own = cfg.data.input is not None
@@ -897,6 +949,8 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     result = validate(source, run_dir, cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer,
                       heldout_fraction=heldout, tokenizer_out=run_dir / "tokenizer" if train_tokenizer else None,
                       vocab_size=cfg.model.vocab_size, limits=limits, force=force)  # fmt: skip
-    if cfg.train.objective in P_GOLDEN_OBJECTIVES:
+    if cfg.data.target is not None:
+        result.counts["target"] = write_target(cfg.data.target, run_dir / "target", force=force)
+    elif cfg.train.objective in P_GOLDEN_OBJECTIVES:
         check_target_sources(tuple(cfg.data.target_sources), source_counts(run_dir / "data"), run_dir / "data")
     return result

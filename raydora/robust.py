@@ -328,6 +328,21 @@ def dora_weights(
     return 1.0 / (alpha + share * gamma * (1 - p) / p)
 
 
+def dora_mixture_weights(p_target: Tensor, alpha: float, eps: float = 1e-4) -> Tensor:
+    """DoRA's weight per response in the one-mixture form: ``w = p / (1 - p)``, capped at ``1 / alpha``.
+
+    ``p_target`` is the probability of "target (Q0) vs the whole training mixture P" with balanced odds,
+    ``p / (1 - p) = dQ0/dP`` (a target-vs-mixture classifier's calibrated probability with its class imbalance
+    divided out, as ``scoring.mixture_p_golden`` does), clipped to ``[eps, 1-eps]``. When the target makes up a
+    share ``alpha`` of P, ``dQ0/dP <= 1 / alpha``: the cap keeps the per-source form's bound ``(0, 1/alpha)``."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if torch.isnan(p_target).any() or (p_target < 0).any() or (p_target > 1).any():
+        raise ValueError("p_target must be probabilities in [0, 1] (found NaN or out-of-range values)")
+    p = p_target.clamp(eps, 1 - eps)
+    return (p / (1 - p)).clamp(max=1.0 / alpha)
+
+
 @dataclass(frozen=True)
 class Tilt:
     """A log-sum-exp objective's gradient as a softmax tilt: ``dF/dl_i = c * a_i * softmax(s)_i`` with

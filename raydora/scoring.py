@@ -115,10 +115,16 @@ def estimate_shares(response_counts: dict[str, int], sources: list[str]) -> list
 
 
 def score(
-    data_dir: str | Path, classifier_dir: str | Path, out_dir: str | Path, cfg: Any, force: bool = False
+    data_dir: str | Path,
+    classifier_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Any,
+    force: bool = False,
+    form: str = "per_source",
 ) -> StageResult:
     """Score ``data_dir`` into ``out_dir`` (canonical rows + ``p_golden`` + ``p_golden_by_source``), streaming
-    through ``cfg.score_actors`` actors. Atomic; skips when ``out_dir/_SUCCESS`` matches."""
+    through ``cfg.score_actors`` actors. Atomic; skips when ``out_dir/_SUCCESS`` matches. ``form`` (recorded for
+    the DoRA weights): ``per_source`` classifiers, or one ``target_vs_mixture`` classifier (``data.target``)."""
     clf = read_success(classifier_dir)
     if clf is None:
         raise FileNotFoundError(f"{classifier_dir}: no finished classifiers (_SUCCESS missing); run classify first")
@@ -134,6 +140,7 @@ def score(
     fp = fingerprint(
         "score", (read_success(data_dir) or {}).get("fingerprint"), clf["fingerprint"], shares, cfg.max_length,
         *([tag] if tag else []),
+        *([form] if form != "per_source" else []),
     )  # fmt: skip
     if not force and is_done(out, fp):
         done = read_success(out) or {}
@@ -175,6 +182,7 @@ def score(
                 "stage": "score",
                 "fingerprint": fp,
                 "classifiers": sources,
+                "form": form,
                 "shares": dict(zip(sources, shares, strict=True)),
                 "golden_share": sum(clf["response_counts"].get(t, 0) for t in clf.get("targets", [GOLDEN]))
                 / max(1, sum(clf["response_counts"].values())),
@@ -191,12 +199,49 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
 
     run_dir = Path(run_dir)
     clf = dataclasses.replace(cfg.classifier, precision=cfg.classifier_precision)
-    trained = train_classifiers(run_dir / "data", run_dir / "classifier", clf, cfg.seed,
-                                targets=tuple(cfg.data.target_sources))  # fmt: skip
+    examples, targets, form = run_dir / "data", tuple(cfg.data.target_sources), "per_source"
+    if cfg.data.target is not None:  # one classifier: the target's answers against every training response
+        examples, targets, form = target_vs_mixture_rows(run_dir), (TARGET,), "target_vs_mixture"
+        clf = dataclasses.replace(clf, source_shares={MIXTURE: 1.0})
+    trained = train_classifiers(examples, run_dir / "classifier", clf, cfg.seed, targets=targets)
     print(trained.summary(), flush=True)
     for source, s in sorted(trained.info.items()) if not trained.skipped else []:
         print(
             f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} b={s['bias']:.3f} "
             f"AUC={s['auc']:.3f} ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
         )
-    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", clf)
+    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", clf, form=form)
+
+
+TARGET, MIXTURE = "target", "mixture"  # the source names of data.target's rows and of every training response
+
+
+def _as_mixture(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: canonical rows with every response's source set to ``mixture``."""
+    sources = [[MIXTURE] * len(r) for r in batch.column("responses").to_pylist()]
+    return batch.set_column(
+        batch.schema.get_field_index("sources"), "sources", pa.array(sources, pa.list_(pa.string()))
+    )
+
+
+def target_vs_mixture_rows(run_dir: Path) -> Path:
+    """``classify_data/``: the training rows with every response's source ``mixture``, plus ``target/``'s rows
+    (source ``target``): the examples of the one target-vs-mixture classifier (``data.target``). Written once per
+    data and target (fingerprint)."""
+    from raydora.data import CANONICAL_SCHEMA
+
+    data, target, out = run_dir / "data", run_dir / "target", run_dir / "classify_data"
+    if read_success(target) is None:
+        raise FileNotFoundError(f"{target}: no target rows (_SUCCESS missing); data.target is read by validate")
+    fp = fingerprint("classify_data", (read_success(data) or {}).get("fingerprint"),
+                     (read_success(target) or {}).get("fingerprint"))  # fmt: skip
+    if is_done(out, fp):
+        return out
+    columns = [f.name for f in CANONICAL_SCHEMA]
+    with staging(run_dir, "classify_data") as tmp:
+        rows = read_canonical(data).map_batches(_as_mixture, batch_format="pyarrow").select_columns(columns)
+        rows = rows.union(read_canonical(target).select_columns(columns))
+        n = write_rows(rows, tmp / "rows")
+        write_success(tmp / "rows", {"stage": "classify_data", "fingerprint": fp, "rows": {"classify_data": n}})
+        promote(tmp / "rows", out)
+    return out

@@ -172,7 +172,9 @@ def dora_row_weights(
     listwise losses). alpha stays 1/K of the whole row either way.
 
     A synthetic source's response uses its share pi_s and imbalance gamma_s; a golden or unknown response was
-    scored against the whole mixture (``scoring.mixture_p_golden``), so it uses pi = sum of the shares, gamma=1."""
+    scored against the whole mixture (``scoring.mixture_p_golden``), so it uses pi = sum of the shares, gamma=1.
+    With ``data.target`` (``info["form"] == "target_vs_mixture"``) every response's p is target vs the whole
+    mixture, and the weight is the one-mixture ratio :func:`raydora.robust.dora_mixture_weights`."""
     import torch
 
     from raydora import robust
@@ -182,6 +184,10 @@ def dora_row_weights(
     out = np.zeros(len(p_golden))
     for i, (ps, ss) in enumerate(zip(p_golden, sources, strict=True)):
         p = torch.tensor(ps, dtype=torch.float64)
+        if info.get("form") == "target_vs_mixture":  # data.target: p is already target vs the whole mixture
+            w = robust.dora_mixture_weights(p, alpha if alpha is not None else 1.0 / len(ps))
+            out[i] = float((w if select is None else w[torch.as_tensor(np.asarray(select[i]))]).mean())
+            continue
         pi = torch.tensor([shares.get(s, total) for s in ss], dtype=torch.float64)
         g = torch.tensor([gammas.get(s, 1.0) for s in ss], dtype=torch.float64)
         w = robust.dora_weights(p, pi, alpha if alpha is not None else 1.0 / len(ps), g)
@@ -1017,7 +1023,8 @@ def dora_info(cfg: Any, data_dir: Path) -> dict[str, Any]:
         gammas[s] = json.loads(cal.read_text()).get("gamma", 1.0) if cal.exists() else 1.0
     if not shares:
         raise ValueError(f"{run_dir / 'scored'}: no source shares recorded; run the classify stage")
-    return {"shares": shares, "gammas": gammas, "alpha": cfg.train.dora_alpha}
+    return {"shares": shares, "gammas": gammas, "alpha": cfg.train.dora_alpha,
+            "form": scored.get("form", "per_source")}  # fmt: skip
 
 
 def run(cfg: Any, run_dir: str | Path, force: bool = False, **extra: Any) -> StageResult:

@@ -164,12 +164,21 @@ def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_user_data(tmp_path_factory.mktemp("user") / "prefs")
 
 
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run folder for both objectives: the DoRA run reuses the KLDPO run's validate, SFT and SFT samples (their
+    fingerprints match), as a user's second run would; every stage's output is still checked in each."""
+    return tmp_path_factory.mktemp("own")
+
+
 @pytest.mark.parametrize("objective", ["kldpo", "dora"])
-def test_own_data_runs_every_stage_with_no_workaround(user_data: Path, tmp_path: Path, ray_session, objective) -> None:
-    # DoRA starts from the preset itself (no SFT): both starts are covered, and the test stays short
+def test_own_data_runs_every_stage_with_no_workaround(
+    user_data: Path, shared_root: Path, ray_session, objective
+) -> None:
+    tmp_path = shared_root
     # DoRA is also judged by one of its own classifiers as the reward: generation win rates on the held-out prompts
     reward = f"evaluate.reward={tmp_path / 'own' / 'classifier' / 'gen-beta'}"
-    extra = ["data.target_sources=[human]", "sft.enabled=false", reward] if objective == "dora" else []
+    extra = ["data.target_sources=[human]", reward] if objective == "dora" else []
     cfg = load_config(None, [f"root={tmp_path}", "name=own", f"data.input={user_data}",
                              f"train.objective={objective}", *SMALL, *extra])  # fmt: skip
     results = {r.stage: r for r in pipeline.run(cfg)}
@@ -188,7 +197,8 @@ def test_own_data_runs_every_stage_with_no_workaround(user_data: Path, tmp_path:
     if objective == "kldpo":
         assert report["reward"] == "none" and report["win_rates"] == {}
     else:  # against the SFT policy's samples, each held-out row's chosen response, and each source's responses
-        assert report["reward"] == "model" and {"sft", "chosen", "human"} <= set(report["win_rates"])
+        # (the first evaluate.prompts held-out prompts are dialogues: their responses' source is `unknown`)
+        assert report["reward"] == "model" and {"sft", "chosen", "unknown"} <= set(report["win_rates"])
         assert all(0 <= w["win_rate"] <= 1 for w in report["win_rates"].values() if w["win_rate"] is not None)
     held = report["heldout"]
     assert held["pairs"] == counts["heldout"] and set(held["policies"]) == {"policy", "sft"}
@@ -258,3 +268,70 @@ def test_generation_counts_the_prompts_it_cuts(tok, tmp_path: Path) -> None:
     limit = (n[0] + n[1]) // 2
     assert n[0] <= limit < n[1] and n[2] > limit
     assert truncated_prompts(tmp_path / "m", table, limit) == 2
+
+
+# ---- data.target: one target-vs-mixture classifier when the rows carry no source labels ---------------------------
+def test_target_rows_from_each_layout() -> None:
+    import pyarrow as pa
+
+    rows = data.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", "b"]}), "f")
+    got = [(r["prompt"], r["responses"], r["sources"]) for r in rows]
+    assert got == [("p", ["a"], ["target"]), ("q", ["b"], ["target"])]
+    many = data.target_rows(pa.table({"prompt": ["p"], "responses": [["a", "b"]]}), "f")
+    assert [r["responses"] for r in many] == [["a"], ["b"]] and len({r["id"] for r in many}) == 2
+    chosen = [{"role": "user", "content": "p"}, {"role": "assistant", "content": "yes"}]
+    assert data.target_rows(pa.Table.from_pylist([{"prompt": "p", "chosen": chosen}]), "f")[0]["responses"] == ["yes"]
+    with pytest.raises(data.InputError, match=r"f: data.target rows need a `prompt` and a `response`"):
+        data.target_rows(pa.table({"text": ["x"]}), "f")
+    with pytest.raises(data.InputError, match="row 2"):
+        data.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", " "]}), "f")
+
+
+def test_one_mixture_weights_by_hand() -> None:
+    import torch
+
+    from raydora import robust, train
+
+    p = torch.tensor([0.5, 0.8, 0.99], dtype=torch.float64)
+    # odds p / (1 - p) = dQ0/dP: 1, 4, 99 -> capped at 1 / alpha = 4
+    assert robust.dora_mixture_weights(p, alpha=0.25).tolist() == pytest.approx([1.0, 4.0, 4.0])
+    info = {"shares": {"mixture": 1.0}, "gammas": {"mixture": 3.0}, "alpha": None, "form": "target_vs_mixture"}
+    w = train.dora_row_weights([[0.5, 0.2]], [["unknown", "gen"]], info)  # alpha = 1/K = 0.5: cap 2
+    assert w.tolist() == pytest.approx([(1.0 + 0.25) / 2])
+    per_source = dict(info, form="per_source")  # the same inputs through the per-source form differ
+    assert train.dora_row_weights([[0.5, 0.2]], [["unknown", "gen"]], per_source)[0] != pytest.approx(w[0])
+
+
+def test_a_target_file_trains_one_target_vs_mixture_classifier(user_data: Path, tmp_path: Path, ray_session) -> None:
+    from raydora import scoring, train
+    from raydora.scoring import mixture_p_golden
+
+    # the pairwise file without its source labels; the target: curated answers to other prompts
+    unlabelled = tmp_path / "in"
+    unlabelled.mkdir()
+    rows = [json.loads(x) for x in (user_data / "pairs.jsonl").read_text().splitlines()]
+    for r in rows:
+        del r["chosen_source"], r["rejected_source"]
+    (unlabelled / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = tmp_path / "target.jsonl"
+    answers = [
+        {"prompt": f"Explain topic {i}.", "response": f"Sure. About topic {i}: people study it."} for i in range(40)
+    ]
+    target.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    cfg = load_config(None, [f"root={tmp_path}", "name=t", f"data.input={unlabelled}", f"data.target={target}",
+                             "train.objective=dora", *SMALL, "data.heldout_fraction=0"])  # fmt: skip
+    assert data.run(cfg, cfg.run_dir).counts["target"] == 40  # no target_sources check: no labels needed
+    scoring.run(cfg, cfg.run_dir)
+    marker = json.loads((cfg.run_dir / "classifier" / "_SUCCESS").read_text())
+    assert marker["sources"] == ["mixture"] and marker["targets"] == ["target"]
+    cal = json.loads((cfg.run_dir / "classifier" / "mixture" / "calibration.json").read_text())
+    n_target, n_mixture = cal["train_examples"]["golden"], cal["train_examples"]["mixture"]
+    assert cal["gamma"] == pytest.approx(n_mixture / n_target) and n_mixture > n_target > 0
+    scored = json.loads((cfg.run_dir / "scored" / "_SUCCESS").read_text())
+    assert scored["form"] == "target_vs_mixture" and scored["shares"] == {"mixture": 1.0}
+    out = _rows(cfg.run_dir / "scored")
+    assert len(out) == 60
+    for r in out[:5]:  # every response: the mixture classifier's probability with its imbalance divided out
+        c = np.array(r["p_golden_by_source"])
+        assert r["p_golden"] == pytest.approx(mixture_p_golden(c, np.array([1.0]), np.array([cal["gamma"]])).tolist())
+    assert train.dora_info(cfg, cfg.run_dir / "data")["form"] == "target_vs_mixture"
