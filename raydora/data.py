@@ -753,6 +753,11 @@ def _fail_without_valid_rows(
             f"{input}: no rows to validate (the input files are empty)"
             + (f"; {len(skipped)} file(s) that are not inputs were skipped" if skipped else "")
         )
+    if counts.get("heldout"):
+        raise NoValidRowsError(
+            f"{input}: no row left to train on: all {counts['heldout']} valid rows of {counts['input']} were held out "
+            f"(data.heldout_fraction); lower it, or give held-out prompts in generate.prompts"
+        )
     by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     raise NoValidRowsError(
         f"{input}: no valid row, all {counts['input']} were quarantined ({by_reason}). Nothing was written to "
