@@ -431,9 +431,10 @@ class EvalConfig:
     prompts: int = 200
     """Held-out prompts to generate for and evaluate (the first N of the prompt set)."""
     reward: str = "auto"
-    """auto: gold on the synthetic benchmark, none on your own data (data.input); gold: the benchmark's programmatic
-    gold reward; none: no generation win rates (the held-out implicit-reward accuracy is still reported); or a
-    local folder holding a reward model (one logit) or a raydora classifier (its calibrated p_golden is the reward)."""
+    """auto: gold when the evaluation prompts are the synthetic benchmark's, else none (your own data); gold: the
+    benchmark's programmatic gold reward; none: no generation win rates (the held-out implicit-reward accuracy is
+    still reported); or a local folder holding a reward model (one logit) or a raydora classifier (its calibrated
+    p_golden is the reward)."""
     references: tuple[str, ...] = ("sft", "sources")
     """What the policy is compared with: `sft` (the SFT policy's samples, same prompts and seeds) and `sources`
     (each source's responses to the prompts: golden/verbose/sloppy on the benchmark, the prompt file's

@@ -570,11 +570,12 @@ def heldout_report(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     return {"pairs": len(logps["sft"]), "beta": cfg.train.beta, "policies": policies}
 
 
-def resolve_reward(cfg: Any) -> str:
-    """``evaluate.reward`` with ``auto`` resolved: gold on the benchmark, none on your own data."""
+def resolve_reward(cfg: Any, prompts: pa.Table) -> str:
+    """``evaluate.reward`` with ``auto`` resolved by the evaluation prompts: gold when they are the benchmark's
+    (its eval split, also for runs whose training data is an oracle split or a loop round), none otherwise."""
     if cfg.evaluate.reward != "auto":
         return str(cfg.evaluate.reward)
-    return "gold" if cfg.data.input is None else "none"
+    return "gold" if _is_benchmark(prompts) else "none"
 
 
 # ---- the stage and the comparison -------------------------------------------------------------------------------
@@ -587,7 +588,9 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     markers = {p.name: read_success(p) for p in folders}
     if not any(markers.values()):
         raise FileNotFoundError(f"{run_dir / 'generations'}: no finished generations; run the generate stage first")
-    e, reward_name = cfg.evaluate, resolve_reward(cfg)
+    e = cfg.evaluate
+    prompts = gen.read_prompts(gen.prompt_source(cfg, run_dir), e.prompts)
+    reward_name = resolve_reward(cfg, prompts)
     held = read_success(run_dir / "heldout")
     extra = [held.get("fingerprint"), cfg.train.beta, cfg.model.max_prompt_length] if held else []
     fp = fingerprint("evaluate", {k: (v or {}).get("fingerprint") for k, v in markers.items()}, reward_name,
@@ -597,7 +600,6 @@ def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
         report = json.loads((out / "report.json").read_text())
         return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]}, True,
                            info={"table": win_table(report), "heldout": heldout_table(report)})  # fmt: skip
-    prompts = gen.read_prompts(gen.prompt_source(cfg, run_dir), e.prompts)
     generations = {k: gen.read_generations(run_dir / "generations" / k) for k, m in markers.items() if m}
     reward: Reward | str = (
         reward_name if reward_name in ("gold", "none") else model_reward(reward_name, cfg.model.max_length)
