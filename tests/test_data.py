@@ -205,6 +205,25 @@ def test_stage_writes_keep_the_input_order_when_later_batches_finish_first(tmp_p
     assert run(data.write_rows) == list(range(64))
 
 
+def test_ordered_parquet_sink_writes_a_tasks_blocks_in_order_into_a_file_named_by_the_task(tmp_path: Path) -> None:
+    # Ray's parquet sink passes a task's blocks to pyarrow's threaded write_dataset without preserve_order, which
+    # swapped two 4-row blocks inside one file in CI; the sink writes blocks one after another instead.
+    class Ctx:
+        task_idx = 3
+
+    blocks = [pa.table({"id": list(range(a, a + 4)), "x": [None] * 4}) for a in range(0, 64, 4)]
+    blocks[5] = pa.table({"id": list(range(20, 24)), "x": ["a", None, "b", None]})  # null type widened to string
+    blocks.insert(2, pa.table({"id": pa.array([], pa.int64()), "x": pa.array([], pa.null())}))
+    assert data.OrderedParquetSink(tmp_path).write(blocks, Ctx()) == 64
+    assert data.OrderedParquetSink(tmp_path).write([blocks[2]], Ctx()) == 0
+    (written,) = data.parquet_files(tmp_path)
+    assert written.name == "part-000003.parquet" and not list(tmp_path.glob(".*"))
+    table = pq.read_table(written)
+    assert table.column("id").to_pylist() == list(range(64))
+    assert table.column("x").to_pylist()[20:24] == ["a", None, "b", None]
+    assert table.schema.field("x").type == pa.string()
+
+
 # ---- compressed inputs ------------------------------------------------------------------------------------------
 def _compress(codec: str, raw: bytes) -> bytes:
     if codec == "zstd":
