@@ -307,12 +307,15 @@ def dora_weights(
     gamma: Tensor | float = 1.0,
     eps: float = 1e-4,
 ) -> Tensor:
-    """DoRA density-ratio weight per response (the authors' code): ``w = 1 / (alpha + pi_src * gamma * (1-p)/p)``.
+    """DoRA density-ratio weight per response: ``w = 1 / (alpha + pi_src * (1-p) / (gamma * p))``.
 
     ``p_golden`` (any shape, e.g. ``[B, K]``) is the calibrated classifier probability that the response is
     golden, clipped to ``[eps, 1-eps]``; ``source_share`` is the mixture share pi of each response's source and
     ``gamma`` the classifier's class-imbalance ratio (#source / #golden), both broadcastable. ``alpha`` is the
-    golden share (the code uses ``1/K``). The result estimates ``dQ0/dP`` and lies in ``(0, 1/alpha)``.
+    golden share (the code uses ``1/K``). A classifier trained on ``gamma`` source examples per golden one has
+    odds ``p / (1-p) = Q0 / (gamma Q_src)``, so ``Q_src / Q0 = (1-p) / (gamma p)`` and ``w = Q0 / (alpha Q0 +
+    pi Q_src)`` estimates ``dQ0/dP`` in ``(0, 1/alpha)``. (The authors' code fixes gamma = 1, where the
+    placement of gamma does not matter; before 2026-12-03 raydora multiplied by gamma, inverting it.)
     Per prompt, h~ is the mean over its responses: ``dora_weights(...).mean(-1)``.
     """
     if not 0 < alpha <= 1:
@@ -325,7 +328,7 @@ def dora_weights(
     if (share < 0).any():
         raise ValueError("source_share must be >= 0")
     p = p_golden.clamp(eps, 1 - eps)
-    return 1.0 / (alpha + share * gamma * (1 - p) / p)
+    return 1.0 / (alpha + share * (1 - p) / (gamma * p))
 
 
 def dora_mixture_weights(p_target: Tensor, alpha: float, eps: float = 1e-4) -> Tensor:

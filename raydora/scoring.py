@@ -3,7 +3,7 @@ pool, adding ``p_golden`` (one calibrated probability per response) and ``p_gold
 
 **Which classifier scores a response.** A response from synthetic source ``s`` gets ``p_golden = c_s``, the
 calibrated probability of its own classifier (golden vs ``s``), exactly what DoRA's weight
-``1 / (alpha + pi_s * gamma_s * (1 - p) / p)`` expects. A ``golden`` or ``unknown`` response has no own
+``1 / (alpha + pi_s * (1 - p) / (gamma_s * p))`` expects. A ``golden`` or ``unknown`` response has no own
 classifier; it gets the probability of "golden vs the synthetic *mixture*":
 
     (1 - p*) / p* = sum_i (beta_i / sum_j beta_j) * (1 - c_i) / (gamma_i * c_i)

@@ -220,7 +220,7 @@ def test_golden_responses_score_high(scored: tuple[Path, Path]) -> None:
 
 
 def test_weights_from_p_golden_match_dora_weights_by_hand(trained: Path, scored: tuple[Path, Path]) -> None:
-    """Synthetic response of source s: w = 1 / (alpha + pi_s gamma_s (1-p)/p) with its own classifier's p.
+    """Synthetic response of source s: w = 1 / (alpha + pi_s (1-p) / (gamma_s p)) with its own classifier's p.
     Golden response: w = 1 / (alpha + sum_i beta_i / r_i), r_i = gamma_i c_i / (1 - c_i), the mixture density ratio."""
     marker = json.loads((scored[0] / "_SUCCESS").read_text())
     order, shares, alpha = marker["classifiers"], marker["shares"], marker["golden_share"]
@@ -234,7 +234,7 @@ def test_weights_from_p_golden_match_dora_weights_by_hand(trained: Path, scored:
                 )
                 got = robust.dora_weights(torch.tensor([p], dtype=torch.float64), 1 - alpha, alpha, eps=1e-6)
             else:
-                expected = 1 / (alpha + shares[src] * gammas[src] * (1 - p) / p)
+                expected = 1 / (alpha + shares[src] * (1 - p) / (gammas[src] * p))
                 got = robust.dora_weights(
                     torch.tensor([p], dtype=torch.float64), shares[src], alpha, gammas[src], eps=1e-6
                 )

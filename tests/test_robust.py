@@ -168,15 +168,26 @@ def test_share_surrogate_gradcheck(name: str) -> None:
 def test_dora_weights_by_hand() -> None:
     """K = 4, alpha = pi = 1/4, gamma = 1: w = 1 / (1/4 + (1/4)(1-p)/p).
     p = 0.95: 1 / (0.25 + 0.25 * 0.05/0.95) = 1 / 0.26315789 = 3.8; p = 0.5: 1 / 0.5 = 2; p = 0.1: 1 / 2.5 = 0.4.
-    gamma = 2, p = 0.5: 1 / (0.25 + 0.5) = 4/3. p = 0 is clipped to eps = 1e-4: 1 / (0.25 + 0.25 * 9999) = 1/2500."""
+    gamma = 2, p = 0.5: 1 / (0.25 + 0.25 / 2) = 8/3. p = 0 is clipped to eps = 1e-4: 1 / (0.25 + 0.25 * 9999) = 1/2500."""
     p = T([[0.95, 0.5, 0.1, 0.0]], dtype=torch.float64)
     w = R.dora_weights(p, 0.25, alpha=0.25)
     torch.testing.assert_close(w, T([[3.8, 2.0, 0.4, 0.0004]], dtype=torch.float64))
-    torch.testing.assert_close(R.dora_weights(T([0.5]), 0.25, 0.25, gamma=2.0), T([4 / 3]))
+    torch.testing.assert_close(R.dora_weights(T([0.5]), 0.25, 0.25, gamma=2.0), T([8 / 3]))
     # per-source shares broadcast per response
     shares = T([[0.25, 0.5, 0.25, 0.25]], dtype=torch.float64)
     torch.testing.assert_close(R.dora_weights(p, shares, 0.25)[0, 1], T(1 / 0.75, dtype=torch.float64))
     assert (R.dora_weights(torch.rand(100), 0.25, 0.25) < 4).all()
+
+
+def test_dora_weights_recover_the_density_ratio_from_a_bayes_classifier_with_imbalanced_classes() -> None:
+    """Two discrete densities Q0 (golden) and Q1 (a source) over 5 responses; a Bayes-optimal classifier trained on
+    gamma = 3 source examples per golden one outputs p = Q0 / (Q0 + 3 Q1). With the mixture P = alpha Q0 + pi Q1,
+    the weight must be dQ0/dP = Q0 / (alpha Q0 + pi Q1) exactly (an inverted gamma misses it by up to 9x)."""
+    q0 = T([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
+    q1 = T([0.05, 0.1, 0.15, 0.3, 0.4], dtype=torch.float64)
+    gamma, alpha, pi = 3.0, 0.25, 0.75
+    p = q0 / (q0 + gamma * q1)
+    torch.testing.assert_close(R.dora_weights(p, pi, alpha, gamma, eps=1e-12), q0 / (alpha * q0 + pi * q1))
 
 
 def test_dora_weights_reject_bad_probabilities() -> None:

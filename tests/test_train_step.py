@@ -148,12 +148,12 @@ def test_dora_row_weights_match_robust_dora_weights() -> None:
     gamma = torch.tensor([1.0, 1.5, 0.8, 1.0], dtype=torch.float64)
     want = robust.dora_weights(torch.tensor(p[0], dtype=torch.float64), share, 0.25, gamma).mean()
     assert got[0] == pytest.approx(float(want), rel=1e-12)
-    # By hand for the verbose response: 1 / (1/4 + 0.4 * 1.5 * 0.8 / 0.2) = 1 / 2.65.
-    assert float(robust.dora_weights(torch.tensor([0.2]), 0.4, 0.25, 1.5)[0]) == pytest.approx(1 / 2.65, rel=1e-6)
+    # By hand for the verbose response: 1 / (1/4 + 0.4 * 0.8 / (1.5 * 0.2)) = 1 / (1/4 + 16/15) = 60/79.
+    assert float(robust.dora_weights(torch.tensor([0.2]), 0.4, 0.25, 1.5)[0]) == pytest.approx(60 / 79, rel=1e-6)
     # A pairwise loss uses the chosen and rejected responses only, with alpha still 1/K = 1/4: golden (chosen)
-    # 1 / (1/4 + 0.75 * 0.1 / 0.9) = 3, verbose (rejected) 1 / 2.65.
+    # 1 / (1/4 + 0.75 * 0.1 / 0.9) = 3, verbose (rejected) 60/79.
     pair = train.dora_row_weights(p, src, info, np.array([[0, 1]]))
-    assert pair[0] == pytest.approx((3 + 1 / 2.65) / 2, rel=1e-12)
+    assert pair[0] == pytest.approx((3 + 60 / 79) / 2, rel=1e-12)
     # The trainer's collation picks the pair by score (best, worst) for DPO and every response for a listwise loss.
     rows = {"prompt_ids": _objects([[5, 6]]), "response_ids": _objects([[[7], [8], [9], [10]]]),
             "scores": _objects([[0.9, 0.1, 0.5, 0.3]]), "reference_logps": _objects([[-1.0, -2.0, -3.0, -4.0]]),
