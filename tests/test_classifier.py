@@ -136,6 +136,7 @@ def test_rerun_skips_trained_classifiers(trained: Path) -> None:
     assert again.skipped
 
 
+@pytest.mark.slow  # 45 s; test_concurrent_runs_train_the_same_classifiers also trains each source alone
 def test_one_run_trains_each_source_as_if_alone(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """All sources train in one Ray Train run, one after another. Each classifier must not depend on the others
     (each starts from the seed): training verbose alone gives the same weights, bit for bit, as training it

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -137,6 +138,7 @@ SMALL = [
 STAGE_DIRS = ["synth", "data", "scored", "sft", "reference", "train", "generations/policy", "generations/sft", "eval"]
 
 
+@pytest.mark.slow  # 300 s; the default tier submits jobs/train.py to a 2-node cluster and runs the whole pipeline
 def test_pipeline_as_a_ray_job_on_a_local_cluster_then_rerun_skips(tmp_path: Path) -> None:
     """`ray start` + `ray job submit` of jobs/pipeline.py: the job SUCCEEDS and the run directory is complete; a
     second submission skips every stage."""

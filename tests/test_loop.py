@@ -98,6 +98,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # 255 s: two rounds of six stages; the default tier tests labelling, prompts and checks
 @pytest.mark.usefixtures("ray_session")
 def test_two_rounds_train_each_policy_from_the_last_on_its_own_labelled_samples(tmp_path: Path) -> None:
     cfg = load_config(None, [f"root={tmp_path}", "name=run", *TINY])

@@ -111,7 +111,9 @@ def test_two_workers_train_the_policy(run_dir: Path) -> None:
     assert fit(run_dir, "two", "train.max_steps=0", "train.epochs=2", "train.checkpoint_every=100").skipped
 
 
-@pytest.mark.parametrize("objective", ["dora", "kldpo"])
+# dora (110 s: three runs) is in the slow tier; the default tier keeps kldpo here, DoRA's global batch across gloo
+# ranks (test_robust_distributed.py) and under FSDP2 accumulation (test_train_step.py).
+@pytest.mark.parametrize("objective", [pytest.param("dora", marks=pytest.mark.slow), "kldpo"])
 def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, objective: str) -> None:
     # 1 worker: 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
     # accumulate in one pass (robust.OnlineTilt); the 2 workers' per-rank factors meet in the mean all-reduce.
@@ -201,6 +203,7 @@ def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # 90 s; the default tier has LoRA under DDP and FSDP2 without LoRA, each against a reference
 def test_lora_under_fsdp2_trains_like_ddp_and_checkpoints_the_adapters(run_dir: Path) -> None:
     # FSDP2 shards the frozen base and the adapters alike; only the adapters train, are gathered (the base is
     # never gathered: ignore_frozen_params) and checkpointed. The result equals LoRA under DDP.
