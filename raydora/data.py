@@ -125,7 +125,7 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _decompressed_parquet(path: Path, codec: str) -> Iterator[Path]:
+def decompressed_parquet(path: Path, codec: str) -> Iterator[Path]:
     """A compressed parquet file decompressed into a temporary file (parquet needs random access to its footer)."""
     with tempfile.TemporaryDirectory(prefix="raydora-parquet-") as tmp:
         out = Path(tmp) / path.name[: -len(path.suffix)]
@@ -341,7 +341,7 @@ def _sample_records(path: Path, kind: str, n: int = 50) -> list[Any]:
     if kind == "parquet":
         if codec:
             try:
-                with _decompressed_parquet(path, codec) as plain:
+                with decompressed_parquet(path, codec) as plain:
                     return _sample_records(plain, kind, n)
             except _decompress_errors():
                 return []
@@ -438,7 +438,7 @@ def _records(task: dict[str, Any]) -> Iterator[tuple[int, bytes, Any, schema.Row
     errors = _decompress_errors() if codec else ()
     if kind == "parquet" and codec:
         try:
-            with _decompressed_parquet(path, codec) as plain:
+            with decompressed_parquet(path, codec) as plain:
                 for item in _records({**task, "file": str(plain), "compression": None, "row_groups": None}):
                     yield item
                     line += 1

@@ -310,16 +310,26 @@ class VLLMGenerator:
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
 def _read_table(path: Path, kind: str) -> pa.Table:
+    """A prompt (or ``data.target``) file as a table, decompressed as validate decompresses its inputs (``.gz``,
+    ``.bz2``, ``.xz``, ``.zst``; a compressed parquet file through a temporary copy)."""
+    from raydora.data import compression, decompressed_parquet, open_input
+
+    codec = compression(path)
     if kind == "parquet":
-        return pq.read_table(path)
+        if codec is None:
+            return pq.read_table(path)
+        with decompressed_parquet(path, codec) as plain:
+            return pq.read_table(plain)
     if kind == "hf":
         raise ValueError(f"{path}: HF datasets folders are not supported as prompts; export them to parquet")
     import pyarrow.json as pj
 
     try:
-        return pj.read_json(path)  # JSON lines
+        with open_input(path, codec) as f:
+            return pj.read_json(f)  # JSON lines
     except pa.ArrowInvalid:
-        rows = json.loads(path.read_text(encoding="utf-8"))  # a JSON array
+        with open_input(path, codec) as f:
+            rows = json.loads(f.read().decode("utf-8"))  # a JSON array
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected JSON lines or a JSON array of objects") from None
         return pa.Table.from_pylist(rows)

@@ -151,6 +151,34 @@ def test_read_prompts_from_jsonl_json_and_parquet(tmp_path: Path) -> None:
     assert gen.read_prompts(tmp_path, limit=4).num_rows == 4
 
 
+def test_compressed_prompt_and_target_files_read_like_plain_ones(tmp_path: Path) -> None:
+    """Prompt files (and ``data.target``, read the same way) decompress as validate's inputs do: xz JSON lines, a
+    gzipped JSON array, a zstd-compressed parquet file (pyarrow's own reader only guesses gzip/bz2/zstd)."""
+    import bz2
+    import gzip
+    import lzma
+
+    from raydora import data
+
+    lines = "".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)).encode()
+    (tmp_path / "a.jsonl.xz").write_bytes(lzma.compress(lines))
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress(json.dumps([{"id": "b0", "prompt": "r0"}]).encode()))
+    (tmp_path / "c.jsonl.bz2").write_bytes(bz2.compress(json.dumps({"prompt": "t0"}).encode()))
+    raw = pa.BufferOutputStream()
+    pq.write_table(pa.table({"prompt": ["s0"], "id": ["7"]}), raw)
+    out = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(out, "zstd") as z:
+        z.write(raw.getvalue().to_pybytes())
+    (tmp_path / "d.parquet.zst").write_bytes(out.getvalue().to_pybytes())
+    table = gen.read_prompts(tmp_path)
+    assert table.column("prompt").to_pylist() == ["q0", "q1", "q2", "r0", "t0", "s0"]
+    target = tmp_path / "target"
+    target.mkdir()
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "p2", "response": "r2"}]
+    (target / "t.jsonl.xz").write_bytes(lzma.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert data.write_target(target, tmp_path / "target_rows") == 2
+
+
 def test_bad_prompts_name_the_file_row_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": ""}) + "\n")
