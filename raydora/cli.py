@@ -122,7 +122,7 @@ def cmd_classify(args: argparse.Namespace, cfg: RunConfig) -> int:
     from raydora.cluster import init_ray
 
     init_ray(cfg.ray)
-    print(scoring.run(cfg, cfg.run_dir).summary())
+    print(scoring.run(cfg, cfg.run_dir, force=args.force).summary())
     return 0
 
 
@@ -269,7 +269,7 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--preferences", help="also write preference rows of the samples into this folder")
         p.add_argument("--reward", default="gold", help="scores for --preferences: gold, biased, or a model folder")
         p.add_argument("--source", default="policy", help="source tag of the samples in --preferences")
-    if name in ("synth", "validate", "sft", "reference", "train", "generate", "evaluate"):
+    if name in ("synth", "validate", "classify", "sft", "reference", "train", "generate", "evaluate"):
         p.add_argument("--force", action="store_true", help="redo even when the outputs are up to date")
 
 

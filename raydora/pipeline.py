@@ -12,7 +12,7 @@ from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
 from raydora.paths import resolve_model_paths
 from raydora.rundir import StageResult
 
-Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
+Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult: every stage takes force
 # In pipeline order.
 STAGES: dict[str, Stage] = {
     "synth": synth.run,

@@ -193,8 +193,9 @@ def score(
     return StageResult("score", {"scored": str(out)}, {"scored": rows})
 
 
-def run(cfg: Any, run_dir: str | Path) -> StageResult:
-    """Pipeline stage ``classify``: train + calibrate the classifiers, then score ``data/`` into ``scored/``."""
+def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+    """Pipeline stage ``classify``: train + calibrate the classifiers, then score ``data/`` into ``scored/``
+    (``force``: both again, even when up to date)."""
     from raydora.classifier import train_classifiers
 
     run_dir = Path(run_dir)
@@ -203,14 +204,14 @@ def run(cfg: Any, run_dir: str | Path) -> StageResult:
     if cfg.data.target is not None:  # one classifier: the target's answers against every training response
         examples, targets, form = target_vs_mixture_rows(run_dir), (TARGET,), "target_vs_mixture"
         clf = dataclasses.replace(clf, source_shares={MIXTURE: 1.0})
-    trained = train_classifiers(examples, run_dir / "classifier", clf, cfg.seed, targets=targets)
+    trained = train_classifiers(examples, run_dir / "classifier", clf, cfg.seed, force=force, targets=targets)
     print(trained.summary(), flush=True)
     for source, s in sorted(trained.info.items()) if not trained.skipped else []:
         print(
             f"  {source:<10} gamma={s['gamma']:.3f} T={s['temperature']:.3f} b={s['bias']:.3f} "
             f"AUC={s['auc']:.3f} ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}"
         )
-    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", clf, form=form)
+    return score(run_dir / "data", run_dir / "classifier", run_dir / "scored", clf, force=force, form=form)
 
 
 TARGET, MIXTURE = "target", "mixture"  # the source names of data.target's rows and of every training response

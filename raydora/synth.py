@@ -316,13 +316,14 @@ def write_tokenizer(synth_dir: str | Path, out_dir: str | Path, vocab_size: int 
     return train_into(lambda: corpus(synth_dir), out_dir, source, vocab_size)
 
 
-def run(cfg: Any, run_dir: str | Path) -> StageResult:
+def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
     """Pipeline stage: the benchmark of ``cfg.synth`` into ``<run_dir>/synth``, plus (for preset policies without
-    a configured tokenizer) a BPE trained on its corpus in ``<run_dir>/tokenizer``."""
+    a configured tokenizer) a BPE trained on its corpus in ``<run_dir>/tokenizer``. ``force`` rewrites the
+    benchmark even when it is up to date."""
     s, run_dir = cfg.synth, Path(run_dir)
     result = write_benchmark(run_dir / "synth", rows=s.rows, k=s.k, alpha=s.alpha, source_shares=s.source_shares,
                              label_noise=s.label_noise, seed=cfg.seed, eval_rows=s.eval_rows,
-                             sft_rows=s.sft_rows)  # fmt: skip
+                             sft_rows=s.sft_rows, force=force)  # fmt: skip
     if cfg.model.tokenizer is None:
         tok = write_tokenizer(run_dir / "synth", run_dir / "tokenizer", cfg.model.vocab_size)
         result.outputs.update(tok.outputs)

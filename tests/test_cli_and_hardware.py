@@ -58,3 +58,26 @@ def test_console_script_is_installed() -> None:
     """The `raydora` entry point exists in the environment (make install puts it on PATH)."""
     result = subprocess.run([sys.executable, "-m", "raydora.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "raydora 0.1.0" in result.stdout
+
+
+def test_every_stage_takes_force_and_its_command_passes_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The pipeline's Stage contract, ``(cfg, run_dir, force=False)``, holds for every stage (synth and classify
+    took no ``force``, and ``raydora classify --force`` was refused), and each command hands ``--force`` on."""
+    import inspect
+
+    from raydora import cluster, pipeline, scoring
+
+    for name, stage in pipeline.STAGES.items():
+        params = inspect.signature(stage).parameters
+        assert "force" in params and params["force"].default is False, name
+    seen: list[bool] = []
+
+    class Result:
+        def summary(self) -> str:
+            return "classify: done"
+
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(scoring, "run", lambda cfg, run_dir, force=False: seen.append(force) or Result())
+    assert cli.main(["classify", f"root={tmp_path}", "--force"]) == 0
+    assert cli.main(["classify", f"root={tmp_path}"]) == 0
+    assert seen == [True, False]
