@@ -8,7 +8,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-vllm lint format demo demo-cluster bench results clean
+.PHONY: install test test-fast test-all test-vllm lint format demo demo-cluster bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,17 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 endef
 
-test: $(STAMP) ## default tier: CPU, ~40 minutes on 2 cores (slow, gpu and vllm tests are excluded or skipped)
+test: $(STAMP) ## default tier: CPU, ~26 minutes on 2 cores (slow, gpu and vllm tests are excluded or skipped)
 	$(call run_pytest,-q -m "not slow" --durations=20)
+
+# No Ray cluster: losses, objectives, log-probs, the WDPO penalty, calibration, config, presets, the row schema
+# and validation rules, the CLI, the report's statistics, the manifests, and the gloo/FSDP2 equivalences.
+FAST_TESTS := $(addprefix tests/test_,losses.py robust.py logprobs.py wdpo_penalty.py calibration.py config.py \
+	presets.py schema.py api.py cli_and_hardware.py evaluate.py experiments.py kuberay.py models.py train_step.py \
+	robust_distributed.py)
+
+test-fast: $(STAMP) ## the pure tier: math, config, schema and CLI without Ray (53 s on 2 cores)
+	$(call run_pytest,-q -m "not slow" $(FAST_TESTS))
 
 test-all: $(STAMP) ## every tier that this machine can run, slow included
 	$(call run_pytest,-q)

@@ -1,4 +1,4 @@
-"""The library API of DESIGN.md: names, signatures and purity (torch + stdlib only, no Ray)."""
+"""The library API of docs/design.md: names, signatures and purity (torch + stdlib only, no Ray)."""
 
 from __future__ import annotations
 
