@@ -71,3 +71,46 @@ def test_pure_modules_import_no_ray(module: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"ray", "transformers", "datasets", "pyarrow", "numpy"}, imported
+
+
+def test_the_package_exports_its_api_without_importing_ray() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, raydora\n"
+        "cfg = raydora.load_config(None, ['train.objective=dora'])\n"
+        "assert isinstance(cfg, raydora.RunConfig) and cfg.train.objective == 'dora'\n"
+        "assert raydora.robust.dora and raydora.losses.dpo and raydora.logprobs.sequence_logps\n"
+        "assert raydora.calibration and raydora.StageResult and issubclass(raydora.ConfigError, ValueError)\n"
+        "assert all(getattr(raydora, name) is not None for name in raydora.__all__)\n"
+        "print(sorted(m for m in ('ray', 'pyarrow', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    import raydora
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        raydora.nope  # noqa: B018
+
+
+def test_run_stage_runs_one_stage_with_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import raydora
+    from raydora import cluster, pipeline
+    from raydora.rundir import StageResult
+
+    assert raydora.STAGE_NAMES == tuple(pipeline.STAGES)
+    calls: list[tuple[Path, bool]] = []
+
+    def fake(cfg, run_dir, force=False):
+        calls.append((run_dir, force))
+        return StageResult("train", {}, {"rows": 1})
+
+    monkeypatch.setitem(pipeline.STAGES, "train", fake)
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: None)
+    cfg = raydora.load_config(None, [f"root={tmp_path}", "name=run"])
+    assert raydora.run_stage(cfg, "train", force=True).counts == {"rows": 1}
+    assert calls == [(cfg.run_dir, True)] and (cfg.run_dir / "config.yaml").is_file()
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        raydora.run_stage(cfg, "nope")
