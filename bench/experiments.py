@@ -467,30 +467,34 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         timing[f"s{s} {_tag(n)} {m}"] = round(time.perf_counter() - t0, 1)
                         print(f"[experiments] s{s} {_tag(n)} {m}: {timing[f's{s} {_tag(n)} {m}']} s", flush=True)
-    results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-                               "alphas": list(alphas), "noise": {}, "failed": failed}  # fmt: skip
-    bases = [root / f"s{s}-{_tag(0.0)}" / "base" for s in args.seeds]
-    pair_weights = [dora_pair_weights(b) for b in bases if (b / "scored" / "_SUCCESS").exists()]
-    if pair_weights:
-        kinds = sorted({k for pw in pair_weights for k in pw})
-        results["dora_pair_weights"] = {
-            k: {x: float(np.mean([pw.get(k, {}).get(x, 0.0) for pw in pair_weights])) for x in ("rows", "weight")}
-            for k in kinds
-        }
-    for noise in args.noise:
-        rows = {}
-        for m in {m for s, n, m in plan if n == noise}:
-            runs = {s: root / f"s{s}-{_tag(noise)}" / m.replace("+", "_") for s in args.seeds}
-            runs = {s: p for s, p in runs.items() if (p / "eval" / "_SUCCESS").exists()}
-            if runs:
-                rows[m] = summarise(runs, alphas)
-        results["noise"][_tag(noise)] = {m: rows[m] for m in METHODS if m in rows}
-    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    # Seconds of the runs that ran now, over those of earlier invocations (a resumed matrix skips finished runs).
-    seconds = {**previous.get("seconds", {}), **{k: v for k, v in timing.items() if v > 1}}
-    if seconds:
-        results["seconds"] = seconds
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.report_only and Path(args.out).exists():
+        # The page from the recorded results: runs/ may hold only some of the matrix (or none of it) by now.
+        results: dict[str, Any] = json.loads(Path(args.out).read_text())
+    else:
+        results = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+                   "alphas": list(alphas), "noise": {}, "failed": failed}  # fmt: skip
+        bases = [root / f"s{s}-{_tag(0.0)}" / "base" for s in args.seeds]
+        pair_weights = [dora_pair_weights(b) for b in bases if (b / "scored" / "_SUCCESS").exists()]
+        if pair_weights:
+            kinds = sorted({k for pw in pair_weights for k in pw})
+            results["dora_pair_weights"] = {
+                k: {x: float(np.mean([pw.get(k, {}).get(x, 0.0) for pw in pair_weights])) for x in ("rows", "weight")}
+                for k in kinds
+            }
+        for noise in args.noise:
+            rows = {}
+            for m in {m for s, n, m in plan if n == noise}:
+                runs = {s: root / f"s{s}-{_tag(noise)}" / m.replace("+", "_") for s in args.seeds}
+                runs = {s: p for s, p in runs.items() if (p / "eval" / "_SUCCESS").exists()}
+                if runs:
+                    rows[m] = summarise(runs, alphas)
+            results["noise"][_tag(noise)] = {m: rows[m] for m in METHODS if m in rows}
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        # Seconds of the runs that ran now, over those of earlier invocations (a resumed matrix skips finished runs).
+        seconds = {**previous.get("seconds", {}), **{k: v for k, v in timing.items() if v > 1}}
+        if seconds:
+            results["seconds"] = seconds
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if args.docs:
         write_results(
             results, Path(args.docs), Path(args.docs).parent / "results", ROOT / "bench" / "results_discussion.md"
