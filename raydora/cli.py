@@ -128,14 +128,9 @@ def cmd_classify(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace, RunConfig], int]:
     def cmd(args: argparse.Namespace, cfg: RunConfig) -> int:
-        from raydora import pipeline
-        from raydora.cluster import init_ray
-        from raydora.config import dump_yaml
+        from raydora import pipeline, run_stage
 
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        init_ray(cfg.ray)
-        result = pipeline.STAGES[stage](cfg, cfg.run_dir, force=args.force)
+        result = run_stage(cfg, stage, force=args.force)
         print(result.summary())
         for key, path in result.outputs.items():
             print(f"  {key}: {path}")

@@ -81,3 +81,10 @@ def test_every_stage_takes_force_and_its_command_passes_it(monkeypatch: pytest.M
     assert cli.main(["classify", f"root={tmp_path}", "--force"]) == 0
     assert cli.main(["classify", f"root={tmp_path}"]) == 0
     assert seen == [True, False]
+    # The other stage commands go through raydora.run_stage: the config written, force handed on.
+    from raydora.rundir import StageResult
+
+    done = StageResult("train", {"final": "f"}, {"rows": 1})
+    monkeypatch.setitem(pipeline.STAGES, "train", lambda cfg, run_dir, force=False: seen.append(force) or done)
+    assert cli.main(["train", f"root={tmp_path}", "name=t", "--force"]) == 0
+    assert seen == [True, False, True] and (tmp_path / "t" / "config.yaml").is_file()
