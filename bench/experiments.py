@@ -193,8 +193,8 @@ def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydora import train
     from raydora.encoding import pair_indices
+    from raydora.step import dora_row_weights
 
     rows = pa.concat_tables([pq.read_table(f) for f in sorted((base / "scored").glob("*.parquet"))]).to_pylist()
     marker = json.loads((base / "scored" / "_SUCCESS").read_text())
@@ -202,7 +202,7 @@ def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
     info = {"shares": marker["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
             "alpha": None}  # fmt: skip
     select = pair_indices([r["scores"] for r in rows])  # the trainer's chosen and rejected responses
-    h = train.dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
+    h = dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
     groups: dict[str, list[float]] = {}
     for r, w, (best, worst) in zip(rows, h, select, strict=True):
         groups.setdefault(f"{r['sources'][int(best)]} > {r['sources'][int(worst)]}", []).append(w)

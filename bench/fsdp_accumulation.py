@@ -2,7 +2,7 @@
 (``train.fsdp_grad_sync``). Memory and step time, as ratios measured in one run.
 
 Two gloo ranks on this CPU, each with one torch thread, shard a Llama-shaped model of ``--hidden`` x ``--layers``
-(~34M parameters by default) with ``distributed.shard_fsdp`` and run the Ray Train worker's own ``train._step``
+(~34M parameters by default) with ``distributed.shard_fsdp`` and run the Ray Train worker's own ``step.train_step``
 (plus fused-free AdamW over the sharded parameters) on ``--micro`` micro-batches of ``--micro-rows`` pairs:
 
 - **memory**: each setting runs in fresh processes (a process's peak RSS, ``VmHWM``, only grows), a few steps of
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import functools
 import os
 import socket
@@ -84,7 +83,7 @@ def _build(args: argparse.Namespace) -> Any:
 
 
 def _micro_batches(args: argparse.Namespace, rank: int, step: int) -> list[dict[str, Any]]:
-    from raydora import train
+    from raydora.step import collate_micro
 
     rng = np.random.default_rng([step, rank])
     n = args.micro * args.micro_rows
@@ -95,22 +94,30 @@ def _micro_batches(args: argparse.Namespace, rank: int, step: int) -> list[dict[
         rows["response_ids"][i] = [rng.integers(2, args.vocab, size=args.response_len) for _ in range(2)]
         rows["scores"][i] = [1.0, 0.0]
         rows["reference_logps"][i] = rng.normal(-4.0 * args.response_len, 2.0, size=2)
-    return [train.collate_micro(rows, slice(i, i + args.micro_rows), "preference", "dpo", 0, None, pack=True)
+    return [collate_micro(rows, slice(i, i + args.micro_rows), "preference", "dpo", 0, None, pack=True)
             for i in range(0, n, args.micro_rows)]  # fmt: skip
 
 
-def _cfg(args: argparse.Namespace, objective: str, sync: str, world: int) -> dict[str, Any]:
+def _cfg(args: argparse.Namespace, objective: str, sync: str, world: int) -> Any:
     from raydora.config import TrainConfig
+    from raydora.step import StepConfig
 
-    t = dataclasses.asdict(TrainConfig(objective=objective, strategy="fsdp", fsdp_grad_sync=sync, tau=1.0,
-                                       num_workers=world, batch_size=world * args.micro * args.micro_rows))  # fmt: skip
-    return {"mode": "preference", "train": t, "batch_size": t["batch_size"], "micro_batch_size": args.micro_rows}
+    t = TrainConfig(
+        objective=objective,
+        strategy="fsdp",
+        fsdp_grad_sync=sync,
+        tau=1.0,
+        num_workers=world,
+        batch_size=world * args.micro * args.micro_rows,
+    )
+    return StepConfig("preference", t, t.batch_size, args.micro_rows)
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, task: str, out: str) -> None:
     import torch.distributed as dist
 
     from raydora import distributed, train
+    from raydora.step import train_step
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -128,7 +135,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, task: st
             micro = _micro_batches(args, rank, i)
             dist.barrier()
             tic = time.perf_counter()
-            train._step(model, micro, cfg, train.objective_fn(cfg), group, world, cpu, torch.float32, False, True)
+            train_step(model, micro, cfg, group=group, world=world, device=cpu, fsdp=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
             dist.barrier()

@@ -1,7 +1,7 @@
 """The final save of a LoRA run at Llama-3.1-8B's shape on one GPU: gather the state to CPU, merge the adapters,
 write safetensors, timed step by step (issue 9's GPU run found this step dominating the end of the DoRA preset).
 
-The merge runs each adapted layer on the adapters' device (``train._merged_lora``). For the ratio, the same merge
+The merge runs each adapted layer on the adapters' device (``checkpoint.merged_lora``). For the ratio, the same merge
 on CPU in a Ray worker's one thread is timed on the first ``--cpu-layers`` layers in the same run and scaled to the
 whole model by the adapted layers' weights (the embeddings and the LM head are never merged).
 
@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("--cpu-layers", type=int, default=2, help="layers of the CPU merge timed for the ratio")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
-    from raydora import distributed, train
+    from raydora import distributed
+    from raydora.checkpoint import merged_lora
     from raydora.models import save_pretrained, train_tokenizer
 
     torch.set_num_threads(1)  # a Ray Train worker's one CPU
@@ -72,7 +73,7 @@ def main() -> None:
     state = distributed.full_state_dict(model)
     times["gather_state_to_cpu"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    merged = train._merged_lora(model, state)
+    merged = merged_lora(model, state)
     times["merge_on_device"] = time.perf_counter() - tic
     with tempfile.TemporaryDirectory() as d:
         tic = time.perf_counter()

@@ -1,7 +1,7 @@
 """Profile of the KLDPO LoRA preset's training step at Llama-3.1-8B's shape (random weights), in one process.
 
-``bench/gpu_preset.py`` measures the preset through Ray; this times the same step (``train.load_policy`` and
-``train._step``, then the fused AdamW step over the adapters) under several attention layouts, one after another
+``bench/gpu_preset.py`` measures the preset through Ray; this times the same step (``checkpoint.load_policy`` and
+``step.train_step``, then the fused AdamW step over the adapters) under several attention layouts, one after another
 in the same process, and profiles one step of each with ``torch.profiler``:
 - packed sequences with sdpa (the default: a block-diagonal mask over the whole packed row, so sdpa computes every
   block, the masked ones too);
@@ -15,7 +15,6 @@ in the same process, and profiles one step of each with ``torch.profiler``:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -31,9 +30,11 @@ from gpu_preset import SHAPES, build_random_model, flops_per_token, synthetic_pa
 from train_speed import trainer_rows
 
 from raydora import train
+from raydora.checkpoint import load_policy
 from raydora.config import TrainConfig
 from raydora.encoding import encode_batch
 from raydora.models import train_tokenizer
+from raydora.step import StepConfig, collate_micro, train_step
 
 
 def main() -> None:
@@ -55,23 +56,21 @@ def main() -> None:
                                             [[p["chosen"], p["rejected"]] for p in pairs], 1024)  # fmt: skip
     rng = np.random.default_rng(0)  # reference log-probs: their values do not change the work of a step
     rows = trainer_rows(prompt_ids, response_ids, [rng.normal(-600, 5, 2) for _ in pairs])
-    cfg = {"mode": "preference", "batch_size": args.batch, "micro_batch_size": args.batch,
-           "train": dataclasses.asdict(TrainConfig(loss="dpo", objective="kldpo", beta=0.01, tau=0.01,
-                                                   num_workers=1, batch_size=args.batch, lora_r=16))}  # fmt: skip
-    f = train.objective_fn(cfg)
+    t = TrainConfig(loss="dpo", objective="kldpo", beta=0.01, tau=0.01, num_workers=1, batch_size=args.batch, lora_r=16)
+    cfg = StepConfig("preference", t, args.batch, args.batch)
     results: dict[str, Any] = {}
     tables: dict[str, str] = {}
     for layout in args.layouts.split(","):
         attn, packing = layout.rsplit("-", 1)
-        model = train.load_policy(work / "model", amp, torch.float32, attn, lora_r=16, lora_alpha=32).to(dev).train()
+        model = load_policy(work / "model", amp, torch.float32, attn, lora_r=16, lora_alpha=32).to(dev).train()
         opt = train.make_optimizer([q for q in model.parameters() if q.requires_grad], 5e-6, 0.0)
 
         def step(i: int, model: Any = model, opt: Any = opt, pack: bool = packing == "packed") -> float:
             j = i % (len(pairs) // args.batch)
-            mb = train.collate_micro(rows, slice(j * args.batch, (j + 1) * args.batch), "preference", "dpo",
-                                     tok.pad_token_id, None, pack=pack)  # fmt: skip
+            mb = collate_micro(rows, slice(j * args.batch, (j + 1) * args.batch), "preference", "dpo",
+                               tok.pad_token_id, None, pack=pack)  # fmt: skip
             mb["enc"] = {k: v.to(dev) for k, v in mb["enc"].items()}
-            stats = train._step(model, [mb], cfg, f, None, 1, dev, amp, False, False)
+            stats = train_step(model, [mb], cfg, device=dev, amp=amp)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return float(stats["tokens"])

@@ -1,7 +1,7 @@
 """GPU benchmarks (issue 9's GPU run, issue 7's hf path on a GPU), all measured in one process and one run:
 
 - the dense bf16 matmul rate of this GPU (8192^3 products on random data, CUDA events, median): the ceiling;
-- raydora's training step (the same ``train._step`` the Ray Train workers run) with bf16 autocast on a
+- raydora's training step (the same ``step.train_step`` the Ray Train workers run) with bf16 autocast on a
   GPT-2-small-shaped model (768 wide, 12 layers), for DPO (ERM), DoRA, KLDPO and WDPO: pairs/s, tokens/s, the
   robust objectives' overhead, precomputed reference log-probs against a reference forward in every step, and
   model FLOPs utilisation against the measured matmul rate;

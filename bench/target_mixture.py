@@ -104,8 +104,8 @@ def weights_by_pair(run: Path, sources: dict[str, list[str]]) -> tuple[dict[str,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydora import train
     from raydora.encoding import pair_indices
+    from raydora.step import dora_row_weights
 
     rows = pa.concat_tables([pq.read_table(f) for f in sorted((run / "scored").glob("*.parquet"))]).to_pylist()
     rows.sort(key=lambda r: r["id"])
@@ -114,7 +114,7 @@ def weights_by_pair(run: Path, sources: dict[str, list[str]]) -> tuple[dict[str,
     info = {"shares": scored["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
             "alpha": None, "form": scored.get("form", "per_source")}  # fmt: skip
     select = pair_indices([r["scores"] for r in rows])
-    h = train.dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
+    h = dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
     share: dict[str, dict[str, float]] = {}
     for r, w, (best, worst) in zip(rows, h, select, strict=True):
         at = share.setdefault(f"{sources[r['id']][int(best)]} > {sources[r['id']][int(worst)]}", dict.fromkeys(

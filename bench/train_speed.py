@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from raydora.config import TrainConfig
 from raydora.encoding import encode_batch, forward_logps, pad_sequences, render_prompt
 from raydora.hardware import autocast
 from raydora.models import build_model, count_parameters, load_causal_lm, save_pretrained, train_tokenizer
+from raydora.step import StepConfig, collate_micro, train_step
 
 
 def make_pairs(n: int, seed: int) -> list[dict[str, Any]]:
@@ -85,7 +85,7 @@ def trainer_rows(prompt_ids: list[Any], response_ids: list[Any], ref: Any) -> di
 
 
 class Ours:
-    """raydora's training step (the same ``train._step`` the Ray Train workers run), single process."""
+    """raydora's training step (the same ``step.train_step`` the Ray Train workers run), single process."""
 
     def __init__(self, model_dir: Path, tok: Any, pairs: list[dict[str, Any]], args: Any, attn: str,
                  device: str = "cpu", amp: Any = torch.float32) -> None:  # fmt: skip
@@ -122,10 +122,8 @@ class Ours:
         ref = copy.deepcopy(model).eval() if ref_forward else None
         tc = TrainConfig(objective=objective, loss="dpo", lam=1.0, tau=1.0, kldpo_clip=None, rho=0.01,
                          batch_size=a.batch, micro_batch_size=micro, num_workers=1, **train_kw)  # fmt: skip
-        t = dataclasses.asdict(tc)
-        cfg = {"mode": "preference", "train": t, "batch_size": a.batch, "micro_batch_size": micro}
+        cfg = StepConfig("preference", tc, a.batch, micro)
         dora = {"shares": {"verbose": 0.75}, "gammas": {"verbose": 1.0}, "alpha": 0.25} if objective == "dora" else None
-        f = train.objective_fn(cfg)
         opt = train.make_optimizer(list(model.parameters()), 1e-5, 0.0)
         n = len(self.prompt_ids)
         s = 0
@@ -134,11 +132,11 @@ class Ours:
             tic = time.perf_counter()
             ref_lp = self.reference_logps(ref, idx) if ref is not None else self.ref_logps[idx]
             rows = self.rows(idx, ref_lp)
-            mbs = [train.collate_micro(rows, slice(i, i + micro), "preference", "dpo", self.tok.pad_token_id, dora,
-                                       pack) for i in range(0, a.batch, micro)]  # fmt: skip
+            mbs = [collate_micro(rows, slice(i, i + micro), "preference", "dpo", self.tok.pad_token_id, dora,
+                                 pack) for i in range(0, a.batch, micro)]  # fmt: skip
             for mb in mbs:
                 mb["enc"] = {k: v.to(self.device) for k, v in mb["enc"].items()}
-            stats = train._step(model, mbs, cfg, f, None, 1, self.device, self.amp, objective == "wdpo", False)
+            stats = train_step(model, mbs, cfg, device=self.device, amp=self.amp)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if self.device.type == "cuda":

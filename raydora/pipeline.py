@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from raydora import data, evaluate, generate, reference, scoring, synth, train
+from raydora import data, evaluate, generate, reference, scoring, sft, synth, train
 from raydora.cluster import init_ray
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
 from raydora.paths import resolve_model_paths
@@ -18,7 +18,7 @@ STAGES: dict[str, Stage] = {
     "synth": synth.run,
     "validate": data.run,
     "classify": scoring.run,
-    "sft": train.run_sft,
+    "sft": sft.run,
     "reference": reference.run,
     "train": train.run,
     "generate": generate.run,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raydora import hardware, robust
+from raydora import checkpoint, hardware, robust, step
 from raydora.logprobs import sequence_logps
 
 pytestmark = pytest.mark.gpu
@@ -31,11 +31,9 @@ def test_bf16_logits_give_fp32_logps_on_cuda() -> None:
 def test_training_step_on_cuda_matches_cpu_and_runs_bf16() -> None:
     """The training loop's step (packed sequences, sdpa, fused AdamW) on CUDA: fp32 equals the CPU step, bf16
     autocast tracks it."""
-    import dataclasses
 
     import numpy as np
 
-    from raydora import train
     from raydora.config import TrainConfig
     from raydora.models import build_model, train_tokenizer
 
@@ -51,15 +49,14 @@ def test_training_step_on_cuda_matches_cpu_and_runs_bf16() -> None:
         "scores": np.array([[1.0, 0.0]] * 8 + [None], dtype=object)[:-1],
         "reference_logps": np.array([rng.normal(-20, 2, size=2) for _ in range(8)] + [None], dtype=object)[:-1],
     }
-    cfg = {"mode": "preference", "batch_size": 8, "micro_batch_size": 8,
-           "train": dataclasses.asdict(TrainConfig(objective="kldpo", grad_clip=0.0, num_workers=1, batch_size=8))}  # fmt: skip
-    f = train.objective_fn(cfg)
+    t = TrainConfig(objective="kldpo", grad_clip=0.0, num_workers=1, batch_size=8)
+    cfg = step.StepConfig("preference", t, batch_size=8, micro_batch_size=8)
     grads = {}
     for device, amp in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
         model = build_model("tiny-gpt2", tok, seed=0, attn_implementation="sdpa").to(device).train()
-        mb = train.collate_micro(rows, slice(0, 8), "preference", "dpo", tok.pad_token_id, None, pack=True)
+        mb = step.collate_micro(rows, slice(0, 8), "preference", "dpo", tok.pad_token_id, None, pack=True)
         mb["enc"] = {k: v.to(device) for k, v in mb["enc"].items()}
-        train._step(model, [mb], cfg, f, None, 1, torch.device(device), amp, False, False)
+        step.train_step(model, [mb], cfg, device=torch.device(device), amp=amp)
         grads[(device, amp)] = torch.cat([p.grad.reshape(-1).float().cpu() for p in model.parameters()])
     cpu = grads[("cpu", torch.float32)]
     torch.testing.assert_close(grads[("cuda", torch.float32)], cpu, atol=1e-4, rtol=1e-3)
@@ -70,14 +67,13 @@ def test_lora_base_is_stored_in_bf16_and_the_reference_agrees_at_step_zero(tmp_p
     """LoRA on CUDA: the frozen base is held in bf16 and the adapters in fp32; the reference pass, which loads its
     weights the same way, gives the policy's own log-probs at step 0 (bitwise: the same bf16 forward)."""
     pytest.importorskip("peft")
-    from raydora import train
     from raydora.encoding import forward_logps, pad_sequences
     from raydora.models import build_model, save_pretrained, train_tokenizer
     from raydora.reference import ReferenceModel
 
     tok = train_tokenizer(["sort : b a c", "a b c", "reverse : x y z", "z y x"] * 5, vocab_size=300)
     save_pretrained(build_model("tiny-llama", tok, seed=0), tok, tmp_path / "m")
-    policy = train.load_policy(tmp_path / "m", torch.bfloat16, torch.float32, "sdpa", lora_r=4, lora_alpha=8)
+    policy = checkpoint.load_policy(tmp_path / "m", torch.bfloat16, torch.float32, "sdpa", lora_r=4, lora_alpha=8)
     policy = policy.to("cuda").eval()
     dtypes = {(p.requires_grad, p.dtype) for p in policy.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
@@ -103,12 +99,12 @@ def test_lora_merge_of_a_cuda_model_runs_on_cuda_and_equals_peft_merge_on_cpu(tm
     pytest.importorskip("peft")
     from peft.tuners.lora import layer as lora_layer
 
-    from raydora import distributed, train
+    from raydora import distributed
     from raydora.models import build_model, save_pretrained, train_tokenizer
 
     tok = train_tokenizer(["sort : b a c", "a b c", "reverse : x y z", "z y x"] * 5, vocab_size=300)
     save_pretrained(build_model("tiny-llama", tok, seed=0), tok, tmp_path / "m")
-    policy = train.load_policy(tmp_path / "m", torch.bfloat16, torch.float32, "sdpa", lora_r=4, lora_alpha=8)
+    policy = checkpoint.load_policy(tmp_path / "m", torch.bfloat16, torch.float32, "sdpa", lora_r=4, lora_alpha=8)
     torch.manual_seed(0)
     for name, p in policy.named_parameters():
         if "lora_B" in name:
@@ -124,7 +120,7 @@ def test_lora_merge_of_a_cuda_model_runs_on_cuda_and_equals_peft_merge_on_cpu(tm
 
     monkeypatch.setattr(lora_layer.Linear, "merge", spy)
     state = distributed.full_state_dict(policy)
-    merged = train._merged_lora(policy, state)
+    merged = checkpoint.merged_lora(policy, state)
     got = merged.state_dict()
     assert merged_on and set(merged_on) == {"cuda"}
     assert sorted(got) == sorted(expected)

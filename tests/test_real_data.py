@@ -290,16 +290,16 @@ def test_target_rows_from_each_layout() -> None:
 def test_one_mixture_weights_by_hand() -> None:
     import torch
 
-    from raydora import robust, train
+    from raydora import robust, step
 
     p = torch.tensor([0.5, 0.8, 0.99], dtype=torch.float64)
     # odds p / (1 - p) = dQ0/dP: 1, 4, 99 -> capped at 1 / alpha = 4
     assert robust.dora_mixture_weights(p, alpha=0.25).tolist() == pytest.approx([1.0, 4.0, 4.0])
     info = {"shares": {"mixture": 1.0}, "gammas": {"mixture": 3.0}, "alpha": None, "form": "target_vs_mixture"}
-    w = train.dora_row_weights([[0.5, 0.2]], [["unknown", "gen"]], info)  # alpha = 1/K = 0.5: cap 2
+    w = step.dora_row_weights([[0.5, 0.2]], [["unknown", "gen"]], info)  # alpha = 1/K = 0.5: cap 2
     assert w.tolist() == pytest.approx([(1.0 + 0.25) / 2])
     per_source = dict(info, form="per_source")  # the same inputs through the per-source form differ
-    assert train.dora_row_weights([[0.5, 0.2]], [["unknown", "gen"]], per_source)[0] != pytest.approx(w[0])
+    assert step.dora_row_weights([[0.5, 0.2]], [["unknown", "gen"]], per_source)[0] != pytest.approx(w[0])
 
 
 def test_a_target_file_trains_one_target_vs_mixture_classifier(user_data: Path, tmp_path: Path, ray_session) -> None:

@@ -3,7 +3,6 @@ metrics.jsonl; a configured backend that is not installed fails before training,
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -106,7 +105,7 @@ def test_training_logs_its_metrics_and_config_to_mlflow(tmp_path: Path, ray_sess
         stage(cfg, run_dir)
     t = cfg.train
     train.fit(mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
-              out_dir=run_dir / "train", run_cfg=cfg, train=dataclasses.asdict(t), batch_size=t.batch_size,
+              out_dir=run_dir / "train", run_cfg=cfg, train=t, batch_size=t.batch_size,
               micro_batch_size=t.micro_batch_size, num_workers=1, epochs=t.epochs, lr=t.lr)  # fmt: skip
     lines = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import data, reference, scoring, synth, train
+from raydora import checkpoint, data, plan, reference, scoring, sft, synth, train
 from raydora.cluster import check_gpus
 from raydora.config import load_config
+from tests.faults import CrashOnce, PoisonStep
 
 BASE = [
     "synth.rows=96",
@@ -52,15 +53,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
     return cfg.run_dir.absolute()
 
 
-def fit(run_dir: Path, out: str, *overrides: str, **extra):
+def fit(run_dir: Path, out: str, *overrides: str, master_dtype: str = "float32", callbacks=()):
     cfg = config(run_dir.parent, *overrides)
     t = cfg.train
-    import dataclasses
-
     return train.fit(
         mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
-        out_dir=run_dir / out, run_cfg=cfg, train=dataclasses.asdict(t), batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size, num_workers=t.num_workers, epochs=t.epochs, lr=t.lr, extra=extra or None,
+        out_dir=run_dir / out, run_cfg=cfg, train=t, batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size, num_workers=t.num_workers, epochs=t.epochs, lr=t.lr,
+        options=train.WorkerOptions(master_dtype=master_dtype, callbacks=tuple(callbacks)),
     )  # fmt: skip
 
 
@@ -152,14 +152,14 @@ def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
     assert sorted(ddp) == sorted(fsdp)  # tied embeddings stay tied in the saved folder
     for k in ddp:
         torch.testing.assert_close(ddp[k], fsdp[k], atol=1e-9, rtol=1e-7)
-    assert train.latest_step(run_dir / "fsdp") == 4
+    assert checkpoint.latest_step(run_dir / "fsdp") == 4
 
 
 def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: Path) -> None:
     fit(run_dir, "straight")
     # A hard crash (os._exit) of worker 1 at step 4, after the step-3 checkpoint: Ray Train restarts the group
     # from that checkpoint and finishes. The result equals the uninterrupted run.
-    fit(run_dir, "recovered", _fail_at_step=4, _fail_marker=str(tmp_path / "failed-once"))
+    fit(run_dir, "recovered", callbacks=[CrashOnce(4, str(tmp_path / "failed-once"))])
     assert (tmp_path / "failed-once").exists()
     straight, recovered = weights(run_dir / "straight" / "final"), weights(run_dir / "recovered" / "final")
     for k in straight:
@@ -167,8 +167,8 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
     assert [m["step"] for m in metrics(run_dir / "recovered")] == list(range(1, 7))
     # With no failures allowed the crash ends the run; rerunning the same config resumes from step 3.
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError
-        fit(run_dir, "resumed", "train.max_failures=0", _fail_at_step=4, _fail_marker=str(tmp_path / "once-more"))
-    assert train.latest_step(run_dir / "resumed") == 3 and not (run_dir / "resumed" / "final").exists()
+        fit(run_dir, "resumed", "train.max_failures=0", callbacks=[CrashOnce(4, str(tmp_path / "once-more"))])
+    assert checkpoint.latest_step(run_dir / "resumed") == 3 and not (run_dir / "resumed" / "final").exists()
     fit(run_dir, "resumed", "train.max_failures=0")
     resumed = weights(run_dir / "resumed" / "final")
     for k in straight:
@@ -180,16 +180,16 @@ def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tm
     common = ("train.lora_r=4", "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-2")
     fit(run_dir, "lora", *common)
     # Checkpoints hold the adapters only (a PEFT folder and the trainable state), not the model.
-    step, ckpt = train.latest_checkpoint(run_dir / "lora")
+    step, ckpt = checkpoint.latest_checkpoint(run_dir / "lora")
     assert step == 4 and ckpt is not None and not (ckpt / "model").exists()
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
-    saved = load_file(str(ckpt / train.TRAINER_STATE))
+    saved = load_file(str(ckpt / checkpoint.TRAINER_STATE))
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))  # PEFT's names drop the adapter's
     assert sorted(adapter) == sorted(k.replace(".default.", ".") for k in saved)
     for k, v in saved.items():
         torch.testing.assert_close(adapter[k.replace(".default.", ".")], v, atol=0, rtol=0)
-    fit(run_dir, "lora-killed", *common, _fail_at_step=3, _fail_marker=str(tmp_path / "lora-failed"))
+    fit(run_dir, "lora-killed", *common, callbacks=[CrashOnce(3, str(tmp_path / "lora-failed"))])
     assert (tmp_path / "lora-failed").exists()
     init, a, b = (
         weights(run_dir / "init"),
@@ -219,12 +219,12 @@ def test_lora_under_fsdp2_trains_like_ddp_and_checkpoints_the_adapters(run_dir: 
     for k in ddp:
         torch.testing.assert_close(ddp[k], fsdp[k], atol=1e-9, rtol=1e-7)
     for out in ("lora-ddp", "lora-fsdp"):
-        step, ckpt = train.latest_checkpoint(run_dir / out)
+        step, ckpt = checkpoint.latest_checkpoint(run_dir / out)
         assert step == 4 and ckpt is not None
-        saved = load_file(str(ckpt / train.TRAINER_STATE))
+        saved = load_file(str(ckpt / checkpoint.TRAINER_STATE))
         assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), out
-    a = load_file(str(train.latest_checkpoint(run_dir / "lora-ddp")[1] / train.TRAINER_STATE))
-    b = load_file(str(train.latest_checkpoint(run_dir / "lora-fsdp")[1] / train.TRAINER_STATE))
+    a = load_file(str(checkpoint.latest_checkpoint(run_dir / "lora-ddp")[1] / checkpoint.TRAINER_STATE))
+    b = load_file(str(checkpoint.latest_checkpoint(run_dir / "lora-fsdp")[1] / checkpoint.TRAINER_STATE))
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-7)
@@ -234,9 +234,9 @@ def test_lora_under_fsdp2_trains_like_ddp_and_checkpoints_the_adapters(run_dir: 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -> None:
     with pytest.raises(train.NonFiniteLossError, match="non-finite loss at step 2"):
-        fit(run_dir, "nan", "train.max_steps=4", _nan_at_step=2)
+        fit(run_dir, "nan", "train.max_steps=4", callbacks=[PoisonStep(2)])
     assert not (run_dir / "nan" / "final").exists()
-    result = fit(run_dir, "nan-skip", "train.max_steps=4", "train.nan_policy=skip", _nan_at_step=2)
+    result = fit(run_dir, "nan-skip", "train.max_steps=4", "train.nan_policy=skip", callbacks=[PoisonStep(2)])
     assert result.info["skipped_batches"] == 1
     rows = metrics(run_dir / "nan-skip")
     assert [m["skipped_batches"] for m in rows] == [0, 1, 1, 1]
@@ -244,7 +244,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -
 
 def test_sft_warm_start_trains_on_the_sft_corpus(run_dir: Path) -> None:
     cfg = config(run_dir.parent, "sft.enabled=true", "sft.batch_size=16", "sft.micro_batch_size=8", "sft.lr=3e-3")
-    result = train.run_sft(cfg, cfg.run_dir)
+    result = sft.run(cfg, cfg.run_dir)
     rows = metrics(run_dir / "sft")
     assert result.counts == {"rows": 96, "steps": 6} and len(rows) == 6
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -256,14 +256,14 @@ def test_sft_warm_start_trains_on_the_sft_corpus(run_dir: Path) -> None:
 
 def test_plan_is_deterministic_and_independent_of_the_worker_count(run_dir: Path) -> None:
     def rows_of(world: int) -> dict[int, list[str]]:
-        plan = train.make_plan(run_dir / "reference", batch_size=8, world=world, epochs=2, seed=3, block_rows=16)
+        p = plan.make_plan(run_dir / "reference", batch_size=8, world=world, epochs=2, seed=3, block_rows=16)
         by_step: dict[int, list[str]] = {}
         for r in range(world):
-            for e in plan.entries:
-                for t in train._read_planned(
+            for e in p.entries:
+                for t in plan._read_planned(
                     {k: [e[k]] for k in e}, rank=r, seed=3, columns=["id"],
-                    plan={"batch_size": 8, "world": world, "steps_per_epoch": plan.steps_per_epoch,
-                          "total_steps": plan.total_steps, "start_step": 0},
+                    plan={"batch_size": 8, "world": world, "steps_per_epoch": p.steps_per_epoch,
+                          "total_steps": p.total_steps, "start_step": 0},
                 ):  # fmt: skip
                     for i, s in zip(t.column("id").to_pylist(), t.column("_step").to_pylist(), strict=True):
                         by_step.setdefault(s, []).append(i)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydora import robust, train
+from raydora import checkpoint, robust, step, train
 from raydora.config import TrainConfig
 from raydora.models import build_model, train_tokenizer
 
@@ -34,8 +34,7 @@ def setup():
 
 
 def cfg_for(**train_kw):
-    t = dataclasses.asdict(TrainConfig(grad_clip=0.0, **train_kw))
-    return {"mode": "preference", "train": t, "batch_size": 4, "micro_batch_size": 4}
+    return step.StepConfig("preference", TrainConfig(grad_clip=0.0, **train_kw), batch_size=4, micro_batch_size=4)
 
 
 def grads_of(model, value) -> torch.Tensor:
@@ -48,10 +47,10 @@ def test_wdpo_differs_from_dpo_by_exactly_the_penalty_gradient(setup) -> None:
     tok, model, rows = setup
     rho = 0.3
     cfg = cfg_for(loss="dpo", objective="wdpo", rho=rho)
-    mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
+    mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
 
     def parts():
-        out = train.per_sample_losses(model, mb, cfg, embeddings=True)
+        out = step.per_sample_losses(model, mb, cfg, embeddings=True)
         return out["losses"], robust.wdpo_penalty(out["losses"], out["embeds"])
 
     losses, pen = parts()
@@ -64,17 +63,16 @@ def test_wdpo_differs_from_dpo_by_exactly_the_penalty_gradient(setup) -> None:
     torch.testing.assert_close(g_wdpo - g_dpo, g_pen, atol=1e-12, rtol=1e-9)
 
     # The penalty is each pair's own ||d l_i / d z||^2: check one pair by a separate forward of that pair alone.
-    one = train.collate_micro(rows, slice(2, 3), "preference", "dpo", tok.pad_token_id, None)
-    o = train.per_sample_losses(model, one, cfg, embeddings=True)
+    one = step.collate_micro(rows, slice(2, 3), "preference", "dpo", tok.pad_token_id, None)
+    o = step.per_sample_losses(model, one, cfg, embeddings=True)
     (g,) = torch.autograd.grad(o["losses"].sum(), o["embeds"])
     # Padding rows carry no gradient, so the alone-forward norm equals the batched one.
     torch.testing.assert_close(pen[2].detach(), g.pow(2).sum(), atol=1e-12, rtol=1e-8)
 
     # The loop's step (one worker, no process group) produces the same WDPO gradient.
     model.zero_grad(set_to_none=True)
-    mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
-    f = train.objective_fn(cfg)
-    train._step(model, [mb], cfg, f, None, 1, torch.device("cpu"), torch.float32, True, False)
+    mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
+    step.train_step(model, [mb], cfg, device=torch.device("cpu"))
     g_loop = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(g_loop, g_wdpo, atol=1e-12, rtol=1e-9)
 
@@ -97,26 +95,24 @@ def test_micro_batches_accumulate_the_full_batch_gradient(
              "kldpo_clipped": {"objective": "kldpo", "kldpo_normalize": False, "kldpo_clip": 3.0},
              "wdpo_global": {"objective": "wdpo", "wdpo_mode": "global", "rho": 0.3}}.get(objective, {"objective": objective})  # fmt: skip
     cfg = cfg_for(loss="dpo", lam=0.5, tau=0.5, beta_prime=0.7, accumulation=accumulation, **extra)
-    wdpo = extra["objective"] == "wdpo"
-    f = train.objective_fn(cfg)
     weights = torch.tensor(ROW_WEIGHTS, dtype=torch.float64)
     with torch.no_grad():
-        full = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
-        losses = train.per_sample_losses(model, full, cfg)["losses"]
-    tilt = train.objective_tilt(cfg)
+        full = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)
+        losses = step.per_sample_losses(model, full, cfg)["losses"]
+    tilt = step.objective_tilt(cfg)
     order = torch.argsort(tilt.scores(losses, weights)) if tilt is not None else torch.arange(4)
     assert (tilt is not None) == (accumulation == "online" and objective in ("kl_dro", "kldpo", "dr_dpo", "dora",
                                                                              "dora_outside"))  # fmt: skip
 
     def take(idx: list[int]) -> dict:
         sub = {k: v[idx] for k, v in rows.items()}
-        mb = train.collate_micro(sub, slice(0, len(idx)), "preference", "dpo", tok.pad_token_id, None)
+        mb = step.collate_micro(sub, slice(0, len(idx)), "preference", "dpo", tok.pad_token_id, None)
         mb["weights"] = weights[idx]
         return mb
 
     forwards, rescales = [0], [0]
-    real_forward = train.per_sample_losses
-    monkeypatch.setattr(train, "per_sample_losses", lambda *a, **k: (forwards.__setitem__(0, forwards[0] + 1),
+    real_forward = step.per_sample_losses
+    monkeypatch.setattr(step, "per_sample_losses", lambda *a, **k: (forwards.__setitem__(0, forwards[0] + 1),
                                                                      real_forward(*a, **k))[1])  # fmt: skip
 
     class Counting(robust.OnlineTilt):  # counts the passes over the accumulated gradient
@@ -128,7 +124,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient(
     for micro in ([take(order.tolist())], [take([int(i)]) for i in order]):
         model.zero_grad(set_to_none=True)
         forwards[0] = rescales[0] = 0
-        stats = train._step(model, micro, cfg, f, None, 1, torch.device("cpu"), torch.float32, wdpo, False)
+        stats = step.train_step(model, micro, cfg, device=torch.device("cpu"))
         grads.append((torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"]["loss"]))
     # The window pass adds a forward per micro-batch for every coupled objective online cannot express.
     assert forwards[0] == (4 if tilt is not None or objective == "erm" else 8)
@@ -143,7 +139,7 @@ def test_dora_row_weights_match_robust_dora_weights() -> None:
     info = {"shares": {"verbose": 0.4, "sloppy": 0.35}, "gammas": {"verbose": 1.5, "sloppy": 0.8}, "alpha": None}
     p = [[0.9, 0.2, 0.6, 0.05]]
     src = [["golden", "verbose", "sloppy", "unknown"]]
-    got = train.dora_row_weights(p, src, info)
+    got = step.dora_row_weights(p, src, info)
     share = torch.tensor([0.75, 0.4, 0.35, 0.75], dtype=torch.float64)
     gamma = torch.tensor([1.0, 1.5, 0.8, 1.0], dtype=torch.float64)
     want = robust.dora_weights(torch.tensor(p[0], dtype=torch.float64), share, 0.25, gamma).mean()
@@ -152,14 +148,14 @@ def test_dora_row_weights_match_robust_dora_weights() -> None:
     assert float(robust.dora_weights(torch.tensor([0.2]), 0.4, 0.25, 1.5)[0]) == pytest.approx(60 / 79, rel=1e-6)
     # A pairwise loss uses the chosen and rejected responses only, with alpha still 1/K = 1/4: golden (chosen)
     # 1 / (1/4 + 0.75 * 0.1 / 0.9) = 3, verbose (rejected) 60/79.
-    pair = train.dora_row_weights(p, src, info, np.array([[0, 1]]))
+    pair = step.dora_row_weights(p, src, info, np.array([[0, 1]]))
     assert pair[0] == pytest.approx((3 + 60 / 79) / 2, rel=1e-12)
     # The trainer's collation picks the pair by score (best, worst) for DPO and every response for a listwise loss.
     rows = {"prompt_ids": _objects([[5, 6]]), "response_ids": _objects([[[7], [8], [9], [10]]]),
             "scores": _objects([[0.9, 0.1, 0.5, 0.3]]), "reference_logps": _objects([[-1.0, -2.0, -3.0, -4.0]]),
             "p_golden": _objects(p), "sources": _objects(src)}  # fmt: skip
     for loss, want_h in (("dpo", pair[0]), ("dpo_pl", got[0])):
-        mb = train.collate_micro(rows, slice(0, 1), "preference", loss, 0, info)
+        mb = step.collate_micro(rows, slice(0, 1), "preference", loss, 0, info)
         assert float(mb["weights"][0]) == pytest.approx(want_h, rel=1e-12)
 
 
@@ -168,11 +164,11 @@ def test_pairwise_collation_takes_rows_of_different_k() -> None:
     rows = {"prompt_ids": _objects([[5, 6], [7]]), "response_ids": _objects([[[7], [8], [9]], [[10, 11], [12]]]),
             "scores": _objects([[0.2, 0.9, 0.5], [0.0, 1.0]]),
             "reference_logps": _objects([[-1.0, -2.0, -3.0], [-4.0, -5.0]])}  # fmt: skip
-    mb = train.collate_micro(rows, slice(0, 2), "preference", "dpo", 0, None)
+    mb = step.collate_micro(rows, slice(0, 2), "preference", "dpo", 0, None)
     assert mb["scores"].tolist() == [[0.9, 0.2], [1.0, 0.0]] and mb["ref"].tolist() == [[-2.0, -1.0], [-5.0, -4.0]]
     assert mb["k"] == 2 and mb["rows"] == 2
     with pytest.raises(ValueError, match="same number of responses"):
-        train.collate_micro(rows, slice(0, 2), "preference", "dpo_pl", 0, None)
+        step.collate_micro(rows, slice(0, 2), "preference", "dpo_pl", 0, None)
 
 
 def _objects(values: list[Any]) -> np.ndarray:
@@ -226,8 +222,8 @@ def test_pad_to_multiple_of_rounds_the_width_and_keeps_the_log_probs(setup, pack
 
     tok, _, rows = setup
     model = build_model("tiny-llama", tok, dtype=torch.float64, seed=4)
-    base = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
-    wide = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack, 64)
+    base = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+    wide = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack, 64)
     w0, w1 = base["enc"]["input_ids"].shape[1], wide["enc"]["input_ids"].shape[1]
     assert w1 % 64 == 0 and w0 <= w1 < w0 + 64 and w0 % 64 != 0  # the rounding did something
     assert base["enc"]["input_ids"].shape[0] == wide["enc"]["input_ids"].shape[0]
@@ -264,16 +260,16 @@ def test_wdpo_on_packed_sequences_equals_the_padded_layout(setup) -> None:
     tok, _, rows = setup
     model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
     cfg = cfg_for(loss="dpo", objective="wdpo", rho=0.3)
-    f = train.objective_fn(cfg)
+    f = step.objective_fn(cfg)
     out = []
     # Padded, packed, and both with widths rounded up to a multiple of 64 (model.pad_to_multiple_of): the extra
     # positions take no gradient, so the penalty is unchanged.
     for pack, multiple in ((False, 0), (True, 0), (False, 64), (True, 64)):
         model.zero_grad(set_to_none=True)
-        mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack, multiple)
+        mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack, multiple)
         assert mb["enc"]["input_ids"].shape[1] % 64 == 0 or not multiple
-        o = train.per_sample_losses(model, mb, cfg, embeddings=True)
-        pen = train.wdpo_penalty(o["losses"], o["embeds"], mb["enc"])
+        o = step.per_sample_losses(model, mb, cfg, embeddings=True)
+        pen = step.wdpo_penalty(o["losses"], o["embeds"], mb["enc"])
         f(o["losses"], torch.ones(4, dtype=torch.float64), pen).backward()
         out.append((pen.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
     assert "segment_ids" in mb["enc"] and out[0][0].min() > 0
@@ -315,8 +311,8 @@ def test_every_loss_is_wired_to_the_right_responses(listwise, loss: str) -> None
     tok, rows = listwise
     model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=4)
     cfg = cfg_for(loss=loss, beta=0.2, label_smoothing=0.1, flip_rate=0.2, simpo_gamma=0.5, sft_weight=0.7)
-    mb = train.collate_micro(rows, slice(0, 3), "preference", loss, tok.pad_token_id, None, pack=True)
-    got = train.per_sample_losses(model, mb, cfg)["losses"]
+    mb = step.collate_micro(rows, slice(0, 3), "preference", loss, tok.pad_token_id, None, pack=True)
+    got = step.per_sample_losses(model, mb, cfg)["losses"]
     # By hand: all K log-probs in the padded layout, then the library loss on the expected responses.
     prompts = [r.tolist() for r in rows["prompt_ids"]]
     responses = [[x.tolist() for x in rs] for rs in rows["response_ids"]]
@@ -346,12 +342,11 @@ def test_every_loss_is_wired_to_the_right_responses(listwise, loss: str) -> None
 def test_bf16_autocast_step_tracks_the_fp32_step(setup) -> None:
     tok, _, rows = setup
     cfg = cfg_for(loss="dpo", objective="kldpo", tau=0.5)
-    f = train.objective_fn(cfg)
     grads = []
     for amp in (torch.float32, torch.bfloat16):
         model = build_model("tiny-gpt2", tok, dtype=torch.float32, seed=1).train()
-        mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack=True)
-        stats = train._step(model, [mb], cfg, f, None, 1, torch.device("cpu"), amp, False, False)
+        mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack=True)
+        stats = step.train_step(model, [mb], cfg, device=torch.device("cpu"), amp=amp)
         assert np.isfinite(stats["metrics"]["loss"])
         assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
@@ -368,19 +363,18 @@ def test_wdpo_finite_difference_matches_the_double_backward(setup, pack: bool) -
     tok, _, rows = setup
     rho = 0.3
     out = {}
-    for grad, step in (("double_backward", 1e-3), ("finite_difference", 1e-6), ("finite_difference", 1e-3)):
+    for grad, fd_step in (("double_backward", 1e-3), ("finite_difference", 1e-6), ("finite_difference", 1e-3)):
         for mbs in (4, 1):
             model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
-            cfg = cfg_for(loss="dpo", objective="wdpo", rho=rho, wdpo_grad=grad, wdpo_fd_step=step)
-            micro = [train.collate_micro(rows, slice(i, i + mbs), "preference", "dpo", tok.pad_token_id, None, pack)
+            cfg = cfg_for(loss="dpo", objective="wdpo", rho=rho, wdpo_grad=grad, wdpo_fd_step=fd_step)
+            micro = [step.collate_micro(rows, slice(i, i + mbs), "preference", "dpo", tok.pad_token_id, None, pack)
                      for i in range(0, 4, mbs)]  # fmt: skip
-            stats = train._step(model, micro, cfg, train.objective_fn(cfg), None, 1, torch.device("cpu"),
-                                torch.float32, True, False)  # fmt: skip
-            out[grad, step, mbs] = (torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"])
+            stats = step.train_step(model, micro, cfg, device=torch.device("cpu"))
+            out[grad, fd_step, mbs] = (torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"])
     model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
     cfg = cfg_for(loss="dpo", objective="erm")
-    mb = train.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
-    train._step(model, [mb], cfg, train.objective_fn(cfg), None, 1, torch.device("cpu"), torch.float32, False, False)
+    mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+    step.train_step(model, [mb], cfg, device=torch.device("cpu"))
     g_dpo = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     exact = out["double_backward", 1e-3, 4][0] - g_dpo  # the penalty's gradient, rho * mean_i grad ||g_i||^2
     assert exact.norm() > 1e-3 * g_dpo.norm()
@@ -409,7 +403,7 @@ def test_merged_lora_from_the_gathered_state_equals_peft_merging_the_live_model(
     tok = train_tokenizer(iter(["the quick brown fox jumps over the lazy dog"] * 20), vocab_size=300)
     build_model(preset, tok).save_pretrained(str(tmp_path))
     tok.save_pretrained(str(tmp_path))
-    model = train.load_policy(tmp_path, base_dtype, torch.float32, "eager", lora_r=4, lora_alpha=8.0)
+    model = checkpoint.load_policy(tmp_path, base_dtype, torch.float32, "eager", lora_r=4, lora_alpha=8.0)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -425,7 +419,7 @@ def test_merged_lora_from_the_gathered_state_equals_peft_merging_the_live_model(
         return merge(self, *args, **kwargs)
 
     monkeypatch.setattr(lora_layer.Linear, "merge", spy)
-    merged = train._merged_lora(model, distributed.full_state_dict(model))
+    merged = checkpoint.merged_lora(model, distributed.full_state_dict(model))
     assert merged_on and set(merged_on) == {"cpu"}
     got = merged.state_dict()
     assert sorted(got) == sorted(expected)
@@ -471,7 +465,7 @@ def test_merged_lora_writes_a_layer_merged_elsewhere_back_into_the_gathered_stat
 
     monkeypatch.setattr(lora_layer.Linear, "merge", round_trip)
     state = {k: v.clone() for k, v in distributed.full_state_dict(model).items()}  # a GPU run's CPU copy
-    merged = train._merged_lora(model, state)
+    merged = checkpoint.merged_lora(model, state)
     got = merged.state_dict()
     adapted = [k for k in got if k.endswith("_proj.weight")]
     assert moved and len(adapted) == len(moved)
@@ -506,7 +500,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     rows, weights = _fsdp_rows(), torch.tensor([0.4, 1.7, 0.9, 2.5, 1.1, 0.3, 2.0, 0.8], dtype=torch.float64)
     cpu, results = torch.device("cpu"), {}
     forwards, scales = [0], [0]
-    real_forward, real_scale = train.per_sample_losses, robust.OnlineTilt._scale
+    real_forward, real_scale = step.per_sample_losses, robust.OnlineTilt._scale
 
     def counting(*a: Any, **k: Any) -> Any:
         forwards[0] += 1
@@ -517,10 +511,10 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         real_scale(self, factor)
 
     # This spawned process's own modules.
-    train.per_sample_losses, robust.OnlineTilt._scale = counting, counting_scale  # type: ignore[method-assign]
+    step.per_sample_losses, robust.OnlineTilt._scale = counting, counting_scale  # type: ignore[method-assign]
 
     def micro(idx: list[int]) -> dict[str, Any]:
-        mb = train.collate_micro({k: v[idx] for k, v in rows.items()}, slice(0, len(idx)), "preference", "dpo",
+        mb = step.collate_micro({k: v[idx] for k, v in rows.items()}, slice(0, len(idx)), "preference", "dpo",
                                  tok.pad_token_id, None)  # fmt: skip
         mb["weights"] = weights[idx]
         return mb
@@ -529,28 +523,29 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     order = {}
     for objective, sync in cases:  # the single-process reference, before any process group exists
         cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, fsdp_grad_sync=sync)
-        cfg["batch_size"] = 8
+        cfg = dataclasses.replace(cfg, batch_size=8)
         model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train()
         with torch.no_grad():
             losses = real_forward(model, micro(list(range(8))), cfg)["losses"]
         # Rows in rising score order, cut contiguously: the ranks' shared running max rises at micro-batch 2.
-        order[objective] = torch.argsort(train.objective_tilt(cfg).scores(losses, weights)).tolist()
-        train._step(model, [micro(order[objective])], cfg, train.objective_fn(cfg), None, 1, cpu, torch.float32,
-                    False, False)  # fmt: skip
+        order[objective] = torch.argsort(step.objective_tilt(cfg).scores(losses, weights)).tolist()
+        step.train_step(model, [micro(order[objective])], cfg, device=cpu)
         results[f"{objective}/{sync}/ref"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for objective, sync in cases:
             cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, fsdp_grad_sync=sync)
-            cfg["batch_size"] = 8
+            cfg = dataclasses.replace(cfg, batch_size=8)
             model = distributed.shard_fsdp(build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train())
             mine = order[objective][4 * rank : 4 * rank + 4]
             with torch.no_grad():  # as the loop's packing check does: leaves the root's unsharded parameters in
                 real_forward(model, micro(mine[:2]), cfg)
             forwards[0] = scales[0] = 0
-            train._step(model, [micro(mine[:2]), micro(mine[2:])], cfg, train.objective_fn(cfg),
-                        distributed.default_group(), world, cpu, torch.float32, False, True)  # fmt: skip
+            group = distributed.default_group()
+            step.train_step(
+                model, [micro(mine[:2]), micro(mine[2:])], cfg, group=group, world=world, device=cpu, fsdp=True
+            )
             results[f"{objective}/{sync}/forwards"] = forwards[0]
             results[f"{objective}/{sync}/scales"] = scales[0]
             results[f"{objective}/{sync}/fsdp"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
