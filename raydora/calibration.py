@@ -25,7 +25,8 @@ Array = NDArray[np.float64]
 def sigmoid(z: ArrayLike) -> Array:
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(-np.abs(z))  # never overflows
-    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    out: Array = np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    return out
 
 
 def calibrated(margins: ArrayLike, temperature: float = 1.0, bias: float = 0.0) -> Array:
@@ -92,7 +93,10 @@ def _golden_section_temperature(f_of_t: Callable[[float], float], lo: float, hi:
     a, b = 1 / hi, 1 / lo
     # search in log space: the optimum of 1/T can sit anywhere in [1e-3, 1e3]
     la, lb = math.log(a), math.log(b)
-    f = lambda s: f_of_t(1 / math.exp(s))
+
+    def f(s: float) -> float:
+        return float(f_of_t(1 / math.exp(s)))
+
     c, d = lb - phi * (lb - la), la + phi * (lb - la)
     fc, fd = f(c), f(d)
     for _ in range(100):

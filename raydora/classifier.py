@@ -194,7 +194,8 @@ def margins(
     with torch.no_grad(), autocast(device, precision):
         enc = encode(tokenizer, prompts, responses, max_length).to(device)
         logits = model(**enc).logits.float()
-    return (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
+    z: np.ndarray = (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
+    return z
 
 
 def _train_loop(cfg: dict[str, Any]) -> None:
@@ -223,7 +224,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {}
     for source in cfg["sources"]:
         torch.manual_seed(cfg["seed"])
-        model = build_model(name, tok, num_labels=2, seed=cfg["seed"]) if kind == "preset" else load_encoder(name)
+        model: Any = build_model(name, tok, num_labels=2, seed=cfg["seed"]) if kind == "preset" else load_encoder(name)
         model.train()
         model = ray.train.torch.prepare_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
@@ -369,9 +370,9 @@ def _gather(refs: list[Any], groups: list[list[str]]) -> list[Any]:
         except ray.exceptions.RayError as e:  # the task's error (RayTaskError), or its worker's death
             errors.append((group, e))
     if errors:
-        group, e = errors[0]
+        group, first = errors[0]
         more = f" ({len(errors)} of {len(refs)} runs failed)" if len(errors) > 1 else ""
-        raise RuntimeError(f"classifier run for sources {group} failed{more}: {e}") from e
+        raise RuntimeError(f"classifier run for sources {group} failed{more}: {first}") from first
     return checkpoints
 
 

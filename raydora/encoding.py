@@ -240,6 +240,12 @@ def packed_logps(logits: Tensor, labels: Tensor, mask: Tensor, segment_ids: Tens
     return logps.new_zeros(n).index_add(0, segment_ids[:, 1:][keep], logps[keep])
 
 
+def _input_embeddings(model: Any) -> Any:
+    """The model's input embedding layer (inside a DDP wrapper too)."""
+    inner = model if hasattr(model, "get_input_embeddings") else model.module
+    return inner.get_input_embeddings()
+
+
 def forward_logps(
     model: torch.nn.Module,
     batch: dict[str, Tensor],
@@ -260,8 +266,7 @@ def forward_logps(
         n = int(batch["sequences"])
         packed_embeds = None
         if embeddings:
-            get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings
-            packed_embeds = get_emb()(ids)
+            packed_embeds = _input_embeddings(model)(ids)
             if embed_shift is not None:
                 packed_embeds = packed_embeds + embed_shift
             out = model(inputs_embeds=packed_embeds, position_ids=batch["position_ids"], use_cache=False)
@@ -275,8 +280,7 @@ def forward_logps(
         return logps.reshape(k, n // k).T, lengths.reshape(k, n // k).T, packed_embeds
     embeds = None
     if embeddings:
-        get_emb = getattr(model, "get_input_embeddings", None) or model.module.get_input_embeddings
-        embeds = get_emb()(ids)
+        embeds = _input_embeddings(model)(ids)
         if embed_shift is not None:
             embeds = embeds + embed_shift
         out = model(inputs_embeds=embeds, attention_mask=attn, use_cache=False)

@@ -163,7 +163,7 @@ def train_tokenizer(
         names["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     # Space clean-up on decode (" ." -> ".") would break the exact round trip: transformers 4.x applies it, 5.x
     # skips it for BPE but warns unless it is off.
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False, **names
     )
     if kind == "causal":

@@ -174,12 +174,13 @@ class ReferenceModel:
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
         self.pad_to_multiple_of, self.max_prompt_length = pad_to_multiple_of, max_prompt_length
         self.dtype = resolve_precision(precision, device)
-        self.model = None
+        self.model: Any = None
         if model_dir is not None:
             # The weights as the trainers hold them at step 0, with the same autocast: fp32 master weights, or, for
             # LoRA training (``frozen_in_compute_dtype``), a frozen base stored in the compute dtype (bf16 on GPUs).
             weights = self.dtype if frozen_in_compute_dtype else torch.float32
-            self.model = load_causal_lm(model_dir, dtype=weights, attn_implementation=attn).to(device).eval()
+            model: Any = load_causal_lm(model_dir, dtype=weights, attn_implementation=attn)
+            self.model = model.to(device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raydora.encoding import encode_batch

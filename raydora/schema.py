@@ -129,16 +129,16 @@ def _split_implicit(
         if n == 0:
             raise RowError("missing_field", "prompt", "chosen and rejected share no prompt turns")
         return c[:n], render(c[:n]), _assistant_text(c[n:], "chosen"), _assistant_text(r[n:], "rejected")
-    c, r = _text(chosen, "chosen"), _text(rejected, "rejected")
+    ct, rt = _text(chosen, "chosen"), _text(rejected, "rejected")
     n = 0
-    while n < min(len(c), len(r)) and c[n] == r[n]:
+    while n < min(len(ct), len(rt)) and ct[n] == rt[n]:
         n += 1
     # Cut back to a whitespace boundary, so a shared first letter of both answers stays in the answers.
-    while n > 0 and not c[n - 1].isspace():
+    while n > 0 and not ct[n - 1].isspace():
         n -= 1
     if n == 0:
         raise RowError("missing_field", "prompt", "chosen and rejected share no prompt prefix")
-    return None, c[:n], c[n:], r[n:]
+    return None, ct[:n], ct[n:], rt[n:]
 
 
 def to_canonical(record: Mapping[str, Any], fmt: str, render: ChatRenderer = default_chat_renderer) -> dict[str, Any]:

@@ -272,7 +272,7 @@ def write_benchmark(
     from raydora.data import ordered
 
     shares = {"golden": alpha, **(source_shares if source_shares is not None else {"verbose": 0.375, "sloppy": 0.375})}
-    params = {"k": k, "shares": shares, "label_noise": label_noise, "seed": seed}
+    params: dict[str, Any] = {"k": k, "shares": shares, "label_noise": label_noise, "seed": seed}
     out = Path(output)
     sft_rows = rows if sft_rows is None else sft_rows
     fp = fingerprint("synth", params, rows, eval_rows, block_rows, *([sft_rows] if sft_rows != rows else []))
@@ -283,7 +283,7 @@ def write_benchmark(
     with staging(out.parent, out.name) as tmp:
         for split, n in counts.items():
             blocks = [{"start": s, "count": min(block_rows, n - s)} for s in range(0, n, block_rows)]
-            ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+            ds: Any = ray.data.from_items(blocks, override_num_blocks=len(blocks))
             ds = ds.map_batches(_generate_split, batch_size=1, fn_kwargs={"split": split, "params": params})
             ordered(ds).write_json(str(tmp / split))  # files in block order, whichever block finishes first
         sample = list(generate_rows(0, min(rows, 2000), **params))

@@ -59,11 +59,14 @@ def tensorboard(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            return None
-    return SummaryWriter(str(folder), flush_secs=10)
+        pass
+    else:
+        return SummaryWriter(str(folder), flush_secs=10)
+    try:
+        from tensorboardX import SummaryWriter as XSummaryWriter
+    except ImportError:
+        return None
+    return XSummaryWriter(str(folder), flush_secs=10)
 
 
 def truncate_metrics(path: Path, start: int) -> None:
@@ -176,7 +179,10 @@ def _mlflow_run(logging: dict[str, Any], run_id: str | None, params: dict[str, s
         try:
             experiment_id = client.create_experiment(name_)
         except MlflowException:  # created meanwhile by another run
-            experiment_id = client.get_experiment_by_name(name_).experiment_id
+            created = client.get_experiment_by_name(name_)
+            if created is None:
+                raise
+            experiment_id = created.experiment_id
     run = client.create_run(experiment_id, run_name=name, tags={"raydora.out_dir": str(out_dir)})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return client, run.info.run_id
