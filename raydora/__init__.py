@@ -9,6 +9,11 @@ The public API (docs/design.md), imported on first use so that ``import raydora`
     results = raydora.run_pipeline(cfg)                 # every stage, in order (StageResult each)
     raydora.run_stage(cfg, "train", force=True)         # one stage
     raydora.robust.dora(losses, weights, lam=1.0)       # the math, on your own tensors
+
+    # One optimizer step of the trainer on your own model (no Ray): collate rows, forward, backward.
+    step_cfg = raydora.StepConfig("preference", cfg.train, batch_size=8, micro_batch_size=4)
+    micro = [raydora.collate_micro(rows, slice(i, i + 4), "preference", "dpo", pad_id, None) for i in (0, 4)]
+    stats = raydora.train_step(model, micro, step_cfg)   # .grad holds the global batch's gradient
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from raydora import calibration, logprobs, losses, robust
-    from raydora.config import ConfigError, RunConfig, load_config
+    from raydora.config import ConfigError, RunConfig, TrainConfig, load_config
     from raydora.rundir import StageResult
+    from raydora.step import StepConfig, collate_micro, train_step
 
 _LAZY = {
     "RunConfig": ("raydora.config", "RunConfig"),
     "ConfigError": ("raydora.config", "ConfigError"),
     "load_config": ("raydora.config", "load_config"),
     "StageResult": ("raydora.rundir", "StageResult"),
+    "TrainConfig": ("raydora.config", "TrainConfig"),
+    "StepConfig": ("raydora.step", "StepConfig"),
+    "collate_micro": ("raydora.step", "collate_micro"),
+    "train_step": ("raydora.step", "train_step"),
     "losses": ("raydora.losses", None),
     "robust": ("raydora.robust", None),
     "logprobs": ("raydora.logprobs", None),
@@ -39,14 +49,18 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "StageResult",
+    "StepConfig",
+    "TrainConfig",
     "__version__",
     "calibration",
+    "collate_micro",
     "load_config",
     "logprobs",
     "losses",
     "robust",
     "run_pipeline",
     "run_stage",
+    "train_step",
 ]
 
 # The stage names, in pipeline order (raydora.pipeline.STAGES holds the functions).
