@@ -26,13 +26,13 @@ SOURCES = ("verbose", "sloppy")
 def prepare(root: Path, rows: int, backbone: str | None) -> None:
     """Benchmark data, validated, plus (unless ``backbone`` is None) one classifier folder per source (untrained
     head, T = gamma = 1)."""
-    from raydora import data, synth
+    from raydora import synth, validate
     from raydora.classifier import resolve_backbone
     from raydora.models import build_model, load_encoder, load_tokenizer, save_pretrained, train_tokenizer
     from raydora.rundir import write_success
 
     synth.write_benchmark(root / "synth", rows=rows, seed=0, eval_rows=10)
-    result = data.validate(root / "synth" / "train", root)
+    result = validate.validate(root / "synth" / "train", root)
     if backbone is None:
         return
     kind, name = resolve_backbone(backbone)

@@ -93,7 +93,7 @@ def cmd_synth(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Read and validate preference data into <output>/data (valid) and <output>/quarantine (with reasons)."""
-    from raydora import data
+    from raydora import data, validate
     from raydora.cluster import init_ray
 
     source = args.input or cfg.data.input
@@ -103,10 +103,10 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
     init_ray(cfg.ray)
     try:
         if args.input or args.output or args.format:  # a standalone validation of any input into any folder
-            result = data.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
+            result = validate.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
                                    cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
         else:  # the run's validate stage: held-out prompts, the run's tokenizer, token limits, target sources
-            result = data.run(cfg, cfg.run_dir, force=args.force)
+            result = validate.run(cfg, cfg.run_dir, force=args.force)
     except (data.InputError, FileNotFoundError) as e:  # the input is unusable: say why, no traceback
         print(f"raydora validate: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from raydora import data, evaluate, generate, reference, scoring, sft, synth, train
+from raydora import evaluate, generate, reference, scoring, sft, synth, train, validate
 from raydora.cluster import init_ray
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
 from raydora.paths import resolve_model_paths
@@ -16,7 +16,7 @@ Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
 # In pipeline order.
 STAGES: dict[str, Stage] = {
     "synth": synth.run,
-    "validate": data.run,
+    "validate": validate.run,
     "classify": scoring.run,
     "sft": sft.run,
     "reference": reference.run,

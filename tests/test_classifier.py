@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import classifier, data, robust, scoring, synth
+from raydora import classifier, robust, scoring, synth, validate
 from raydora.config import ClassifierConfig
 
 # A detector of the artefacts alone reaches AUC ~0.93: 85% of a synthetic source's responses carry the artefact,
@@ -41,7 +41,7 @@ def _rows(folder: Path) -> list[dict]:
 def trained(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
     root = tmp_path_factory.mktemp("classify")
     synth.write_benchmark(root / "synth", rows=400, k=4, seed=0, eval_rows=10, block_rows=400)
-    data.validate(root / "synth" / "train", root)
+    validate.validate(root / "synth" / "train", root)
     with contextlib.redirect_stdout(io.StringIO()) as out:  # the stage's progress lines, read by a test below
         result = classifier.train_classifiers(root / "data", root / "classifier", CFG, seed=0)
     (root / "classify.log").write_text(out.getvalue())

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import data, reference, synth, train
+from raydora import reference, synth, train, validate
 from raydora.config import dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Pa
     STRICT_SPREAD puts one worker on each node, and KLDPO's global-batch weights give the same model as the same
     run on one node."""
     cfg = load_config(None, [f"root={tmp_path}", "name=run", *TWO_NODE])
-    for stage in (synth.run, data.run, reference.run):  # the inputs, in this process's Ray
+    for stage in (synth.run, validate.run, reference.run):  # the inputs, in this process's Ray
         stage(cfg, cfg.run_dir)
     run_dir = cfg.run_dir.absolute()
     t = cfg.train

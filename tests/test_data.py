@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydora import data, schema
+from raydora import data, schema, validate
 
 MESSY = Path(__file__).parent / "data" / "messy.jsonl"
 MESSY_REASONS = {  # line -> reason, by construction of tests/data/messy.jsonl
@@ -32,7 +32,7 @@ def _table(folder: Path) -> list[dict]:
 
 
 def test_messy_file_loses_nothing_and_names_every_reason(tmp_path: Path) -> None:
-    result = data.validate(MESSY, tmp_path)
+    result = validate.validate(MESSY, tmp_path)
     assert result.counts == {"input": 16, "valid": 3, "quarantined": 13}
     quarantined = {r["line"]: r for r in _table(tmp_path / "quarantine")}
     assert {line: r["reason"] for line, r in quarantined.items()} == MESSY_REASONS
@@ -52,8 +52,8 @@ def test_messy_file_loses_nothing_and_names_every_reason(tmp_path: Path) -> None
 
 
 def test_chunked_reads_number_lines_like_one_read(tmp_path: Path) -> None:
-    whole = data.validate(MESSY, tmp_path / "a")
-    chunked = data.validate(MESSY, tmp_path / "b", chunk_bytes=64)
+    whole = validate.validate(MESSY, tmp_path / "a")
+    chunked = validate.validate(MESSY, tmp_path / "b", chunk_bytes=64)
     assert len(data.plan_reads(MESSY, chunk_bytes=64)) > 5
     assert whole.counts == chunked.counts
     lines = lambda d: sorted((r["line"], r["reason"]) for r in _table(d / "quarantine"))
@@ -63,10 +63,10 @@ def test_chunked_reads_number_lines_like_one_read(tmp_path: Path) -> None:
 def test_rerun_skips_until_the_input_changes(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}) + "\n")
-    assert not data.validate(src, tmp_path / "out").skipped
-    assert data.validate(src, tmp_path / "out").skipped
+    assert not validate.validate(src, tmp_path / "out").skipped
+    assert validate.validate(src, tmp_path / "out").skipped
     src.write_text(src.read_text() + json.dumps({"prompt": "q", "responses": ["a", "b"], "scores": [0, 1]}) + "\n")
-    again = data.validate(src, tmp_path / "out")
+    again = validate.validate(src, tmp_path / "out")
     assert not again.skipped and again.counts["valid"] == 2
 
 
@@ -88,7 +88,7 @@ def test_every_input_kind(tmp_path: Path) -> None:
     hf.save_to_disk(str(src / "hf"))
     kinds = sorted({k for _, k in data.list_inputs(src)})
     assert kinds == ["hf", "json", "jsonl", "parquet"]
-    result = data.validate(src, tmp_path / "out", chunk_bytes=1)
+    result = validate.validate(src, tmp_path / "out", chunk_bytes=1)
     assert result.counts == {"input": 21, "valid": 21, "quarantined": 0}
     rows = _table(tmp_path / "out" / "data")
     assert sorted(r["split"] for r in rows if r["split"]) == ["test"] * 2 + ["train"] * 4
@@ -96,7 +96,7 @@ def test_every_input_kind(tmp_path: Path) -> None:
 
 
 def test_forced_format_quarantines_other_layouts(tmp_path: Path) -> None:
-    result = data.validate(MESSY, tmp_path, fmt="rrhf")
+    result = validate.validate(MESSY, tmp_path, fmt="rrhf")
     assert result.counts["valid"] == 1  # only the RRHF row fits the forced layout
 
 
@@ -134,7 +134,7 @@ def test_fuzzed_file_of_1000_rows_is_fully_accounted_for(tmp_path: Path) -> None
         lines.append(raw)
     src = tmp_path / "fuzz.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
-    result = data.validate(src, tmp_path / "out", chunk_bytes=4096)
+    result = validate.validate(src, tmp_path / "out", chunk_bytes=4096)
     assert result.counts["input"] == 1000 == result.counts["valid"] + result.counts["quarantined"]
     quarantined = _table(tmp_path / "out" / "quarantine")
     valid = _table(tmp_path / "out" / "data")
@@ -158,7 +158,7 @@ def test_conversational_rows_use_the_configured_tokenizer_template(tmp_path: Pat
     src = tmp_path / "conv.jsonl"
     src.write_text(json.dumps({"prompt": messages, "chosen": [{"role": "assistant", "content": "hello"}],
                                "rejected": [{"role": "assistant", "content": "bye"}]}) + "\n")  # fmt: skip
-    data.validate(src, tmp_path / "out", tokenizer=str(tok_dir))
+    validate.validate(src, tmp_path / "out", tokenizer=str(tok_dir))
     (row,) = _table(tmp_path / "out" / "data")
     assert row["prompt"] == expected and expected != schema.default_chat_renderer(messages)
     assert row["responses"] == ["hello", "bye"]
@@ -249,7 +249,7 @@ def test_compressed_files_number_lines_and_keep_raw_bytes_like_plain_ones(tmp_pa
     tasks = data.plan_reads(src, chunk_bytes=64)
     assert sorted(Path(t["file"]).name for t in tasks) == sorted([*names.values(), "a.json.gz", "b.parquet.zst"])
     assert {Path(t["file"]).name: t["fallback"] for t in tasks}["m.jsonl.zst"] == "canonical"  # sniffed through zstd
-    result = data.validate(src, tmp_path / "out", chunk_bytes=64)
+    result = validate.validate(src, tmp_path / "out", chunk_bytes=64)
     assert result.counts == {"input": 4 * 16 + 3 + 5, "valid": 4 * 3 + 3 + 5, "quarantined": 4 * 13}
     raw_lines = MESSY.read_bytes().split(b"\n")
     quarantined = _table(tmp_path / "out" / "quarantine")
@@ -273,7 +273,7 @@ def test_damaged_compressed_files_end_in_one_corrupt_file_row_and_counts_add_up(
     (src / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download that stopped half way
     (src / "fake.jsonl.xz").write_bytes(b"".join(lines[:3]))  # plain text named .xz
     (src / "cut.parquet.bz2").write_bytes(_compress("bz2", b"PAR1 whatever")[:-5])
-    result = data.validate(src, tmp_path / "out")
+    result = validate.validate(src, tmp_path / "out")
     q = {(Path(r["file"]).name, r["reason"]): r for r in _table(tmp_path / "out" / "quarantine")}
     assert set(q) == {("cut.jsonl.gz", "corrupt_file"), ("fake.jsonl.xz", "corrupt_file"),
                       ("cut.parquet.bz2", "corrupt_file")}  # fmt: skip
@@ -350,14 +350,14 @@ def test_files_a_folder_cannot_read_are_named_never_skipped_silently(
     inputs, skipped = data.scan_inputs(src)
     assert [p.name for p, _ in inputs] == ["a.jsonl"]
     assert skipped == [(src / "data.csv").absolute(), (src / "logs" / "notes.txt").absolute()]
-    result = data.validate(src, tmp_path / "out")
+    result = validate.validate(src, tmp_path / "out")
     assert result.counts == {"input": 2, "valid": 2, "quarantined": 0}
     printed = capsys.readouterr().out
     assert f"[validate] warning: skipping 2 file(s) in {src} that are not inputs" in printed
     assert "data.csv, logs/notes.txt" in printed and "_SUCCESS" not in printed and "DS_Store" not in printed
     marker = json.loads((tmp_path / "out" / "data" / "_SUCCESS").read_text())
     assert marker["skipped_files"] == [str(f) for f in skipped]
-    assert data.validate(src, tmp_path / "out").skipped  # an up-to-date rerun says it again
+    assert validate.validate(src, tmp_path / "out").skipped  # an up-to-date rerun says it again
     assert "data.csv, logs/notes.txt" in capsys.readouterr().out
 
 
@@ -374,11 +374,11 @@ def test_no_valid_row_is_an_error_that_keeps_the_quarantine(tmp_path: Path) -> N
     out = tmp_path / "out"
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps(_rows(1)[0]) + "\n")
-    data.validate(good, out)  # an earlier input's data/, which must not survive a failed validation
+    validate.validate(good, out)  # an earlier input's data/, which must not survive a failed validation
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'not json\n{"prompt": "p"}\n{"prompt": "q", "chosen": "a"}\n')
-    with pytest.raises(data.NoValidRowsError) as err:
-        data.validate(bad, out)
+    with pytest.raises(validate.NoValidRowsError) as err:
+        validate.validate(bad, out)
     message = str(err.value)
     assert message.startswith(f"{bad}: no valid row, all 3 were quarantined (unknown_format: 2, malformed_json: 1)")
     assert f"in {out / 'quarantine'}." in message
@@ -386,8 +386,8 @@ def test_no_valid_row_is_an_error_that_keeps_the_quarantine(tmp_path: Path) -> N
     assert [(r["file"], r["line"]) for r in _table(out / "quarantine")] == [(str(bad), 1), (str(bad), 2), (str(bad), 3)]
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    with pytest.raises(data.NoValidRowsError, match=r"empty\.jsonl: no rows to validate"):
-        data.validate(empty, out)
+    with pytest.raises(validate.NoValidRowsError, match=r"empty\.jsonl: no rows to validate"):
+        validate.validate(empty, out)
     assert _table(out / "quarantine") == []  # the quarantine on disk is always the last input's
 
 
@@ -488,11 +488,11 @@ def test_hf_uri_is_found_in_the_local_cache_without_the_network(hub_cache: Path,
 def test_validate_reads_an_hf_uri_and_redoes_when_the_cache_changes(hub_cache: Path) -> None:
     _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(4), "test": _rows(2)}, "default", "rev1")
     out = hub_cache.parent / "run"
-    result = data.validate("hf://acme/prefs", out)
+    result = validate.validate("hf://acme/prefs", out)
     assert result.counts == {"input": 6, "valid": 6, "quarantined": 0}
     assert sorted(r["split"] for r in _table(out / "data")) == ["test"] * 2 + ["train"] * 4
-    assert data.validate("hf://acme/prefs", out).skipped
-    assert data.validate("hf://acme/prefs:test", out.parent / "test-only").counts["valid"] == 2
+    assert validate.validate("hf://acme/prefs", out).skipped
+    assert validate.validate("hf://acme/prefs:test", out.parent / "test-only").counts["valid"] == 2
     _cache_hub_dataset(hub_cache, "acme/prefs", {"train": _rows(3)}, "default", "rev2")  # a newer download
-    again = data.validate("hf://acme/prefs", out)
+    again = validate.validate("hf://acme/prefs", out)
     assert not again.skipped and again.counts["valid"] == 3

@@ -158,7 +158,7 @@ def test_compressed_prompt_and_target_files_read_like_plain_ones(tmp_path: Path)
     import gzip
     import lzma
 
-    from raydora import data
+    from raydora import validate
 
     lines = "".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)).encode()
     (tmp_path / "a.jsonl.xz").write_bytes(lzma.compress(lines))
@@ -176,7 +176,7 @@ def test_compressed_prompt_and_target_files_read_like_plain_ones(tmp_path: Path)
     target.mkdir()
     rows = [{"prompt": "p", "response": "r"}, {"prompt": "p2", "response": "r2"}]
     (target / "t.jsonl.xz").write_bytes(lzma.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
-    assert data.write_target(target, tmp_path / "target_rows") == 2
+    assert validate.write_target(target, tmp_path / "target_rows") == 2
 
 
 def test_bad_prompts_name_the_file_row_and_field(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_bad_prompts_name_the_file_row_and_field(tmp_path: Path) -> None:
 
 # ---- preferences for the online loop ----------------------------------------------------------------------------
 def test_samples_become_validated_preference_rows(tmp_path: Path, ray_session) -> None:
-    from raydora import data
+    from raydora import validate
 
     p = "reverse: oak pear rose"
     table = pa.table({"id": ["a", "b", "c"], "prompt": [p, p, "count: oak pear"],
@@ -207,7 +207,7 @@ def test_samples_become_validated_preference_rows(tmp_path: Path, ray_session) -
     assert rows[0]["sources"] == ["policy-r1", "policy-r1"] and rows[1]["scores"][0] > rows[1]["scores"][1]
     (tmp_path / "in").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "p.parquet")
-    result = data.validate(tmp_path / "in", tmp_path / "out")
+    result = validate.validate(tmp_path / "in", tmp_path / "out")
     assert result.counts["valid"] == 2 and result.counts["quarantined"] == 0
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import data, loop, synth
+from raydora import loop, synth, validate
 from raydora.config import ConfigError, load_config
 from raydora.rundir import read_success
 
@@ -104,7 +104,7 @@ def test_two_rounds_train_each_policy_from_the_last_on_its_own_labelled_samples(
     cfg = load_config(None, [f"root={tmp_path}", "name=run", *TINY])
     run_dir = cfg.run_dir.absolute()
     synth.run(cfg, run_dir)
-    data.run(cfg, run_dir)
+    validate.run(cfg, run_dir)
     summaries = loop.run(cfg)
     data_rows = {x["id"]: x for x in pq.read_table(run_dir / "data").to_pylist()}
     assert [s["round"] for s in summaries] == [1, 2]

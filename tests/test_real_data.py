@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from realdata import write_user_data
 
-from raydora import data, encoding, evaluate, pipeline, schema
+from raydora import data, encoding, evaluate, pipeline, schema, validate
 from raydora.config import ConfigError, explain, load_config
 from raydora.models import train_tokenizer
 
@@ -113,11 +113,11 @@ def test_a_policy_that_is_not_a_folder_fails_at_once_and_a_cached_name_loads(tmp
 # ---- target sources ----------------------------------------------------------------------------------------------
 def test_target_sources_are_checked_listing_the_sources_found() -> None:
     counts = {"human": 3, "gen-alpha": 5, "unknown": 2}
-    data.check_target_sources(("human",), counts, "d")
+    validate.check_target_sources(("human",), counts, "d")
     with pytest.raises(ValueError, match=r"\['golden'\].*gen-alpha \(5\), human \(3\), unknown \(2\)"):
-        data.check_target_sources(("golden",), counts, "d")
+        validate.check_target_sources(("golden",), counts, "d")
     with pytest.raises(ValueError, match="at least one other named source"):
-        data.check_target_sources(("human",), {"human": 3, "unknown": 1}, "d")
+        validate.check_target_sources(("human",), {"human": 3, "unknown": 1}, "d")
 
 
 # ---- held-out metrics ------------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_validate_holds_out_prompts_trains_the_tokenizer_and_drops_over_length(t
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = [f"root={tmp_path}", f"data.input={folder}", "model.max_length=64", "data.heldout_fraction=0.2"]
     keep = load_config(None, [*base, "name=keep"])
-    result = data.run(keep, keep.run_dir)
+    result = validate.run(keep, keep.run_dir)
     c = result.counts
     assert c["valid"] + c["heldout"] + c["quarantined"] == c["input"] == 120 and c["quarantined"] == 0
     held = _rows(keep.run_dir / "heldout")
@@ -229,7 +229,7 @@ def test_validate_holds_out_prompts_trains_the_tokenizer_and_drops_over_length(t
     assert 0.05 < len({r["prompt"] for r in held}) / 40 < 0.4
     assert all(data.heldout_bucket(r["prompt"]) < 0.2 for r in held)
     assert (keep.run_dir / "tokenizer" / "tokenizer.json").is_file()
-    assert data.run(keep, keep.run_dir).skipped  # a rerun skips, the tokenizer included
+    assert validate.run(keep, keep.run_dir).skipped  # a rerun skips, the tokenizer included
 
     from raydora.encoding import prompt_tokens
     from raydora.models import load_tokenizer
@@ -243,7 +243,7 @@ def test_validate_holds_out_prompts_trains_the_tokenizer_and_drops_over_length(t
     expected = sum(too_long(r) for r in valid + held)
     assert 0 < expected < 120
     drop = load_config(None, [*base, "name=drop", "data.truncation=drop"])
-    dropped = data.run(drop, drop.run_dir)
+    dropped = validate.run(drop, drop.run_dir)
     assert dropped.counts["quarantined"] == expected and dropped.info["reasons"] == {"over_length": expected}
     q = _rows(drop.run_dir / "quarantine")
     assert {r["field"] for r in q} == {"responses[0]"} and all("> model.max_length=64" in r["detail"] for r in q)
@@ -251,8 +251,8 @@ def test_validate_holds_out_prompts_trains_the_tokenizer_and_drops_over_length(t
     # DoRA needs its target source: checked here, listing what the data holds
     dora = load_config(None, [*base, "name=keep", "train.objective=dora"])
     with pytest.raises(ValueError, match=r"Sources found \(responses\): gen \(\d+\), human \(\d+\)"):
-        data.run(dora, dora.run_dir)
-    data.run(load_config(None, [*base, "name=keep", "train.objective=dora", "data.target_sources=[human]"]),
+        validate.run(dora, dora.run_dir)
+    validate.run(load_config(None, [*base, "name=keep", "train.objective=dora", "data.target_sources=[human]"]),
              keep.run_dir)  # fmt: skip
 
 
@@ -274,17 +274,18 @@ def test_generation_counts_the_prompts_it_cuts(tok, tmp_path: Path) -> None:
 def test_target_rows_from_each_layout() -> None:
     import pyarrow as pa
 
-    rows = data.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", "b"]}), "f")
+    rows = validate.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", "b"]}), "f")
     got = [(r["prompt"], r["responses"], r["sources"]) for r in rows]
     assert got == [("p", ["a"], ["target"]), ("q", ["b"], ["target"])]
-    many = data.target_rows(pa.table({"prompt": ["p"], "responses": [["a", "b"]]}), "f")
+    many = validate.target_rows(pa.table({"prompt": ["p"], "responses": [["a", "b"]]}), "f")
     assert [r["responses"] for r in many] == [["a"], ["b"]] and len({r["id"] for r in many}) == 2
     chosen = [{"role": "user", "content": "p"}, {"role": "assistant", "content": "yes"}]
-    assert data.target_rows(pa.Table.from_pylist([{"prompt": "p", "chosen": chosen}]), "f")[0]["responses"] == ["yes"]
+    messages = pa.Table.from_pylist([{"prompt": "p", "chosen": chosen}])
+    assert validate.target_rows(messages, "f")[0]["responses"] == ["yes"]
     with pytest.raises(data.InputError, match=r"f: data.target rows need a `prompt` and a `response`"):
-        data.target_rows(pa.table({"text": ["x"]}), "f")
+        validate.target_rows(pa.table({"text": ["x"]}), "f")
     with pytest.raises(data.InputError, match="row 2"):
-        data.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", " "]}), "f")
+        validate.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", " "]}), "f")
 
 
 def test_one_mixture_weights_by_hand() -> None:
@@ -320,7 +321,7 @@ def test_a_target_file_trains_one_target_vs_mixture_classifier(user_data: Path, 
     target.write_text("".join(json.dumps(a) + "\n" for a in answers))
     cfg = load_config(None, [f"root={tmp_path}", "name=t", f"data.input={unlabelled}", f"data.target={target}",
                              "train.objective=dora", *SMALL, "data.heldout_fraction=0"])  # fmt: skip
-    assert data.run(cfg, cfg.run_dir).counts["target"] == 40  # no target_sources check: no labels needed
+    assert validate.run(cfg, cfg.run_dir).counts["target"] == 40  # no target_sources check: no labels needed
     scoring.run(cfg, cfg.run_dir)
     marker = json.loads((cfg.run_dir / "classifier" / "_SUCCESS").read_text())
     assert marker["sources"] == ["mixture"] and marker["targets"] == ["target"]

@@ -141,15 +141,15 @@ def test_on_corrupt_is_called_only_for_a_corrupted_output(tmp_path: Path) -> Non
 def test_corrupted_stage_output_is_redone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """synth + validate through their pipeline entry points: skipped when up to date, redone when a parquet
     shard of data/ was truncated after its marker, and a corrupted synth split is redone too."""
-    from raydora import data, synth
+    from raydora import synth, validate
     from raydora.config import load_config
 
     cfg = load_config(None, ["name=x", f"root={tmp_path}", "synth.rows=40", "synth.eval_rows=5", "synth.k=2"])
     run_dir = cfg.run_dir
     assert not synth.run(cfg, run_dir).skipped
-    first = data.run(cfg, run_dir)
+    first = validate.run(cfg, run_dir)
     assert not first.skipped and first.counts["valid"] == 40
-    assert synth.run(cfg, run_dir).skipped and data.run(cfg, run_dir).skipped
+    assert synth.run(cfg, run_dir).skipped and validate.run(cfg, run_dir).skipped
 
     def rows(folder: Path) -> int:
         return sum(pq.read_metadata(f).num_rows for f in sorted(folder.glob("*.parquet")))
@@ -159,12 +159,12 @@ def test_corrupted_stage_output_is_redone(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(pa.ArrowInvalid):
         pq.read_table(shard)
     capsys.readouterr()
-    again = data.run(cfg, run_dir)
+    again = validate.run(cfg, run_dir)
     assert not again.skipped and again.counts == first.counts
     assert f"[validate] data/{shard.name} changed size" in capsys.readouterr().out
     assert rows(run_dir / "data") == 40
     assert sum(pq.read_table(f).num_rows for f in (run_dir / "data").glob("*.parquet")) == 40  # all readable
-    assert data.run(cfg, run_dir).skipped
+    assert validate.run(cfg, run_dir).skipped
 
     split = sorted((run_dir / "synth" / "train").glob("*.json"))[0]
     split.write_text("")

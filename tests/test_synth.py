@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raydora import data, synth
+from raydora import synth, validate
 
 SHARES = {"golden": 0.25, "verbose": 0.375, "sloppy": 0.375}
 P = "sort: pear apple fig"
@@ -106,5 +106,5 @@ def test_write_benchmark_streams_every_split(tmp_path: Path) -> None:
     assert _jsonl(tmp_path / "b" / "train") == train
     assert synth.write_benchmark(tmp_path / "a", **kw).skipped
     # and the output is valid canonical data
-    checked = data.validate(tmp_path / "a" / "train", tmp_path / "run")
+    checked = validate.validate(tmp_path / "a" / "train", tmp_path / "run")
     assert checked.counts == {"input": 600, "valid": 600, "quarantined": 0}

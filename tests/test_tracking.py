@@ -91,7 +91,7 @@ def test_a_failing_backend_is_dropped_not_the_run(tmp_path: Path, capsys: pytest
 def test_training_logs_its_metrics_and_config_to_mlflow(tmp_path: Path, ray_session) -> None:
     """A 3-step run on one worker with logging.mlflow_uri set: the MLflow run holds every metric of every step of
     metrics.jsonl, equal to the float, and the run's config as params."""
-    from raydora import data, reference, synth, train
+    from raydora import reference, synth, train, validate
 
     uri = (tmp_path / "mlruns").as_uri()
     cfg = load_config(None, [
@@ -101,7 +101,7 @@ def test_training_logs_its_metrics_and_config_to_mlflow(tmp_path: Path, ray_sess
         "train.checkpoint_every=100", f"logging.mlflow_uri={uri}", "logging.mlflow_experiment=tiny",
     ])  # fmt: skip
     run_dir = cfg.run_dir.absolute()
-    for stage in (synth.run, data.run, reference.run):
+    for stage in (synth.run, validate.run, reference.run):
         stage(cfg, run_dir)
     t = cfg.train
     train.fit(mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
