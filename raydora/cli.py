@@ -93,7 +93,7 @@ def cmd_synth(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Read and validate preference data into <output>/data (valid) and <output>/quarantine (with reasons)."""
-    from raydora import data, validate
+    from raydora import inputs, validate
     from raydora.cluster import init_ray
 
     source = args.input or cfg.data.input
@@ -107,7 +107,7 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
                                    cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
         else:  # the run's validate stage: held-out prompts, the run's tokenizer, token limits, target sources
             result = validate.run(cfg, cfg.run_dir, force=args.force)
-    except (data.InputError, FileNotFoundError) as e:  # the input is unusable: say why, no traceback
+    except (inputs.InputError, FileNotFoundError) as e:  # the input is unusable: say why, no traceback
         print(f"raydora validate: {e}", file=sys.stderr)
         return 1
     print(result.summary())
@@ -192,11 +192,11 @@ def cmd_report(args: argparse.Namespace, cfg: RunConfig | None) -> int:
 
 def cmd_pipeline(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Run the pipeline's stages in order over <root>/<name>/ (each skips itself when up to date)."""
-    from raydora import data, pipeline
+    from raydora import inputs, pipeline
 
     try:
         pipeline.run(cfg, args.stages.split(",") if args.stages else None)
-    except data.InputError as e:  # stop at the validate stage, before a later one fails for want of data/
+    except inputs.InputError as e:  # stop at the validate stage, before a later one fails for want of data/
         print(f"raydora pipeline: {e}", file=sys.stderr)
         return 1
     return 0

@@ -36,7 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydora.data import IO_CPUS, list_inputs, map_on_actor_pool, parquet_files, read_canonical, write_rows
+from raydora.data import IO_CPUS, map_on_actor_pool, parquet_files, read_canonical, write_rows
+from raydora.inputs import list_inputs
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -312,7 +313,7 @@ class VLLMGenerator:
 def _read_table(path: Path, kind: str) -> pa.Table:
     """A prompt (or ``data.target``) file as a table, decompressed as validate decompresses its inputs (``.gz``,
     ``.bz2``, ``.xz``, ``.zst``; a compressed parquet file through a temporary copy)."""
-    from raydora.data import compression, decompressed_parquet, open_input
+    from raydora.inputs import compression, decompressed_parquet, open_input
 
     codec = compression(path)
     if kind == "parquet":

@@ -5,7 +5,7 @@ named ``reason``, and ``valid + quarantined (+ held out) == input`` is checked b
 valid row at all is an error (:class:`NoValidRowsError`). On top of the row rules (``schema``) the stage holds out
 a share of the prompts, quarantines rows over the token limits (``data.truncation=drop``, :class:`TokenLimits`),
 trains the run's tokenizer for a preset policy, and reads ``data.target`` / checks ``data.target_sources``. The
-inputs themselves are listed and read in :mod:`raydora.data`.
+inputs themselves are listed and read in :mod:`raydora.inputs`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydora import schema
-from raydora.data import (
-    CANONICAL_SCHEMA,
+from raydora.data import CANONICAL_SCHEMA, ordered, parquet_rows, read_canonical, write_rows
+from raydora.inputs import (
     CHUNK_BYTES,
     QUARANTINE_SCHEMA,
     READABLE,
@@ -32,12 +32,8 @@ from raydora.data import (
     input_fingerprints,
     is_hub,
     list_inputs,
-    ordered,
-    parquet_rows,
-    read_canonical,
     read_staged,
     scan_inputs,
-    write_rows,
 )
 from raydora.rundir import (
     StageResult,
@@ -157,7 +153,7 @@ def validate(
 ) -> StageResult:
     """Validate everything under ``input`` into ``output/data`` and ``output/quarantine`` (atomically).
 
-    - ``heldout_fraction``: that share of the prompts (by :func:`raydora.data.heldout_bucket`) goes to
+    - ``heldout_fraction``: that share of the prompts (by :func:`raydora.inputs.heldout_bucket`) goes to
       ``output/heldout`` instead of ``data/``;
     - ``tokenizer_out``: a BPE of ``vocab_size`` is trained on the valid rows into that folder (the run's
       tokenizer for a preset policy);

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydora import data, schema, validate
+from raydora import data, inputs, schema, validate
 
 MESSY = Path(__file__).parent / "data" / "messy.jsonl"
 MESSY_REASONS = {  # line -> reason, by construction of tests/data/messy.jsonl
@@ -54,7 +54,7 @@ def test_messy_file_loses_nothing_and_names_every_reason(tmp_path: Path) -> None
 def test_chunked_reads_number_lines_like_one_read(tmp_path: Path) -> None:
     whole = validate.validate(MESSY, tmp_path / "a")
     chunked = validate.validate(MESSY, tmp_path / "b", chunk_bytes=64)
-    assert len(data.plan_reads(MESSY, chunk_bytes=64)) > 5
+    assert len(inputs.plan_reads(MESSY, chunk_bytes=64)) > 5
     assert whole.counts == chunked.counts
     lines = lambda d: sorted((r["line"], r["reason"]) for r in _table(d / "quarantine"))
     assert lines(tmp_path / "a") == lines(tmp_path / "b")
@@ -86,7 +86,7 @@ def test_every_input_kind(tmp_path: Path) -> None:
     hf = datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(4)),
                                "test": datasets.Dataset.from_list(_rows(2))})  # fmt: skip
     hf.save_to_disk(str(src / "hf"))
-    kinds = sorted({k for _, k in data.list_inputs(src)})
+    kinds = sorted({k for _, k in inputs.list_inputs(src)})
     assert kinds == ["hf", "json", "jsonl", "parquet"]
     result = validate.validate(src, tmp_path / "out", chunk_bytes=1)
     assert result.counts == {"input": 21, "valid": 21, "quarantined": 0}
@@ -246,7 +246,7 @@ def test_compressed_files_number_lines_and_keep_raw_bytes_like_plain_ones(tmp_pa
     buf = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(_rows(5)), buf, row_group_size=2)
     (src / "b.parquet.zst").write_bytes(_compress("zstd", buf.getvalue().to_pybytes()))
-    tasks = data.plan_reads(src, chunk_bytes=64)
+    tasks = inputs.plan_reads(src, chunk_bytes=64)
     assert sorted(Path(t["file"]).name for t in tasks) == sorted([*names.values(), "a.json.gz", "b.parquet.zst"])
     assert {Path(t["file"]).name: t["fallback"] for t in tasks}["m.jsonl.zst"] == "canonical"  # sniffed through zstd
     result = validate.validate(src, tmp_path / "out", chunk_bytes=64)
@@ -295,7 +295,7 @@ def test_compressed_jsonl_is_streamed_not_read_whole(tmp_path: Path, monkeypatch
     src = tmp_path / f"big.jsonl{suffix}"
     src.write_bytes(_compress(codec, b"\n".join(json.dumps(r).encode() for r in _rows(80_000)) + b"\n"))
     consumed = []
-    opened = data.open_input
+    opened = inputs.open_input
 
     class Counting:
         def __init__(self, f) -> None:
@@ -315,10 +315,10 @@ def test_compressed_jsonl_is_streamed_not_read_whole(tmp_path: Path, monkeypatch
 
             return call
 
-    monkeypatch.setattr(data, "open_input", lambda path, c=None: Counting(opened(path, c)))
-    (task,) = data.plan_reads(src, chunk_bytes=1 << 10)
+    monkeypatch.setattr(inputs, "open_input", lambda path, c=None: Counting(opened(path, c)))
+    (task,) = inputs.plan_reads(src, chunk_bytes=1 << 10)
     consumed.clear()  # planning sniffs the first 64 KiB
-    records = data._records(task)
+    records = inputs._records(task)
     first = [next(records) for _ in range(3)]
     assert [r[2]["prompt"] for r in first] == ["p0", "p1", "p2"] and [r[0] for r in first] == [1, 2, 3]
     assert 0 < sum(consumed) < 1 << 10
@@ -328,12 +328,12 @@ def test_compressed_jsonl_is_streamed_not_read_whole(tmp_path: Path, monkeypatch
 def test_list_inputs_knows_compressed_suffixes(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl.gz").write_bytes(_compress("gzip", b"{}\n"))
     (tmp_path / "b.PARQUET.ZST").write_bytes(b"")
-    assert data.list_inputs(tmp_path / "a.jsonl.gz") == [((tmp_path / "a.jsonl.gz").absolute(), "jsonl")]
-    assert [k for _, k in data.list_inputs(tmp_path)] == ["jsonl", "parquet"]
-    assert data.compression(tmp_path / "b.PARQUET.ZST") == "zstd" and data.compression(MESSY) is None
+    assert inputs.list_inputs(tmp_path / "a.jsonl.gz") == [((tmp_path / "a.jsonl.gz").absolute(), "jsonl")]
+    assert [k for _, k in inputs.list_inputs(tmp_path)] == ["jsonl", "parquet"]
+    assert inputs.compression(tmp_path / "b.PARQUET.ZST") == "zstd" and inputs.compression(MESSY) is None
     (tmp_path / "c.jsonl.lz4").write_bytes(b"")
     with pytest.raises(ValueError, match=r"c\.jsonl\.lz4: unsupported file type"):
-        data.list_inputs(tmp_path / "c.jsonl.lz4")
+        inputs.list_inputs(tmp_path / "c.jsonl.lz4")
 
 
 # ---- folders ------------------------------------------------------------------------------------------------------
@@ -347,8 +347,8 @@ def test_files_a_folder_cannot_read_are_named_never_skipped_silently(
     (src / "logs" / "notes.txt").write_text("hello\n")
     (src / "_SUCCESS").write_text("{}")  # markers and hidden files stay ignored, silently
     (src / ".DS_Store").write_bytes(b"\0")
-    inputs, skipped = data.scan_inputs(src)
-    assert [p.name for p, _ in inputs] == ["a.jsonl"]
+    found, skipped = inputs.scan_inputs(src)
+    assert [p.name for p, _ in found] == ["a.jsonl"]
     assert skipped == [(src / "data.csv").absolute(), (src / "logs" / "notes.txt").absolute()]
     result = validate.validate(src, tmp_path / "out")
     assert result.counts == {"input": 2, "valid": 2, "quarantined": 0}
@@ -366,7 +366,7 @@ def test_a_folder_without_inputs_lists_what_it_found(tmp_path: Path) -> None:
     (tmp_path / "sub" / "rows.csv").write_text("a,b\n")
     (tmp_path / "_SUCCESS").write_text("{}")
     with pytest.raises(ValueError, match=r"no input inside .*1 other file\(s\) found:\n  sub/rows\.csv$"):
-        data.list_inputs(tmp_path)
+        inputs.list_inputs(tmp_path)
 
 
 # ---- nothing valid ------------------------------------------------------------------------------------------------
@@ -459,30 +459,30 @@ def test_hf_uri_is_found_in_the_local_cache_without_the_network(hub_cache: Path,
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as if online: hf:// must not try
     where = hub_cache / "acme___prefs" / "default" / "0.0.0" / "rev1"
-    assert data.hub_arrow_files("hf://acme/prefs") == [(where / "prefs-train.arrow", "train"),
+    assert inputs.hub_arrow_files("hf://acme/prefs") == [(where / "prefs-train.arrow", "train"),
                                                         (where / "prefs-test.arrow", "test")]  # fmt: skip
-    assert data.hub_arrow_files("hf://acme/prefs@default:test") == [(where / "prefs-test.arrow", "test")]
-    assert data.hub_arrow_files("hf://acme/multi@b")[0][0].parts[-4] == "b"
+    assert inputs.hub_arrow_files("hf://acme/prefs@default:test") == [(where / "prefs-test.arrow", "test")]
+    assert inputs.hub_arrow_files("hf://acme/multi@b")[0][0].parts[-4] == "b"
     assert datasets.config.HF_HUB_OFFLINE is False  # restored
-    tasks = data.plan_reads("hf://acme/prefs:train")
+    tasks = inputs.plan_reads("hf://acme/prefs:train")
     assert [(t["kind"], t["split"], t["fallback"]) for t in tasks] == [("hf", "train", "trl")]
-    fp = data.input_fingerprints("hf://acme/prefs")
+    fp = inputs.input_fingerprints("hf://acme/prefs")
     assert fp[0] == "hf://acme/prefs" and [f[0] for f in fp[1:]] == ["prefs-train.arrow", "prefs-test.arrow"]
 
-    with pytest.raises(data.InputError) as missing:
-        data.hub_arrow_files("hf://acme/other:train")
+    with pytest.raises(inputs.InputError) as missing:
+        inputs.hub_arrow_files("hf://acme/other:train")
     assert str(missing.value).startswith(f"hf://acme/other:train: not found in the local HF datasets cache {hub_cache}")
     assert "datasets.load_dataset('acme/other', split='train')" in str(missing.value)
     assert "save_to_disk('FOLDER')" in str(missing.value)
-    with pytest.raises(data.InputError, match=r"config 'nope'"):
-        data.hub_arrow_files("hf://acme/prefs@nope")
-    with pytest.raises(data.InputError, match=r"Unknown split \"dev\""):
-        data.hub_arrow_files("hf://acme/prefs:dev")
-    with pytest.raises(data.InputError, match=r"configurations in the cache: .*pick one with hf://acme/multi@CONFIG"):
-        data.hub_arrow_files("hf://acme/multi")
+    with pytest.raises(inputs.InputError, match=r"config 'nope'"):
+        inputs.hub_arrow_files("hf://acme/prefs@nope")
+    with pytest.raises(inputs.InputError, match=r"Unknown split \"dev\""):
+        inputs.hub_arrow_files("hf://acme/prefs:dev")
+    with pytest.raises(inputs.InputError, match=r"configurations in the cache: .*pick one with hf://acme/multi@CONFIG"):
+        inputs.hub_arrow_files("hf://acme/multi")
     for bad in ("hf://acme/prefs:train[:10]", "hf://a/b/c", "hf://acme/prefs@"):
-        with pytest.raises(data.InputError, match="expected hf://ORG/NAME"):
-            data.parse_hub(bad)
+        with pytest.raises(inputs.InputError, match="expected hf://ORG/NAME"):
+            inputs.parse_hub(bad)
 
 
 def test_validate_reads_an_hf_uri_and_redoes_when_the_cache_changes(hub_cache: Path) -> None:

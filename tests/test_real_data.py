@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from realdata import write_user_data
 
-from raydora import data, encoding, evaluate, pipeline, schema, validate
+from raydora import encoding, evaluate, inputs, pipeline, schema, validate
 from raydora.config import ConfigError, explain, load_config
 from raydora.models import train_tokenizer
 
@@ -227,7 +227,7 @@ def test_validate_holds_out_prompts_trains_the_tokenizer_and_drops_over_length(t
     # held out by prompt: every row of a held-out prompt is held out, none of them trains
     assert {r["prompt"] for r in held}.isdisjoint({r["prompt"] for r in valid})
     assert 0.05 < len({r["prompt"] for r in held}) / 40 < 0.4
-    assert all(data.heldout_bucket(r["prompt"]) < 0.2 for r in held)
+    assert all(inputs.heldout_bucket(r["prompt"]) < 0.2 for r in held)
     assert (keep.run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert validate.run(keep, keep.run_dir).skipped  # a rerun skips, the tokenizer included
 
@@ -282,9 +282,9 @@ def test_target_rows_from_each_layout() -> None:
     chosen = [{"role": "user", "content": "p"}, {"role": "assistant", "content": "yes"}]
     messages = pa.Table.from_pylist([{"prompt": "p", "chosen": chosen}])
     assert validate.target_rows(messages, "f")[0]["responses"] == ["yes"]
-    with pytest.raises(data.InputError, match=r"f: data.target rows need a `prompt` and a `response`"):
+    with pytest.raises(inputs.InputError, match=r"f: data.target rows need a `prompt` and a `response`"):
         validate.target_rows(pa.table({"text": ["x"]}), "f")
-    with pytest.raises(data.InputError, match="row 2"):
+    with pytest.raises(inputs.InputError, match="row 2"):
         validate.target_rows(pa.table({"prompt": ["p", "q"], "response": ["a", " "]}), "f")
 
 
