@@ -118,7 +118,7 @@ def run_base(cfg: Any, noise0: Path | None) -> Path:
     """The shared stages. A noisy base holds the same rows with other labels, so it reuses the noise-0 base's SFT
     model, SFT samples and classifiers (the classifiers read responses and sources, never labels; all symlinked,
     never rewritten): it runs synth and validate, scores its rows, and computes its reference pass."""
-    from raydora import pipeline, scoring
+    from raydora import classify, pipeline
 
     run_dir = cfg.run_dir
     if noise0 is None:
@@ -126,7 +126,7 @@ def run_base(cfg: Any, noise0: Path | None) -> Path:
         return run_dir
     link_base(noise0, run_dir, ("sft", "sft_data", "init", "classifier"))
     pipeline.run(cfg, ["synth", "validate"])
-    print(scoring.score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier).summary())
+    print(classify.score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier).summary())
     pipeline.run(cfg, ["reference"])
     return run_dir
 

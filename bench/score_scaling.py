@@ -56,7 +56,7 @@ def child(mode: str, rows: int, backbone: str, actors: int) -> dict[str, float]:
 
     import ray
 
-    from raydora import scoring
+    from raydora import classify
     from raydora.config import ClassifierConfig
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -79,7 +79,7 @@ def child(mode: str, rows: int, backbone: str, actors: int) -> dict[str, float]:
                     out = root / f"scored{n}-{n_rows}"
                     shutil.rmtree(out, ignore_errors=True)
                     start = time.perf_counter()
-                    scoring.score(data_dir, root / "classifier", out, cfg)
+                    classify.score(data_dir, root / "classifier", out, cfg)
                     runs[n, n_rows] = min(runs.get((n, n_rows), float("inf")), time.perf_counter() - start)
     ray.shutdown()
     out = {"rows": rows, "peak_rss_mb": mem.peak / 2**20}

@@ -118,11 +118,11 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 def cmd_classify(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Train + calibrate the per-source classifiers on <run>/data, then score it into <run>/scored."""
-    from raydora import scoring
+    from raydora import classify
     from raydora.cluster import init_ray
 
     init_ray(cfg.ray)
-    print(scoring.run(cfg, cfg.run_dir, force=args.force).summary())
+    print(classify.run(cfg, cfg.run_dir, force=args.force).summary())
     return 0
 
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from raydora import evaluate, generate, reference, scoring, sft, synth, train, validate
+from raydora import classify, evaluate, generate, reference, sft, synth, train, validate
 from raydora.cluster import init_ray
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
 from raydora.paths import resolve_model_paths
@@ -17,7 +17,7 @@ Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult
 STAGES: dict[str, Stage] = {
     "synth": synth.run,
     "validate": validate.run,
-    "classify": scoring.run,
+    "classify": classify.run,
     "sft": sft.run,
     "reference": reference.run,
     "train": train.run,

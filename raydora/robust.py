@@ -336,7 +336,7 @@ def dora_mixture_weights(p_target: Tensor, alpha: float, eps: float = 1e-4) -> T
 
     ``p_target`` is the probability of "target (Q0) vs the whole training mixture P" with balanced odds,
     ``p / (1 - p) = dQ0/dP`` (a target-vs-mixture classifier's calibrated probability with its class imbalance
-    divided out, as ``scoring.mixture_p_golden`` does), clipped to ``[eps, 1-eps]``. When the target makes up a
+    divided out, as ``classify.mixture_p_golden`` does), clipped to ``[eps, 1-eps]``. When the target makes up a
     share ``alpha`` of P, ``dQ0/dP <= 1 / alpha``: the cap keeps the per-source form's bound ``(0, 1/alpha)``."""
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")

@@ -10,7 +10,7 @@ import torch
 
 from raydora import calibration as C
 from raydora import robust
-from raydora.scoring import mixture_p_golden
+from raydora.classify import mixture_p_golden
 
 
 def test_auc_by_hand() -> None:

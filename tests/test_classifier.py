@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import classifier, robust, scoring, synth, validate
+from raydora import classifier, classify, robust, synth, validate
 from raydora.config import ClassifierConfig
 
 # A detector of the artefacts alone reaches AUC ~0.93: 85% of a synthetic source's responses carry the artefact,
@@ -77,7 +77,7 @@ def test_classifier_training_prints_progress(trained: Path) -> None:
 
 
 def test_scoring_prints_progress(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = scoring.score(trained / "data", trained / "classifier", trained / "scored-progress", CFG)
+    result = classify.score(trained / "data", trained / "classifier", trained / "scored-progress", CFG)
     lines = _progress(capsys.readouterr().out, "scoring with 2 classifiers")
     assert lines and {t for _, t, _ in lines} == {400} and result.counts == {"scored": 400}
     done = [d for d, _, _ in lines]
@@ -196,8 +196,8 @@ def test_a_failed_concurrent_run_stops_the_stage_naming_its_sources(trained: Pat
 
 @pytest.fixture(scope="module")
 def scored(trained: Path) -> tuple[Path, Path]:
-    one = scoring.score(trained / "data", trained / "classifier", trained / "scored1", CFG)
-    two = scoring.score(trained / "data", trained / "classifier", trained / "scored2",
+    one = classify.score(trained / "data", trained / "classifier", trained / "scored1", CFG)
+    two = classify.score(trained / "data", trained / "classifier", trained / "scored2",
                         ClassifierConfig(**{**CFG.__dict__, "score_actors": 2}))  # fmt: skip
     assert one.counts == two.counts == {"scored": 400}
     return trained / "scored1", trained / "scored2"
@@ -253,24 +253,24 @@ def test_unknown_sources_use_the_mixture_rule(trained: Path) -> None:
     src.map_batches(lambda b: b.set_column(b.schema.get_field_index("sources"), "sources",
                                           pa.array([["unknown"] * len(s) for s in b["sources"].to_pylist()])),
                     batch_format="pyarrow").write_parquet(str(unk / "data"))  # fmt: skip
-    scoring.score(unk / "data", trained / "classifier", unk / "scored", CFG)
+    classify.score(unk / "data", trained / "classifier", unk / "scored", CFG)
     marker = json.loads((unk / "scored" / "_SUCCESS").read_text())
     shares = np.array([marker["shares"][s] for s in marker["classifiers"]])
     gammas = np.array([json.loads((trained / "classifier" / s / "calibration.json").read_text())["gamma"]
                        for s in marker["classifiers"]])  # fmt: skip
     for row in _rows(unk / "scored")[:20]:
-        expected = scoring.mixture_p_golden(np.array(row["p_golden_by_source"]), shares, gammas)
+        expected = classify.mixture_p_golden(np.array(row["p_golden_by_source"]), shares, gammas)
         np.testing.assert_allclose(row["p_golden"], expected, rtol=1e-12)
 
 
 def test_restarted_scoring_skips_or_rewrites_atomically(trained: Path, scored: tuple[Path, Path]) -> None:
     out = trained / "scored1"
-    assert scoring.score(trained / "data", trained / "classifier", out, CFG).skipped
+    assert classify.score(trained / "data", trained / "classifier", out, CFG).skipped
     # a crash left a half-written staging folder and lost the marker: the rerun rewrites the output whole
     (trained / ".scored1.tmp-deadbeef").mkdir()
     (out / "_SUCCESS").unlink()
     before = _rows(out)
-    redo = scoring.score(trained / "data", trained / "classifier", out, CFG)
+    redo = classify.score(trained / "data", trained / "classifier", out, CFG)
     assert not redo.skipped and (out / "_SUCCESS").is_file()
     assert _rows(out) == before
     shutil.rmtree(trained / ".scored1.tmp-deadbeef")
@@ -306,7 +306,7 @@ def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_b
         assert cal["calibration"] == metrics["method"] == "platt" and cal["bias"] != 0.0 and cal["temperature"] > 0
         assert metrics["before"] == before
         assert result.info[source]["bias"] == cal["bias"]
-    scoring.score(trained / "data", out, trained / "scored_platt", cfg)
+    classify.score(trained / "data", out, trained / "scored_platt", cfg)
     rows = _rows(trained / "scored_platt")[:10]
     for source in ("verbose", "sloppy"):
         cal = json.loads((out / source / "calibration.json").read_text())

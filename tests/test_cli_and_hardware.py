@@ -65,7 +65,7 @@ def test_every_stage_takes_force_and_its_command_passes_it(monkeypatch: pytest.M
     took no ``force``, and ``raydora classify --force`` was refused), and each command hands ``--force`` on."""
     import inspect
 
-    from raydora import cluster, pipeline, scoring
+    from raydora import classify, cluster, pipeline
 
     for name, stage in pipeline.STAGES.items():
         params = inspect.signature(stage).parameters
@@ -77,7 +77,7 @@ def test_every_stage_takes_force_and_its_command_passes_it(monkeypatch: pytest.M
             return "classify: done"
 
     monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: None)
-    monkeypatch.setattr(scoring, "run", lambda cfg, run_dir, force=False: seen.append(force) or Result())
+    monkeypatch.setattr(classify, "run", lambda cfg, run_dir, force=False: seen.append(force) or Result())
     assert cli.main(["classify", f"root={tmp_path}", "--force"]) == 0
     assert cli.main(["classify", f"root={tmp_path}"]) == 0
     assert seen == [True, False]

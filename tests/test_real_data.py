@@ -304,8 +304,8 @@ def test_one_mixture_weights_by_hand() -> None:
 
 
 def test_a_target_file_trains_one_target_vs_mixture_classifier(user_data: Path, tmp_path: Path, ray_session) -> None:
-    from raydora import scoring, train
-    from raydora.scoring import mixture_p_golden
+    from raydora import classify, train
+    from raydora.classify import mixture_p_golden
 
     # the pairwise file without its source labels; the target: curated answers to other prompts
     unlabelled = tmp_path / "in"
@@ -322,7 +322,7 @@ def test_a_target_file_trains_one_target_vs_mixture_classifier(user_data: Path, 
     cfg = load_config(None, [f"root={tmp_path}", "name=t", f"data.input={unlabelled}", f"data.target={target}",
                              "train.objective=dora", *SMALL, "data.heldout_fraction=0"])  # fmt: skip
     assert validate.run(cfg, cfg.run_dir).counts["target"] == 40  # no target_sources check: no labels needed
-    scoring.run(cfg, cfg.run_dir)
+    classify.run(cfg, cfg.run_dir)
     marker = json.loads((cfg.run_dir / "classifier" / "_SUCCESS").read_text())
     assert marker["sources"] == ["mixture"] and marker["targets"] == ["target"]
     cal = json.loads((cfg.run_dir / "classifier" / "mixture" / "calibration.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import checkpoint, plan, reference, scoring, sft, synth, train, validate
+from raydora import checkpoint, classify, plan, reference, sft, synth, train, validate
 from raydora.cluster import check_gpus
 from raydora.config import load_config
 from tests.faults import CrashOnce, PoisonStep
@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
     """synth -> validate -> classify -> reference, once for the module."""
     root = tmp_path_factory.mktemp("train")
     cfg = config(root)
-    for stage in (synth.run, validate.run, scoring.run, reference.run):
+    for stage in (synth.run, validate.run, classify.run, reference.run):
         stage(cfg, cfg.run_dir)
     return cfg.run_dir.absolute()
 

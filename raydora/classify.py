@@ -1,5 +1,6 @@
-"""DoRA stage 1, scoring: stream the validated rows through every calibrated classifier on a Ray Data actor
-pool, adding ``p_golden`` (one calibrated probability per response) and ``p_golden_by_source``.
+"""The classify stage, DoRA stage 1: train and calibrate the classifiers (:mod:`raydora.classifier`), then score:
+stream the validated rows through every calibrated classifier on a Ray Data actor pool, adding ``p_golden`` (one
+calibrated probability per response) and ``p_golden_by_source``.
 
 **Which classifier scores a response.** A response from synthetic source ``s`` gets ``p_golden = c_s``, the
 calibrated probability of its own classifier (golden vs ``s``), exactly what DoRA's weight
