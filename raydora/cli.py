@@ -167,7 +167,7 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         import pyarrow as pa
 
-        from raydora.evaluate import named_reward
+        from raydora.rewards import named_reward
 
         reward = named_reward(args.reward, cfg.model.max_length)
         rows, dropped = gen.to_preferences(gen.read_generations(args.out), reward, args.source)

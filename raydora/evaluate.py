@@ -1,11 +1,11 @@
 """Evaluation: rewards of generated samples, win rates against reference responses with bootstrap confidence
 intervals, per-source and per-task breakdowns, the shift sweep, and a readable report with plots.
 
-**Rewards.** ``evaluate.reward=gold`` scores the benchmark's prompts with its programmatic gold reward
-(:func:`raydora.synth.gold_reward`, at the training labels' ``ALPHA0`` for the headline numbers). Otherwise it is
-a local folder: a raydora classifier (it holds ``calibration.json``; the reward is its calibrated ``p_golden``) or
-a reward model (``*ForSequenceClassification`` with one logit; the reward is that logit). Model rewards run on a
-Ray Data actor pool.
+**Rewards** (:mod:`raydora.rewards`). ``evaluate.reward=gold`` scores the benchmark's prompts with its
+programmatic gold reward (:func:`raydora.synth.gold_reward`, at the training labels' ``ALPHA0`` for the headline
+numbers). Otherwise it is a local folder: a raydora classifier (it holds ``calibration.json``; the reward is its
+calibrated ``p_golden``) or a reward model (``*ForSequenceClassification`` with one logit; the reward is that
+logit). Model rewards run on a Ray Data actor pool.
 
 **Win rates.** For each prompt, every policy sample is compared with every reference response of a set (the SFT
 policy's samples for the same prompt, or one source's responses): a win when its reward is higher by more than
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from raydora.rewards import Reward, model_reward, pointwise
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -45,8 +46,6 @@ from raydora.rundir import (
     staging,
     write_success,
 )
-
-Reward = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (prompts, responses) -> rewards
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
@@ -84,100 +83,6 @@ def win_rate(
     win, tie, lose = per.mean(axis=0)
     return {"prompts": len(per), "win": float(win), "tie": float(tie), "lose": float(lose),
             "win_rate": float(score.mean()), "ci95": bootstrap_ci(score, resamples, seed)}  # fmt: skip
-
-
-# ---- rewards ----------------------------------------------------------------------------------------------------
-def gold(alpha: float | None = None) -> Reward:
-    """The benchmark's gold reward at ``alpha`` (default: the training labels' ALPHA0)."""
-    from raydora import synth
-
-    a = synth.ALPHA0 if alpha is None else alpha
-    return _pointwise(lambda p, r: synth.gold_reward(p, r, a))
-
-
-class RewardModel:
-    """A reward from a local model folder: a raydora classifier (``calibration.json``: the calibrated p_golden) or a
-    sequence-classification reward model with one logit. Also a Ray Data callable class (``prompt``/``response``
-    columns in, ``reward`` added)."""
-
-    def __init__(self, path: str, max_length: int = 256, batch_size: int = 64, device: str = "cpu") -> None:
-        import torch
-
-        from raydora.classifier import read_calibration
-        from raydora.models import load_encoder, load_tokenizer
-
-        folder = Path(path)
-        calib = read_calibration(folder) or {}
-        self.temperature, self.bias = calib.get("temperature"), calib.get("bias", 0.0)
-        config = json.loads((folder / "config.json").read_text())
-        labels = 2 if self.temperature is not None else len(config.get("id2label", {"0": 0}))
-        self.model = load_encoder(folder, num_labels=labels).to(device).eval()
-        self.tokenizer = load_tokenizer(folder)
-        self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
-
-    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        from raydora.calibration import calibrated
-        from raydora.classifier import encode, margins
-
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            p, r = list(prompts[i : i + self.batch_size]), list(responses[i : i + self.batch_size])
-            if self.temperature is not None:
-                z = margins(self.model, self.tokenizer, p, r, self.max_length)
-                out.append(calibrated(z, self.temperature, self.bias))
-                continue
-            with self.torch.no_grad():
-                enc = encode(self.tokenizer, p, r, self.max_length).to(next(self.model.parameters()).device)
-                logits = self.model(**enc).logits.float()
-            out.append(logits[:, -1].cpu().numpy().astype(np.float64))
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        r = self.rewards(batch.column("prompt").to_pylist(), batch.column("response").to_pylist())
-        return batch.append_column("reward", pa.array(r, pa.float64()))
-
-
-def named_reward(name: str, max_length: int) -> Reward:
-    """``gold`` (the benchmark's gold reward), ``biased`` (its labeller: long and confident answers win) or a
-    reward-model / raydora-classifier folder (:func:`model_reward`), as one batched :data:`Reward`."""
-    from raydora import synth
-
-    if name == "gold":
-        return gold()
-    if name == "biased":
-        return _pointwise(synth.biased_score)
-    return model_reward(name, max_length)
-
-
-def model_reward(path: str | Path, max_length: int, device: str = "auto", actors: int = 1) -> Reward:
-    """A :data:`Reward` that streams (prompt, response) pairs through :class:`RewardModel` actors in Ray Data."""
-    import ray
-    import ray.data
-
-    from raydora.cluster import resolve_device
-    from raydora.data import map_on_actor_pool
-
-    dev = resolve_device(device)
-
-    def score(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        if not prompts:
-            return np.zeros(0)
-        table = pa.table({"i": np.arange(len(prompts)), "prompt": list(prompts), "response": list(responses)})
-        ds = map_on_actor_pool(
-            ray.data.from_arrow(table),
-            RewardModel,
-            {"path": str(Path(path).absolute()), "max_length": max_length, "device": dev},
-            keys=("reward-model actors", "CPUs per reward-model actor"),
-            batch_size=64,
-            actors=actors,
-            actor_cpus=0.75,
-            gpus=1 if dev == "cuda" else 0,
-        )
-        out = ds.to_arrow_refs()
-        scored = pa.concat_tables(ray.get(out)).sort_by("i")
-        return scored.column("reward").to_numpy()
-
-    return score
 
 
 # ---- references -------------------------------------------------------------------------------------------------
@@ -240,10 +145,6 @@ def _score_sets(reward: Reward, prompts: list[str], sets: dict[str, list[list[st
     for (name, i), v in zip(index, values, strict=True):
         out[name][i].append(float(v))
     return out
-
-
-def _pointwise(fn: Callable[[str, str], float]) -> Reward:
-    return lambda prompts, responses: np.array([fn(p, r) for p, r in zip(prompts, responses, strict=True)])
 
 
 def _mix(
@@ -309,8 +210,8 @@ def build_report(
     text = prompts.column("prompt").to_pylist()
     if reward == "gold":
         # The two gold objectives are scored once; every alpha (the headline ALPHA0 and the sweep) mixes them.
-        correct = _score_sets(_pointwise(synth.correctness), text, sets)
-        concise = _score_sets(_pointwise(synth.conciseness), text, sets)
+        correct = _score_sets(pointwise(synth.correctness), text, sets)
+        concise = _score_sets(pointwise(synth.conciseness), text, sets)
         scored = _mix(correct, concise, synth.ALPHA0)
     else:
         assert callable(reward)

@@ -458,7 +458,7 @@ def to_preferences(
     sample_scores: list[float] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Canonical preference rows from sampled responses: ``responses`` are a prompt's distinct samples, ``scores``
-    their rewards (``reward(prompts, responses)``, one batched call, as :data:`raydora.evaluate.Reward`),
+    their rewards (``reward(prompts, responses)``, one batched call, as :data:`raydora.rewards.Reward`),
     ``sources`` the tag ``source``. Blank samples are left out (validation would reject the row).
 
     ``extra`` maps a prompt id to more ``(response, source)`` pairs that join its samples before labelling (the

@@ -111,7 +111,7 @@ def sample_round(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> di
     the labelled rows into ``round<r>/input/``. Each is skipped when its inputs and settings are unchanged, so a
     new reward relabels the same samples. Returns the counts."""
     from raydora import generate as gen
-    from raydora.evaluate import named_reward
+    from raydora.rewards import named_reward
 
     lp = cfg.loop
     round_dir = run_dir / "loop" / f"round{round_}"

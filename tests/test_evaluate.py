@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from raydora import evaluate as ev
-from raydora import synth
+from raydora import rewards, synth
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -162,13 +162,13 @@ def test_classifier_reward_is_its_calibrated_p_golden(tmp_path: Path) -> None:
     model = build_model("tiny-bert", tok, seed=0)
     save_pretrained(model, tok, tmp_path / "clf")
     (tmp_path / "clf" / "calibration.json").write_text(json.dumps({"temperature": 2.0, "gamma": 1.0}))
-    rm = ev.RewardModel(str(tmp_path / "clf"), max_length=32)
+    rm = rewards.RewardModel(str(tmp_path / "clf"), max_length=32)
     got = rm.rewards(["sort: a b", "sort: a b"], ["a b", "b a"])
     expected = sigmoid(margins(rm.model, rm.tokenizer, ["sort: a b"] * 2, ["a b", "b a"], 32) / 2.0)
     assert np.allclose(got, expected) and ((got > 0) & (got < 1)).all()
     # A Platt-calibrated classifier: its bias shifts the margins before the sigmoid.
     (tmp_path / "clf" / "calibration.json").write_text(json.dumps({"temperature": 2.0, "bias": -0.7, "gamma": 1}))
-    shifted = ev.RewardModel(str(tmp_path / "clf"), max_length=32).rewards(["sort: a b"] * 2, ["a b", "b a"])
+    shifted = rewards.RewardModel(str(tmp_path / "clf"), max_length=32).rewards(["sort: a b"] * 2, ["a b", "b a"])
     z = margins(rm.model, rm.tokenizer, ["sort: a b"] * 2, ["a b", "b a"], 32)
     assert np.allclose(shifted, sigmoid(z / 2.0 - 0.7)) and (shifted < got).all()
     with torch.no_grad():
