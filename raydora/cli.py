@@ -167,10 +167,11 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         import pyarrow as pa
 
+        from raydora.loop import to_preferences
         from raydora.rewards import named_reward
 
         reward = named_reward(args.reward, cfg.model.max_length)
-        rows, dropped = gen.to_preferences(gen.read_generations(args.out), reward, args.source)
+        rows, dropped = to_preferences(gen.read_generations(args.out), reward, args.source)
         out = Path(args.preferences)
         out.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), out / "preferences.parquet")

@@ -18,7 +18,8 @@ adds to a batched forward), and a rerun with the same seed reproduces it.
 
 Output rows: the prompt row's columns plus ``generations: list<string>`` (n per prompt), ``generation_tokens:
 list<int32>`` (tokens generated, EOS included) and ``finish_reasons: list<string>`` (``stop`` at EOS, else
-``length``). :func:`to_preferences` turns them into canonical preference rows (the online loop's synthetic data).
+``length``). :func:`raydora.loop.to_preferences` turns them into canonical preference rows (the online loop's
+synthetic data).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -445,49 +446,6 @@ def read_generations(folder: str | Path) -> pa.Table:
         raise FileNotFoundError(f"{folder}: no finished generations (_SUCCESS missing); run the generate stage")
     table = pa.concat_tables([pq.read_table(f) for f in parquet_files(folder)], promote_options="default")
     return table.sort_by("id")
-
-
-# ---- synthetic preferences for the online loop ----------------------------------------------------------------
-def to_preferences(
-    generations: pa.Table,
-    reward: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
-    source: str,
-    *,
-    dedupe: bool = True,
-    extra: Mapping[str, Sequence[tuple[str, str]]] | None = None,
-    sample_scores: list[float] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Canonical preference rows from sampled responses: ``responses`` are a prompt's distinct samples, ``scores``
-    their rewards (``reward(prompts, responses)``, one batched call, as :data:`raydora.rewards.Reward`),
-    ``sources`` the tag ``source``. Blank samples are left out (validation would reject the row).
-
-    ``extra`` maps a prompt id to more ``(response, source)`` pairs that join its samples before labelling (the
-    online loop adds the prompt's golden responses; one equal to a sample is not added twice). Prompts left with
-    fewer than 2 distinct responses, or with all scores equal, carry no preference and are dropped; returns
-    ``(rows, dropped)``. ``sample_scores``, when given, receives the reward of every sample, kept or dropped."""
-    candidates = []
-    for r in generations.select(["id", "prompt", "generations"]).to_pylist():
-        samples = [g for g in r["generations"] if g and g.strip()]
-        samples = list(dict.fromkeys(samples)) if dedupe else samples
-        pairs, seen = [(g, source) for g in samples], set(samples)
-        for g, s in (extra or {}).get(r["id"], ()):
-            if g.strip() and g not in seen:
-                pairs.append((g, s))
-                seen.add(g)
-        candidates.append((r, pairs, len(samples)))
-    flat = [(r["prompt"], g) for r, pairs, _ in candidates for g, _ in pairs]
-    values = [float(v) for v in reward([p for p, _ in flat], [g for _, g in flat])] if flat else []
-    rows, dropped, at = [], 0, 0
-    for r, pairs, n_samples in candidates:
-        scores, at = values[at : at + len(pairs)], at + len(pairs)
-        if sample_scores is not None:
-            sample_scores.extend(scores[:n_samples])
-        if len(pairs) < 2 or len(set(scores)) < 2:
-            dropped += 1
-            continue
-        rows.append({"id": f"{source}-{r['id']}", "prompt": r["prompt"], "responses": [g for g, _ in pairs],
-                     "scores": scores, "sources": [s for _, s in pairs]})  # fmt: skip
-    return rows, dropped
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ trained) and, in its own run directory ``<run>/loop/round<r>/``:
    after round ``r-1``'s, wrapping; default all) from that policy, with the ``generate`` settings (vLLM or
    transformers, on an actor pool), seeded per round;
 2. **labels** them with ``loop.reward`` (the benchmark's ``biased`` labeller, its ``gold`` reward, or a reward
-   model folder) into canonical rows whose responses are the prompt's distinct samples, tagged
-   ``policy-r<r>``, plus (``loop.keep_golden``; default on for DoRA and reweighting) the prompt's ``golden``
-   responses from ``data/`` labelled by the same reward, so that DoRA's classifier can tell golden from the
-   policy's samples;
+   model folder) into canonical rows (:func:`to_preferences`) whose responses are the prompt's distinct samples,
+   tagged ``policy-r<r>``, plus (``loop.keep_golden``; default on for DoRA and reweighting) the prompt's
+   ``golden`` responses from ``data/`` labelled by the same reward, so that DoRA's classifier can tell golden from
+   the policy's samples;
 3. runs ``validate``, ``classify`` (objectives that read p_golden), ``reference``, ``train``, ``generate`` and
    ``evaluate`` on those rows with ``model.policy`` = policy ``r-1``: the reference model is the round's starting
    policy, and the evaluation's ``sft`` baseline is that policy too, so each round reports its win rate against
@@ -25,6 +25,7 @@ preference, the mean reward of the starting policy's samples and the round's win
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,54 @@ def round_prompts(prompts: pa.Table, round_: int, n: int | None) -> pa.Table:
     return pa.concat_tables([prompts.slice(start), prompts.slice(0, start + n - total)])
 
 
+def to_preferences(
+    generations: pa.Table,
+    reward: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
+    source: str,
+    *,
+    dedupe: bool = True,
+    extra: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    sample_scores: list[float] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Canonical preference rows from sampled responses: ``responses`` are a prompt's distinct samples, ``scores``
+    their rewards (``reward(prompts, responses)``, one batched call, as :data:`raydora.rewards.Reward`),
+    ``sources`` the tag ``source``. Blank samples are left out (validation would reject the row).
+
+    ``extra`` maps a prompt id to more ``(response, source)`` pairs that join its samples before labelling (the
+    online loop adds the prompt's golden responses; one equal to a sample is not added twice). Prompts left with
+    fewer than 2 distinct responses, or with all scores equal, carry no preference and are dropped; returns
+    ``(rows, dropped)``. ``sample_scores``, when given, receives the reward of every sample, kept or dropped."""
+    candidates = []
+    for r in generations.select(["id", "prompt", "generations"]).to_pylist():
+        samples = [g for g in r["generations"] if g and g.strip()]
+        samples = list(dict.fromkeys(samples)) if dedupe else samples
+        pairs, seen = [(g, source) for g in samples], set(samples)
+        for g, s in (extra or {}).get(r["id"], ()):
+            if g.strip() and g not in seen:
+                pairs.append((g, s))
+                seen.add(g)
+        candidates.append((r, pairs, len(samples)))
+    flat = [(r["prompt"], g) for r, pairs, _ in candidates for g, _ in pairs]
+    values = [float(v) for v in reward([p for p, _ in flat], [g for _, g in flat])] if flat else []
+    rows, dropped, at = [], 0, 0
+    for r, pairs, n_samples in candidates:
+        scores, at = values[at : at + len(pairs)], at + len(pairs)
+        if sample_scores is not None:
+            sample_scores.extend(scores[:n_samples])
+        if len(pairs) < 2 or len(set(scores)) < 2:
+            dropped += 1
+            continue
+        rows.append({"id": f"{source}-{r['id']}", "prompt": r["prompt"], "responses": [g for g, _ in pairs],
+                     "scores": scores, "sources": [s for _, s in pairs]})  # fmt: skip
+    return rows, dropped
+
+
 def label(
     samples: pa.Table, prompts: pa.Table, reward: Any, source: str, with_golden: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Canonical rows from one round's samples (``generate.to_preferences``): a prompt's distinct samples and,
+    """Canonical rows from one round's samples (:func:`to_preferences`): a prompt's distinct samples and,
     ``with_golden``, its golden responses from ``prompts``, all labelled by ``reward`` in one call. Returns the rows
     and their counts (``rows + dropped == prompts``; the samples' mean reward is over every sample)."""
-    from raydora.generate import to_preferences
-
     extra: dict[str, list[tuple[str, str]]] = {}
     if with_golden and {"responses", "sources"} <= set(prompts.column_names):
         for r in prompts.select(["id", "responses", "sources"]).to_pylist():

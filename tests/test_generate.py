@@ -198,9 +198,10 @@ def test_samples_become_validated_preference_rows(tmp_path: Path, ray_session) -
     table = pa.table({"id": ["a", "b", "c"], "prompt": [p, p, "count: oak pear"],
                       "generations": [["rose pear oak", "definitely : rose oak", "rose pear oak"], ["x", "x"],
                                       ["2", "3"]]})  # fmt: skip
+    from raydora.loop import to_preferences
     from raydora.rewards import gold
 
-    rows, dropped = gen.to_preferences(table, gold(), "policy-r1")
+    rows, dropped = to_preferences(table, gold(), "policy-r1")
     assert dropped == 1  # "b": one distinct response
     assert rows[0]["responses"] == ["rose pear oak", "definitely : rose oak"]
     assert rows[0]["scores"] == [synth.gold_reward(p, "rose pear oak"), synth.gold_reward(p, "definitely : rose oak")]
