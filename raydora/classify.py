@@ -43,7 +43,8 @@ def mixture_p_golden(p_by_source: np.ndarray, shares: np.ndarray, gammas: np.nda
     c = np.clip(p_by_source, EPS, 1 - EPS)
     w = shares / shares.sum()
     inverse_ratio = ((1 - c) / (gammas * c)) @ w  # sum_i w_i Q_i / Q0
-    return 1 / (1 + inverse_ratio)
+    p: np.ndarray = 1 / (1 + inverse_ratio)
+    return p
 
 
 class Scorer:
@@ -76,7 +77,8 @@ class Scorer:
             cal = read_calibration(folder)
             if cal is None:
                 raise FileNotFoundError(f"{folder}: no calibration.json (not a trained classifier)")
-            self.models.append(load_encoder(folder).to(device).eval())
+            model: Any = load_encoder(folder)
+            self.models.append(model.to(device).eval())
             self.tokenizers.append(load_tokenizer(folder))
             temps.append(cal["temperature"])
             biases.append(cal["bias"])

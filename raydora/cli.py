@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from raydora import __version__
 from raydora.config import ConfigError, RunConfig, dump_yaml, explain, load_config
@@ -58,7 +59,8 @@ def cmd_check(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False, **package_guard())
         try:
-            got = ray.get(ray.remote(lambda x: x * 2).remote(21))
+            double: Any = ray.remote(lambda x: x * 2)
+            got = ray.get(double.remote(21))
             print(f"  [{'ok' if got == 42 else 'FAIL'}] local Ray runs a task (ray {ray.__version__})")
             failed += [] if got == 42 else ["ray"]
         finally:

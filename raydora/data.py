@@ -85,7 +85,7 @@ def read_canonical(
         n = pq.ParquetFile(f).metadata.num_rows
         step = max(1, slice_rows or n)
         items += [{"file": str(f), "start": a, "stop": min(a + step, n)} for a in range(0, max(n, 1), step)]
-    listing = ray.data.from_items(items, override_num_blocks=len(items))
+    listing: Any = ray.data.from_items(items, override_num_blocks=len(items))
     return listing.map_batches(
         _read_parquet_files, batch_size=1, num_cpus=num_cpus or 1, fn_kwargs={"block_rows": block_rows}
     )
@@ -175,7 +175,7 @@ def _datasink(folder: Path, min_rows_per_file: int | None) -> Any:
     Ray Data)."""
     from ray.data import Datasink
 
-    class _Sink(OrderedParquetSink, Datasink):
+    class _Sink(OrderedParquetSink, Datasink):  # type: ignore[type-arg]
         def on_write_start(self, schema: Any = None) -> None:
             Path(self.folder).mkdir(parents=True, exist_ok=True)
 

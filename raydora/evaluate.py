@@ -59,7 +59,9 @@ def outcomes(policy: Sequence[float], reference: Sequence[float], tol: float = 1
     return win, 1.0 - win - lose, lose
 
 
-def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float]:
     """Percentile bootstrap interval of the mean of ``values`` (one value per prompt)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
@@ -217,7 +219,7 @@ def build_report(
         assert callable(reward)
         scored = _score_sets(reward, text, sets)
     refs = [k for k in sets if k != name and (k != "sft" or "sft" in references)]
-    args = {"tol": tie_tolerance, "resamples": bootstrap, "seed": seed}
+    args: dict[str, Any] = {"tol": tie_tolerance, "resamples": bootstrap, "seed": seed}
     report: dict[str, Any] = {
         "policy": name,
         "reward": reward if isinstance(reward, str) else "model",

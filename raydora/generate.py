@@ -176,7 +176,8 @@ class HFGenerator:
         self.device, self.batch_size = device, batch_size
         self.max_prompt_tokens = max(1, max_length - self.sampling.max_new_tokens)
         dtype = resolve_precision(precision, device)
-        self.model = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
+        model: Any = load_causal_lm(model_dir, dtype=dtype)
+        self.model = model.to(device).eval()
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
 
@@ -224,7 +225,7 @@ class HFGenerator:
         texts, tokens, finish = [], [], []
         for i in range(len(ids)):
             rows = [generated[(i, j)] for j in range(s.n)]
-            texts.append([self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows])
+            texts.append([str(self.tokenizer.decode(r, skip_special_tokens=True)).strip() for r in rows])
             tokens.append([len(r) for r in rows])
             finish.append(["stop" if r and r[-1] == self.eos else "length" for r in rows])
         return _with_outputs(batch, texts, tokens, finish)
@@ -304,7 +305,7 @@ class VLLMGenerator:
         texts, tokens, finish = [], [], []
         for out in outputs:
             samples = list(out.outputs) * (s.n if s.temperature == 0 else 1)
-            texts.append([self.tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() for o in samples])
+            texts.append([str(self.tokenizer.decode(o.token_ids, skip_special_tokens=True)).strip() for o in samples])
             tokens.append([len(o.token_ids) for o in samples])
             finish.append(["stop" if o.finish_reason == "stop" else "length" for o in samples])
         return _with_outputs(batch, texts, tokens, finish)

@@ -386,7 +386,7 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
 
 
 # ---- reading (inside Ray tasks) ---------------------------------------------------------------------------------
-def _corrupt(path: Path, codec: str, line: int, e: BaseException) -> schema.RowError:
+def _corrupt(path: Path, codec: str | None, line: int, e: BaseException) -> schema.RowError:
     where = "from the start" if line == 1 else f"after line {line - 1}"
     return schema.RowError("corrupt_file", "", f"{path.name}: the {codec} stream cannot be read {where}: {e}")
 
@@ -529,6 +529,6 @@ def read_staged(
     import ray.data
 
     tasks = plan_reads(path, fmt, chunk_bytes)
-    descs = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+    descs: Any = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     kwargs = {"max_chars": max_chars, "tokenizer": tokenizer, "heldout_fraction": heldout_fraction}
     return descs.map_batches(read_and_validate, batch_size=1, fn_kwargs=kwargs)

@@ -25,7 +25,7 @@ preference, the mean reward of the starting policy's samples and the round's win
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydora.config import P_GOLDEN_OBJECTIVES, PAIRWISE_LOSSES, RunConfig, from_dict, to_dict
+from raydora.rewards import Reward
 from raydora.rundir import file_fingerprints, fingerprint, is_done, promote, read_success, staging, write_success
 
 GOLDEN = "golden"
@@ -85,7 +86,7 @@ def round_prompts(prompts: pa.Table, round_: int, n: int | None) -> pa.Table:
 
 def to_preferences(
     generations: pa.Table,
-    reward: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
+    reward: Reward,
     source: str,
     *,
     dedupe: bool = True,

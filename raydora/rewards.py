@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +45,8 @@ class RewardModel:
         self.temperature, self.bias = calib.get("temperature"), calib.get("bias", 0.0)
         config = json.loads((folder / "config.json").read_text())
         labels = 2 if self.temperature is not None else len(config.get("id2label", {"0": 0}))
-        self.model = load_encoder(folder, num_labels=labels).to(device).eval()
+        model: Any = load_encoder(folder, num_labels=labels)
+        self.model = model.to(device).eval()
         self.tokenizer = load_tokenizer(folder)
         self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
 
@@ -108,7 +110,8 @@ def model_reward(path: str | Path, max_length: int, device: str = "auto", actors
         )
         out = ds.to_arrow_refs()
         scored = pa.concat_tables(ray.get(out)).sort_by("i")
-        return scored.column("reward").to_numpy()
+        rewards: np.ndarray = scored.column("reward").to_numpy()
+        return rewards
 
     return score
 

@@ -59,7 +59,7 @@ def dora_row_weights(
     listwise losses). alpha stays 1/K of the whole row either way.
 
     A synthetic source's response uses its share pi_s and imbalance gamma_s; a golden or unknown response was
-    scored against the whole mixture (``scoring.mixture_p_golden``), so it uses pi = sum of the shares, gamma=1.
+    scored against the whole mixture (``classify.mixture_p_golden``), so it uses pi = sum of the shares, gamma=1.
     With ``data.target`` (``info["form"] == "target_vs_mixture"``) every response's p is target vs the whole
     mixture, and the weight is the one-mixture ratio :func:`raydora.robust.dora_mixture_weights`."""
     import torch

@@ -412,7 +412,8 @@ def fit(
 
 
 def dora_info(cfg: Any, data_dir: Path) -> DoraInfo:
-    """Source shares (from the scoring marker) and imbalance ratios (from the classifiers) for the DoRA weights."""
+    """The DoRA constants: source shares (the classify stage's ``scored/_SUCCESS``) and imbalance ratios (the
+    classifiers' calibration)."""
     run_dir = cfg.run_dir.absolute()
     scored = read_success(run_dir / "scored") or {}
     shares = dict(scored.get("shares") or {})

@@ -162,7 +162,7 @@ def validate(
 
     Skips when ``output/data/_SUCCESS`` was written for the same inputs and settings, unless ``force``."""
     out = Path(output)
-    extras = [f"heldout={heldout_fraction}"] if heldout_fraction else []
+    extras: list[Any] = [f"heldout={heldout_fraction}"] if heldout_fraction else []
     if tokenizer_out is not None:
         extras.append(f"tokenizer-vocab={vocab_size}")
     if limits is not None:
