@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from raydora import calibration
 from raydora.classifier import GOLDEN, margins, precision_tag, read_calibration
 from raydora.cluster import resolve_device
+from raydora.config import RunConfig
 from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
 from raydora.progress import Progress, watch
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
@@ -196,7 +197,7 @@ def score(
     return StageResult("score", {"scored": str(out)}, {"scored": rows})
 
 
-def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
     """Pipeline stage ``classify``: train + calibrate the classifiers, then score ``data/`` into ``scored/``
     (``force``: both again, even when up to date)."""
     from raydora.classifier import train_classifiers

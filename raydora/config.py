@@ -556,7 +556,7 @@ class RunConfig:
         return Path(self.root) / self.name
 
     @property
-    def classifier_precision(self) -> str:
+    def classifier_precision(self) -> Literal["auto", "fp32", "bf16"]:
         """``classifier.precision``, or the run's ``model.precision`` where it is null (resolved where it is used,
         so a reloaded config with a new ``model.precision`` carries the classifiers along)."""
         return self.classifier.precision or self.model.precision

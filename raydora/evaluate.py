@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raydora.config import RunConfig
 from raydora.rewards import Reward, model_reward, pointwise
 from raydora.rundir import (
     StageResult,
@@ -482,7 +483,7 @@ def resolve_reward(cfg: Any, prompts: pa.Table) -> str:
 
 
 # ---- the stage and the comparison -------------------------------------------------------------------------------
-def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
     """Pipeline stage ``evaluate``: the report of ``generations/`` into ``eval/``."""
     from raydora import generate as gen
 

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydora.config import RunConfig
 from raydora.data import IO_CPUS, map_on_actor_pool, parquet_files, read_canonical, write_rows
 from raydora.inputs import list_inputs
 from raydora.rundir import (
@@ -481,7 +482,7 @@ def policies(cfg: Any, run_dir: Path) -> dict[str, Path]:
     return out
 
 
-def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
     """Pipeline stage ``generate``: samples of every policy on the first ``evaluate.prompts`` held-out prompts
     into ``generations/<policy>/``. Each policy's folder is skipped when its model, prompts and sampling are
     unchanged."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from raydora import classify, evaluate, generate, reference, sft, synth, train, validate
 from raydora.cluster import init_ray
@@ -12,7 +13,15 @@ from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, dump_yaml
 from raydora.paths import resolve_model_paths
 from raydora.rundir import StageResult
 
-Stage = Callable[..., StageResult]  # (cfg, run_dir, force=False) -> StageResult: every stage takes force
+
+class Stage(Protocol):
+    """What every stage is: ``run(cfg, run_dir, *, force=False) -> StageResult``. It reads its inputs from earlier
+    stages' folders under ``run_dir``, skips itself when its ``_SUCCESS`` fingerprint matches (unless ``force``),
+    and writes its folder atomically (``rundir.staging``)."""
+
+    def __call__(self, cfg: RunConfig, run_dir: Path, /, *, force: bool = False) -> StageResult: ...
+
+
 # In pipeline order.
 STAGES: dict[str, Stage] = {
     "synth": synth.run,

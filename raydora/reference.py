@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydora.cluster import resolve_device
+from raydora.config import RunConfig
 from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
 from raydora.rundir import (
     StageResult,
@@ -298,7 +299,7 @@ def reference_input(run_dir: Path) -> Path:
     return run_dir / "scored" if read_success(run_dir / "scored") is not None else run_dir / "data"
 
 
-def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
     """Pipeline stage ``reference``: reference log-probs of every row into ``reference/``."""
     run_dir = Path(run_dir).absolute()
     source = reference_input(run_dir)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raydora.config import TrainConfig
+from raydora.config import RunConfig, TrainConfig
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
 from raydora.train import WorkerOptions, fit
 
@@ -77,7 +77,9 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
     return out
 
 
-def run(cfg: Any, run_dir: str | Path, *, force: bool = False, options: WorkerOptions | None = None) -> StageResult:
+def run(
+    cfg: RunConfig, run_dir: str | Path, *, force: bool = False, options: WorkerOptions | None = None
+) -> StageResult:
     """Pipeline stage ``sft``: NLL warm start of ``model.policy`` on the SFT corpus into ``sft/final``."""
     from raydora.reference import base_policy
 

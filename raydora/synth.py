@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raydora.config import RunConfig
 from raydora.rundir import StageResult, fingerprint, is_done, promote, staging, write_success
 
 WORDS = (
@@ -316,7 +317,7 @@ def write_tokenizer(synth_dir: str | Path, out_dir: str | Path, vocab_size: int 
     return train_into(lambda: corpus(synth_dir), out_dir, source, vocab_size)
 
 
-def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
     """Pipeline stage: the benchmark of ``cfg.synth`` into ``<run_dir>/synth``, plus (for preset policies without
     a configured tokenizer) a BPE trained on its corpus in ``<run_dir>/tokenizer``. ``force`` rewrites the
     benchmark even when it is up to date."""

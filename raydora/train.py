@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from raydora.checkpoint import latest_checkpoint, load_policy, restore, save_checkpoint, save_model
 from raydora.cluster import check_gpus
-from raydora.config import P_GOLDEN_OBJECTIVES, TrainConfig
+from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, TrainConfig
 from raydora.plan import make_plan, worker_datasets
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
 from raydora.step import DoraInfo, StepConfig, collate_micro, packing_supported, train_step
@@ -427,7 +427,9 @@ def dora_info(cfg: Any, data_dir: Path) -> DoraInfo:
             "form": scored.get("form", "per_source")}  # fmt: skip
 
 
-def run(cfg: Any, run_dir: str | Path, *, force: bool = False, options: WorkerOptions | None = None) -> StageResult:
+def run(
+    cfg: RunConfig, run_dir: str | Path, *, force: bool = False, options: WorkerOptions | None = None
+) -> StageResult:
     """Pipeline stage ``train``: robust preference optimisation on ``reference/`` into ``train/``."""
     from raydora.reference import initial_policy
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydora import schema
+from raydora.config import RunConfig
 from raydora.data import CANONICAL_SCHEMA, ordered, parquet_rows, read_canonical, write_rows
 from raydora.inputs import (
     CHUNK_BYTES,
@@ -300,7 +301,7 @@ def write_target(path: str | Path, out_dir: Path, force: bool = False) -> int:
     return len(rows)
 
 
-def run(cfg: Any, run_dir: str | Path, force: bool = False) -> StageResult:
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
     """Pipeline stage: validate ``cfg.data.input`` (default: the synth stage's ``train`` split) into the run.
 
     On your own data (``data.input``) it also holds out ``data.heldout_fraction`` of the prompts into ``heldout/``

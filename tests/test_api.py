@@ -114,3 +114,16 @@ def test_run_stage_runs_one_stage_with_force(tmp_path: Path, monkeypatch: pytest
     assert calls == [(cfg.run_dir, True)] and (cfg.run_dir / "config.yaml").is_file()
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         raydora.run_stage(cfg, "nope")
+
+
+def test_every_stage_meets_the_stage_protocol() -> None:
+    """``run(cfg, run_dir, *, force=False) -> StageResult``: what ``pipeline.Stage`` declares (mypy checks the
+    types statically; this checks the call shape the pipeline and ``run_stage`` rely on)."""
+    from raydora import pipeline
+
+    for name, fn in pipeline.STAGES.items():
+        params = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in params[:2]] == ["cfg", "run_dir"], name
+        force = inspect.signature(fn).parameters["force"]
+        assert force.kind is inspect.Parameter.KEYWORD_ONLY and force.default is False, name
+        assert fn.__module__ == f"raydora.{name}", f"stage {name} lives in {fn.__module__}"
