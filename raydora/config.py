@@ -20,7 +20,6 @@ from raydora import typedconf
 # Re-exported: callers import the whole config API from here.
 from raydora.typedconf import ConfigError as ConfigError
 from raydora.typedconf import apply_overrides as apply_overrides
-from raydora.typedconf import build
 from raydora.typedconf import field_docs as field_docs
 from raydora.typedconf import to_dict as to_dict
 
@@ -75,8 +74,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "max_length", "must be >= 8")
         if self.max_prompt_length is not None:
-            _check(0 < self.max_prompt_length < self.max_length, "max_prompt_length",
-                   f"must be in (0, max_length={self.max_length}) or null")  # fmt: skip
+            _check(
+                0 < self.max_prompt_length < self.max_length,
+                "max_prompt_length",
+                f"must be in (0, max_length={self.max_length}) or null",
+            )
         _check(self.pad_to_multiple_of >= 0, "pad_to_multiple_of", "must be >= 0 (0: off)")
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
 
@@ -113,8 +115,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.max_chars > 0, "max_chars", "must be > 0")
         _check(0 <= self.heldout_fraction < 1, "heldout_fraction", "must be in [0, 1)")
-        _check(len(self.target_sources) > 0 and all(self.target_sources), "target_sources",
-               "name at least one source")  # fmt: skip
+        _check(len(self.target_sources) > 0 and all(self.target_sources), "target_sources", "name at least one source")
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,11 @@ class SFTConfig:
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every", "must be > 0 or null")
         _check(self.lr > 0, "lr", "must be > 0")
-        _check(self.batch_size % self.num_workers == 0, "batch_size",
-               f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}")  # fmt: skip
+        _check(
+            self.batch_size % self.num_workers == 0,
+            "batch_size",
+            f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}",
+        )
 
 
 @dataclass(frozen=True)
@@ -350,13 +354,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr"):
             _check(getattr(self, key) > 0, key, "must be > 0")
-        for key in ("batch_size", "micro_batch_size", "num_workers", "epochs", "checkpoint_every", "log_every",
-                    "shuffle_block_rows"):  # fmt: skip
+        for key in (
+            "batch_size",
+            "micro_batch_size",
+            "num_workers",
+            "epochs",
+            "checkpoint_every",
+            "log_every",
+            "shuffle_block_rows",
+        ):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.max_steps >= 0, "max_steps", "must be >= 0")
         _check(self.lora_r >= 0, "lora_r", "must be >= 0")
-        _check(self.batch_size % self.num_workers == 0, "batch_size",
-               f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}")  # fmt: skip
+        _check(
+            self.batch_size % self.num_workers == 0,
+            "batch_size",
+            f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}",
+        )
         _check(self.rho >= 0, "rho", "must be >= 0")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         _check(0 <= self.flip_rate < 0.5, "flip_rate", "must be in [0, 0.5)")
@@ -548,8 +562,9 @@ class RunConfig:
             )
         if self.model.attn_implementation in ("flash_attention_2", "flex_attention") and not t.use_gpu:
             # FlexAttention runs forward on CPU but has no CPU backward (torch 2.11-2.13).
-            raise ConfigError("model.attn_implementation",
-                              f"{self.model.attn_implementation} needs CUDA: set train.use_gpu=true")  # fmt: skip
+            raise ConfigError(
+                "model.attn_implementation", f"{self.model.attn_implementation} needs CUDA: set train.use_gpu=true"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -564,31 +579,14 @@ class RunConfig:
 
 def from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:
     """Build a validated :class:`RunConfig` from a nested mapping plus dotted overrides."""
-    if not isinstance(data, Mapping):
-        raise ConfigError("", f"a config must be a mapping of sections, got {type(data).__name__}")
-    cfg: RunConfig = build(RunConfig, apply_overrides(data, overrides))
+    cfg: RunConfig = typedconf.from_mapping(RunConfig, data, overrides)
     return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    data: Any = {}
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("", f"{path}: not valid YAML: {e}") from None
-    overrides = list(overrides)
-    try:
-        return from_dict(data, overrides)
-    except ConfigError as e:
-        given = {item.partition("=")[0].strip(): item for item in overrides}
-        if e.key in given:  # the bad value came from the command line, not the file
-            raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (from the override {given[e.key]!r})") from None
-        if path is not None:
-            raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (in {path})") from None
-        raise
+    cfg: RunConfig = typedconf.load_yaml(RunConfig, path, overrides)
+    return cfg
 
 
 def dump_yaml(cfg: RunConfig) -> str:

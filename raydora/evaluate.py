@@ -1,5 +1,5 @@
 """Evaluation: rewards of generated samples, win rates against reference responses with bootstrap confidence
-intervals, per-source and per-task breakdowns, the shift sweep, and a readable report with plots.
+intervals, per-source and per-task breakdowns, the shift sweep, and a report with plots (:mod:`raydora.reporting`).
 
 **Rewards** (:mod:`raydora.rewards`). ``evaluate.reward=gold`` scores the benchmark's prompts with its
 programmatic gold reward (:func:`raydora.synth.gold_reward`, at the training labels' ``ALPHA0`` for the headline
@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydora.config import RunConfig
+from raydora.reporting import fmt_rate, heldout_table, plot_sweep, plot_win_rates, win_table, write_report
 from raydora.rewards import Reward, model_reward, pointwise
 from raydora.rundir import (
     StageResult,
@@ -84,8 +85,14 @@ def win_rate(
         return {"prompts": 0, "win": None, "tie": None, "lose": None, "win_rate": None, "ci95": [None, None]}
     score = per[:, 0] + per[:, 1] / 2
     win, tie, lose = per.mean(axis=0)
-    return {"prompts": len(per), "win": float(win), "tie": float(tie), "lose": float(lose),
-            "win_rate": float(score.mean()), "ci95": bootstrap_ci(score, resamples, seed)}  # fmt: skip
+    return {
+        "prompts": len(per),
+        "win": float(win),
+        "tie": float(tie),
+        "lose": float(lose),
+        "win_rate": float(score.mean()),
+        "ci95": bootstrap_ci(score, resamples, seed),
+    }
 
 
 # ---- references -------------------------------------------------------------------------------------------------
@@ -205,8 +212,14 @@ def build_report(
             "(the held-out implicit-reward accuracy is reported without a reward)"
         )
     if reward == "none":
-        return {"policy": name, "reward": "none", "prompts": len(order), "samples_per_prompt": n, "mean_reward": {},
-                "win_rates": {}}  # fmt: skip
+        return {
+            "policy": name,
+            "reward": "none",
+            "prompts": len(order),
+            "samples_per_prompt": n,
+            "mean_reward": {},
+            "win_rates": {},
+        }
     sets = dict(samples)
     if "sources" in references:
         sets.update(benchmark_sources(prompts, n, seed) if benchmark else data_sources(prompts))
@@ -253,167 +266,6 @@ def build_report(
     return report
 
 
-def _fmt_rate(w: dict[str, Any]) -> str:
-    if w.get("win_rate") is None:
-        return "n/a"
-    lo, hi = w["ci95"]
-    return f"{w['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def _fmt_ci(m: dict[str, Any]) -> str:
-    lo, hi = m["ci95"]
-    return f"{m['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
-    """``report.md``: the headline win-rate table, then the breakdowns."""
-    name = report["policy"]
-    lines = [f"# {title}", ""]
-    meta = report.get("run", {})
-    if meta:
-        lines += [", ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
-    lines += [f"{report['prompts']} prompts x {report['samples_per_prompt']} samples; reward: {report['reward']}. "
-              "Win rate = P(win) + P(tie)/2 over all (policy sample, reference) pairs per prompt, averaged over "
-              "prompts; 95% percentile-bootstrap interval over prompts.", ""]  # fmt: skip
-    lines += [f"## Win rate of `{name}` against each reference", "",
-              "| reference | win rate [95% CI] | win | tie | lose | mean reward (reference) |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for ref, w in report["win_rates"].items():
-        if w.get("win_rate") is None:
-            continue
-        mr = report["mean_reward"].get(ref)
-        lines.append(f"| {ref} | {_fmt_rate(w)} | {w['win']:.3f} | {w['tie']:.3f} | {w['lose']:.3f} | "
-                     f"{'n/a' if mr is None else f'{mr:.3f}'} |")  # fmt: skip
-    if name in report["mean_reward"]:
-        lines += ["", f"Mean reward of `{name}`: {report['mean_reward'][name]:.3f}", ""]
-    else:
-        lines += ["", "No reward (evaluate.reward=none): no generation win rates; samples in generations/.", ""]
-    if report.get("heldout"):
-        h = report["heldout"]
-        lines += [f"## Held-out preference pairs ({h['pairs']} pairs, beta={h['beta']})", "",
-                  "Implicit reward r = beta * (log pi - log pi_ref) of the chosen (best-scored) against the rejected "
-                  "(worst-scored) response; accuracy = share of pairs with r(chosen) > r(rejected) (TRL's "
-                  "`rewards/accuracies`); the reference is the initial (SFT) policy, so its own implicit reward is 0. "
-                  "Log-prob accuracy: share with log pi(chosen) > log pi(rejected). 95% bootstrap intervals over "
-                  "pairs.", "", "| policy | implicit-reward accuracy | mean margin | log-prob accuracy |",
-                  "|---|---|---|---|"]  # fmt: skip
-        for k, m in h["policies"].items():
-            lines.append(f"| {k} | {_fmt_ci(m['accuracy'])} | {_fmt_ci(m['margin'])} | {_fmt_ci(m['logp_accuracy'])} |")
-        lines.append("")
-    if report.get("by_task"):
-        lines += ["## Win rate against the SFT policy, by task", "", "| task | prompts | win rate [95% CI] |",
-                  "|---|---|---|"]  # fmt: skip
-        lines += [f"| {t} | {w['prompts']} | {_fmt_rate(w)} |" for t, w in report["by_task"].items()]
-        lines.append("")
-    if report.get("artefacts"):
-        keys = sorted({k for v in report["artefacts"].values() for k in v})
-        lines += ["## Artefacts in the samples (share of samples)", "", "| policy | " + " | ".join(keys) + " |",
-                  "|---|" + "---|" * len(keys)]  # fmt: skip
-        lines += [f"| {p} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for p, v in report["artefacts"].items()]
-        lines.append("")
-    if report.get("sweep"):
-        names = list(report["sweep"][0]["mean_reward"])
-        lines += ["## Shift sweep: gold = alpha * correctness + (1 - alpha) * conciseness", "",
-                  "| alpha | " + " | ".join(f"reward {k}" for k in names) + " | win rate vs sft [95% CI] |",
-                  "|---|" + "---|" * (len(names) + 1)]  # fmt: skip
-        for row in report["sweep"]:
-            vals = " | ".join(f"{row['mean_reward'][k]:.3f}" for k in names)
-            lines.append(f"| {row['alpha']:.2f} | {vals} | {_fmt_rate(row.get('vs_sft', {}))} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_win_rates(rows: list[tuple[str, dict[str, Any]]], path: Path, title: str) -> None:
-    """Horizontal bars of win rates with their 95% intervals; a dashed line at 0.5 (parity)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(k, w) for k, w in rows if w.get("win_rate") is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.4))
-    y = np.arange(len(rows))
-    rates = np.array([w["win_rate"] for _, w in rows])
-    lo = rates - np.array([w["ci95"][0] for _, w in rows])
-    hi = np.array([w["ci95"][1] for _, w in rows]) - rates
-    ax.barh(y, rates, xerr=[lo, hi], capsize=4, color="#4C72B0")
-    ax.axvline(0.5, ls="--", color="grey", lw=1)
-    ax.set_yticks(y, [k for k, _ in rows])
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate (95% bootstrap CI)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(
-    series: dict[str, list[tuple[float, float]]],
-    path: Path,
-    title: str,
-    xlabel: str = "alpha (weight of correctness in the gold reward)",
-    ylabel: str = "mean gold reward",
-) -> None:
-    """One line per series (by default: mean gold reward against alpha)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, points in series.items():
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(report: dict[str, Any], out: Path, title: str = "Evaluation") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report, title) + "\n")
-    if report["win_rates"]:
-        plot_win_rates(list(report["win_rates"].items()), out / "winrate.png", f"{report['policy']} vs references")
-    if report.get("sweep"):
-        names = list(report["sweep"][0]["mean_reward"])
-        series = {k: [(r["alpha"], r["mean_reward"][k]) for r in report["sweep"]] for k in names}
-        plot_sweep(series, out / "reward_vs_alpha.png", "Gold reward under the alpha shift")
-
-
-def heldout_table(report: dict[str, Any]) -> str:
-    """The held-out pairs' metrics as printed by the CLI ('' when the run has none)."""
-    h = report.get("heldout")
-    if not h:
-        return ""
-    rows = [f"held-out preference pairs ({h['pairs']}): implicit-reward accuracy, mean margin, log-prob accuracy "
-            "[95% CI]:"]  # fmt: skip
-    for k, m in h["policies"].items():
-        rows.append(f"  {k:<10} {_fmt_ci(m['accuracy']):<24} {_fmt_ci(m['margin']):<26} {_fmt_ci(m['logp_accuracy'])}")
-    return "\n".join(rows)
-
-
-def win_table(report: dict[str, Any]) -> str:
-    """The headline table printed by the CLI and ``make demo``."""
-    name = report["policy"]
-    if not report["win_rates"]:
-        return (
-            f"{report['prompts']} prompts x {report['samples_per_prompt']} samples of {name} in generations/; "
-            f"no generation win rates (evaluate.reward={report['reward']}: give a reward model folder for them)"
-        )
-    rows = [f"win rate of {name} ({report['prompts']} prompts x {report['samples_per_prompt']} samples, "
-            f"reward {report['reward']}):"]  # fmt: skip
-    rows.append(f"  {'reference':<10} {'win rate [95% CI]':<26} {'win':>6} {'tie':>6} {'lose':>6}")
-    for ref, w in report["win_rates"].items():
-        if w.get("win_rate") is not None:
-            rows.append(f"  {ref:<10} {_fmt_rate(w):<26} {w['win']:>6.3f} {w['tie']:>6.3f} {w['lose']:>6.3f}")
-    return "\n".join(rows)
-
-
 # ---- held-out preference pairs -------------------------------------------------------------------------------------
 def _mean_ci(values: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
     return {"mean": float(values.mean()), "ci95": bootstrap_ci(values, resamples, seed)}
@@ -427,9 +279,11 @@ def preference_metrics(
     mean margin, and the log-prob accuracy (``log pi_c > log pi_r``), each with a 95% bootstrap interval."""
     margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     logp = policy[:, 0] - policy[:, 1]
-    return {"accuracy": _mean_ci((margin > 0).astype(np.float64), resamples, seed),
-            "margin": _mean_ci(margin, resamples, seed),
-            "logp_accuracy": _mean_ci((logp > 0).astype(np.float64), resamples, seed)}  # fmt: skip
+    return {
+        "accuracy": _mean_ci((margin > 0).astype(np.float64), resamples, seed),
+        "margin": _mean_ci(margin, resamples, seed),
+        "logp_accuracy": _mean_ci((logp > 0).astype(np.float64), resamples, seed),
+    }
 
 
 def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path) -> np.ndarray:
@@ -441,14 +295,30 @@ def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path) -> np.ndarray
     from raydora.reference import attn_implementation, encode_rows, tokenizer_dir
 
     heldout, tok = run_dir / "heldout", tokenizer_dir(cfg, run_dir)
-    fp = fingerprint("heldout_logps", (read_success(heldout) or {}).get("fingerprint"), file_fingerprints(model),
-                     file_fingerprints(tok), cfg.model.max_length, cfg.model.max_prompt_length,
-                     cfg.model.precision)  # fmt: skip
+    fp = fingerprint(
+        "heldout_logps",
+        (read_success(heldout) or {}).get("fingerprint"),
+        file_fingerprints(model),
+        file_fingerprints(tok),
+        cfg.model.max_length,
+        cfg.model.max_prompt_length,
+        cfg.model.precision,
+    )
     out = run_dir / "eval_logps" / name
     if not is_done(out, fp):
-        encode_rows(heldout, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
-                    cfg=cfg.reference, stage=f"heldout_{name}", fp=fp, precision=cfg.model.precision,
-                    attn=attn_implementation(cfg), max_prompt_length=cfg.model.max_prompt_length)  # fmt: skip
+        encode_rows(
+            heldout,
+            out,
+            model_dir=model,
+            tokenizer=tok,
+            max_length=cfg.model.max_length,
+            cfg=cfg.reference,
+            stage=f"heldout_{name}",
+            fp=fp,
+            precision=cfg.model.precision,
+            attn=attn_implementation(cfg),
+            max_prompt_length=cfg.model.max_prompt_length,
+        )
     files = sorted(out.glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f, columns=["scores", "reference_logps"]) for f in files])
     idx = pair_indices(table.column("scores").to_pylist())
@@ -497,31 +367,58 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
     reward_name = resolve_reward(cfg, prompts)
     held = read_success(run_dir / "heldout")
     extra = [held.get("fingerprint"), cfg.train.beta, cfg.model.max_prompt_length] if held else []
-    fp = fingerprint("evaluate", {k: (v or {}).get("fingerprint") for k, v in markers.items()}, reward_name,
-                     e.references, e.alphas, e.bootstrap, e.tie_tolerance, cfg.seed, *extra)  # fmt: skip
+    fp = fingerprint(
+        "evaluate",
+        {k: (v or {}).get("fingerprint") for k, v in markers.items()},
+        reward_name,
+        e.references,
+        e.alphas,
+        e.bootstrap,
+        e.tie_tolerance,
+        cfg.seed,
+        *extra,
+    )
     out = run_dir / "eval"
     if not force and is_done(out, fp):
         report = json.loads((out / "report.json").read_text())
-        return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]}, True,
-                           info={"table": win_table(report), "heldout": heldout_table(report)})  # fmt: skip
+        return StageResult(
+            "evaluate",
+            {"eval": str(out)},
+            {"prompts": report["prompts"]},
+            True,
+            info={"table": win_table(report), "heldout": heldout_table(report)},
+        )
     generations = {k: gen.read_generations(run_dir / "generations" / k) for k, m in markers.items() if m}
     reward: Reward | str = (
         reward_name if reward_name in ("gold", "none") else model_reward(reward_name, cfg.model.max_length)
     )
-    report = build_report(prompts, generations, reward, references=e.references, alphas=e.alphas,
-                          bootstrap=e.bootstrap, tie_tolerance=e.tie_tolerance, seed=cfg.seed)  # fmt: skip
+    report = build_report(
+        prompts,
+        generations,
+        reward,
+        references=e.references,
+        alphas=e.alphas,
+        bootstrap=e.bootstrap,
+        tie_tolerance=e.tie_tolerance,
+        seed=cfg.seed,
+    )
     heldout = heldout_report(cfg, run_dir)
     if heldout is not None:
         report["heldout"] = heldout
     report["run"] = {"name": cfg.name, "loss": cfg.train.loss, "objective": cfg.train.objective}
-    report["generation"] = {k: {x: (m or {}).get(x) for x in ("backend", "tokens_per_s", "sampling")}
-                            for k, m in markers.items()}  # fmt: skip
+    report["generation"] = {
+        k: {x: (m or {}).get(x) for x in ("backend", "tokens_per_s", "sampling")} for k, m in markers.items()
+    }
     with staging(run_dir, "eval") as tmp:
         write_report(report, tmp / "out", title=f"Evaluation of run `{cfg.name}`")
         write_success(tmp / "out", {"stage": "evaluate", "fingerprint": fp, "rows": {"prompts": report["prompts"]}})
         promote(tmp / "out", out)
-    return StageResult("evaluate", {"eval": str(out)}, {"prompts": report["prompts"]},
-                       info={"table": win_table(report), "heldout": heldout_table(report)})  # fmt: skip
+    return StageResult(
+        "evaluate",
+        {"eval": str(out)},
+        {"prompts": report["prompts"]},
+        info={"table": win_table(report), "heldout": heldout_table(report)},
+    )
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, dict[str, Any]]:
@@ -539,21 +436,36 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tu
     for name, rep in runs:
         meta = rep.get("run", {})
         method = f"{meta.get('objective', '?')} / {meta.get('loss', '?')}"
-        rates = " | ".join(_fmt_rate(rep["win_rates"].get(r, {})) for r in refs)
+        rates = " | ".join(fmt_rate(rep["win_rates"].get(r, {})) for r in refs)
         lines.append(f"| {name} | {method} | {rep['mean_reward'][rep['policy']]:.3f} | {rates} |")
     text = "\n".join(lines) + "\n"
-    summary = {"runs": [{"name": n, **rep.get("run", {}), "mean_reward": rep["mean_reward"][rep["policy"]],
-                         "win_rates": rep["win_rates"]} for n, rep in runs]}  # fmt: skip
+    summary = {
+        "runs": [
+            {
+                "name": n,
+                **rep.get("run", {}),
+                "mean_reward": rep["mean_reward"][rep["policy"]],
+                "win_rates": rep["win_rates"],
+            }
+            for n, rep in runs
+        ]
+    }
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.md").write_text(text)
         (folder / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
         if "sft" in refs:
-            plot_win_rates([(n, rep["win_rates"].get("sft", {})) for n, rep in runs], folder / "winrate.png",
-                           "win rate against the SFT policy")  # fmt: skip
-        series = {n: [(r["alpha"], r["mean_reward"][rep["policy"]]) for r in rep["sweep"]]
-                  for n, rep in runs if rep.get("sweep")}  # fmt: skip
+            plot_win_rates(
+                [(n, rep["win_rates"].get("sft", {})) for n, rep in runs],
+                folder / "winrate.png",
+                "win rate against the SFT policy",
+            )
+        series = {
+            n: [(r["alpha"], r["mean_reward"][rep["policy"]]) for r in rep["sweep"]]
+            for n, rep in runs
+            if rep.get("sweep")
+        }
         if series:
             plot_sweep(series, folder / "reward_vs_alpha.png", "policy gold reward under the alpha shift")
     return text, summary

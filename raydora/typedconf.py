@@ -16,6 +16,7 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -128,6 +129,35 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             node = child
         node[leaf] = value
     return out
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Any:
+    """An instance of the dataclass ``cls`` from a nested mapping plus dotted overrides."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"a config must be a mapping of sections, got {type(data).__name__}")
+    return build(cls, apply_overrides(data, overrides))
+
+
+def load_yaml(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
+    """Load a YAML file (or ``cls``'s defaults when ``path`` is None) into ``cls`` with dotted overrides; an error
+    says whether the bad value came from an override or from the file."""
+    data: Any = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+    overrides = list(overrides)
+    try:
+        return from_mapping(cls, data, overrides)
+    except ConfigError as e:
+        given = {item.partition("=")[0].strip(): item for item in overrides}
+        if e.key in given:  # the bad value came from the command line, not the file
+            raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (from the override {given[e.key]!r})") from None
+        if path is not None:
+            raise ConfigError(e.key, f"{str(e).split(': ', 1)[-1]} (in {path})") from None
+        raise
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

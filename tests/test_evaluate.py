@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from raydora import evaluate as ev
-from raydora import rewards, synth
+from raydora import reporting, rewards, synth
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -124,7 +124,7 @@ def test_report_files_plots_and_the_comparison(tmp_path: Path) -> None:
                                            "sft": generations(prompts, [["definitely : oak"]] * 6)}, "gold",
                                  alphas=(0.0, 0.5, 1.0), bootstrap=100)  # fmt: skip
         report["run"] = {"name": name, "loss": "dpo", "objective": objective}
-        ev.write_report(report, tmp_path / name / "eval")
+        reporting.write_report(report, tmp_path / name / "eval")
         for f in ("winrate.png", "reward_vs_alpha.png"):
             assert (tmp_path / name / "eval" / f).read_bytes()[:8] == PNG
         md = (tmp_path / name / "eval" / "report.md").read_text()
@@ -145,7 +145,7 @@ def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     prompts = benchmark_prompts(4)
     report = ev.build_report(prompts, {"policy": generations(prompts, [["x"]] * 4),
                                        "sft": generations(prompts, [["y"]] * 4)}, "gold", bootstrap=100)  # fmt: skip
-    ev.write_report(report, tmp_path / "run1" / "eval")
+    reporting.write_report(report, tmp_path / "run1" / "eval")
     assert main(["report", str(tmp_path / "run1"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| run1 |" in out and (tmp_path / "out" / "report.md").is_file()
