@@ -263,13 +263,17 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             for batch in ray.train.get_dataset_shard(f"holdout_{source}").iter_batches(
                 batch_size=64, batch_format="numpy"
             ):
-                held["margin"].extend(margins(inner, tok, list(batch["prompt"]), list(batch["response"]),
-                                              cfg["max_length"], cfg["precision"]))  # fmt: skip
+                held["margin"].extend(
+                    margins(
+                        inner, tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"], cfg["precision"]
+                    )
+                )
                 held["label"].extend(batch["label"].tolist())
                 held["calib"].extend(batch["calib"].tolist())
             save_pretrained(inner, tok, out / source / "model")
-            np.save(out / source / "holdout.npy",
-                    np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64))  # fmt: skip
+            np.save(
+                out / source / "holdout.npy", np.array([held["margin"], held["label"], held["calib"]], dtype=np.float64)
+            )
         # Free this source's model before the next one is built: the last loss's graph holds every parameter.
         del model, inner, opt, loss, enc, labels, logits
         gc.collect()
@@ -331,8 +335,15 @@ def _encoder_tokenizer(data_dir: Path, out: Path, backbone: tuple[str, str]) -> 
     return str(out)
 
 
-def _fit_group(sources: list[str], datasets: dict[str, Any], loop_config: dict[str, Any], num_workers: int,
-               use_gpu: bool, storage: str, name: str) -> Any:  # fmt: skip
+def _fit_group(
+    sources: list[str],
+    datasets: dict[str, Any],
+    loop_config: dict[str, Any],
+    num_workers: int,
+    use_gpu: bool,
+    storage: str,
+    name: str,
+) -> Any:
     """One Ray Train run that trains ``sources``' classifiers one after another; returns its checkpoint."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -471,13 +482,18 @@ def train_classifiers(
         }
         storage = str((tmp / ".ray_train").absolute())
         examples_total = cfg.epochs * sum(sum(balance[s]) for s in sources)
-        print(f"[classify] {sum(sum(balance[s]) for s in sources):,} training examples x {cfg.epochs} epochs; "
-              f"{runs} Ray Train run(s) x {cfg.num_workers} workers on {device}", flush=True)  # fmt: skip
+        print(
+            f"[classify] {sum(sum(balance[s]) for s in sources):,} training examples x {cfg.epochs} epochs; "
+            f"{runs} Ray Train run(s) x {cfg.num_workers} workers on {device}",
+            flush=True,
+        )
         bar = Progress("classify", f"training {len(sources)} classifiers", examples_total, "examples")
         with watch(bar) as counter:
             loop_config["progress"] = counter
-            fits = [(group, datasets, loop_config, cfg.num_workers, device == "cuda", storage, f"classifiers-{i}")
-                    for i, group in enumerate(groups)]  # fmt: skip
+            fits = [
+                (group, datasets, loop_config, cfg.num_workers, device == "cuda", storage, f"classifiers-{i}")
+                for i, group in enumerate(groups)
+            ]
             if len(fits) == 1:
                 checkpoints = [_fit_group(*fits[0])]
             else:

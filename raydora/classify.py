@@ -142,10 +142,14 @@ def score(
     device = resolve_device(cfg.device)
     tag = precision_tag(cfg.precision, device)  # as classify: only bf16, so fp32 run folders stay valid
     fp = fingerprint(
-        "score", (read_success(data_dir) or {}).get("fingerprint"), clf["fingerprint"], shares, cfg.max_length,
+        "score",
+        (read_success(data_dir) or {}).get("fingerprint"),
+        clf["fingerprint"],
+        shares,
+        cfg.max_length,
         *([tag] if tag else []),
         *([form] if form != "per_source" else []),
-    )  # fmt: skip
+    )
     if not force and is_done(out, fp):
         done = read_success(out) or {}
         return StageResult("score", {"scored": str(out)}, done.get("rows", {}), skipped=True)
@@ -238,8 +242,9 @@ def target_vs_mixture_rows(run_dir: Path) -> Path:
     data, target, out = run_dir / "data", run_dir / "target", run_dir / "classify_data"
     if read_success(target) is None:
         raise FileNotFoundError(f"{target}: no target rows (_SUCCESS missing); data.target is read by validate")
-    fp = fingerprint("classify_data", (read_success(data) or {}).get("fingerprint"),
-                     (read_success(target) or {}).get("fingerprint"))  # fmt: skip
+    fp = fingerprint(
+        "classify_data", (read_success(data) or {}).get("fingerprint"), (read_success(target) or {}).get("fingerprint")
+    )
     if is_done(out, fp):
         return out
     columns = [f.name for f in CANONICAL_SCHEMA]

@@ -105,8 +105,14 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
     init_ray(cfg.ray)
     try:
         if args.input or args.output or args.format:  # a standalone validation of any input into any folder
-            result = validate.validate(source, args.output or cfg.run_dir, args.format or cfg.data.format,
-                                   cfg.data.max_chars, cfg.model.tokenizer, force=args.force)  # fmt: skip
+            result = validate.validate(
+                source,
+                args.output or cfg.run_dir,
+                args.format or cfg.data.format,
+                cfg.data.max_chars,
+                cfg.model.tokenizer,
+                force=args.force,
+            )
         else:  # the run's validate stage: held-out prompts, the run's tokenizer, token limits, target sources
             result = validate.run(cfg, cfg.run_dir, force=args.force)
     except (inputs.InputError, FileNotFoundError) as e:  # the input is unusable: say why, no traceback
@@ -160,10 +166,20 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
     sampling = gen.Sampling.from_config(cfg.generate, cfg.seed)
     init_ray(cfg.ray)
     fp = fingerprint("generate-cli", args.model, sampling.seed)
-    info = gen.generate(args.model, prompts, args.out, cfg.generate, sampling, max_length=cfg.model.max_length,
-                        precision=cfg.model.precision, fp=fp)  # fmt: skip
-    print(f"[generate] {info['rows']['prompts']} prompts x {sampling.n} samples -> {args.out} "
-          f"({info['backend']}, {info['tokens']} tokens, {info['tokens_per_s']} tokens/s)")  # fmt: skip
+    info = gen.generate(
+        args.model,
+        prompts,
+        args.out,
+        cfg.generate,
+        sampling,
+        max_length=cfg.model.max_length,
+        precision=cfg.model.precision,
+        fp=fp,
+    )
+    print(
+        f"[generate] {info['rows']['prompts']} prompts x {sampling.n} samples -> {args.out} "
+        f"({info['backend']}, {info['tokens']} tokens, {info['tokens_per_s']} tokens/s)"
+    )
     if args.preferences:
         from pathlib import Path
 
@@ -177,8 +193,10 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
         out = Path(args.preferences)
         out.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), out / "preferences.parquet")
-        print(f"[generate] {len(rows)} preference rows -> {out}/preferences.parquet ({dropped} prompts without a "
-              "preference dropped); validate them with: raydora validate --input " + str(out))  # fmt: skip
+        print(
+            f"[generate] {len(rows)} preference rows -> {out}/preferences.parquet ({dropped} prompts without a "
+            "preference dropped); validate them with: raydora validate --input " + str(out)
+        )
     return 0
 
 

@@ -160,8 +160,9 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, Any], trainabl
         expected = trainable_names(model)
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
-            raise KeyError(f"checkpoint does not match the trainable parameters: missing {missing}, "
-                           f"unexpected {unexpected}")  # fmt: skip
+            raise KeyError(
+                f"checkpoint does not match the trainable parameters: missing {missing}, unexpected {unexpected}"
+            )
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Only tied parameters (saved once, e.g. GPT-2's lm_head = wte) may be absent from the file.

@@ -228,8 +228,14 @@ def pack_sequences(
             seg[r, at : at + len(s)] = n
             loss_mask[r, at + starts[n] : at + len(s)] = 1
             at += len(s)
-    return {"input_ids": ids, "position_ids": pos, "segment_ids": seg, "loss_mask": loss_mask,
-            "attention_mask": (seg >= 0).long(), "sequences": torch.tensor(len(seqs))}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "segment_ids": seg,
+        "loss_mask": loss_mask,
+        "attention_mask": (seg >= 0).long(),
+        "sequences": torch.tensor(len(seqs)),
+    }
 
 
 def packed_logps(logits: Tensor, labels: Tensor, mask: Tensor, segment_ids: Tensor, n: int) -> Tensor:

@@ -293,8 +293,9 @@ class VLLMGenerator:
         # vLLM refuses n > 1 with greedy decoding: ask once and repeat (greedy samples are equal anyway).
         n = 1 if s.temperature == 0 else s.n
         # Text is decoded here from the token ids (detokenize=False), exactly as the hf backend decodes it.
-        return self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                        seed=seed, detokenize=False)  # fmt: skip
+        return self.vllm.SamplingParams(
+            n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=seed, detokenize=False
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.sampling
@@ -407,36 +408,64 @@ def generate(
         batch = gen.vllm_batch_size if backend == "vllm" else gen.batch_size
         pq.write_table(prompts, tmp / "prompts" / "prompts.parquet", row_group_size=batch)
         ds = read_canonical(tmp / "prompts", num_cpus=IO_CPUS, block_rows=batch, slice_rows=batch)
-        common = {"model_dir": model_dir, "sampling": asdict(sampling), "max_length": max_length,
-                  "device": device, "precision": precision}  # fmt: skip
+        common = {
+            "model_dir": model_dir,
+            "sampling": asdict(sampling),
+            "max_length": max_length,
+            "device": device,
+            "precision": precision,
+        }
         if backend == "vllm":
             cls: type = VLLMGenerator
-            kwargs = {**common, "tensor_parallel_size": gen.tensor_parallel_size,
-                      "gpu_memory_utilization": gen.gpu_memory_utilization,
-                      "enforce_eager": gen.enforce_eager}  # fmt: skip
+            kwargs = {
+                **common,
+                "tensor_parallel_size": gen.tensor_parallel_size,
+                "gpu_memory_utilization": gen.gpu_memory_utilization,
+                "enforce_eager": gen.enforce_eager,
+            }
             gpus = gen.tensor_parallel_size if device == "cuda" else 0
         else:
             cls, kwargs = HFGenerator, {**common, "batch_size": gen.batch_size * sampling.n, "threads": gen.threads}
             gpus = 1 if device == "cuda" else 0
         start = time.perf_counter()
-        generated = map_on_actor_pool(ds, cls, kwargs, keys=("generate.actors", "generate.actor_cpus"),
-                                      batch_size=batch, actors=gen.actors, actor_cpus=gen.actor_cpus,
-                                      gpus=gpus)  # fmt: skip
+        generated = map_on_actor_pool(
+            ds,
+            cls,
+            kwargs,
+            keys=("generate.actors", "generate.actor_cpus"),
+            batch_size=batch,
+            actors=gen.actors,
+            actor_cpus=gen.actor_cpus,
+            gpus=gpus,
+        )
         rows = write_rows(generated, tmp / "out")
         elapsed = time.perf_counter() - start
         tokens = sum(
-            sum(x) for f in parquet_files(tmp / "out") for x in pq.read_table(f, columns=["generation_tokens"])
-            .column("generation_tokens").to_pylist()
-        )  # fmt: skip
+            sum(x)
+            for f in parquet_files(tmp / "out")
+            for x in pq.read_table(f, columns=["generation_tokens"]).column("generation_tokens").to_pylist()
+        )
         cut = truncated_prompts(model_dir, prompts, max(1, max_length - sampling.max_new_tokens))
         if cut:
-            print(f"[{stage}] {cut} of {rows} prompts longer than model.max_length - generate.max_new_tokens = "
-                  f"{max(1, max_length - sampling.max_new_tokens)} tokens: each keeps its end", flush=True)  # fmt: skip
-        info = {"stage": stage, "fingerprint": fp, "rows": {"prompts": rows, "samples": rows * sampling.n},
-                "prompts_truncated": cut,
-                "model": model_dir, "backend": backend, "device": device, "actors": gen.actors,
-                "sampling": asdict(sampling), "tokens": tokens, "seconds": round(elapsed, 3),
-                "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None}  # fmt: skip
+            print(
+                f"[{stage}] {cut} of {rows} prompts longer than model.max_length - generate.max_new_tokens = "
+                f"{max(1, max_length - sampling.max_new_tokens)} tokens: each keeps its end",
+                flush=True,
+            )
+        info = {
+            "stage": stage,
+            "fingerprint": fp,
+            "rows": {"prompts": rows, "samples": rows * sampling.n},
+            "prompts_truncated": cut,
+            "model": model_dir,
+            "backend": backend,
+            "device": device,
+            "actors": gen.actors,
+            "sampling": asdict(sampling),
+            "tokens": tokens,
+            "seconds": round(elapsed, 3),
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        }
         write_success(tmp / "out", info)
         promote(tmp / "out", out)
     return info
@@ -493,15 +522,29 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
     outputs, counts, skipped, info = {}, {}, True, {}
     for name, model in policies(cfg, run_dir).items():
         out = run_dir / "generations" / name
-        fp = fingerprint("generate", file_fingerprints(model), file_fingerprints(source), cfg.evaluate.prompts,
-                         asdict(sampling), cfg.model.max_length)  # fmt: skip
+        fp = fingerprint(
+            "generate",
+            file_fingerprints(model),
+            file_fingerprints(source),
+            cfg.evaluate.prompts,
+            asdict(sampling),
+            cfg.model.max_length,
+        )
         outputs[name] = str(out)
         if not force and is_done(out, fp):
             marker = read_success(out) or {}
         else:
             skipped = False
-            marker = generate(model, prompts, out, cfg.generate, sampling, max_length=cfg.model.max_length,
-                              precision=cfg.model.precision, fp=fp)  # fmt: skip
+            marker = generate(
+                model,
+                prompts,
+                out,
+                cfg.generate,
+                sampling,
+                max_length=cfg.model.max_length,
+                precision=cfg.model.precision,
+                fp=fp,
+            )
         counts[name] = marker.get("rows", {}).get("samples", 0)
         info[name] = {k: marker.get(k) for k in ("backend", "tokens", "seconds", "tokens_per_s")}
     return StageResult("generate", outputs, counts, skipped=skipped, info=info)

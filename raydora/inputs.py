@@ -170,8 +170,9 @@ def hub_arrow_files(uri: str) -> list[tuple[Path, str | None]]:
     cache = hub_cache_dir()
     with _hub_offline():
         try:
-            loaded = datasets.load_dataset(repo, config, split=split, cache_dir=str(cache),
-                                           download_mode="reuse_dataset_if_exists")  # fmt: skip
+            loaded = datasets.load_dataset(
+                repo, config, split=split, cache_dir=str(cache), download_mode="reuse_dataset_if_exists"
+            )
         except (ConnectionError, FileNotFoundError, ValueError) as e:  # offline: what datasets raises on a miss
             reason = str(e).splitlines()[0]
             if "multiple" in reason and "configurations" in reason:
@@ -357,13 +358,20 @@ def plan_reads(path: str | Path, fmt: str = "auto", chunk_bytes: int = CHUNK_BYT
         files = hub_arrow_files(str(path))
         forced = None if fmt == "auto" else fmt
         fallback = forced or _sniff_format(files[0][0], "arrow")
-        return [{"file": str(f), "kind": "hf", "format": forced, "fallback": fallback, "line": 1, "split": split}
-                for f, split in files]  # fmt: skip
+        return [
+            {"file": str(f), "kind": "hf", "format": forced, "fallback": fallback, "line": 1, "split": split}
+            for f, split in files
+        ]
     for p, kind in list_inputs(path):
         forced = None if fmt == "auto" else fmt
         codec = compression(p) if kind != "hf" else None
-        base = {"file": str(p), "kind": kind, "format": forced, "fallback": forced or _sniff_format(p, kind),
-                "compression": codec}  # fmt: skip
+        base = {
+            "file": str(p),
+            "kind": kind,
+            "format": forced,
+            "fallback": forced or _sniff_format(p, kind),
+            "compression": codec,
+        }
         if codec is not None:  # a compressed stream cannot be cut into byte ranges: one task reads it all
             tasks.append({**base, "start": 0, "end": -1, "line": 1, "split": None, "row_groups": None})
         elif kind == "jsonl" or kind == "json":

@@ -121,8 +121,15 @@ def to_preferences(
         if len(pairs) < 2 or len(set(scores)) < 2:
             dropped += 1
             continue
-        rows.append({"id": f"{source}-{r['id']}", "prompt": r["prompt"], "responses": [g for g, _ in pairs],
-                     "scores": scores, "sources": [s for _, s in pairs]})  # fmt: skip
+        rows.append(
+            {
+                "id": f"{source}-{r['id']}",
+                "prompt": r["prompt"],
+                "responses": [g for g, _ in pairs],
+                "scores": scores,
+                "sources": [s for _, s in pairs],
+            }
+        )
     return rows, dropped
 
 
@@ -138,9 +145,13 @@ def label(
             extra[r["id"]] = [(x, GOLDEN) for x, s in zip(r["responses"], r["sources"], strict=True) if s == GOLDEN]
     scores: list[float] = []
     rows, dropped = to_preferences(samples, reward, source, extra=extra, sample_scores=scores)
-    counts = {"prompts": samples.num_rows, "rows": len(rows), "dropped": dropped,
-              "golden_responses": sum(r["sources"].count(GOLDEN) for r in rows),
-              "sample_reward_mean": sum(scores) / len(scores) if scores else None}  # fmt: skip
+    counts = {
+        "prompts": samples.num_rows,
+        "rows": len(rows),
+        "dropped": dropped,
+        "golden_responses": sum(r["sources"].count(GOLDEN) for r in rows),
+        "sample_reward_mean": sum(scores) / len(scores) if scores else None,
+    }
     return rows, counts
 
 
@@ -160,29 +171,55 @@ def sample_round(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> di
     data_dir = run_dir / "data"
     base = gen.Sampling.from_config(cfg.generate, cfg.seed)
     # Each round draws fresh samples: its own seed, the loop's n and temperature.
-    sampling = replace(base, n=lp.samples, seed=base.seed + 1000 * round_,
-                       temperature=lp.temperature if lp.temperature is not None else base.temperature)  # fmt: skip
-    sample_fp = fingerprint("loop-sample", round_, file_fingerprints(policy), file_fingerprints(data_dir),
-                            lp.prompts, sampling.__dict__, cfg.model.max_length)  # fmt: skip
+    sampling = replace(
+        base,
+        n=lp.samples,
+        seed=base.seed + 1000 * round_,
+        temperature=lp.temperature if lp.temperature is not None else base.temperature,
+    )
+    sample_fp = fingerprint(
+        "loop-sample",
+        round_,
+        file_fingerprints(policy),
+        file_fingerprints(data_dir),
+        lp.prompts,
+        sampling.__dict__,
+        cfg.model.max_length,
+    )
     samples_dir, input_dir = round_dir / "samples", round_dir / "input"
     prompts = round_prompts(gen.read_prompts(data_dir), round_, lp.prompts)
     if not is_done(samples_dir, sample_fp):
-        gen.generate(policy, prompts.select(["id", "prompt"]), samples_dir, cfg.generate, sampling,
-                     max_length=cfg.model.max_length, precision=cfg.model.precision, fp=sample_fp,
-                     stage="loop-sample")  # fmt: skip
+        gen.generate(
+            policy,
+            prompts.select(["id", "prompt"]),
+            samples_dir,
+            cfg.generate,
+            sampling,
+            max_length=cfg.model.max_length,
+            precision=cfg.model.precision,
+            fp=sample_fp,
+            stage="loop-sample",
+        )
     with_golden = keep_golden(cfg)
-    label_fp = fingerprint("loop-label", (read_success(samples_dir) or {}).get("finished_at"), sample_fp,
-                           _reward_fingerprint(lp.reward), with_golden)  # fmt: skip
+    label_fp = fingerprint(
+        "loop-label",
+        (read_success(samples_dir) or {}).get("finished_at"),
+        sample_fp,
+        _reward_fingerprint(lp.reward),
+        with_golden,
+    )
     if is_done(input_dir, label_fp):
         counts: dict[str, Any] = (read_success(input_dir) or {})["counts"]
         return counts
     reward = named_reward(lp.reward, cfg.model.max_length)
     rows, counts = label(gen.read_generations(samples_dir), prompts, reward, source_tag(round_), with_golden)
     if len(rows) < cfg.train.batch_size:
-        raise ValueError(f"round {round_}: {len(rows)} prompts carried a preference ({counts['dropped']} of "
-                         f"{counts['prompts']} had fewer than 2 distinct responses or equal rewards), fewer than "
-                         f"train.batch_size={cfg.train.batch_size}; raise loop.prompts, loop.samples or "
-                         "loop.temperature")  # fmt: skip
+        raise ValueError(
+            f"round {round_}: {len(rows)} prompts carried a preference ({counts['dropped']} of "
+            f"{counts['prompts']} had fewer than 2 distinct responses or equal rewards), fewer than "
+            f"train.batch_size={cfg.train.batch_size}; raise loop.prompts, loop.samples or "
+            "loop.temperature"
+        )
     with staging(round_dir, "input") as tmp:
         (tmp / "input").mkdir()
         pq.write_table(pa.Table.from_pylist(rows), tmp / "input" / "preferences.parquet")
@@ -201,18 +238,26 @@ def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
     if read_success(data_dir) is None:
         raise FileNotFoundError(f"{data_dir}: no validated training data; run the pipeline (or validate) first")
     if cfg.loop.reward in ("gold", "biased") and cfg.data.input is not None:
-        raise ValueError(f"loop.reward={cfg.loop.reward} scores the synthetic benchmark's prompts only; with your "
-                         "own data (data.input) give a reward model or raydora classifier folder")  # fmt: skip
+        raise ValueError(
+            f"loop.reward={cfg.loop.reward} scores the synthetic benchmark's prompts only; with your "
+            "own data (data.input) give a reward model or raydora classifier folder"
+        )
     if cfg.train.loss not in PAIRWISE_LOSSES:
-        raise ValueError(f"train.loss={cfg.train.loss} is listwise: it needs one number of responses per row, "
-                         "and the loop's rows hold each prompt's distinct samples; use a pairwise loss")  # fmt: skip
+        raise ValueError(
+            f"train.loss={cfg.train.loss} is listwise: it needs one number of responses per row, "
+            "and the loop's rows hold each prompt's distinct samples; use a pairwise loss"
+        )
     if cfg.train.objective in P_GOLDEN_OBJECTIVES:
         if not keep_golden(cfg):
-            raise ValueError(f"train.objective={cfg.train.objective} needs golden responses in every round: "
-                             "leave loop.keep_golden unset (or true)")  # fmt: skip
+            raise ValueError(
+                f"train.objective={cfg.train.objective} needs golden responses in every round: "
+                "leave loop.keep_golden unset (or true)"
+            )
         if synthetic_sources(data_dir).get(GOLDEN, 0) == 0:
-            raise ValueError(f"train.objective={cfg.train.objective}: {data_dir} has no golden responses to set "
-                             "against the policy's samples")  # fmt: skip
+            raise ValueError(
+                f"train.objective={cfg.train.objective}: {data_dir} has no golden responses to set "
+                "against the policy's samples"
+            )
 
 
 def run(cfg: RunConfig, rounds: int | None = None) -> list[dict[str, Any]]:
@@ -238,16 +283,24 @@ def run(cfg: RunConfig, rounds: int | None = None) -> list[dict[str, Any]]:
         pipeline.run(round_cfg, stages)
         round_dir = round_cfg.run_dir.absolute()
         report = json.loads((round_dir / "eval" / "report.json").read_text())
-        summary = {"round": r, "start_policy": str(policy), "policy": str(round_dir / "train" / "final"), **counts,
-                   "win_rates": {k: v["win_rate"] for k, v in report["win_rates"].items()},
-                   "win_rate_ci95": {k: v["ci95"] for k, v in report["win_rates"].items()},
-                   "mean_reward": report.get("mean_reward")}  # fmt: skip
+        summary = {
+            "round": r,
+            "start_policy": str(policy),
+            "policy": str(round_dir / "train" / "final"),
+            **counts,
+            "win_rates": {k: v["win_rate"] for k, v in report["win_rates"].items()},
+            "win_rate_ci95": {k: v["ci95"] for k, v in report["win_rates"].items()},
+            "mean_reward": report.get("mean_reward"),
+        }
         summaries.append(summary)
         policy = round_dir / "train" / "final"
         wr = summary["win_rates"].get("sft")
-        print(f"[loop] round {r}: {counts['rows']} rows ({counts['dropped']} prompts without a preference), "
-              f"samples' mean reward {counts['sample_reward_mean'] or float('nan'):.3f}"
-              + (f", win rate vs round {r - 1} {wr:.3f}" if wr is not None else ""), flush=True)  # fmt: skip
+        print(
+            f"[loop] round {r}: {counts['rows']} rows ({counts['dropped']} prompts without a preference), "
+            f"samples' mean reward {counts['sample_reward_mean'] or float('nan'):.3f}"
+            + (f", win rate vs round {r - 1} {wr:.3f}" if wr is not None else ""),
+            flush=True,
+        )
     out = run_dir / "loop" / "summary.json"
     out.write_text(json.dumps(summaries, indent=2) + "\n")
     print(f"[loop] summary: {out}", flush=True)

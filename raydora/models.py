@@ -70,8 +70,15 @@ def _gpt2(width: int, layers: int, heads: int) -> Preset:
     # biases the margins (TRL disables it too). Llama has no dropout by default.
     # gelu_pytorch_tanh: GPT-2's tanh-approximate GELU as one fused kernel (gelu_new computes the same function
     # from five elementwise ops, ~10% of a CPU training step).
-    size = dict(n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                activation_function="gelu_pytorch_tanh")  # fmt: skip
+    size = dict(
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu_pytorch_tanh",
+    )
     return Preset("causal", GPT2Config, size)
 
 

@@ -72,5 +72,7 @@ def report(result: StageResult) -> None:
         if result.info.get("heldout"):
             print(result.info["heldout"])
         plots = [p for p in ("winrate.png", "reward_vs_alpha.png") if (Path(result.outputs["eval"]) / p).is_file()]
-        print(f"report: {result.outputs['eval']}/report.md" + (f" (plots: {', '.join(plots)})" if plots else ""),
-              flush=True)  # fmt: skip
+        print(
+            f"report: {result.outputs['eval']}/report.md" + (f" (plots: {', '.join(plots)})" if plots else ""),
+            flush=True,
+        )

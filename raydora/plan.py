@@ -86,8 +86,9 @@ def _read_planned(
     """Ray Data UDF: the rows of this worker in some shuffle blocks, in step order, with a ``_step`` column."""
     b, world, per_epoch = plan["batch_size"], plan["world"], plan["steps_per_epoch"]
     local = b // world
-    for f, a, z, epoch, pos, block in zip(batch["file"], batch["start"], batch["stop"], batch["epoch"], batch["pos"],
-                                         batch["block"], strict=True):  # fmt: skip
+    for f, a, z, epoch, pos, block in zip(
+        batch["file"], batch["start"], batch["stop"], batch["epoch"], batch["pos"], batch["block"], strict=True
+    ):
         table = _read_rows(str(f), int(a), int(z), columns)
         perm = np.random.default_rng([seed, int(epoch), int(block)]).permutation(table.num_rows)
         table = table.take(pa.array(perm))
@@ -107,8 +108,13 @@ def worker_datasets(plan: Plan, *, seed: int, columns: list[str], start_step: in
     """One ordered Ray Dataset per worker: ``train_<rank>`` holds that worker's rows of every step in order."""
     import ray.data
 
-    info = {"batch_size": plan.batch_size, "world": plan.world, "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": plan.total_steps, "start_step": start_step}  # fmt: skip
+    info = {
+        "batch_size": plan.batch_size,
+        "world": plan.world,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
+        "start_step": start_step,
+    }
     out: dict[str, Any] = {}
     per_task = max(1, 1024 // max(1, plan.entries[0]["stop"] - plan.entries[0]["start"])) if plan.entries else 1
     for r in range(plan.world):
@@ -119,8 +125,13 @@ def worker_datasets(plan: Plan, *, seed: int, columns: list[str], start_step: in
         # num_cpus=0: the trainers hold the cores; reading token ids is light and must never wait for them.
         # concurrency=1: a 0-CPU task is not bounded by the cores, and Ray Data otherwise ran a dozen at once, each
         # in a fresh worker process (~120 MB), which then lingered idle: 4 GB of the demo's peak memory.
-        ds = ds.map_batches(_read_planned, batch_size=per_task, num_cpus=0, concurrency=1,
-                            fn_kwargs={"rank": r, "plan": info, "seed": seed, "columns": columns})  # fmt: skip
+        ds = ds.map_batches(
+            _read_planned,
+            batch_size=per_task,
+            num_cpus=0,
+            concurrency=1,
+            fn_kwargs={"rank": r, "plan": info, "seed": seed, "columns": columns},
+        )
         ds.context.enable_progress_bars = False  # N workers x bars would bury the step lines
         out[f"train_{r}"] = ds
     return out

@@ -162,8 +162,10 @@ def watch(progress: Progress, poll_s: float = 1.0) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
-        for last in (lambda: progress.update(sum(ray.get(handle.get.remote(), timeout=10).values())),
-                     lambda: ray.kill(handle)):  # fmt: skip
+        for last in (
+            lambda: progress.update(sum(ray.get(handle.get.remote(), timeout=10).values())),
+            lambda: ray.kill(handle),
+        ):
             try:
                 last()
             except Exception:  # noqa: BLE001 - a dead actor, or Ray shut down by the failure that ended the block

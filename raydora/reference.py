@@ -191,9 +191,15 @@ class ReferenceModel:
         names = batch.schema.names
         messages = batch.column("prompt_messages").to_pylist() if "prompt_messages" in names else None
         truncated: list[bool] = []
-        prompt_ids, response_ids = encode_batch(self.tokenizer, prompts, responses, self.max_length, messages=messages,
-                                                max_prompt_length=self.max_prompt_length,
-                                                truncated=truncated)  # fmt: skip
+        prompt_ids, response_ids = encode_batch(
+            self.tokenizer,
+            prompts,
+            responses,
+            self.max_length,
+            messages=messages,
+            max_prompt_length=self.max_prompt_length,
+            truncated=truncated,
+        )
         if "truncated" in names:  # rows re-encoded by a later stage (the loop's rounds) get the new flags
             batch = batch.drop_columns(["truncated"])
         batch = batch.append_column("truncated", pa.array(truncated, pa.bool_()))
@@ -217,8 +223,9 @@ class ReferenceModel:
         with torch.no_grad(), autocast(self.device, self.dtype):
             for i in range(0, len(flat), self.batch_size):
                 chunk = flat[i : i + self.batch_size]
-                enc = pad_sequences([c[0] for c in chunk], [[c[1]] for c in chunk], None, pad,
-                                    multiple_of=self.pad_to_multiple_of)  # fmt: skip
+                enc = pad_sequences(
+                    [c[0] for c in chunk], [[c[1]] for c in chunk], None, pad, multiple_of=self.pad_to_multiple_of
+                )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 lp, _, _ = forward_logps(self.model, enc, 1)
                 out[i : i + len(chunk)] = lp[:, 0].double().cpu().numpy()
@@ -278,8 +285,11 @@ def encode_rows(
         if cut:
             limit = f"model.max_length={max_length}"
             limit += f", max_prompt_length={max_prompt_length}" if max_prompt_length else ""
-            print(f"[{stage}] {cut} of {rows} rows truncated to {limit} tokens: each prompt keeps its end, each "
-                  "response its start (data.truncation=keep_end)", flush=True)  # fmt: skip
+            print(
+                f"[{stage}] {cut} of {rows} rows truncated to {limit} tokens: each prompt keeps its end, each "
+                "response its start (data.truncation=keep_end)",
+                flush=True,
+            )
         write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}, "truncated": cut})
         promote(tmp / "out", out)
     return rows
@@ -290,8 +300,10 @@ def count_true(folder: Path, column: str) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    return sum(int(pc.sum(pq.read_table(f, columns=[column]).column(column)).as_py() or 0)
-               for f in sorted(Path(folder).glob("*.parquet")))  # fmt: skip
+    return sum(
+        int(pc.sum(pq.read_table(f, columns=[column]).column(column)).as_py() or 0)
+        for f in sorted(Path(folder).glob("*.parquet"))
+    )
 
 
 def reference_input(run_dir: Path) -> Path:
@@ -321,11 +333,22 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
     out = run_dir / "reference"
     if not force and is_done(out, fp):
         return StageResult("reference", {"reference": str(out)}, (read_success(out) or {}).get("rows", {}), True)
-    rows = encode_rows(source, out, model_dir=model, tokenizer=tok, max_length=cfg.model.max_length,
-                       cfg=cfg.reference, stage="reference", fp=fp, precision=cfg.model.precision,
-                       attn=attn_implementation(cfg), frozen_in_compute_dtype=bool(cfg.train.lora_r),
-                       pad_to_multiple_of=cfg.model.pad_to_multiple_of,
-                       max_prompt_length=cfg.model.max_prompt_length)  # fmt: skip
+    rows = encode_rows(
+        source,
+        out,
+        model_dir=model,
+        tokenizer=tok,
+        max_length=cfg.model.max_length,
+        cfg=cfg.reference,
+        stage="reference",
+        fp=fp,
+        precision=cfg.model.precision,
+        attn=attn_implementation(cfg),
+        frozen_in_compute_dtype=bool(cfg.train.lora_r),
+        pad_to_multiple_of=cfg.model.pad_to_multiple_of,
+        max_prompt_length=cfg.model.max_prompt_length,
+    )
     truncated = (read_success(out) or {}).get("truncated", 0)
-    return StageResult("reference", {"reference": str(out)}, {"reference": rows, "truncated": truncated},
-                       info={"model": str(model)})  # fmt: skip
+    return StageResult(
+        "reference", {"reference": str(out)}, {"reference": rows, "truncated": truncated}, info={"model": str(model)}
+    )

@@ -172,8 +172,10 @@ def to_canonical(record: Mapping[str, Any], fmt: str, render: ChatRenderer = def
     elif fmt == "trl_conversational":
         messages = _messages(_require(record, "prompt"), "prompt")
         prompt = render(messages)
-        responses = [_assistant_text(_messages(chosen, "chosen"), "chosen"),
-                     _assistant_text(_messages(rejected, "rejected"), "rejected")]  # fmt: skip
+        responses = [
+            _assistant_text(_messages(chosen, "chosen"), "chosen"),
+            _assistant_text(_messages(rejected, "rejected"), "rejected"),
+        ]
     elif fmt == "trl_implicit":
         messages, prompt, *responses = _split_implicit(chosen, rejected, render)
     else:
@@ -224,8 +226,11 @@ def validate(row: Mapping[str, Any], max_chars: int) -> dict[str, Any]:
     if len(responses) < 2:
         raise RowError("too_few_responses", "responses", f"K = {len(responses)}")
     if not len(responses) == len(scores) == len(sources):
-        raise RowError("length_mismatch", "scores" if len(scores) != len(responses) else "sources",
-                       f"{len(responses)} responses, {len(scores)} scores, {len(sources)} sources")  # fmt: skip
+        raise RowError(
+            "length_mismatch",
+            "scores" if len(scores) != len(responses) else "sources",
+            f"{len(responses)} responses, {len(scores)} scores, {len(sources)} sources",
+        )
     floats = [float(s) for s in scores]
     for i, s in enumerate(floats):
         if not math.isfinite(s):

@@ -15,15 +15,31 @@ from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done,
 from raydora.train import WorkerOptions, fit
 
 # The TrainConfig keys the SFT loop reads (the rest are preference-only and must not invalidate a finished SFT).
-SFT_TRAIN_KEYS = ("use_gpu", "placement_strategy", "weight_decay", "warmup_ratio", "scheduler", "grad_clip",
-                  "checkpoint_every", "keep_checkpoints", "max_failures", "strategy", "shuffle_block_rows",
-                  "log_every", "nan_policy")  # fmt: skip
+SFT_TRAIN_KEYS = (
+    "use_gpu",
+    "placement_strategy",
+    "weight_decay",
+    "warmup_ratio",
+    "scheduler",
+    "grad_clip",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "strategy",
+    "shuffle_block_rows",
+    "log_every",
+    "nan_policy",
+)
 
 
 def _sft_rows_from_synth(batch: dict[str, Any]) -> dict[str, Any]:
     n = len(batch["prompt"])
-    return {"prompt": batch["prompt"], "responses": [[r] for r in batch["response"]],
-            "scores": [[1.0]] * n, "sources": [[s] for s in batch["source"]]}  # fmt: skip
+    return {
+        "prompt": batch["prompt"],
+        "responses": [[r] for r in batch["response"]],
+        "scores": [[1.0]] * n,
+        "sources": [[s] for s in batch["source"]],
+    }
 
 
 def _sft_rows_from_preferences(batch: pa.Table) -> pa.Table:
@@ -31,11 +47,15 @@ def _sft_rows_from_preferences(batch: pa.Table) -> pa.Table:
     columns = ["prompt", "responses", "scores", "sources"]
     rows = batch.select(columns + [c for c in ("prompt_messages",) if c in batch.schema.names]).to_pylist()
     best = [int(np.argmax(r["scores"])) for r in rows]
-    return pa.table({"prompt": [r["prompt"] for r in rows],
-                     "responses": [[r["responses"][b]] for r, b in zip(rows, best, strict=True)],
-                     "scores": [[1.0] for _ in rows],
-                     "sources": [[r["sources"][b]] for r, b in zip(rows, best, strict=True)],
-                     "prompt_messages": pa.array([r.get("prompt_messages") for r in rows], pa.string())})  # fmt: skip
+    return pa.table(
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "responses": [[r["responses"][b]] for r, b in zip(rows, best, strict=True)],
+            "scores": [[1.0] for _ in rows],
+            "sources": [[r["sources"][b]] for r, b in zip(rows, best, strict=True)],
+            "prompt_messages": pa.array([r.get("prompt_messages") for r in rows], pa.string()),
+        }
+    )
 
 
 def sft_corpus(cfg: Any, run_dir: Path) -> Path:
@@ -53,8 +73,13 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
     if not upstream:
         raise FileNotFoundError(f"{source}: no SFT corpus (run synth, or validate your data first)")
     tok = tokenizer_dir(cfg, run_dir)
-    fp = fingerprint("sft_data", upstream.get("fingerprint"), file_fingerprints(tok), cfg.model.max_length,
-                     *([f"prompt<={cfg.model.max_prompt_length}"] if cfg.model.max_prompt_length else []))  # fmt: skip
+    fp = fingerprint(
+        "sft_data",
+        upstream.get("fingerprint"),
+        file_fingerprints(tok),
+        cfg.model.max_length,
+        *([f"prompt<={cfg.model.max_prompt_length}"] if cfg.model.max_prompt_length else []),
+    )
     out = run_dir / "sft_data"
     if is_done(out, fp):
         return out
@@ -70,9 +95,17 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
             )
         write_rows(ds, tmp / "rows")
         write_success(tmp / "rows", {"stage": "sft_corpus", "fingerprint": fp})
-        encode_rows(tmp / "rows", tmp / "encoded", model_dir=None, tokenizer=tok, max_length=cfg.model.max_length,
-                    cfg=cfg.reference, stage="sft_data", fp=fp,
-                    max_prompt_length=cfg.model.max_prompt_length)  # fmt: skip
+        encode_rows(
+            tmp / "rows",
+            tmp / "encoded",
+            model_dir=None,
+            tokenizer=tok,
+            max_length=cfg.model.max_length,
+            cfg=cfg.reference,
+            stage="sft_data",
+            fp=fp,
+            max_prompt_length=cfg.model.max_prompt_length,
+        )
         promote(tmp / "encoded", out)
     return out
 

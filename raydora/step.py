@@ -202,8 +202,9 @@ def sample_sq_norms(g: Any, enc: dict[str, Any], b: int) -> Any:
     return per_seq.reshape(-1, b).sum(0)
 
 
-def wdpo_fd_backward(model: Any, o: dict[str, Any], value: Any, forward: Any, mb: dict[str, Any], rho: float,
-                     step: float) -> Any:  # fmt: skip
+def wdpo_fd_backward(
+    model: Any, o: dict[str, Any], value: Any, forward: Any, mb: dict[str, Any], rho: float, step: float
+) -> Any:
     """WDPO's gradient by a finite difference (``train.wdpo_grad=finite_difference``): accumulates into the
     parameters' ``.grad`` the gradient of ``value + rho * c * sum_i ||g_i||^2``, where ``value = c * sum_i l_i``
     (the pointwise objective without its penalty) and ``g = d sum_i l_i / dz`` over the input embeddings z.
@@ -273,8 +274,15 @@ def objective_tilt(cfg: StepConfig, fsdp_step_sync: bool = False) -> Any:
     t = cfg.train
     if cfg.mode == "sft" or t.accumulation != "online" or fsdp_step_sync:
         return None
-    return robust.tilt_of(t.objective, lam=t.lam, calibration=t.dora_calibration, tau=t.tau,
-                          normalize=t.kldpo_normalize, clip=t.kldpo_clip, beta_prime=t.beta_prime)  # fmt: skip
+    return robust.tilt_of(
+        t.objective,
+        lam=t.lam,
+        calibration=t.dora_calibration,
+        tau=t.tau,
+        normalize=t.kldpo_normalize,
+        clip=t.kldpo_clip,
+        beta_prime=t.beta_prime,
+    )
 
 
 def _is_linear(cfg: StepConfig) -> bool:
@@ -438,9 +446,14 @@ def train_step(
     metrics = {"loss": float(value), "loss/unweighted": float(ls.mean()), "grad_norm": grad_norm}
     if cfg.mode != "sft":
         chosen, rejected = stats[:, 3], stats[:, 4]
-        metrics.update({"rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
-                        "rewards/margins": float((chosen - rejected).mean()),
-                        "rewards/accuracies": float((chosen > rejected).double().mean())})  # fmt: skip
+        metrics.update(
+            {
+                "rewards/chosen": float(chosen.mean()),
+                "rewards/rejected": float(rejected.mean()),
+                "rewards/margins": float((chosen - rejected).mean()),
+                "rewards/accuracies": float((chosen > rejected).double().mean()),
+            }
+        )
         if torch.isfinite(ls).all():
             metrics.update(robust.weight_stats(effective_weights(f, ls, ws, ps).clamp_min(0)))
         if t.objective == "wdpo":

@@ -221,8 +221,12 @@ def _eval_rows(start: int, count: int, seed: int) -> Iterator[dict[str, Any]]:
     rng = random.Random(f"raydora-synth-eval-{seed}-{start}")  # a stream disjoint from the training rows
     for i in range(count):
         prompt = make_prompt(rng)
-        yield {"id": f"eval-{seed}-{start + i:09d}", "prompt": prompt, "reference": answer(prompt),
-               "task": parse_prompt(prompt)[0]}  # fmt: skip
+        yield {
+            "id": f"eval-{seed}-{start + i:09d}",
+            "prompt": prompt,
+            "reference": answer(prompt),
+            "task": parse_prompt(prompt)[0],
+        }
 
 
 def view(row: dict[str, Any], split: str) -> dict[str, Any]:
@@ -230,8 +234,15 @@ def view(row: dict[str, Any], split: str) -> dict[str, Any]:
     if split == "sft":
         return {"prompt": row["prompt"], "response": row["responses"][0], "source": row["sources"][0]}
     scores = row["scores"] if split == "train" else row["gold_scores"]
-    return {"id": row["id"], "prompt": row["prompt"], "responses": row["responses"], "scores": scores,
-            "sources": row["sources"], "split": split, "meta": {"task": row["task"]}}  # fmt: skip
+    return {
+        "id": row["id"],
+        "prompt": row["prompt"],
+        "responses": row["responses"],
+        "scores": scores,
+        "sources": row["sources"],
+        "split": split,
+        "meta": {"task": row["task"]},
+    }
 
 
 def _generate_split(batch: dict[str, Any], split: str, params: dict[str, Any]) -> Iterator[Any]:
@@ -288,8 +299,14 @@ def write_benchmark(
             ds = ds.map_batches(_generate_split, batch_size=1, fn_kwargs={"split": split, "params": params})
             ordered(ds).write_json(str(tmp / split))  # files in block order, whichever block finishes first
         sample = list(generate_rows(0, min(rows, 2000), **params))
-        info = {"stage": "synth", "fingerprint": fp, "rows": counts, "params": params, "alpha0": ALPHA0,
-                "label_disagreement": disagreement(sample)}  # fmt: skip
+        info = {
+            "stage": "synth",
+            "fingerprint": fp,
+            "rows": counts,
+            "params": params,
+            "alpha0": ALPHA0,
+            "label_disagreement": disagreement(sample),
+        }
         write_success(tmp, info)
         promote(tmp, out)
     return StageResult("synth", outputs, counts, info=info)
@@ -322,9 +339,18 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
     a configured tokenizer) a BPE trained on its corpus in ``<run_dir>/tokenizer``. ``force`` rewrites the
     benchmark even when it is up to date."""
     s, run_dir = cfg.synth, Path(run_dir)
-    result = write_benchmark(run_dir / "synth", rows=s.rows, k=s.k, alpha=s.alpha, source_shares=s.source_shares,
-                             label_noise=s.label_noise, seed=cfg.seed, eval_rows=s.eval_rows,
-                             sft_rows=s.sft_rows, force=force)  # fmt: skip
+    result = write_benchmark(
+        run_dir / "synth",
+        rows=s.rows,
+        k=s.k,
+        alpha=s.alpha,
+        source_shares=s.source_shares,
+        label_noise=s.label_noise,
+        seed=cfg.seed,
+        eval_rows=s.eval_rows,
+        sft_rows=s.sft_rows,
+        force=force,
+    )
     if cfg.model.tokenizer is None:
         tok = write_tokenizer(run_dir / "synth", run_dir / "tokenizer", cfg.model.vocab_size)
         result.outputs.update(tok.outputs)

@@ -126,8 +126,11 @@ class Tracker:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                values = [Metric(self.mlflow_name(k), float(v), now, step) for k, v in metrics.items()
-                          if isinstance(v, (int, float))]  # fmt: skip
+                values = [
+                    Metric(self.mlflow_name(k), float(v), now, step)
+                    for k, v in metrics.items()
+                    if isinstance(v, (int, float))
+                ]
                 self.mlflow.log_batch(self.mlflow_run, metrics=values)
             except Exception as e:  # noqa: BLE001 - tracking must not end a training run
                 print(f"[train] MLflow logging failed at step {step}, no more MLflow logging this run: {e}", flush=True)
@@ -153,8 +156,9 @@ def is_file_store(uri: str) -> bool:
     return uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks"))
 
 
-def _mlflow_run(logging: dict[str, Any], run_id: str | None, params: dict[str, str], name: str,
-                out_dir: Path) -> tuple[Any, str]:  # fmt: skip
+def _mlflow_run(
+    logging: dict[str, Any], run_id: str | None, params: dict[str, str], name: str, out_dir: Path
+) -> tuple[Any, str]:
     """``(client, run id)``: the run ``run_id`` when the store still has it, else a new run with ``params``."""
     uri = logging["mlflow_uri"]
     if is_file_store(uri):

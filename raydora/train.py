@@ -187,10 +187,9 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         if pack is None:  # decided once, on the first batch
             pack = t.packing and packing_supported(model, rows, spec.step, pad, device, rank)
         micro = [
-            collate_micro(rows, slice(i, i + mbs), spec.mode, t.loss, pad, spec.dora, pack,
-                          spec.pad_to_multiple_of)
+            collate_micro(rows, slice(i, i + mbs), spec.mode, t.loss, pad, spec.dora, pack, spec.pad_to_multiple_of)
             for i in range(0, local, mbs)
-        ]  # fmt: skip
+        ]
         for mb in micro:
             mb["enc"] = {k: v.to(device) for k, v in mb["enc"].items()}
         for callback in spec.callbacks:
@@ -198,8 +197,10 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         stats = train_step(model, micro, spec.step, group=group, world=world, device=device, amp=amp, fsdp=fsdp)
         finite = bool(torch.isfinite(stats["value"])) and math.isfinite(stats["grad_norm_pre"])
         if not finite:
-            msg = (f"non-finite {'loss' if not torch.isfinite(stats['value']) else 'gradient'} at step {step + 1} "
-                   f"(loss={float(stats['value'])}, grad norm={stats['grad_norm_pre']})")  # fmt: skip
+            msg = (
+                f"non-finite {'loss' if not torch.isfinite(stats['value']) else 'gradient'} at step {step + 1} "
+                f"(loss={float(stats['value'])}, grad norm={stats['grad_norm_pre']})"
+            )
             if t.nan_policy == "raise":
                 if rank == 0:
                     (out_dir / FAILED_FILE).write_text(msg + "\n")
@@ -216,16 +217,25 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
         step += 1
         toc = time.perf_counter()
-        m = {"step": step, "epoch": (step - 1) // spec.steps_per_epoch, "lr": scheduler.get_last_lr()[0],
-             "skipped_batches": skipped, "pairs_per_s": spec.step.batch_size / (toc - tic),
-             "tokens_per_s": stats["tokens"] / (toc - tic), **stats["metrics"]}  # fmt: skip
+        m = {
+            "step": step,
+            "epoch": (step - 1) // spec.steps_per_epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "skipped_batches": skipped,
+            "pairs_per_s": spec.step.batch_size / (toc - tic),
+            "tokens_per_s": stats["tokens"] / (toc - tic),
+            **stats["metrics"],
+        }
         tic = toc
         last_metrics = m
         if tracker is not None:
             tracker.log(m, step)
             if step % t.log_every == 0 or step == total:
-                print(f"[{spec.mode}] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                      f"grad {m['grad_norm']:.3f} {m['pairs_per_s']:.1f} rows/s", flush=True)  # fmt: skip
+                print(
+                    f"[{spec.mode}] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                    f"grad {m['grad_norm']:.3f} {m['pairs_per_s']:.1f} rows/s",
+                    flush=True,
+                )
         if step % t.checkpoint_every == 0 or step == total:
             path = save_checkpoint(model, optimizer, scheduler, tokenizer, step, lora=bool(t.lora_r), rank=rank)
             checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
@@ -248,8 +258,15 @@ def _record_worker(out_dir: Path, rank: int, world: int, device: Any) -> None:
     import ray
 
     ctx = ray.get_runtime_context()
-    info = {"rank": rank, "world_size": world, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device)}  # fmt: skip
+    info = {
+        "rank": rank,
+        "world_size": world,
+        "node_id": ctx.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+    }
     folder = out_dir / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{rank}.json").write_text(json.dumps(info) + "\n")
@@ -344,9 +361,19 @@ def fit(
     out_dir = Path(out_dir).absolute()
     if identity is None:
         identity = {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_IN_FINGERPRINT}
-    fp = fingerprint(mode, (read_success(data_dir) or {}).get("fingerprint"), file_fingerprints(model_dir),
-                     dict(identity), batch_size, micro_batch_size, num_workers, epochs, lr, run_cfg.seed,
-                     run_cfg.model.precision)  # fmt: skip
+    fp = fingerprint(
+        mode,
+        (read_success(data_dir) or {}).get("fingerprint"),
+        file_fingerprints(model_dir),
+        dict(identity),
+        batch_size,
+        micro_batch_size,
+        num_workers,
+        epochs,
+        lr,
+        run_cfg.seed,
+        run_cfg.model.precision,
+    )
     if not force and is_done(out_dir, fp, on_corrupt=shutil.rmtree):  # corrupted: a fresh run, nothing resumed
         done = read_success(out_dir) or {}
         return StageResult(mode, {"final": str(out_dir / "final")}, done.get("rows", {}), skipped=True)
@@ -357,9 +384,16 @@ def fit(
     marker.write_text(json.dumps({"fingerprint": fp}))
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     start, resume = latest_checkpoint(out_dir)
-    plan = make_plan(data_dir, batch_size=batch_size, world=num_workers, epochs=epochs, seed=run_cfg.seed,
-                     block_rows=train.shuffle_block_rows, max_steps=train.max_steps if mode == "train" else 0,
-                     start_step=start)  # fmt: skip
+    plan = make_plan(
+        data_dir,
+        batch_size=batch_size,
+        world=num_workers,
+        epochs=epochs,
+        seed=run_cfg.seed,
+        block_rows=train.shuffle_block_rows,
+        max_steps=train.max_steps if mode == "train" else 0,
+        start_step=start,
+    )
     columns = ["prompt_ids", "response_ids"]
     schema = pq.read_schema(parquet_files(data_dir)[0])
     columns += [c for c in ("scores", "sources", "reference_logps", "p_golden") if c in schema.names]
@@ -393,10 +427,17 @@ def fit(
     if train.use_gpu:  # Ray Train would wait forever for GPUs the cluster lacks
         check_gpus(num_workers, 1, "sft.num_workers" if mode == "sft" else "train.num_workers")
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
-    trainer = build_trainer(spec, datasets, num_workers=num_workers, use_gpu=train.use_gpu, out_dir=out_dir,
-                            max_failures=train.max_failures, worker_cpus=options.worker_cpus,
-                            keep_checkpoints=train.keep_checkpoints,
-                            placement_strategy=train.placement_strategy)  # fmt: skip
+    trainer = build_trainer(
+        spec,
+        datasets,
+        num_workers=num_workers,
+        use_gpu=train.use_gpu,
+        out_dir=out_dir,
+        max_failures=train.max_failures,
+        worker_cpus=options.worker_cpus,
+        keep_checkpoints=train.keep_checkpoints,
+        placement_strategy=train.placement_strategy,
+    )
     trainer.fit()
     failed = out_dir / FAILED_FILE
     if failed.exists():
@@ -423,8 +464,7 @@ def dora_info(cfg: Any, data_dir: Path) -> DoraInfo:
         gammas[s] = json.loads(cal.read_text()).get("gamma", 1.0) if cal.exists() else 1.0
     if not shares:
         raise ValueError(f"{run_dir / 'scored'}: no source shares recorded; run the classify stage")
-    return {"shares": shares, "gammas": gammas, "alpha": cfg.train.dora_alpha,
-            "form": scored.get("form", "per_source")}  # fmt: skip
+    return {"shares": shares, "gammas": gammas, "alpha": cfg.train.dora_alpha, "form": scored.get("form", "per_source")}
 
 
 def run(

@@ -58,8 +58,11 @@ def warn_skipped(root: str | Path, skipped: list[str]) -> None:
         return
     names = [os.path.relpath(f, Path(root).absolute()) for f in skipped]
     more = f" and {len(names) - 10} more (listed in data/_SUCCESS)" if len(names) > 10 else ""
-    print(f"[validate] warning: skipping {len(names)} file(s) in {root} that are not inputs ({READABLE}): "
-          f"{', '.join(names[:10])}{more}", flush=True)  # fmt: skip
+    print(
+        f"[validate] warning: skipping {len(names)} file(s) in {root} that are not inputs ({READABLE}): "
+        f"{', '.join(names[:10])}{more}",
+        flush=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,13 @@ def validate(
     if tokenizer_out is not None:
         extras.append(f"tokenizer-vocab={vocab_size}")
     if limits is not None:
-        extras.append([limits.max_length, limits.max_prompt_length,
-                       file_fingerprints(limits.tokenizer) if limits.tokenizer else None])  # fmt: skip
+        extras.append(
+            [
+                limits.max_length,
+                limits.max_prompt_length,
+                file_fingerprints(limits.tokenizer) if limits.tokenizer else None,
+            ]
+        )
     fp = fingerprint("validate", input_fingerprints(input), fmt, max_chars, tokenizer, *extras)
     outputs = {"data": str(out / "data"), "quarantine": str(out / "quarantine")}
     if heldout_fraction:
@@ -192,10 +200,13 @@ def validate(
         if limits is not None and list(staged_dir.glob("*.parquet")):
             tok = limits.tokenizer or str(tmp / "tokenizer")
             checked = ordered(read_canonical(staged_dir)).map_batches(
-                check_token_lengths, batch_format="pyarrow",
-                fn_kwargs={"limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length},
-                           "tokenizer": str(Path(tok).absolute())},
-            )  # fmt: skip
+                check_token_lengths,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length},
+                    "tokenizer": str(Path(tok).absolute()),
+                },
+            )
             write_rows(checked, tmp / "checked", None)
             staged_dir = tmp / "checked"
         kinds = {"data": "valid", "heldout": "heldout", "quarantine": "quarantine"}
@@ -207,8 +218,11 @@ def validate(
                 write_rows(staged.filter(expr=f"kind == '{kind}'").select_columns(columns), tmp / name, None)
         for name in kinds:
             (tmp / name).mkdir(exist_ok=True)  # Ray writes no folder for an empty dataset
-        counts = {"input": parquet_rows(tmp / "staged"), "valid": parquet_rows(tmp / "data"),
-                  "quarantined": parquet_rows(tmp / "quarantine")}  # fmt: skip
+        counts = {
+            "input": parquet_rows(tmp / "staged"),
+            "valid": parquet_rows(tmp / "data"),
+            "quarantined": parquet_rows(tmp / "quarantine"),
+        }
         if heldout_fraction:
             counts["heldout"] = parquet_rows(tmp / "heldout")
         if counts["valid"] + counts.get("heldout", 0) + counts["quarantined"] != counts["input"]:
@@ -216,9 +230,17 @@ def validate(
         reasons = _quarantine_reasons(tmp / "quarantine")
         if counts["valid"] == 0:
             _fail_without_valid_rows(input, out, tmp, counts, reasons, skipped)
-        write_success(tmp / "data", {"stage": "validate", "fingerprint": fp, "input": str(input),
-                                     "rows": counts, "reasons": dict(sorted(reasons.items())),
-                                     "skipped_files": skipped})  # fmt: skip
+        write_success(
+            tmp / "data",
+            {
+                "stage": "validate",
+                "fingerprint": fp,
+                "input": str(input),
+                "rows": counts,
+                "reasons": dict(sorted(reasons.items())),
+                "skipped_files": skipped,
+            },
+        )
         promote(tmp / "quarantine", out / "quarantine")
         if heldout_fraction:
             write_success(tmp / "heldout", {"stage": "validate", "fingerprint": fp, "rows": counts["heldout"]})
@@ -263,21 +285,33 @@ def target_rows(table: pa.Table, source: str) -> list[dict[str, Any]]:
     names = set(table.column_names)
     field = next((f for f in ("response", "responses", "chosen") if f in names), None)
     if "prompt" not in names or field is None:
-        raise InputError(f"{source}: data.target rows need a `prompt` and a `response` (or `responses`, or TRL's "
-                         f"`chosen`) column; found: {', '.join(sorted(names))}")  # fmt: skip
+        raise InputError(
+            f"{source}: data.target rows need a `prompt` and a `response` (or `responses`, or TRL's "
+            f"`chosen`) column; found: {', '.join(sorted(names))}"
+        )
     rows = []
     for i, row in enumerate(table.select(["prompt", field]).to_pylist(), start=1):
         value = row[field]
         answers = value if isinstance(value, list) and field == "responses" else [value]
         for j, answer in enumerate(answers):
             if isinstance(answer, list):  # messages: the assistant turns
-                answer = "\n".join(m.get("content", "") for m in answer if isinstance(m, dict)
-                                   and m.get("role") == "assistant")  # fmt: skip
+                answer = "\n".join(
+                    m.get("content", "") for m in answer if isinstance(m, dict) and m.get("role") == "assistant"
+                )
             if not isinstance(row["prompt"], str) or not isinstance(answer, str) or not answer.strip():
                 raise InputError(f"{source}: row {i}: data.target needs a text `prompt` and a non-empty `{field}`")
-            rows.append({"id": f"target-{schema.row_id(row['prompt'], [answer])}-{j}", "prompt": row["prompt"],
-                         "responses": [answer], "scores": [1.0], "sources": ["target"], "split": None, "meta": None,
-                         "prompt_messages": None})  # fmt: skip
+            rows.append(
+                {
+                    "id": f"target-{schema.row_id(row['prompt'], [answer])}-{j}",
+                    "prompt": row["prompt"],
+                    "responses": [answer],
+                    "scores": [1.0],
+                    "sources": ["target"],
+                    "split": None,
+                    "meta": None,
+                    "prompt_messages": None,
+                }
+            )
     if not rows:
         raise InputError(f"{source}: data.target holds no rows")
     return rows
@@ -295,8 +329,9 @@ def write_target(path: str | Path, out_dir: Path, force: bool = False) -> int:
     with staging(out_dir.parent, out_dir.name) as tmp:
         (tmp / "rows").mkdir()
         pq.write_table(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), tmp / "rows" / "target.parquet")
-        write_success(tmp / "rows", {"stage": "target", "fingerprint": fp, "input": str(path),
-                                     "rows": {"target": len(rows)}})  # fmt: skip
+        write_success(
+            tmp / "rows", {"stage": "target", "fingerprint": fp, "input": str(path), "rows": {"target": len(rows)}}
+        )
         promote(tmp / "rows", out_dir)
     return len(rows)
 
@@ -320,9 +355,18 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
         tok = None if train_tokenizer else str(tokenizer_dir(cfg, run_dir))
         limits = TokenLimits(cfg.model.max_length, cfg.model.max_prompt_length, tok)
     heldout = cfg.data.heldout_fraction if own and cfg.generate.prompts is None else 0.0
-    result = validate(source, run_dir, cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer,
-                      heldout_fraction=heldout, tokenizer_out=run_dir / "tokenizer" if train_tokenizer else None,
-                      vocab_size=cfg.model.vocab_size, limits=limits, force=force)  # fmt: skip
+    result = validate(
+        source,
+        run_dir,
+        cfg.data.format,
+        cfg.data.max_chars,
+        cfg.model.tokenizer,
+        heldout_fraction=heldout,
+        tokenizer_out=run_dir / "tokenizer" if train_tokenizer else None,
+        vocab_size=cfg.model.vocab_size,
+        limits=limits,
+        force=force,
+    )
     if cfg.data.target is not None:
         result.counts["target"] = write_target(cfg.data.target, run_dir / "target", force=force)
     elif cfg.train.objective in P_GOLDEN_OBJECTIVES:
