@@ -90,14 +90,14 @@ demo-cluster: $(STAMP) ## the demo as `ray job submit` to a local `ray start` cl
 
 bench: ## the benchmarks (installs the bench extra); results in bench/results/, summary in docs/benchmarks.md
 	$(MAKE) install EXTRAS=test,dev,bench
-	$(BIN)/python bench/synth_stream.py --rows 100000
-	$(BIN)/python bench/score_scaling.py --rows 600 --memory-rows 1000
-	$(BIN)/python bench/train_speed.py --steps 12 --warmup 3
-	$(BIN)/python bench/fsdp_accumulation.py
-	$(BIN)/python bench/demo_run.py
+	$(BIN)/python -m bench.synth_stream --rows 100000
+	$(BIN)/python -m bench.score_scaling --rows 600 --memory-rows 1000
+	$(BIN)/python -m bench.train_speed --steps 12 --warmup 3
+	$(BIN)/python -m bench.fsdp_accumulation
+	$(BIN)/python -m bench.demo_run
 
 results: $(STAMP) ## the method matrix (every objective, 3 seeds, label-noise and alpha sweeps): docs/results.md
-	$(BIN)/python bench/experiments.py
+	$(BIN)/python -m bench.experiments
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

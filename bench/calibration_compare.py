@@ -8,14 +8,13 @@ benchmark rows (another seed: ~2,500 golden-vs-source examples per classifier, w
 ECE (15 bins) and NLL, uncalibrated, temperature, Platt, and Platt with Platt's smoothed targets. No Ray: the
 classifiers run in this process.
 
-    .venv/bin/python bench/calibration_compare.py --out bench/results
+    .venv/bin/python -m bench.calibration_compare --out bench/results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
-
+from bench.common import record
 from raydora import calibration, classifier, synth
 from raydora.config import load_config
 from raydora.models import load_encoder, load_tokenizer

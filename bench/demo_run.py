@@ -6,7 +6,7 @@ the raylet, GCS, dashboard and every Ray worker (Ray Train workers, Ray Data act
 recorded: RSS (counts pages shared between processes once per process: an upper bound) and PSS (shares them out:
 the tree's real footprint). Ray's object store lives in /dev/shm and is counted through the processes mapping it.
 
-    .venv/bin/python bench/demo_run.py                      # about 5 minutes; bench/results/demo_run.json
+    .venv/bin/python -m bench.demo_run                      # about 5 minutes; bench/results/demo_run.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRSS, record
+from bench.common import PeakRSS, record
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ Two gloo ranks on this CPU, each with one torch thread, shard a Llama-shaped mod
   accumulates in one pass with a shared running max; ``step`` needs the window pass, a second forward of every
   micro-batch).
 
-    python bench/fsdp_accumulation.py                   # ~8 minutes on 2 cores
-    python bench/fsdp_accumulation.py --steps 3 --layers 2 --hidden 128   # a quick check of the script
+    python -m bench.fsdp_accumulation                   # ~8 minutes on 2 cores
+    python -m bench.fsdp_accumulation --steps 3 --layers 2 --hidden 128   # a quick check of the script
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import functools
 import os
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
+from bench.common import record
 
 SETTINGS = ("micro_batch", "step")
 

@@ -16,8 +16,8 @@ tokenizer; every backend decodes greedily, at most ``--new-tokens`` per sample, 
 the tokens it generated up to EOS. Rounds alternate the configurations (this machine's timing noise is about
 15%), and each configuration's best round counts.
 
-    .venv/bin/python bench/generate_speed.py --prompts 512 --new-tokens 32
-    .venv-vllm/bin/python bench/generate_speed.py --prompts 512   # with vLLM's CPU build (make test-vllm)
+    .venv/bin/python -m bench.generate_speed --prompts 512 --new-tokens 32
+    .venv-vllm/bin/python -m bench.generate_speed --prompts 512   # with vLLM's CPU build (make test-vllm)
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ import gc
 import importlib.util
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import record
+from bench.common import record
 
 
 def prepare(root: Path, preset: str) -> Path:

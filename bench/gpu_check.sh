@@ -10,7 +10,7 @@
 #      for the whole script, the summary included): throughput and MFU.
 #      PRESET_ARGS="--preset dora --steps 100" runs the DoRA preset's LoRA setting instead (adds classify).
 #   5. (VLLM=1) the vllm test tier (tests/test_vllm.py) on the GPU, then vLLM against raydora's hf backend and a
-#      bare generate loop (bench/gpu_speed.py --generation-only, VLLM_ARGS), with vLLM 0.26.0 from .whl-vllm/
+#      bare generate loop (python -m bench.gpu_speed --generation-only, VLLM_ARGS), with vLLM 0.26.0 from .whl-vllm/
 #      (bench/gpu_wheels.sh vllm; its parts may have come in earlier calls and been copied to /tmp/vparts,
 #      docs/gpu.md).
 # SKIP_TESTS=1 leaves out the test tiers (steps 1 and 5's); SKIP_BENCH=1 and SKIP_PIPELINE=1 steps 2 and 3.
@@ -54,7 +54,7 @@ echo "== 2. bench/gpu_speed.py"
 if [ -n "${SKIP_BENCH:-}" ]; then
   summary+=("gpu_speed: skipped (SKIP_BENCH)")
 else
-  timeout 150 $PY bench/gpu_speed.py --out "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/gpu_speed.log"
+  timeout 150 $PY -m bench.gpu_speed --out "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/gpu_speed.log"
   summary+=("gpu_speed: rc=${PIPESTATUS[0]}")
 fi
 
@@ -79,9 +79,10 @@ if [ -n "${RUN_PRESET:-}" ]; then
   echo "== 4. bench/gpu_preset.py (a LoRA preset, Llama-3.1-8B shape, random weights): ${PRESET_ARGS:-}"
   start=$(date +%s)
   # gpu_preset.py keeps to its own --timeout (default 420 s, the whole script); the outer timeout only backs it
-  # up. If it still fires, `gpu_preset.py --summarize $OUT` rebuilds the summary from the files copied below.
+  # up. If it still fires, `python -m bench.gpu_preset --summarize $OUT` rebuilds the summary from the files
+  # copied below.
   inner=$(sed -n 's/.*--timeout[ =]\([0-9]*\).*/\1/p' <<<"${PRESET_ARGS:-}")
-  timeout "${PRESET_TIMEOUT:-$((${inner:-420} + 30))}" $PY bench/gpu_preset.py --out "$OUT" --work /tmp/preset \
+  timeout "${PRESET_TIMEOUT:-$((${inner:-420} + 30))}" $PY -m bench.gpu_preset --out "$OUT" --work /tmp/preset \
     ${PRESET_ARGS:-} 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"
   summary+=("gpu_preset: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
   cp /tmp/preset/runs/preset/train/metrics.jsonl "$OUT/preset_metrics.jsonl" 2>/dev/null
@@ -92,7 +93,7 @@ if [ -n "${RUN_PRESET:-}" ]; then
 fi
 
 if [ -n "${VLLM:-}" ]; then
-  echo "== 5. the vllm test tier on the GPU, then vLLM against the hf backend and a bare loop (bench/gpu_speed.py --generation-only)"
+  echo "== 5. the vllm test tier on the GPU, then vLLM against the hf backend and a bare loop (python -m bench.gpu_speed --generation-only)"
   $PY -c "import vllm; print('vllm', vllm.__version__)"
   if [ -z "${SKIP_TESTS:-}" ]; then
     timeout "${VLLM_TESTS_TIMEOUT:-240}" $PY -m pytest -q -p no:logging -m vllm tests/test_vllm.py 2>&1 \
@@ -100,7 +101,7 @@ if [ -n "${VLLM:-}" ]; then
     summary+=("vllm tests: rc=${PIPESTATUS[0]} $(tail -1 "$OUT/pytest_vllm.log")")
   fi
   start=$(date +%s)
-  timeout "${VLLM_TIMEOUT:-300}" $PY bench/gpu_speed.py --generation-only --out "$OUT" ${VLLM_ARGS:-} 2>&1 \
+  timeout "${VLLM_TIMEOUT:-300}" $PY -m bench.gpu_speed --generation-only --out "$OUT" ${VLLM_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_vllm.log"
   summary+=("vllm: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
 fi

@@ -5,23 +5,21 @@ The merge runs each adapted layer on the adapters' device (``checkpoint.merged_l
 on CPU in a Ray worker's one thread is timed on the first ``--cpu-layers`` layers in the same run and scaled to the
 whole model by the adapted layers' weights (the embeddings and the LM head are never merged).
 
-    python bench/gpu_merge.py --out bench/results          # CUDA, >= 40 GB
-    python bench/gpu_merge.py --device cpu --shape tiny    # the same path on CPU
+    python -m bench.gpu_merge --out bench/results          # CUDA, >= 40 GB
+    python -m bench.gpu_merge --device cpu --shape tiny    # the same path on CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
-from gpu_preset import SHAPES
+from bench.common import record
+from bench.gpu_preset import SHAPES
 
 
 def lora_model(shape: dict, device: str, r: int) -> torch.nn.Module:

@@ -23,9 +23,9 @@ Recorded (``bench/results/gpu_preset.json``):
   attention's 12 x layers x width x sequence length. The 6 x figure is given beside it for comparison;
 - each stage's wall time, and the GPU's peak memory (nvidia-smi, polled each second).
 
-    python bench/gpu_preset.py --out bench/results                  # CUDA, >= 40 GB; about 6 minutes on an H200
-    python bench/gpu_preset.py --preset dora --out bench/results    # DoRA LoRA preset, + classify: ~9 min on an H200
-    python bench/gpu_preset.py --shape tiny --device cpu --steps 4  # the same path on CPU, to check the script
+    python -m bench.gpu_preset --out bench/results                  # CUDA, >= 40 GB; about 6 minutes on an H200
+    python -m bench.gpu_preset --preset dora --out bench/results    # DoRA LoRA preset, + classify: ~9 min on an H200
+    python -m bench.gpu_preset --shape tiny --device cpu --steps 4  # the same path on CPU, to check the script
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
+from bench.common import record
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -222,15 +221,14 @@ def main() -> None:
     if args.summarize:
         summarize_returned(Path(args.summarize), args.out)
         return
-    from train_speed import dense_matmul_flops
-
+    from bench.train_speed import dense_matmul_flops
     from raydora.config import load_config
     from raydora.models import train_tokenizer
 
     gpu = args.device == "cuda"
     if gpu:
         assert torch.cuda.is_available(), "gpu_preset.py needs a CUDA GPU (or --device cpu --shape tiny)"
-        from gpu_speed import matmul_rate
+        from bench.gpu_speed import matmul_rate
 
         peak, name = matmul_rate(), torch.cuda.get_device_name()
     else:

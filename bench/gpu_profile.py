@@ -8,14 +8,13 @@ in the same process, and profiles one step of each with ``torch.profiler``:
 - padded sequences with sdpa (no mask work wasted across sequences, padding tokens instead);
 - packed sequences with FlexAttention (a block mask: blocks outside each sequence are skipped).
 
-    python bench/gpu_profile.py --out bench/results                 # CUDA; about two minutes on an H200
-    python bench/gpu_profile.py --shape tiny --device cpu --steps 2  # the same path on CPU
+    python -m bench.gpu_profile --out bench/results                 # CUDA; about two minutes on an H200
+    python -m bench.gpu_profile --shape tiny --device cpu --steps 2  # the same path on CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
-from gpu_preset import SHAPES, build_random_model, flops_per_token, synthetic_pairs
-from train_speed import trainer_rows
-
+from bench.common import record
+from bench.gpu_preset import SHAPES, build_random_model, flops_per_token, synthetic_pairs
+from bench.train_speed import trainer_rows
 from raydora import train
 from raydora.checkpoint import load_policy
 from raydora.config import TrainConfig
@@ -112,7 +109,7 @@ def main() -> None:
                          for b in rs]))  # fmt: skip
     peak = None
     if dev.type == "cuda":
-        from gpu_speed import matmul_rate
+        from bench.gpu_speed import matmul_rate
 
         peak = matmul_rate()
         for r in results.values():

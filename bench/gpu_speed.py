@@ -10,9 +10,9 @@
   CUDA graphs) where vLLM is installed. Greedy decoding; each engine is built before its timed rounds. With
   ``--shape llama3-8b`` the three engines run a Llama-3.1-8B-shaped model (random weights, built on the GPU).
 
-    python bench/gpu_speed.py --out bench/results          # on a CUDA machine; about two minutes on an H100
-    python bench/gpu_speed.py --generation-only            # the generation comparison alone
-    python bench/gpu_speed.py --generation-only --shape llama3-8b --prompts 512 --new-tokens 128 --vllm-memory 0.6
+    python -m bench.gpu_speed --out bench/results          # on a CUDA machine; about two minutes on an H100
+    python -m bench.gpu_speed --generation-only            # the generation comparison alone
+    python -m bench.gpu_speed --generation-only --shape llama3-8b --prompts 512 --new-tokens 128 --vllm-memory 0.6
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
-from generate_speed import Engine, bare_loop, prompts
-from gpu_preset import SHAPES, build_random_model
-from train_speed import Ours, dense_matmul_flops, lockstep, make_pairs, model_flops_per_token
-
+from bench.common import record
+from bench.generate_speed import Engine, bare_loop, prompts
+from bench.gpu_preset import SHAPES, build_random_model
+from bench.train_speed import Ours, dense_matmul_flops, lockstep, make_pairs, model_flops_per_token
 from raydora import models as M
 from raydora.models import build_model, count_parameters, load_causal_lm, save_pretrained, train_tokenizer
 

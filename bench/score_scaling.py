@@ -4,7 +4,7 @@ rows. Targets (ratios in one run, 2-core CPU): 2 actors >= 1.8x 1 actor; 10x row
 Throughput uses the real backbone (the pretrained MiniLM when installed) with an untrained head: weights do not
 change the cost. Each actor runs one torch thread, so 2 actors use both cores.
 
-    .venv/bin/python bench/score_scaling.py --rows 1000 --memory-rows 2000
+    .venv/bin/python -m bench.score_scaling --rows 1000 --memory-rows 2000
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRSS, record
+from bench.common import PeakRSS, record
 
 SOURCES = ("verbose", "sloppy")
 
@@ -95,7 +94,9 @@ def child(mode: str, rows: int, backbone: str, actors: int) -> dict[str, float]:
 
 
 def run_child(*args: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.score_scaling", "--child", *args], capture_output=True, text=True
+    )
     if out.returncode:
         sys.exit(out.stderr[-4000:])
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Does the synthetic benchmark stream? Peak memory (driver + Ray workers) and throughput of `write_benchmark`
 for N and 10*N rows, each in a fresh process with a fresh local Ray. Target: 10x the rows < 1.5x the peak memory.
 
-    .venv/bin/python bench/synth_stream.py --rows 100000        # then 1,000,000 in the same run
+    .venv/bin/python -m bench.synth_stream --rows 100000        # then 1,000,000 in the same run
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRSS, record
+from bench.common import PeakRSS, record
 
 
 def one(rows: int) -> dict[str, float]:
@@ -43,7 +42,9 @@ def main() -> None:
         return
     runs = []
     for rows in (args.rows, 10 * args.rows):
-        out = subprocess.run([sys.executable, __file__, "--child", str(rows)], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.synth_stream", "--child", str(rows)], capture_output=True, text=True
+        )
         if out.returncode:
             sys.exit(out.stderr[-3000:])
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -1,10 +1,10 @@
 """DoRA without source labels: one target-vs-mixture classifier (``data.target``) against DoRA's per-source
 classifiers, on the offline shift benchmark, into ``bench/results/target_mixture.json``.
 
-    python bench/target_mixture.py                  # seeds 0 1 2, in runs/experiments (the matrix's runs)
-    python bench/target_mixture.py --seeds 0        # one seed
-    python bench/target_mixture.py --dry-run        # tiny sizes in runs/target_mixture_dry: checks the plumbing
-    python bench/target_mixture.py --report-only    # aggregate the finished runs again; train nothing
+    python -m bench.target_mixture                  # seeds 0 1 2, in runs/experiments (the matrix's runs)
+    python -m bench.target_mixture --seeds 0        # one seed
+    python -m bench.target_mixture --dry-run        # tiny sizes in runs/target_mixture_dry: checks the plumbing
+    python -m bench.target_mixture --report-only    # aggregate the finished runs again; train nothing
 
 Two arms per seed, both the ``dora`` row of ``bench/experiments.py``'s method matrix (label noise 0: the same
 config, seed, loss, objective, lr and steps, the same shared base run and the same evaluation):
@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import experiments as exp  # bench/ scripts import each other from their folder
+from bench import experiments as exp
 
 ROOT = exp.ROOT
 ARMS = {"dora": "DoRA, per-source classifiers (source labels)", "dora_target": "DoRA, target vs mixture (no labels)"}

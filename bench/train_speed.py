@@ -8,7 +8,7 @@
 - precomputed reference log-probs against a reference forward in every step;
 - model FLOPs utilisation of the DPO step against a dense fp32 matmul timed in the same run.
 
-    .venv/bin/python bench/train_speed.py            # ~10M-parameter GPT-2, batch 16 pairs, fp32, 2 threads
+    .venv/bin/python -m bench.train_speed            # ~10M-parameter GPT-2, batch 16 pairs, fp32, 2 threads
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record
-
+from bench.common import record
 from raydora import synth, train
 from raydora.config import TrainConfig
 from raydora.encoding import encode_batch, forward_logps, pad_sequences, render_prompt
