@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import record
-from bench.gpu_preset import SHAPES
+from bench.common import SHAPES, record
 
 
 def lora_model(shape: dict, device: str, r: int) -> torch.nn.Module:

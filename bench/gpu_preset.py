@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bench.common import record
+from bench.common import (
+    SHAPES,
+    GpuMemory,
+    build_random_model,
+    dense_matmul_flops,
+    flops_per_token,
+    matmul_rate,
+    pseudo_words,
+    record,
+    synthetic_pairs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -63,32 +71,6 @@ ENCODERS = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 }
 SOURCES = ("golden", "verbose", "repetitive", "skewed")
-# Llama-3.1-8B's architecture (config.json of meta-llama/Llama-3.1-8B-Instruct, rope scaling left out: it changes
-# no FLOPs) and a tiny one of the same family for the CPU dry run.
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-                      max_position_embeddings=8192, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=False),
-}  # fmt: skip
-
-
-def synthetic_pairs(rows: int, prompt_words: int, response_words: int, seed: int = 0) -> list[dict[str, str]]:
-    """TRL-layout pairs of pseudo-words, lengths jittered by +-25% (made-up words, so the tokenizer splits them)."""
-    rng = np.random.default_rng(seed)
-    words = _pseudo_words(rng)
-
-    def text(n: int) -> str:
-        return " ".join(rng.choice(words, size=max(1, int(n * rng.uniform(0.75, 1.25)))))
-
-    return [{"prompt": text(prompt_words), "chosen": text(response_words), "rejected": text(response_words)}
-            for _ in range(rows)]  # fmt: skip
-
-
-def _pseudo_words(rng: np.random.Generator, n: int = 3000) -> list[str]:
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ja", "po", "ze"]
-    return ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(n)]
 
 
 def synthetic_listwise(rows: int, prompt_words: int, response_words: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -97,7 +79,7 @@ def synthetic_listwise(rows: int, prompt_words: int, response_words: int, seed: 
     learn: ``verbose`` is 1.5 x longer, ``repetitive`` repeats its words, ``skewed`` draws from a tenth of the
     vocabulary."""
     rng = np.random.default_rng(seed)
-    words = _pseudo_words(rng)
+    words = pseudo_words(rng)
 
     def text(n: int, vocab: list[str] = words) -> str:
         return " ".join(rng.choice(vocab, size=max(1, int(n * rng.uniform(0.75, 1.25)))))
@@ -135,68 +117,6 @@ def build_random_encoder(shape: str, texts: list[str], out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_random_model(shape: str, tok: Any, out: Path, device: str) -> int:
-    """The shape with random weights, built on ``device`` (an 8B model initialises in seconds on a GPU) and saved
-    as bf16 (GPU) or fp32 safetensors with its tokenizer. Returns the parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from raydora.models import save_pretrained
-
-    cfg = LlamaConfig(**SHAPES[shape], pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)  # fmt: skip
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    n = sum(p.numel() for p in model.parameters())
-    save_pretrained(model, tok, out)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return n
-
-
-def flops_per_token(shape: str, seq: float, lora: bool) -> float:
-    """Training FLOPs per token: (4 with LoRA, else 6) x the matmul parameters (projections, MLP, LM head) plus
-    attention's score and value products, 12 x layers x width x sequence length (forward and backward)."""
-    s = SHAPES[shape]
-    h, layers, heads, kv = s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"]
-    kv_width = h // heads * kv
-    per_layer = 2 * h * h + 2 * h * kv_width + 3 * h * s["intermediate_size"]
-    matmul = layers * per_layer + h * s["vocab_size"]
-    return (4 if lora else 6) * matmul + 12 * layers * h * seq
-
-
-class GpuMemory:
-    """Peak GPU memory in use (MiB, every process) from nvidia-smi, polled each second in a thread. Each new peak is
-    also written to ``path`` (when given), so a run killed from outside still leaves it for ``--summarize``."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.peak, self.path, self._stop = 0, path, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout  # fmt: skip
-                peak = max([self.peak] + [int(x) for x in out.split()])
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                return
-            if peak > self.peak and self.path is not None:
-                self.path.write_text(f"{peak}\n")
-            self.peak = peak
-            self._stop.wait(1.0)
-
-    def __enter__(self) -> GpuMemory:
-        if shutil.which("nvidia-smi"):
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="kldpo", choices=sorted(PRESETS))
@@ -221,15 +141,12 @@ def main() -> None:
     if args.summarize:
         summarize_returned(Path(args.summarize), args.out)
         return
-    from bench.train_speed import dense_matmul_flops
     from raydora.config import load_config
     from raydora.models import train_tokenizer
 
     gpu = args.device == "cuda"
     if gpu:
         assert torch.cuda.is_available(), "gpu_preset.py needs a CUDA GPU (or --device cpu --shape tiny)"
-        from bench.gpu_speed import matmul_rate
-
         peak, name = matmul_rate(), torch.cuda.get_device_name()
     else:
         peak, name = dense_matmul_flops(torch.get_num_threads()), "cpu"

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import record
-from bench.gpu_preset import SHAPES, build_random_model, flops_per_token, synthetic_pairs
+from bench.common import SHAPES, build_random_model, flops_per_token, matmul_rate, record, synthetic_pairs
 from bench.train_speed import trainer_rows
 from raydora import train
 from raydora.checkpoint import load_policy
@@ -109,8 +108,6 @@ def main() -> None:
                          for b in rs]))  # fmt: skip
     peak = None
     if dev.type == "cuda":
-        from bench.gpu_speed import matmul_rate
-
         peak = matmul_rate()
         for r in results.values():
             if "tokens_per_s" in r:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,34 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import record
+from bench.common import SHAPES, build_random_model, dense_matmul_flops, matmul_rate, model_flops_per_token, record
 from bench.generate_speed import Engine, bare_loop, prompts
-from bench.gpu_preset import SHAPES, build_random_model
-from bench.train_speed import Ours, dense_matmul_flops, lockstep, make_pairs, model_flops_per_token
+from bench.train_speed import Ours, lockstep, make_pairs
 from raydora import models as M
 from raydora.models import build_model, count_parameters, load_causal_lm, save_pretrained, train_tokenizer
 
-# GPT-2 small's shape (124M parameters with GPT-2's 50k vocabulary; about 86M with the benchmark's 512 tokens).
-M.PRESETS.setdefault("gpt2-124m-shape", M._gpt2(768, layers=12, heads=12))
 
-
-def matmul_rate(n: int = 8192, reps: int = 20, dtype: torch.dtype = torch.bfloat16) -> float:
-    """FLOP/s of an n^3 matmul on random data: median of ``reps`` products timed with CUDA events."""
-    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return 2 * n**3 / statistics.median(times)
+def register_gpt2_small_shape() -> None:
+    """Add the ``gpt2-124m-shape`` model preset (GPT-2 small's shape: 124M parameters with GPT-2's 50k vocabulary;
+    about 86M with the benchmark's 512 tokens) to ``raydora.models.PRESETS``, once, when the script runs."""
+    M.PRESETS.setdefault("gpt2-124m-shape", M._gpt2(768, layers=12, heads=12))
 
 
 def main() -> None:
+    register_gpt2_small_shape()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-124m-shape")
     p.add_argument("--pairs", type=int, default=1024)
@@ -71,8 +57,8 @@ def main() -> None:
     p.add_argument("--generation-only", action="store_true", help="leave out the training-step benchmarks")
     p.add_argument("--backends", default="loop,hf,vllm", help="generation backends (vllm where it is installed)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="with --generation-only: a Llama model of gpu_preset.py's shape (random weights, built on "
-                        "the device) instead of --preset")  # fmt: skip
+                   help="with --generation-only: a Llama model of a bench.common.SHAPES shape (random weights, built "
+                        "on the device) instead of --preset")  # fmt: skip
     p.add_argument("--vllm-batch", type=int, default=0, help="prompts per vLLM call (0: --gen-batch)")
     p.add_argument(
         "--vllm-memory",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import record
+from bench.common import dense_matmul_flops, model_flops_per_token, record
 from raydora import synth, train
 from raydora.config import TrainConfig
 from raydora.encoding import encode_batch, forward_logps, pad_sequences, render_prompt
@@ -42,26 +42,6 @@ def make_pairs(n: int, seed: int) -> list[dict[str, Any]]:
         best, worst = int(np.argmax(r["scores"])), int(np.argmin(r["scores"]))
         out.append({"prompt": r["prompt"], "chosen": r["responses"][best], "rejected": r["responses"][worst]})
     return out
-
-
-def dense_matmul_flops(threads: int, n: int = 1024, reps: int = 20) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    tic = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - tic)
-
-
-def model_flops_per_token(model: Any, seq_len: float) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): 6 x the matmul parameters (blocks and LM head)
-    plus the attention score/value products, 12 x layers x width x sequence length."""
-    c = model.config
-    d, layers, vocab = c.n_embd, c.n_layer, c.vocab_size
-    matmul_params = 12 * layers * d * d + d * vocab
-    return 6 * matmul_params + 12 * layers * d * seq_len
 
 
 OBJECTIVES = ("erm", "dora", "kldpo", "wdpo")
