@@ -185,22 +185,34 @@ def per_prompt(child: Path, alphas: tuple[float, ...]) -> dict[float | None, dic
     return out
 
 
-def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
-    """Where DoRA puts its weight: per (chosen source > rejected source) of each row's best-vs-worst pair, the
-    share of rows and the share of the summed h~ (the DoRA row weight the pairwise trainer uses)."""
+def scored_rows(run: Path) -> list[dict[str, Any]]:
+    """The rows of ``run``'s scored stage (``p_golden`` beside each response), in file order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    return pa.concat_tables([pq.read_table(f) for f in sorted((run / "scored").glob("*.parquet"))]).to_pylist()
+
+
+def dora_weights(run: Path, rows: list[dict[str, Any]]) -> tuple[np.ndarray, Any]:
+    """The DoRA row weights h~ of ``rows`` (``run``'s scored rows) as the pairwise trainer computes them, on each
+    row's best-vs-worst pair, from ``run``'s scored and classifier markers (shares, gammas, the ratio's form);
+    returns the weights and the pairs (chosen, rejected index per row)."""
     from raydora.encoding import pair_indices
     from raydora.step import dora_row_weights
 
-    rows = pa.concat_tables([pq.read_table(f) for f in sorted((base / "scored").glob("*.parquet"))]).to_pylist()
-    marker = json.loads((base / "scored" / "_SUCCESS").read_text())
-    clf = json.loads((base / "classifier" / "_SUCCESS").read_text())
-    info = {"shares": marker["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
-            "alpha": None}  # fmt: skip
+    scored = json.loads((run / "scored" / "_SUCCESS").read_text())
+    clf = json.loads((run / "classifier" / "_SUCCESS").read_text())
+    info = {"shares": scored["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
+            "alpha": None, "form": scored.get("form", "per_source")}  # fmt: skip
     select = pair_indices([r["scores"] for r in rows])  # the trainer's chosen and rejected responses
-    h = dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
+    return dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select), select
+
+
+def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
+    """Where DoRA puts its weight: per (chosen source > rejected source) of each row's best-vs-worst pair, the
+    share of rows and the share of the summed h~ (the DoRA row weight the pairwise trainer uses)."""
+    rows = scored_rows(base)
+    h, select = dora_weights(base, rows)
     groups: dict[str, list[float]] = {}
     for r, w, (best, worst) in zip(rows, h, select, strict=True):
         groups.setdefault(f"{r['sources'][int(best)]} > {r['sources'][int(worst)]}", []).append(w)

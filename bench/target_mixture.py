@@ -99,21 +99,10 @@ def run_target(config: str, root: Path, seed: int, extra: list[str]) -> Path:
 def weights_by_pair(run: Path, sources: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], np.ndarray]:
     """The DoRA row weights h~ of ``run``'s scored rows (pairwise: each row's best-vs-worst pair, as the trainer),
     in row-id order, and per (chosen > rejected) pair of the rows' true ``sources`` the share of rows and of the
-    summed weight (``experiments.dora_pair_weights``, for either form of the weights)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raydora.encoding import pair_indices
-    from raydora.step import dora_row_weights
-
-    rows = pa.concat_tables([pq.read_table(f) for f in sorted((run / "scored").glob("*.parquet"))]).to_pylist()
+    summed weight (as ``experiments.dora_pair_weights``, but by the true sources: the target arm's are unknown)."""
+    rows = exp.scored_rows(run)
     rows.sort(key=lambda r: r["id"])
-    scored = json.loads((run / "scored" / "_SUCCESS").read_text())
-    clf = json.loads((run / "classifier" / "_SUCCESS").read_text())
-    info = {"shares": scored["shares"], "gammas": {k: v["gamma"] for k, v in clf["classifiers"].items()},
-            "alpha": None, "form": scored.get("form", "per_source")}  # fmt: skip
-    select = pair_indices([r["scores"] for r in rows])
-    h = dora_row_weights([r["p_golden"] for r in rows], [r["sources"] for r in rows], info, select)
+    h, select = exp.dora_weights(run, rows)
     share: dict[str, dict[str, float]] = {}
     for r, w, (best, worst) in zip(rows, h, select, strict=True):
         at = share.setdefault(f"{sources[r['id']][int(best)]} > {sources[r['id']][int(worst)]}", dict.fromkeys(
