@@ -32,7 +32,7 @@ test: $(STAMP) ## default tier: CPU, 18-26 minutes on 2 cores (slow, gpu and vll
 # and validation rules, the CLI, the report's statistics, the manifests, and the gloo/FSDP2 equivalences.
 FAST_TESTS := $(addprefix tests/test_,losses.py robust.py logprobs.py wdpo_penalty.py calibration.py config.py \
 	presets.py schema.py api.py cli_and_hardware.py evaluate.py experiments.py kuberay.py models.py train_step.py \
-	robust_distributed.py)
+	robust_distributed.py bench_imports.py)
 
 test-fast: $(STAMP) ## the pure tier: math, config, schema and CLI without Ray (53 s on 2 cores)
 	$(call run_pytest,-q -m "not slow" $(FAST_TESTS))
