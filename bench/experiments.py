@@ -8,7 +8,8 @@ evaluation-alpha sweep, with bootstrap CIs, into ``bench/results/experiments.jso
 Per (seed, noise) one **base** run does everything the methods share: synth, validate, classify (+ scoring),
 SFT, reference log-probs and the SFT policy's evaluation samples. Each method is then a **child** run whose
 finished upstream folders are symlinks into its base (their ``_SUCCESS`` fingerprints use relative names, so
-they still match), and which runs only ``train -> generate -> evaluate``. The oracle child validates the
+they still match), and which runs only ``train -> generate -> evaluate`` (``raydora.experiment``: the method
+table, the base/child plans and the interval live there). The oracle child validates the
 benchmark's ``oracle`` split (the same rows, ranked by gold) and computes its own reference pass.
 
 The seed draws everything again: the benchmark rows, the SFT model, the classifiers, the data order and the
@@ -33,40 +34,20 @@ from typing import Any
 
 import numpy as np
 
+from raydora.experiment import (
+    BASE_STAGES,
+    METHODS,
+    child_plan,
+    link_shared,
+    method_overrides,
+    run_child,
+    two_level_ci,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# Per method: config overrides of the child run. Pairwise methods use DPO on the best-vs-worst pair of each row.
-PAIRWISE = {
-    "erm": {"train.objective": "erm"},
-    "reweight": {"train.objective": "reweight"},
-    "kl_dro": {"train.objective": "kl_dro"},
-    "dora": {"train.objective": "dora"},
-    "kldpo": {"train.objective": "kldpo", "train.kldpo_normalize": True},
-    "kldpo_raw": {"train.objective": "kldpo", "train.kldpo_normalize": False, "train.kldpo_clip": 10.0},
-    "wdpo": {"train.objective": "wdpo"},
-    "rdpo": {"train.loss": "rdpo", "train.objective": "erm"},
-    "dr_dpo": {"train.objective": "dr_dpo"},
-    # Robustness strength: the defaults above (lam = tau = 1, rho = 0.01) and a 10x stronger setting each.
-    "kl_dro_lam01": {"train.objective": "kl_dro", "train.lam": 0.1},
-    "kldpo_tau01": {"train.objective": "kldpo", "train.kldpo_normalize": True, "train.tau": 0.1},
-    "wdpo_rho01": {"train.objective": "wdpo", "train.rho": 0.1},
-    # DoRA with Platt-calibrated classifiers (a bias besides the temperature): its own classify and reference.
-    "dora_platt": {"train.objective": "dora", "classifier.calibration": "platt"},
-}
-LISTWISE = {
-    f"{loss}{'+dora' if dora else ''}": {"train.loss": loss, "train.objective": "dora" if dora else "erm"}
-    for loss in ("dpo_pl", "rrhf", "lire")
-    for dora in (False, True)
-}
-ORACLE = {"oracle": {"train.objective": "erm"}}
-METHODS: dict[str, dict[str, Any]] = {**PAIRWISE, **LISTWISE, **ORACLE}
 # The label-noise sweep's methods: the DoRA ablation (reweight, vanilla DRO, DoRA) and the noise-robust baselines.
 NOISE_METHODS = ("erm", "reweight", "kl_dro", "dora", "rdpo", "dr_dpo")
-BASE_STAGES = ["synth", "validate", "classify", "sft", "reference", "generate"]
-SHARED = ("synth", "tokenizer", "init", "data", "quarantine", "classifier", "scored", "sft", "sft_data",
-          "reference")  # fmt: skip
-ORACLE_OWN = ("data", "quarantine", "scored", "classifier", "reference")
-CALIBRATION_OWN = ("classifier", "scored", "reference")  # a method that calibrates the classifiers its own way
 
 
 def _tag(noise: float) -> str:
@@ -90,28 +71,6 @@ def base_config(config: str, root: Path, seed: int, noise: float, extra: list[st
     return load_config(config, [*shared_overrides(root, seed, noise), "name=base", *extra])
 
 
-def method_overrides(method: str, noise: float) -> list[str]:
-    over = [f"{k}={json.dumps(v)}" for k, v in METHODS[method].items()]
-    if method == "rdpo":
-        # Robust DPO needs the flip rate. Shuffling a row's K scores flips its best-vs-worst pair with probability
-        # about 1/2, so the pair flip rate is about noise / 2; 0.1 (the config default) when there is no noise.
-        over.append(f"train.flip_rate={max(0.1, noise / 2)}")
-    return over
-
-
-def _link(src: Path, dst: Path) -> None:
-    """``dst`` becomes a relative symlink to ``src`` (when ``src`` exists and ``dst`` does not yet)."""
-    if src.exists() and not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(os.path.relpath(src, dst.parent))
-
-
-def link_base(base: Path, child: Path, names: tuple[str, ...]) -> None:
-    """Symlink the base run's finished folders (and its SFT samples) into the child run."""
-    for name in (*names, "generations/sft"):
-        _link(base / name, child / name)
-
-
 def run_base(cfg: Any, noise0: Path | None) -> Path:
     """The shared stages. A noisy base holds the same rows with other labels, so it reuses the noise-0 base's SFT
     model, SFT samples and classifiers (the classifiers read responses and sources, never labels; all symlinked,
@@ -122,7 +81,7 @@ def run_base(cfg: Any, noise0: Path | None) -> Path:
     if noise0 is None:
         pipeline.run(cfg, BASE_STAGES)
         return run_dir
-    link_base(noise0, run_dir, ("sft", "sft_data", "init", "classifier"))
+    link_shared(noise0, run_dir, ("sft", "sft_data", "init", "classifier", "generations/sft"))
     pipeline.run(cfg, ["synth", "validate"])
     print(classify.score(run_dir / "data", run_dir / "classifier", run_dir / "scored", cfg.classifier).summary())
     pipeline.run(cfg, ["reference"])
@@ -130,30 +89,19 @@ def run_base(cfg: Any, noise0: Path | None) -> Path:
 
 
 def run_method(config: str, root: Path, seed: int, noise: float, method: str, extra: list[str]) -> Path:
-    from raydora import pipeline
+    """One method's child of the (seed, noise) base (``raydora.experiment.child_plan``: what it links, what it
+    runs); skipped when evaluated."""
     from raydora.config import load_config
-    from raydora.rundir import read_success
 
     base = root / f"s{seed}-{_tag(noise)}" / "base"
     over = [*shared_overrides(root, seed, noise), f"name={method.replace('+', '_')}", *extra,
             *method_overrides(method, noise)]  # fmt: skip
-    child = base.parent / method.replace("+", "_")
     if method == "oracle":
         over += [
             f"data.input={(base / 'synth' / 'oracle').absolute()}",
             f"generate.prompts={(base / 'synth' / 'eval').absolute()}",
         ]
-        link_base(base, child, tuple(n for n in SHARED if n not in ORACLE_OWN))
-        stages = ["validate", "reference", "train", "generate", "evaluate"]
-    elif "classifier.calibration" in METHODS[method]:
-        link_base(base, child, tuple(n for n in SHARED if n not in CALIBRATION_OWN))
-        stages = ["classify", "reference", "train", "generate", "evaluate"]
-    else:
-        link_base(base, child, SHARED)
-        stages = ["train", "generate", "evaluate"]
-    if read_success(child / "eval") is None:
-        pipeline.run(load_config(config, over), stages)
-    return child
+    return run_child(load_config(config, over), base, child_plan(method))
 
 
 # ---- aggregation ------------------------------------------------------------------------------------------------
@@ -218,18 +166,6 @@ def dora_pair_weights(base: Path) -> dict[str, dict[str, float]]:
         groups.setdefault(f"{r['sources'][int(best)]} > {r['sources'][int(worst)]}", []).append(w)
     total = float(h.sum())
     return {k: {"rows": len(v) / len(rows), "weight": float(sum(v)) / total} for k, v in sorted(groups.items())}
-
-
-def two_level_ci(groups: list[list[float]], resamples: int = 2000, seed: int = 0) -> list[float]:
-    """95% percentile interval of the mean, resampling groups (seeds) and then values (prompts) within each."""
-    rng = np.random.default_rng(seed)
-    arrays = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
-    means = np.empty(resamples)
-    for b in range(resamples):
-        picks = rng.integers(0, len(arrays), size=len(arrays))
-        means[b] = np.mean([arrays[j][rng.integers(0, arrays[j].size, size=arrays[j].size)].mean() for j in picks])
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return [float(lo), float(hi)]
 
 
 def summarise(runs: dict[str, Path], alphas: tuple[float, ...]) -> dict[str, Any]:

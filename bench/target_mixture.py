@@ -19,9 +19,9 @@ config, seed, loss, objective, lr and steps, the same shared base run and the sa
   ``evaluate.reward=gold``, so both arms sample the same prompts with the same seeds.
 
 The headline is the matrix's: gold-reward (alpha 0.8) win + tie/2 against the SFT policy's samples, the 95% CI a
-two-level bootstrap over seeds, then prompts (``experiments.two_level_ci``). The arms also get a paired difference
-(per prompt, the same prompts in both) with the same bootstrap, and per seed the classifiers' AUC and where each
-arm puts its DoRA weight by the rows' true source pairs.
+two-level bootstrap over seeds, then prompts (``raydora.experiment.two_level_ci``). The arms also get a paired
+difference (per prompt, the same prompts in both) with the same bootstrap, and per seed the classifiers' AUC and
+where each arm puts its DoRA weight by the rows' true source pairs.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 from bench import experiments as exp
+from raydora.experiment import DOWNSTREAM, OWN_DATA, ChildPlan, method_overrides, run_child, two_level_ci
 
 ROOT = exp.ROOT
 ARMS = {"dora": "DoRA, per-source classifiers (source labels)", "dora_target": "DoRA, target vs mixture (no labels)"}
 # The target arm computes what depends on its unlabelled data; everything else is the base's (as the oracle's).
-TARGET_OWN = exp.ORACLE_OWN
-TARGET_STAGES = ["validate", "classify", "reference", "train", "generate", "evaluate"]
+TARGET = ChildPlan(own=OWN_DATA.own, stages=("validate", "classify", "reference", *DOWNSTREAM))
 # --dry-run: the plumbing on a few rows and steps (the tiny encoder, no MiniLM), in minutes on 2 CPUs.
 DRY_RUN = [
     "synth.rows=48", "synth.eval_rows=8", "synth.sft_rows=96", "model.max_length=64", "sft.epochs=1",
@@ -79,20 +79,15 @@ def target_inputs(base: Path, out: Path) -> tuple[Path, Path]:
 
 def run_target(config: str, root: Path, seed: int, extra: list[str]) -> Path:
     """The ``dora_target`` arm of one seed, next to the matrix's ``dora`` run (skipped when evaluated)."""
-    from raydora import pipeline
     from raydora.config import load_config
-    from raydora.rundir import read_success
 
     base = root / f"s{seed}-{exp._tag(0.0)}" / "base"
     child = base.parent / "dora_target"
     train_rows, target = target_inputs(base, child / "inputs")
-    over = [*exp.shared_overrides(root, seed, 0.0), "name=dora_target", *extra, *exp.method_overrides("dora", 0.0),
+    over = [*exp.shared_overrides(root, seed, 0.0), "name=dora_target", *extra, *method_overrides("dora", 0.0),
             f"data.input={train_rows.parent.absolute()}", f"data.target={target.absolute()}",
             f"generate.prompts={(base / 'synth' / 'eval').absolute()}", "evaluate.reward=gold"]  # fmt: skip
-    exp.link_base(base, child, tuple(n for n in exp.SHARED if n not in TARGET_OWN))
-    if read_success(child / "eval") is None:
-        pipeline.run(load_config(config, over), TARGET_STAGES)
-    return child
+    return run_child(load_config(config, over), base, TARGET)
 
 
 # ---- aggregation --------------------------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ def summarise(root: Path, seeds: list[int], alphas: tuple[float, ...]) -> dict[s
         "arms": arms,
         "difference": {
             "mean": float(np.mean([d.mean() for d in diffs.values()])),
-            "ci95": exp.two_level_ci([list(d) for d in diffs.values()]),
+            "ci95": two_level_ci([list(d) for d in diffs.values()]),
             "per_seed": {str(s): float(d.mean()) for s, d in diffs.items()},
         },
         "within_ci": ref["ci95"][0] <= tgt["win_rate"] <= ref["ci95"][1],
