@@ -265,7 +265,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 def write_results(results: dict[str, Any], md: Path, figures: Path, discussion: Path | None = None) -> None:
     """``docs/results.md`` with its tables and PNG plots (in ``figures``), from ``bench/results/experiments.json``."""
     from raydora.config import load_config
-    from raydora.evaluate import plot_sweep, plot_win_rates
+    from raydora.reporting import plot_sweep, plot_win_rates
 
     figures.mkdir(parents=True, exist_ok=True)
     cfg = load_config(results["config"], results["overrides"])
