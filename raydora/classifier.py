@@ -1,6 +1,7 @@
-"""DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), all trained in
-one Ray Train run (one after another: the workers start once) and calibrated on held-out data by temperature
-scaling (``classifier.calibration: platt`` adds a bias).
+"""DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), trained on Ray
+Train and calibrated on held-out data by temperature scaling (``classifier.calibration: platt`` adds a bias). By
+default one Ray Train run trains them one after another (the workers start once); ``classifier.concurrency``
+splits the sources into that many runs at once, each with ``classifier.num_workers`` workers.
 
 **Input** is the pair ``[CLS] prompt [SEP] response [SEP]``, not the response alone: a sloppy source's artefact
 is a *wrong* answer, and whether an answer is wrong depends on the prompt. The prompt is truncated first when the

@@ -407,7 +407,7 @@ class GenerateConfig:
     """Prompts per Ray Data batch (the hf backend generates them together, left-padded)."""
     vllm_batch_size: int = 512
     """Prompts per Ray Data batch for the vllm backend: the engine schedules its own continuous batches, so larger
-    calls keep it full (on CPU, 64 per call ran at 0.97x the hf backend, 512 at 1.22x; docs/benchmarks.md)."""
+    calls keep it full (measured per call size in docs/benchmarks.md)."""
     actors: int = 1
     """Generator actors (one model replica each)."""
     actor_cpus: float = 0.75
@@ -422,7 +422,7 @@ class GenerateConfig:
     """vLLM: share of each GPU's memory the engine may take."""
     enforce_eager: bool | None = None
     """vLLM: skip CUDA graphs and torch.compile (faster start-up, slower decoding). null: eager on CPU (compiling
-    there took about 60 s of start-up for a 6.6M model), compiled on GPU."""
+    there adds start-up a short run never wins back; docs/generation.md), compiled on GPU."""
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", "must be >= 0")

@@ -48,8 +48,8 @@ def file_fingerprints(path: str | Path) -> list[tuple[str, int, int]]:
     """(name, size, mtime_ns) of every file under ``path``: cheap to compute for inputs larger than memory.
 
     Names are relative to ``path`` (a file: its own name), so a run directory that is moved, or whose finished
-    stage folders are symlinked into another run (``bench/experiments.py`` shares one SFT model and its samples
-    across methods), still matches its markers; any edit to a file changes its size or mtime."""
+    stage folders are symlinked into another run (``raydora.experiment.link_shared`` shares one SFT model and its
+    samples across methods), still matches its markers; any edit to a file changes its size or mtime."""
     p = Path(path)
     if p.is_file():
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns)]
