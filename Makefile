@@ -57,7 +57,7 @@ test-vllm: $(VLLM_STAMP) ## the vllm tier: real vLLM engines (vLLM's CPU build i
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/python -m pytest -q -p no:logging -m vllm $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy on the pure modules
+lint: $(STAMP) ## ruff (lint + format check) and mypy strict over raydora/
 	$(BIN)/ruff check raydora tests bench jobs
 	$(BIN)/ruff format --check raydora tests bench jobs
 	$(BIN)/mypy
