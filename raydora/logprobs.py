@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["sequence_logps", "token_counts", "token_logps"]
+__all__ = ["chunked_target_logps", "sequence_logps", "token_counts", "token_logps"]
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
@@ -40,3 +42,101 @@ def token_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, T
 def token_counts(mask: Tensor) -> Tensor:
     """Number of tokens ``sequence_logps`` sums over: ``mask[:, 1:].sum(-1)``. ``mask [B, T]`` -> ``[B]`` (int64)."""
     return mask[:, 1:].sum(dim=-1).long()
+
+
+class _ChunkedTargetLogps(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T + bias)[targets]`` a chunk of rows at a time; the backward recomputes each
+    chunk's logits instead of keeping them, so neither pass holds more than ``[chunk, V]`` logits."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        w = weight.to(hidden.dtype)  # once per call, as autocast casts a layer's weight once
+        b = bias.to(hidden.dtype) if bias is not None else None
+        out = hidden.new_empty(hidden.shape[0], dtype=_acc(hidden.dtype))
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _upcast(torch.nn.functional.linear(hidden[s : s + chunk], w, b))
+            lse[s : s + chunk] = logits.logsumexp(-1)
+            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward (WDPO's double backward)
+            return _backward_differentiable(hidden, weight, bias, targets, grad, ctx.chunk)
+        w = weight.to(hidden.dtype)
+        b = bias.to(hidden.dtype) if bias is not None else None
+        acc = _acc(hidden.dtype)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, t = hidden[s : s + ctx.chunk], targets[s : s + ctx.chunk, None]
+            g = grad[s : s + ctx.chunk, None].to(acc)
+            # d logp_t / d logits = onehot(t) - softmax(logits), times the upstream gradient; in place, one buffer.
+            d = _upcast(torch.nn.functional.linear(h, w, b))
+            d.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g).scatter_add_(-1, t, g)
+            dh = d.to(hidden.dtype)
+            torch.mm(dh, w, out=grad_h[s : s + ctx.chunk])
+            grad_w.addmm_(d.T, h.to(acc))
+            if grad_b is not None:
+                grad_b.add_(d.sum(0))
+        gb = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
+        return grad_h, grad_w.to(weight.dtype), gb, None, None
+
+
+def _backward_differentiable(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, grad: Tensor, chunk: int
+) -> tuple[Tensor | None, ...]:
+    """The same gradients, out of place, so autograd records them for a second derivative."""
+    w = weight.to(hidden.dtype)
+    b = bias.to(hidden.dtype) if bias is not None else None
+    acc = _acc(hidden.dtype)
+    grad_h = []
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
+    for s in range(0, hidden.shape[0], chunk):
+        h = hidden[s : s + chunk]
+        logits = _upcast(torch.nn.functional.linear(h, w, b))
+        g = grad[s : s + chunk, None].to(acc)
+        d = (-torch.softmax(logits, -1) * g).scatter_add(-1, targets[s : s + chunk, None], g)
+        grad_h.append((d.to(hidden.dtype) @ w).to(hidden.dtype))
+        grad_w = grad_w + d.T @ h.to(acc)
+        if grad_b is not None:
+            grad_b = grad_b + d.sum(0)
+    gh = torch.cat(grad_h) if grad_h else torch.zeros_like(hidden)
+    gb = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
+    return gh, grad_w.to(weight.dtype), gb, None, None
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The log-softmax's dtype: float32 for half precisions (as :func:`token_logps` upcasts), else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    return logits.to(_acc(logits.dtype))
+
+
+def chunked_target_logps(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, chunk_size: int = 1024
+) -> Tensor:
+    """``log p(target_i)`` of each row under the output layer ``weight [V, D]`` (and ``bias [V]``), from the last
+    hidden states ``hidden [N, D]`` of the tokens that count and their next tokens ``targets [N]``, without ever
+    holding the ``[N, V]`` logits: ``chunk_size`` rows at a time, forward and backward (which recomputes each
+    chunk's logits). Equal to ``log_softmax(hidden @ weight.T + bias)[targets]`` (computed as :func:`token_logps`
+    does: logits in ``hidden``'s dtype, the log-softmax in float32 for half precisions); gradients reach
+    ``hidden``, ``weight`` and ``bias``, and the backward is itself differentiable (WDPO's double backward).
+    Returns ``[N]`` in float32 (half precisions) or ``hidden``'s dtype."""
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"expected hidden [N, D], weight [V, D], targets [N]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out: Tensor = _ChunkedTargetLogps.apply(hidden, weight, bias, targets.long(), chunk_size)  # type: ignore[no-untyped-call]
+    return out
