@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -45,6 +45,21 @@ StepCallback = Callable[[int, int, int, list[dict[str, Any]]], None]
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN or infinite loss or gradient stopped training (``train.nan_policy=raise``)."""
+
+
+class RunShape(Protocol):
+    """The sizes of a training run, as ``TrainConfig`` and ``SFTConfig`` both declare them."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def micro_batch_size(self) -> int: ...
+    @property
+    def num_workers(self) -> int: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,27 +351,27 @@ def fit(
     out_dir: Path,
     run_cfg: Any,
     train: TrainConfig,
-    batch_size: int,
-    micro_batch_size: int,
-    num_workers: int,
-    epochs: int,
-    lr: float,
+    shape: RunShape | None = None,
     identity: Mapping[str, Any] | None = None,
     options: WorkerOptions | None = None,
     force: bool = False,
 ) -> StageResult:
     """Train ``model_dir`` on ``data_dir`` into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``final/``).
 
-    ``mode``: ``train`` (preference optimisation) or ``sft``. ``train`` is the section the workers read;
-    ``identity`` is what of it decides the result (the stage's fingerprint; default: every key but
-    :data:`NOT_IN_FINGERPRINT`). A finished run with the same fingerprint is skipped; an interrupted one resumes
-    from its newest checkpoint."""
+    ``mode``: ``train`` (preference optimisation) or ``sft``. ``train`` is the section the workers read.
+    ``shape``: the batch size, micro-batch size, workers, epochs and learning rate (default: ``train``'s own; SFT
+    passes its ``sft`` section). ``identity``: what of ``train`` decides the result, the stage's fingerprint
+    (default: every key but :data:`NOT_IN_FINGERPRINT`). A finished run with the same fingerprint is skipped; an
+    interrupted one resumes from its newest checkpoint."""
     from raydora import tracking
     from raydora.config import to_dict
     from raydora.data import parquet_files
     from raydora.reference import attn_implementation
 
     options = options or WorkerOptions()
+    shape = shape or train
+    batch_size, micro_batch_size, num_workers = shape.batch_size, shape.micro_batch_size, shape.num_workers
+    epochs, lr = shape.epochs, shape.lr
     tracked = tracking.settings(getattr(run_cfg, "logging", None))  # fails here when a backend is not installed
     out_dir = Path(out_dir).absolute()
     if identity is None:
@@ -477,19 +492,13 @@ def run(
     ref = run_dir / "reference"
     if read_success(ref) is None:
         raise FileNotFoundError(f"{ref}: no reference log-probs (_SUCCESS missing); run the reference stage first")
-    t = cfg.train
     return fit(
         mode="train",
         data_dir=ref,
         model_dir=initial_policy(cfg, run_dir),
         out_dir=run_dir / "train",
         run_cfg=cfg,
-        train=t,
-        batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size,
-        num_workers=t.num_workers,
-        epochs=t.epochs,
-        lr=t.lr,
+        train=cfg.train,
         options=options,
         force=force,
     )

@@ -176,11 +176,14 @@ def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Pa
     for stage in (synth.run, validate.run, reference.run):  # the inputs, in this process's Ray
         stage(cfg, cfg.run_dir)
     run_dir = cfg.run_dir.absolute()
-    t = cfg.train
-    single = train.fit(mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
-                       out_dir=run_dir / "train_single_node", run_cfg=cfg, train=t,
-                       batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, num_workers=t.num_workers,
-                       epochs=t.epochs, lr=t.lr)  # fmt: skip
+    single = train.fit(
+        mode="train",
+        data_dir=run_dir / "reference",
+        model_dir=reference.initial_policy(cfg, run_dir),
+        out_dir=run_dir / "train_single_node",
+        run_cfg=cfg,
+        train=cfg.train,
+    )
     config = tmp_path / "config.yaml"
     config.write_text(dump_yaml(cfg))
     with local_cluster(nodes=2, cpus=2) as cluster:

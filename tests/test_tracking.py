@@ -3,6 +3,7 @@ metrics.jsonl; a configured backend that is not installed fails before training,
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -103,10 +104,9 @@ def test_training_logs_its_metrics_and_config_to_mlflow(tmp_path: Path, ray_sess
     run_dir = cfg.run_dir.absolute()
     for stage in (synth.run, validate.run, reference.run):
         stage(cfg, run_dir)
-    t = cfg.train
+    one_worker = dataclasses.replace(cfg.train, num_workers=1)
     train.fit(mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
-              out_dir=run_dir / "train", run_cfg=cfg, train=t, batch_size=t.batch_size,
-              micro_batch_size=t.micro_batch_size, num_workers=1, epochs=t.epochs, lr=t.lr)  # fmt: skip
+              out_dir=run_dir / "train", run_cfg=cfg, train=one_worker)  # fmt: skip
     lines = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     run_id = json.loads((run_dir / "train" / tracking.STATE_FILE).read_text())["mlflow_run_id"]
@@ -119,5 +119,5 @@ def test_training_logs_its_metrics_and_config_to_mlflow(tmp_path: Path, ray_sess
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked/train"
     assert client.get_experiment(run.info.experiment_id).name == "tiny"
-    assert run.data.params["train.objective"] == "erm" and run.data.params["train.lr"] == str(t.lr)
+    assert run.data.params["train.objective"] == "erm" and run.data.params["train.lr"] == str(cfg.train.lr)
     assert run.data.params["logging.mlflow_uri"] == uri and run.data.params["seed"] == "0"

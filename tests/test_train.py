@@ -55,11 +55,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, ray_session) -> Path:
 
 def fit(run_dir: Path, out: str, *overrides: str, master_dtype: str = "float32", callbacks=()):
     cfg = config(run_dir.parent, *overrides)
-    t = cfg.train
     return train.fit(
         mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
-        out_dir=run_dir / out, run_cfg=cfg, train=t, batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size, num_workers=t.num_workers, epochs=t.epochs, lr=t.lr,
+        out_dir=run_dir / out, run_cfg=cfg, train=cfg.train,
         options=train.WorkerOptions(master_dtype=master_dtype, callbacks=tuple(callbacks)),
     )  # fmt: skip
 
@@ -143,11 +141,11 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, object
 def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
     # Micro-batches of 2: both accumulate in one pass (online softmax). DDP scales each rank's share before its
     # one all-reduce; FSDP2 reduce-scatters every micro-batch and shares the running max (fsdp_grad_sync).
-    common = ("train.objective=kldpo", "train.max_steps=4", "train.checkpoint_every=2", "train.num_workers=2",
-              "train.micro_batch_size=2")  # fmt: skip
-    if not (run_dir / "w2-kldpo" / "final").exists():  # the equality test above normally made it
-        fit(run_dir, "w2-kldpo", *common, master_dtype="float64")
-    fit(run_dir, "fsdp", *common, "train.strategy=fsdp", master_dtype="float64")
+    common = ("train.objective=kldpo", "train.max_steps=4", "train.num_workers=2", "train.micro_batch_size=2")
+    # The DDP run of the equality test above: skipped (its _SUCCESS fingerprint matches) when that test made it.
+    made = (run_dir / "w2-kldpo" / "_SUCCESS").exists()
+    assert fit(run_dir, "w2-kldpo", *common, "train.checkpoint_every=100", master_dtype="float64").skipped == made
+    fit(run_dir, "fsdp", *common, "train.checkpoint_every=2", "train.strategy=fsdp", master_dtype="float64")
     ddp, fsdp = weights(run_dir / "w2-kldpo" / "final"), weights(run_dir / "fsdp" / "final")
     assert sorted(ddp) == sorted(fsdp)  # tied embeddings stay tied in the saved folder
     for k in ddp:
