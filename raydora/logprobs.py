@@ -30,9 +30,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 def token_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token ``log p(label_{t+1} | <=t)`` ``[B, T-1]`` and the boolean mask of the tokens that count, with the
     causal shift applied (the building block of :func:`sequence_logps`; masked entries hold garbage)."""
-    logits = logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits = _upcast(logits[:, :-1])
     keep = mask[:, 1:].bool()
     targets = labels[:, 1:].masked_fill(~keep, 0).unsqueeze(-1)
     # gather - logsumexp == log_softmax at the target, without materialising a second [B, T, V] tensor.
