@@ -352,17 +352,8 @@ class TrainConfig:
     """Optimizer steps between metric lines (metrics.jsonl gets every step)."""
 
     def __post_init__(self) -> None:
-        for key in ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr"):
-            _check(getattr(self, key) > 0, key, "must be > 0")
-        for key in (
-            "batch_size",
-            "micro_batch_size",
-            "num_workers",
-            "epochs",
-            "checkpoint_every",
-            "log_every",
-            "shuffle_block_rows",
-        ):
+        positive = ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr", "batch_size", "micro_batch_size")
+        for key in (*positive, "num_workers", "epochs", "checkpoint_every", "log_every", "shuffle_block_rows"):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.max_steps >= 0, "max_steps", "must be >= 0")
         _check(self.lora_r >= 0, "lora_r", "must be >= 0")
@@ -379,11 +370,6 @@ class TrainConfig:
         _check(self.max_failures >= 0, "max_failures", "must be >= 0")
         _check(self.kldpo_clip is None or self.kldpo_clip > 0, "kldpo_clip", "must be > 0 or null")
         _check(self.dora_alpha is None or 0 < self.dora_alpha <= 1, "dora_alpha", "must be in (0, 1] or null")
-        _check(
-            self.batch_size >= self.num_workers,
-            "batch_size",
-            f"global batch {self.batch_size} is smaller than num_workers={self.num_workers}: some workers get no rows",
-        )
 
 
 @dataclass(frozen=True)
