@@ -63,14 +63,15 @@ class _ChunkedTargetLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]  # a frozen head (LoRA): no V x D work
         if torch.is_grad_enabled():  # create_graph: a differentiable backward (WDPO's double backward)
-            return _backward_differentiable(hidden, weight, bias, targets, grad, ctx.chunk)
+            return _backward_differentiable(hidden, weight, bias, targets, grad, ctx.chunk, need_w, need_b)
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
         acc = _acc(hidden.dtype)
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and need_b else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, t = hidden[s : s + ctx.chunk], targets[s : s + ctx.chunk, None]
             g = grad[s : s + ctx.chunk, None].to(acc)
@@ -79,35 +80,46 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             d.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g).scatter_add_(-1, t, g)
             dh = d.to(hidden.dtype)
             torch.mm(dh, w, out=grad_h[s : s + ctx.chunk])
-            grad_w.addmm_(d.T, h.to(acc))
+            if grad_w is not None:
+                grad_w.addmm_(d.T, h.to(acc))
             if grad_b is not None:
                 grad_b.add_(d.sum(0))
+        gw = grad_w.to(weight.dtype) if grad_w is not None else None
         gb = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
-        return grad_h, grad_w.to(weight.dtype), gb, None, None
+        return grad_h, gw, gb, None, None
 
 
 def _backward_differentiable(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, grad: Tensor, chunk: int
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    grad: Tensor,
+    chunk: int,
+    need_w: bool = True,
+    need_b: bool = True,
 ) -> tuple[Tensor | None, ...]:
     """The same gradients, out of place, so autograd records them for a second derivative."""
     w = weight.to(hidden.dtype)
     b = bias.to(hidden.dtype) if bias is not None else None
     acc = _acc(hidden.dtype)
     grad_h = []
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and need_b else None
     for s in range(0, hidden.shape[0], chunk):
         h = hidden[s : s + chunk]
         logits = _upcast(torch.nn.functional.linear(h, w, b))
         g = grad[s : s + chunk, None].to(acc)
         d = (-torch.softmax(logits, -1) * g).scatter_add(-1, targets[s : s + chunk, None], g)
         grad_h.append((d.to(hidden.dtype) @ w).to(hidden.dtype))
-        grad_w = grad_w + d.T @ h.to(acc)
+        if grad_w is not None:
+            grad_w = grad_w + d.T @ h.to(acc)
         if grad_b is not None:
             grad_b = grad_b + d.sum(0)
     gh = torch.cat(grad_h) if grad_h else torch.zeros_like(hidden)
+    gw = grad_w.to(weight.dtype) if grad_w is not None else None
     gb = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
-    return gh, grad_w.to(weight.dtype), gb, None, None
+    return gh, gw, gb, None, None
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -126,3 +126,22 @@ def test_chunked_target_logps_rejects_wrong_shapes() -> None:
         chunked_target_logps(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_target_logps(torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long), chunk_size=0)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_chunked_target_logps_skip_a_frozen_heads_gradient(create_graph: bool) -> None:
+    """A frozen head (LoRA's base): the backward skips the weight and bias gradients; the hidden states' gradient
+    is the full path's, with and without create_graph."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    bias = torch.randn(6, dtype=torch.float64, generator=g)
+    targets = torch.randint(0, 6, (9,), generator=g)
+    got = chunked_target_logps(hidden, weight, targets, bias, chunk_size=4)
+    (gh,) = torch.autograd.grad(got.sum(), hidden, create_graph=create_graph)
+    (want,) = torch.autograd.grad(_full_target_logps(hidden, weight, targets, bias).sum(), hidden)
+    torch.testing.assert_close(gh, want, atol=1e-12, rtol=0)
+    assert weight.grad is None and bias.grad is None
+    if create_graph:  # the penalty's gradient in the hidden states still flows (WDPO under LoRA)
+        (g2,) = torch.autograd.grad(gh.pow(2).sum(), hidden)
+        assert g2.abs().sum() > 0
