@@ -17,14 +17,15 @@ Batches are right-padded to their longest sequence, not to ``max_length``: no wa
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from raydora.logprobs import sequence_logps, token_counts, token_logps
+from raydora.logprobs import chunked_target_logps, sequence_logps, token_counts, token_logps
 
 
 def _turns(messages: str | Sequence[dict[str, str]] | None) -> list[dict[str, str]] | None:
@@ -252,6 +253,91 @@ def _input_embeddings(model: Any) -> Any:
     return inner.get_input_embeddings()
 
 
+# Causal LMs whose forward, in transformers 5.24, returns ``self.lm_head(hidden_states)`` as ``logits`` untouched when
+# no labels are given (no softcapping, scaling or slicing after the head): the chunked log-probs may stand in for it.
+CHUNKABLE = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3")
+# Config keys of transforms applied to the logits after the head (Gemma 2/3, Cohere, Granite).
+_POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_refused: set[str] = set()
+
+
+def chunk_head(model: Any) -> tuple[torch.nn.Linear | None, str]:
+    """``(output layer, "")`` when the chunked log-probs can stand in for the model's LM head, else ``(None, why)``.
+
+    The HF model is found inside a DDP wrapper (``.module``) and a PEFT model (``get_base_model()``); an FSDP2 model
+    is the HF model itself. Its head must be a plain ``Linear`` (not a LoRA-adapted one) whose output the model
+    returns as its logits unchanged (:data:`CHUNKABLE`, no softcapping or scaling in the config)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in CHUNKABLE:
+        return None, f"model type {kind!r} is not known to return its head's output as the logits ({CHUNKABLE})"
+    for key in _POST_HEAD:
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return None, f"config.{key} transforms the logits after the head"
+    head, name = inner.get_output_embeddings(), type(inner).__name__
+    if not isinstance(head, torch.nn.Linear):
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        return None, f"{name}'s output layer is a {kind}, not a plain torch Linear (a LoRA-adapted head?)"
+    if "forward" in vars(head):
+        return None, f"{name}'s output layer has its forward replaced already (an offloading hook?)"
+    return head, ""
+
+
+@contextmanager
+def _chunked_head(head: torch.nn.Linear, keep: Tensor, targets: Tensor, chunk: int) -> Iterator[list[Tensor]]:
+    """While open, ``head`` maps hidden states ``[B, T, D]`` to the log-probs ``[N]`` of ``targets`` at the positions
+    that count (``keep [B, T-1]``: ``hidden[:, t]`` predicts token ``t + 1``), by :func:`chunked_target_logps`,
+    instead of the logits ``[B, T, V]``; yields the list its output is appended to. The call still goes through
+    the module's ``__call__`` (FSDP2's hooks unshard ``head.weight`` first, DDP's and PEFT's see the same graph)."""
+    out: list[Tensor] = []
+
+    def forward(hidden: Tensor) -> Tensor:
+        if hidden.shape[:2] != (keep.shape[0], keep.shape[1] + 1):
+            raise RuntimeError(f"chunked log-probs: hidden states {tuple(hidden.shape)} do not match the batch")
+        logps = chunked_target_logps(hidden[:, :-1][keep], head.weight, targets, head.bias, chunk)
+        out.append(logps)
+        return logps
+
+    head.forward = forward  # type: ignore[method-assign,assignment]
+    try:
+        yield out
+    finally:
+        del head.forward
+
+
+def _model_logps(model: torch.nn.Module, batch: dict[str, Tensor], chunk: int, **inputs: Any) -> Tensor:
+    """``model(**inputs)``'s summed log-probs ``[n]`` of the tokens the batch's ``loss_mask`` counts, per sequence
+    (a padded row, or a packed batch's segment). ``chunk > 0``: through the head in chunks of that many tokens
+    (:func:`chunk_head`), never holding the ``[B, T, V]`` logits; else, or when the model does not allow it (said
+    once per reason), from the full logits."""
+    ids, mask, segments = batch["input_ids"], batch["loss_mask"], batch.get("segment_ids")
+    head, why = chunk_head(model) if chunk > 0 else (None, "")
+    if why and why not in _refused:
+        _refused.add(why)
+        print(f"[logprobs] model.logprob_chunk={chunk} ignored: {why}; computing the full logits", flush=True)
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits
+        if segments is None:
+            return sequence_logps(logits, ids, mask)
+        return packed_logps(logits, ids, mask, segments, int(batch["sequences"]))
+    keep = mask[:, 1:].bool()
+    with _chunked_head(head, keep, ids[:, 1:][keep], chunk) as calls:
+        logits = model(**inputs, use_cache=False).logits
+    if len(calls) != 1 or logits is not calls[0]:
+        raise RuntimeError(
+            f"{type(model).__name__} changed its head's output before returning it as the logits: the chunked "
+            "log-probs cannot stand in for it; set model.logprob_chunk=0"
+        )
+    if segments is None:  # a padded row is its own sequence
+        segments = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    n = ids.shape[0] if "sequences" not in batch else int(batch["sequences"])
+    sums: Tensor = calls[0].new_zeros(n).index_add(0, segments[:, 1:][keep], calls[0])
+    return sums
+
+
 def forward_logps(
     model: torch.nn.Module,
     batch: dict[str, Tensor],
@@ -259,6 +345,7 @@ def forward_logps(
     *,
     embeddings: bool = False,
     embed_shift: Tensor | None = None,
+    chunk: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Policy log-probs of a :func:`pad_sequences` batch: ``(logps [B, K], lengths [B, K], inputs_embeds)``.
 
@@ -266,33 +353,25 @@ def forward_logps(
     (in the batch's own layout: padded rows, or packed rows whose ``segment_ids`` map tokens to sequences).
     ``lengths`` counts response tokens. Position ids follow the attention mask, so right padding changes
     nothing for the real tokens. ``embed_shift`` (with ``embeddings=True``) is added to the embeddings: WDPO's
-    finite-difference pass."""
-    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    if "segment_ids" in batch:  # packed: no attention mask, the restarting position ids delimit the sequences
-        n = int(batch["sequences"])
-        packed_embeds = None
-        if embeddings:
-            packed_embeds = _input_embeddings(model)(ids)
-            if embed_shift is not None:
-                packed_embeds = packed_embeds + embed_shift
-            out = model(inputs_embeds=packed_embeds, position_ids=batch["position_ids"], use_cache=False)
-        else:
-            out = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
-        logps = packed_logps(out.logits, ids, mask, batch["segment_ids"], n)
-        seg = batch["segment_ids"][:, 1:][mask[:, 1:].bool()]
-        lengths = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(
-            0, seg, torch.ones_like(seg, dtype=logps.dtype)
-        )
-        return logps.reshape(k, n // k).T, lengths.reshape(k, n // k).T, packed_embeds
+    finite-difference pass. ``chunk`` (``model.logprob_chunk``, 0: off): the response tokens' log-probs come
+    through the LM head ``chunk`` tokens at a time, without the ``[B, T, V]`` logits (:func:`chunk_head` says
+    which models allow it; the others fall back to the full logits)."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
     embeds = None
     if embeddings:
         embeds = _input_embeddings(model)(ids)
         if embed_shift is not None:
             embeds = embeds + embed_shift
-        out = model(inputs_embeds=embeds, attention_mask=attn, use_cache=False)
-    else:
-        out = model(input_ids=ids, attention_mask=attn, use_cache=False)
-    logps = sequence_logps(out.logits, ids, mask)
+    inputs: dict[str, Any] = {"inputs_embeds": embeds} if embeds is not None else {"input_ids": ids}
+    if "segment_ids" in batch:  # packed: no attention mask, the restarting position ids delimit the sequences
+        logps = _model_logps(model, batch, chunk, position_ids=batch["position_ids"], **inputs)
+        n = int(batch["sequences"])
+        seg = batch["segment_ids"][:, 1:][mask[:, 1:].bool()]
+        lengths = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(
+            0, seg, torch.ones_like(seg, dtype=logps.dtype)
+        )
+        return logps.reshape(k, n // k).T, lengths.reshape(k, n // k).T, embeds
+    logps = _model_logps(model, batch, chunk, attention_mask=batch["attention_mask"], **inputs)
     lengths = token_counts(mask).to(logps.dtype)
     b = ids.shape[0] // k
     return logps.reshape(k, b).T, lengths.reshape(k, b).T, embeds

@@ -584,3 +584,141 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_fsdp_worker, args=(2, port, str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+# ---- model.logprob_chunk: the LM head's log-probs in chunks, inside the model's forward ---------------------------
+def _chunk_calls(monkeypatch: Any) -> list[tuple[int, int]]:
+    """Records ``(tokens, chunk)`` of every ``chunked_target_logps`` call that forward_logps makes."""
+    from raydora import encoding
+
+    calls: list[tuple[int, int]] = []
+    real = encoding.chunked_target_logps
+
+    def spy(hidden: Any, weight: Any, targets: Any, bias: Any = None, chunk_size: int = 1024) -> Any:
+        calls.append((hidden.shape[0], chunk_size))
+        return real(hidden, weight, targets, bias, chunk_size)
+
+    monkeypatch.setattr(encoding, "chunked_target_logps", spy)
+    return calls
+
+
+def _logps_and_grads(model: Any, enc: dict[str, Any], chunk: int, embeddings: bool = False) -> tuple[Any, ...]:
+    """forward_logps's log-probs and lengths, and the gradients of a weighted sum of them (every parameter, and the
+    input embeddings with ``embeddings``)."""
+    from raydora.encoding import forward_logps
+
+    model.zero_grad(set_to_none=True)
+    logps, lengths, embeds = forward_logps(model, enc, 2, embeddings=embeddings, chunk=chunk)
+    weights = torch.linspace(0.5, 2.0, logps.numel(), dtype=logps.dtype).reshape(logps.shape)
+    if embeds is not None:
+        embeds.retain_grad()
+    (logps * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), lengths, grads, None if embeds is None else embeds.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_chunked_log_probs_equal_the_full_logits(setup, monkeypatch, preset: str, pack: bool, dtype) -> None:
+    """``chunk=5`` and ``7`` (several chunks, the last one partial) against the full logits: the same log-probs,
+    lengths and gradients, for every parameter and for the input embeddings (WDPO's ``embeddings=True``), padded
+    and packed, GPT-2 (head tied to the token embeddings) and Llama (untied). float64 to 1e-10, float32 within its
+    rounding."""
+    from raydora.encoding import chunk_head
+
+    tok, _, rows = setup
+    model = build_model(preset, tok, dtype=dtype, seed=5).train()
+    head, why = chunk_head(model)
+    assert head is model.lm_head and why == ""
+    assert (head.weight is model.get_input_embeddings().weight) == (preset == "tiny-gpt2")
+    enc = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)["enc"]
+    tokens = int(enc["loss_mask"][:, 1:].sum())
+    calls = _chunk_calls(monkeypatch)
+    want = _logps_and_grads(model, enc, 0, embeddings=True)
+    assert calls == []
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for chunk in (5, 7):
+        assert tokens % chunk != 0 and tokens > 2 * chunk  # several chunks, the last one partial
+        for embeddings in (False, True):
+            got = _logps_and_grads(model, enc, chunk, embeddings=embeddings)
+            assert calls.pop() == (tokens, chunk) and calls == []  # once per forward, on the response tokens only
+            torch.testing.assert_close(got[0], want[0], **tol)
+            torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+            assert sorted(got[2]) == sorted(want[2])
+            for name in want[2]:
+                torch.testing.assert_close(got[2][name], want[2][name], **tol, msg=name)
+            if embeddings:
+                torch.testing.assert_close(got[3], want[3], **tol)
+    # The head's own gradient is there: a token that is never an input gets gradient only through the head's
+    # softmax (for GPT-2 the tied embedding row gets the head's contribution on top of the inputs' ones).
+    unseen = sorted(set(range(len(tok))) - set(enc["input_ids"].unique().tolist()))[0]
+    g_head = got[2]["lm_head.weight" if preset == "tiny-llama" else "transformer.wte.weight"][unseen]
+    assert g_head.abs().max() > 0
+    assert "forward" not in vars(model.lm_head)  # the override is gone after every forward
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_chunked_log_probs_under_lora_and_a_lora_adapted_head_falls_back(setup, monkeypatch, capsys, preset) -> None:
+    """PEFT LoRA (``all-linear`` leaves the head a plain, frozen Linear): the chunks run inside the PEFT model and
+    the adapters' gradients equal the full logits'. A head that LoRA adapts too is not a plain Linear: the chunked
+    path refuses it, says why once, and computes the full logits (same values)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from raydora.encoding import chunk_head
+
+    tok, _, rows = setup
+    enc = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, True)["enc"]
+    calls = _chunk_calls(monkeypatch)
+    monkeypatch.setattr("raydora.encoding._refused", set())  # the reason is printed once per process
+    for targets, chunked in (("all-linear", True), (["lm_head", "c_attn", "q_proj", "v_proj"], False)):
+        model = build_model(preset, tok, dtype=torch.float64, seed=7)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).train()
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_()  # B starts at zero: the adapters' A would get no gradient
+        head, why = chunk_head(model)
+        assert (head is not None) == chunked and (head is model.get_base_model().lm_head or not chunked)
+        want = _logps_and_grads(model, enc, 0)
+        got = _logps_and_grads(model, enc, 3)
+        assert len(calls) == int(chunked)
+        calls.clear()
+        assert want[2] and all("lora_" in k for k in want[2]) and sorted(got[2]) == sorted(want[2])
+        torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=1e-10)
+        for name in want[2]:
+            torch.testing.assert_close(got[2][name], want[2][name], atol=1e-10, rtol=1e-9, msg=name)
+        if not chunked:
+            assert "peft.tuners.lora.layer.Linear, not a plain torch Linear" in why
+            assert why in capsys.readouterr().out
+
+
+def test_chunked_log_probs_refuse_models_that_transform_their_logits(setup) -> None:
+    """Post-head transforms break the stand-in: a config with softcapping (or an unknown model type) is refused
+    up front; a model that changes its head's output anyway (here a subclass scaling the logits) fails loudly
+    instead of returning wrong log-probs."""
+    from transformers import GPT2LMHeadModel
+
+    from raydora.encoding import chunk_head, forward_logps
+
+    tok, _, rows = setup
+    model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1)
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in chunk_head(model)[1]
+    model.config.final_logit_softcapping = None
+    model.config.model_type = "gemma2"
+    assert "'gemma2' is not known" in chunk_head(model)[1]
+
+    class Scaled(GPT2LMHeadModel):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    scaled = Scaled(build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).config)
+    enc = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)["enc"]
+    assert chunk_head(scaled)[0] is scaled.lm_head
+    with pytest.raises(RuntimeError, match="changed its head's output"):
+        forward_logps(scaled, enc, 2, chunk=3)
+    assert "forward" not in vars(scaled.lm_head)  # restored after the failure too
