@@ -318,6 +318,7 @@ def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path) -> np.ndarray
             precision=cfg.model.precision,
             attn=attn_implementation(cfg),
             max_prompt_length=cfg.model.max_prompt_length,
+            logprob_chunk=cfg.model.logprob_chunk,
         )
     files = sorted(out.glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f, columns=["scores", "reference_logps"]) for f in files])

@@ -163,6 +163,7 @@ class ReferenceModel:
         frozen_in_compute_dtype: bool = False,
         pad_to_multiple_of: int = 0,
         max_prompt_length: int | None = None,
+        logprob_chunk: int = 0,
     ) -> None:
         import torch
 
@@ -174,6 +175,7 @@ class ReferenceModel:
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
         self.pad_to_multiple_of, self.max_prompt_length = pad_to_multiple_of, max_prompt_length
+        self.logprob_chunk = logprob_chunk
         self.dtype = resolve_precision(precision, device)
         self.model: Any = None
         if model_dir is not None:
@@ -227,7 +229,7 @@ class ReferenceModel:
                     [c[0] for c in chunk], [[c[1]] for c in chunk], None, pad, multiple_of=self.pad_to_multiple_of
                 )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
-                lp, _, _ = forward_logps(self.model, enc, 1)
+                lp, _, _ = forward_logps(self.model, enc, 1, chunk=self.logprob_chunk)
                 out[i : i + len(chunk)] = lp[:, 0].double().cpu().numpy()
         res, k = [], 0
         for rs in response_ids:
@@ -251,6 +253,7 @@ def encode_rows(
     frozen_in_compute_dtype: bool = False,
     pad_to_multiple_of: int = 0,
     max_prompt_length: int | None = None,
+    logprob_chunk: int = 0,
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
     with a ``_SUCCESS`` marker holding ``fp``, the row count and how many rows were truncated). Returns the row
@@ -273,6 +276,7 @@ def encode_rows(
                 "frozen_in_compute_dtype": frozen_in_compute_dtype,
                 "pad_to_multiple_of": pad_to_multiple_of,
                 "max_prompt_length": max_prompt_length,
+                "logprob_chunk": logprob_chunk,
             },
             keys=("reference.actors", "reference.actor_cpus"),
             batch_size=cfg.batch_size,
@@ -347,6 +351,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
         frozen_in_compute_dtype=bool(cfg.train.lora_r),
         pad_to_multiple_of=cfg.model.pad_to_multiple_of,
         max_prompt_length=cfg.model.max_prompt_length,
+        logprob_chunk=cfg.model.logprob_chunk,
     )
     truncated = (read_success(out) or {}).get("truncated", 0)
     return StageResult(

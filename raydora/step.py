@@ -24,12 +24,14 @@ from raydora.config import TrainConfig
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """What one optimizer step reads: the mode, the ``train`` section, and the batch shape. For SFT the recipe
-    passes the ``train`` section with ``objective=erm`` (``mode="sft"`` makes the loss the response NLL)."""
+    passes the ``train`` section with ``objective=erm`` (``mode="sft"`` makes the loss the response NLL).
+    ``logprob_chunk``: ``model.logprob_chunk`` (``encoding.forward_logps``'s ``chunk``; 0: the full logits)."""
 
     mode: Literal["sft", "preference"]
     train: TrainConfig
     batch_size: int
     micro_batch_size: int
+    logprob_chunk: int = 0
 
     @property
     def wdpo(self) -> bool:
@@ -139,7 +141,9 @@ def per_sample_losses(
     from raydora.encoding import forward_logps
 
     t, mode = cfg.train, cfg.mode
-    logps, lengths, embeds = forward_logps(model, mb["enc"], mb["k"], embeddings=embeddings, embed_shift=embed_shift)
+    logps, lengths, embeds = forward_logps(
+        model, mb["enc"], mb["k"], embeddings=embeddings, embed_shift=embed_shift, chunk=cfg.logprob_chunk
+    )
     logps, lengths = logps.double(), lengths.double()
     out: dict[str, Any] = {"embeds": embeds, "tokens": mb["enc"]["attention_mask"].sum()}
     if mode == "sft":
@@ -320,8 +324,9 @@ def packing_supported(model: Any, rows: dict[str, Any], cfg: StepConfig, pad: in
     model.eval()  # no dropout noise in the comparison
     try:
         with torch.no_grad():
-            a, _, _ = forward_logps(model, {k: v.to(device) for k, v in padded["enc"].items()}, padded["k"])
-            b, _, _ = forward_logps(model, {k: v.to(device) for k, v in packed["enc"].items()}, packed["k"])
+            c = cfg.logprob_chunk
+            a, _, _ = forward_logps(model, {k: v.to(device) for k, v in padded["enc"].items()}, padded["k"], chunk=c)
+            b, _, _ = forward_logps(model, {k: v.to(device) for k, v in packed["enc"].items()}, packed["k"], chunk=c)
         ok = bool(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-3))
     except Exception as e:  # noqa: BLE001 - a model that rejects position_ids without a mask
         ok, a, b = False, torch.zeros(1), torch.ones(1)

@@ -420,7 +420,9 @@ def fit(
                 f"train.objective={train.objective} needs p_golden: run the classify stage before reference"
             )
     spec = WorkerSpec(
-        step=StepConfig("sft" if mode == "sft" else "preference", train, batch_size, micro_batch_size),
+        step=StepConfig(
+            "sft" if mode == "sft" else "preference", train, batch_size, micro_batch_size, run_cfg.model.logprob_chunk
+        ),
         model_dir=str(Path(model_dir).absolute()),
         out_dir=str(out_dir),
         seed=run_cfg.seed,

@@ -240,15 +240,16 @@ def test_pad_to_multiple_of_rounds_the_width_and_keeps_the_log_probs(setup, pack
     if not pack:  # the reference pass pads the same way and gets the same log-probs
         ref = ReferenceModel.__new__(ReferenceModel)
         ref.model, ref.tokenizer, ref.device, ref.dtype, ref.batch_size = model, tok, "cpu", torch.float32, 3
+        ref.logprob_chunk = 0
         prompts = [r.tolist() for r in rows["prompt_ids"][:4]]
         responses = [[x.tolist() for x in rs] for rs in rows["response_ids"][:4]]
         ref.pad_to_multiple_of = 0
         plain = ref.logps(prompts, responses)
         widths: list[int] = []
 
-        def recording(model, enc, k):
+        def recording(model, enc, k, **kw):
             widths.append(enc["input_ids"].shape[1])
-            return forward_logps(model, enc, k)
+            return forward_logps(model, enc, k, **kw)
 
         monkeypatch.setattr("raydora.encoding.forward_logps", recording)
         ref.pad_to_multiple_of = 64
@@ -658,6 +659,62 @@ def test_chunked_log_probs_equal_the_full_logits(setup, monkeypatch, preset: str
     assert "forward" not in vars(model.lm_head)  # the override is gone after every forward
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_chunked_wdpo_penalty_and_gradient_equal_the_full_logits(setup, monkeypatch, pack: bool) -> None:
+    """WDPO's double backward through the chunks: the per-sample penalties ``||d l_i / d z||^2`` and the step's
+    gradient (``StepConfig.logprob_chunk``) equal the full logits' in float64."""
+    tok, _, rows = setup
+    calls = _chunk_calls(monkeypatch)
+    out = []
+    for chunk in (0, 3):
+        model = build_model("tiny-gpt2", tok, dtype=torch.float64, seed=3).train()
+        cfg = dataclasses.replace(cfg_for(loss="dpo", objective="wdpo", rho=0.3), logprob_chunk=chunk)
+        mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack)
+        o = step.per_sample_losses(model, mb, cfg, embeddings=True)
+        pen = step.wdpo_penalty(o["losses"], o["embeds"], mb["enc"])
+        model.zero_grad(set_to_none=True)
+        stats = step.train_step(model, [mb], cfg, device=torch.device("cpu"))
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        out.append((o["losses"].detach(), pen.detach(), grads, stats["metrics"]["robust/penalty"]))
+        assert len(calls) == (2 if chunk else 0)  # per_sample_losses, then the step's forward
+    assert out[0][1].min() > 0
+    for a, b in zip(out[0][:3], out[1][:3], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    assert out[0][3] == pytest.approx(out[1][3], rel=1e-9)
+
+
+def _one_step(model: Any, micro: list[dict[str, Any]], cfg: Any) -> dict[str, Any]:
+    """One AdamW step of ``train_step``'s gradient: the updated weights."""
+    opt = train.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0)
+    step.train_step(model, micro, cfg, device=torch.device("cpu"))
+    opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("mode", "loss", "objective"), [("preference", "dpo", "kldpo"),
+                                                         ("preference", "dpo_pl", "kl_dro"), ("sft", "dpo", "erm")])  # fmt: skip
+def test_one_optimizer_step_with_chunks_equals_the_full_logits(setup, listwise, monkeypatch, mode, loss, objective):
+    """``train_step`` with ``logprob_chunk=3`` over two packed micro-batches (the online tilt for kldpo and
+    kl_dro), then an AdamW step: the same weights as with the full logits, in float64; DPO + KLDPO, a listwise
+    loss (DPO-PL + KL-DRO) and SFT."""
+    tok, rows = listwise if loss == "dpo_pl" else setup[::2]
+    n = len(rows["prompt_ids"])
+    calls = _chunk_calls(monkeypatch)
+    weights = []
+    for chunk in (0, 3):
+        model = build_model("tiny-llama", tok, dtype=torch.float64, seed=6).train()
+        cfg = step.StepConfig(mode, TrainConfig(loss=loss, objective=objective, tau=0.5, lam=0.5, grad_clip=0.0),
+                              batch_size=n, micro_batch_size=2, logprob_chunk=chunk)  # fmt: skip
+        micro = [step.collate_micro(rows, slice(i, i + 2), mode, loss, tok.pad_token_id, None, True)
+                 for i in range(0, n, 2)]  # fmt: skip
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        weights.append(_one_step(model, micro, cfg))
+        assert len(calls) == (len(micro) if chunk else 0)  # one forward per micro-batch, all chunked
+    assert any(not torch.equal(before[k], weights[0][k]) for k in before)
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], atol=1e-10, rtol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
 def test_chunked_log_probs_under_lora_and_a_lora_adapted_head_falls_back(setup, monkeypatch, capsys, preset) -> None:
     """PEFT LoRA (``all-linear`` leaves the head a plain, frozen Linear): the chunks run inside the PEFT model and
@@ -722,3 +779,113 @@ def test_chunked_log_probs_refuse_models_that_transform_their_logits(setup) -> N
     with pytest.raises(RuntimeError, match="changed its head's output"):
         forward_logps(scaled, enc, 2, chunk=3)
     assert "forward" not in vars(scaled.lm_head)  # restored after the failure too
+
+
+def test_reference_pass_with_chunks_equals_the_full_logits(setup, monkeypatch) -> None:
+    """The reference pass (``reference.logprob_chunk``, no grad, batches of 3 sequences) gives the same
+    reference log-probs."""
+    from raydora.reference import ReferenceModel
+
+    tok, _, rows = setup
+    ref = ReferenceModel.__new__(ReferenceModel)
+    ref.model = build_model("tiny-llama", tok, dtype=torch.float64, seed=4)
+    ref.tokenizer, ref.device, ref.dtype, ref.batch_size, ref.pad_to_multiple_of = tok, "cpu", torch.float32, 3, 0
+    prompts = [r.tolist() for r in rows["prompt_ids"]]
+    responses = [[x.tolist() for x in rs] for rs in rows["response_ids"]]
+    calls = _chunk_calls(monkeypatch)
+    out = []
+    for chunk in (0, 2):
+        ref.logprob_chunk = chunk
+        out.append(ref.logps(prompts, responses))
+    assert [c[1] for c in calls] == [2, 2, 2]  # 8 sequences in batches of 3
+    assert np.max(np.abs(out[0])) > 1
+    np.testing.assert_allclose(out[1], out[0], atol=1e-10, rtol=1e-10)
+
+
+def _chunk_dist_worker(rank: int, world: int, port: int, out: str) -> None:
+    """2 gloo ranks, 4 rows each, float64: DDP over GPT-2 (tied head), FSDP2 over GPT-2 through ``train_step`` in
+    two micro-batches, and FSDP2 over a LoRA Llama; each with ``logprob_chunk`` 0 and 3. Saves every gradient and
+    how many chunked calls ran."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from raydora import distributed, encoding
+
+    tok = train_tokenizer(TEXTS * 5, vocab_size=300)
+    rows = _fsdp_rows()
+    mine = {k: v[4 * rank : 4 * rank + 4] for k, v in rows.items()}
+    calls = [0]
+    real = encoding.chunked_target_logps
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        return real(*a, **k)
+
+    encoding.chunked_target_logps = counting  # this spawned process's own module
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results: dict[str, Any] = {}
+    try:
+        group, cpu = distributed.default_group(), torch.device("cpu")
+        for chunk in (0, 3):
+            calls[0] = 0
+            ddp = DDP(build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train())
+            enc = step.collate_micro(mine, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, True)["enc"]
+            logps, _, _ = encoding.forward_logps(ddp, enc, 2, chunk=chunk)
+            (logps * torch.linspace(0.5, 2.0, 8, dtype=logps.dtype).reshape(4, 2)).sum().backward()
+            results[f"ddp/{chunk}"] = {n: p.grad.clone() for n, p in ddp.module.named_parameters()}
+            for name, model in (
+                ("fsdp", build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1)),
+                ("fsdp-lora", _lora(build_model("tiny-llama", tok, dtype=torch.float64, seed=1))),
+            ):
+                model = distributed.shard_fsdp(model.train())
+                cfg = dataclasses.replace(cfg_for(loss="dpo", objective="kldpo", tau=0.5), batch_size=8)
+                cfg = dataclasses.replace(cfg, logprob_chunk=chunk)
+                micro = [step.collate_micro(mine, slice(i, i + 2), "preference", "dpo", tok.pad_token_id, None, True)
+                         for i in (0, 2)]  # fmt: skip
+                step.train_step(model, micro, cfg, group=group, world=world, device=cpu, fsdp=True)
+                grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+                results[f"{name}/{chunk}"] = grads
+            results[f"calls/{chunk}"] = calls[0]
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _lora(model: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # the adapters' A starts random: the same on every rank and for every chunk setting
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # B starts at zero: A would get no gradient
+    return model
+
+
+def test_chunked_log_probs_under_ddp_and_fsdp2_give_the_full_logits_gradients(tmp_path: Any) -> None:
+    """The override goes through the head module's ``__call__``: under DDP (GPT-2's tied head and embeddings, one
+    parameter, both contributions), FSDP2 (the head's weight unsharded by the root unit's hooks, gradients
+    reduce-scattered after every micro-batch) and FSDP2 over a LoRA model, the gradients with ``chunk=3`` equal the
+    full logits' on both ranks, and the chunks really ran (one call per forward: 1 under DDP, 2 micro-batches x 2
+    models under FSDP2)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("peft")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_chunk_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert res["calls/0"] == 0 and res["calls/3"] == 1 + 2 * 2
+        for name in ("ddp", "fsdp", "fsdp-lora"):
+            want, got = res[f"{name}/0"], res[f"{name}/3"]
+            assert sorted(got) == sorted(want) and sum(g.abs().sum() for g in want.values()) > 1e-6
+            assert name != "fsdp-lora" or all("lora_" in k for k in want)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=1e-10, rtol=1e-9, msg=f"{name} {key}")
