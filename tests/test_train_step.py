@@ -889,3 +889,21 @@ def test_chunked_log_probs_under_ddp_and_fsdp2_give_the_full_logits_gradients(tm
             assert name != "fsdp-lora" or all("lora_" in k for k in want)
             for key in want:
                 torch.testing.assert_close(got[key], want[key], atol=1e-10, rtol=1e-9, msg=f"{name} {key}")
+
+
+def test_bf16_autocast_step_with_chunks_tracks_the_full_logits(setup) -> None:
+    """Under bf16 autocast each chunk's logits are the same bf16 logits as the full path's (the loss is equal); the
+    backward recomputes them in the hidden states' dtype (fp32 here, not autocast's bf16), so the gradient differs
+    by bf16 rounding and lands no farther from the fp32 step's than the full path's does."""
+    tok, _, rows = setup
+    out = {}
+    for amp, chunk in ((torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 3)):
+        model = build_model("tiny-llama", tok, dtype=torch.float32, seed=1).train()
+        cfg = dataclasses.replace(cfg_for(loss="dpo", objective="kldpo", tau=0.5), logprob_chunk=chunk)
+        mb = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None, pack=True)
+        stats = step.train_step(model, [mb], cfg, device=torch.device("cpu"), amp=amp)
+        out[amp, chunk] = (torch.cat([p.grad.reshape(-1) for p in model.parameters()]), stats["metrics"]["loss"])
+    fp32, full, chunked = out[torch.float32, 0], out[torch.bfloat16, 0], out[torch.bfloat16, 3]
+    assert chunked[1] == pytest.approx(full[1], rel=1e-6) and full[1] != fp32[1]  # bf16 really ran
+    assert torch.nn.functional.cosine_similarity(chunked[0], full[0], dim=0) > 0.999
+    assert (chunked[0] - fp32[0]).norm() <= 1.5 * (full[0] - fp32[0]).norm()
