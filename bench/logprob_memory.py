@@ -6,7 +6,7 @@ fp32), the log-softmax's intermediates and, in the backward, the logits' gradien
 ``[chunk, V]`` at a time and recomputes each chunk's logits in the backward. This measures that step alone, the
 hidden states and the head weight of an 8B-shaped model (``--hidden 4096``) standing in for the model's last
 layer, for vocabularies of 32k and 128k and T = 512 / 2,048 response tokens. It is the building block of
-issue 26; the whole training step with the chunks wired into the model is still to come.
+issue 26, which ``model.logprob_chunk`` wires into the model's forward; the whole training step is not timed here.
 
 - **memory**: each (path, V, T) runs in a fresh process; the number is the peak RSS (``ru_maxrss``) of the step
   minus the RSS before it (weights, hidden states and their gradient buffers allocated first);
