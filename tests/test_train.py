@@ -116,13 +116,15 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, object
     # 1 worker: 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
     # accumulate in one pass (robust.OnlineTilt); the 2 workers' per-rank factors meet in the mean all-reduce.
     # For dora also 2 workers x 1 micro-batch of 4 (the objective's own all-gather, group=), with the token width
-    # rounded up to a multiple of 32 (model.pad_to_multiple_of: more masked tokens, the same result).
+    # rounded up to a multiple of 32 (model.pad_to_multiple_of: more masked tokens, the same result). The 2-worker
+    # runs take the head's log-probs in chunks of 3 tokens (model.logprob_chunk, in no fingerprint): the same result.
     common = (f"train.objective={objective}", "train.max_steps=4", "train.checkpoint_every=100")
     fit(run_dir, f"w1-{objective}", *common, "train.num_workers=1", master_dtype="float64")
-    fit(run_dir, f"w2-{objective}", *common, "train.num_workers=2", "train.micro_batch_size=2", master_dtype="float64")
+    chunked = ("train.num_workers=2", "model.logprob_chunk=3")
+    fit(run_dir, f"w2-{objective}", *common, *chunked, "train.micro_batch_size=2", master_dtype="float64")
     others = [f"w2-{objective}"]
     if objective == "dora":
-        fit(run_dir, "w2g-dora", *common, "train.num_workers=2", "model.pad_to_multiple_of=32", master_dtype="float64")
+        fit(run_dir, "w2g-dora", *common, *chunked, "model.pad_to_multiple_of=32", master_dtype="float64")
         others.append("w2g-dora")
     a, init = weights(run_dir / f"w1-{objective}" / "final"), weights(run_dir / "init")
     ma = metrics(run_dir / f"w1-{objective}")
