@@ -102,8 +102,10 @@ def cmd_validate(args: argparse.Namespace, cfg: RunConfig) -> int:
     if source is None:
         print("raydora validate: give --input PATH (or data.input in the config)", file=sys.stderr)
         return 2
-    init_ray(cfg.ray)
     try:
+        if not inputs.is_hub(source):  # a missing path or a folder without inputs fails before Ray starts
+            inputs.scan_inputs(source)
+        init_ray(cfg.ray)
         if args.input or args.output or args.format:  # a standalone validation of any input into any folder
             result = validate.validate(
                 source,

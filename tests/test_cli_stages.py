@@ -4,14 +4,15 @@ local Ray)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
-def _raydora(*args: str) -> subprocess.CompletedProcess[str]:
+def _raydora(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "raydora.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_synth_then_validate(tmp_path: Path) -> None:
@@ -34,6 +35,14 @@ def test_validate_without_input_is_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--input" in out.stderr
 
 
-def test_missing_input_names_the_path(tmp_path: Path) -> None:
-    out = _raydora("validate", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path), "ray.num_cpus=1")
-    assert out.returncode != 0 and "nope.jsonl" in out.stderr
+def test_missing_input_names_the_path_before_starting_ray(tmp_path: Path) -> None:
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    for missing in (tmp_path / "nope.jsonl", tmp_path / "ray"):  # a missing file; a folder without inputs
+        out = _raydora("validate", "--input", str(missing), "--output", str(tmp_path / "run"), "ray.num_cpus=1",
+                       env=env)  # fmt: skip
+        assert out.returncode == 1 and "raydora validate: " in out.stderr and str(missing) in out.stderr
+        assert "Traceback" not in out.stderr
+    assert not any(ray_tmp.iterdir())  # no local Ray was started for an input that cannot be read
