@@ -58,10 +58,20 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
+        # The backward runs outside autocast: it re-enters the forward's, so the logits it recomputes are the same
+        # (bf16) logits that ``lse`` was taken from, as torch.amp.custom_bwd does for a fixed device type.
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _ChunkedTargetLogps._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]  # a frozen head (LoRA): no V x D work
         if torch.is_grad_enabled():  # create_graph: a differentiable backward (WDPO's double backward)

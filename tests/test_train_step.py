@@ -893,8 +893,8 @@ def test_chunked_log_probs_under_ddp_and_fsdp2_give_the_full_logits_gradients(tm
 
 def test_bf16_autocast_step_with_chunks_tracks_the_full_logits(setup) -> None:
     """Under bf16 autocast each chunk's logits are the same bf16 logits as the full path's (the loss is equal); the
-    backward recomputes them in the hidden states' dtype (fp32 here, not autocast's bf16), so the gradient differs
-    by bf16 rounding and lands no farther from the fp32 step's than the full path's does."""
+    backward recomputes them under the forward's autocast but multiplies in fp32 (the full path's backward in bf16),
+    so the gradient differs by bf16 rounding and lands no farther from the fp32 step's than the full path's does."""
     tok, _, rows = setup
     out = {}
     for amp, chunk in ((torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 3)):
