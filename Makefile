@@ -70,18 +70,18 @@ demo: $(STAMP) ## the pipeline on a local Ray: synth, validate, classify, sft, r
 	$(BIN)/raydora check --config jobs/configs/demo_cpu.yaml
 	$(BIN)/raydora pipeline --config jobs/configs/demo_cpu.yaml
 
-# The demo as a Ray job on a local cluster: `ray start`, `ray job submit` (runtime env cluster/runtime_env.yaml),
-# the job's status and logs, then `ray stop` (which stops every Ray process of this user on this machine).
-RAY_PORT       ?= 6380
-DASHBOARD_PORT ?= 8265
-JOB_CONFIG     ?= jobs/configs/demo_cpu.yaml
-demo-cluster: $(STAMP) ## the demo as `ray job submit` to a local `ray start` cluster (dashboard on 127.0.0.1)
-	@export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=token; dash=http://127.0.0.1:$(DASHBOARD_PORT); \
+# The demo as a Ray job on a local cluster of its own (cluster/local_ray.sh: its own temp dir, RAY_DIR or a fresh
+# /tmp/raydora-demo.*, free ports, stopped by killing only what it started; never `ray stop`, which would stop every
+# Ray on the machine).
+RAY_DIR    ?=
+JOB_CONFIG ?= jobs/configs/demo_cpu.yaml
+demo-cluster: $(STAMP) ## the demo as `ray job submit` to a local `ray start` head of its own (dashboard on 127.0.0.1)
+	@export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=token; \
 	id=raydora-demo-$$(date +%Y%m%d-%H%M%S); \
 	ray get-auth-token --generate >/dev/null || exit 1; \
-	trap 'ray stop >/dev/null' EXIT; \
-	ray start --head --port=$(RAY_PORT) --num-cpus=2 --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
-	  --disable-usage-stats || exit 1; \
+	dir=$(if $(RAY_DIR),$(RAY_DIR),$$(mktemp -d /tmp/raydora-demo.XXXX)); \
+	trap "cluster/local_ray.sh stop $$dir" EXIT; \
+	dash=$$(cluster/local_ray.sh start $$dir 2) || exit 1; echo "dashboard: $$dash (Ray's files: $$dir)"; \
 	ray job submit --address $$dash --submission-id $$id --runtime-env cluster/runtime_env.yaml --working-dir . -- \
 	  python jobs/pipeline.py --config $(JOB_CONFIG) root=$(CURDIR)/runs; \
 	ray job status --address $$dash $$id; \

@@ -121,7 +121,7 @@ def local_cluster(nodes: int = 1, cpus: int = 2) -> Iterator[LocalCluster]:
                 continue
         for p in procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)  # a graceful stop of `ray start --block` can take 30 s; nothing to save
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         # Ray's processes outlive `ray start --block` briefly: kill whatever still runs under this temp dir.
@@ -168,7 +168,16 @@ TWO_NODE = [
 ]  # fmt: skip
 
 
-def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Path, ray_session) -> None:
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[LocalCluster]:
+    """One 2-node cluster for the module's tests (each start and teardown costs ~1 min here)."""
+    with local_cluster(nodes=2, cpus=2) as cluster:
+        yield cluster
+
+
+def test_two_node_strict_spread_training_equals_the_single_node_run(
+    tmp_path: Path, ray_session, two_nodes: LocalCluster
+) -> None:
     """A 2-node cluster on this machine (`ray start --head` + `ray start --address`): the train job with
     STRICT_SPREAD puts one worker on each node, and KLDPO's global-batch weights give the same model as the same
     run on one node."""
@@ -186,11 +195,8 @@ def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Pa
     )
     config = tmp_path / "config.yaml"
     config.write_text(dump_yaml(cfg))
-    with local_cluster(nodes=2, cpus=2) as cluster:
-        job = cluster.submit(
-            "python", "jobs/train.py", "--config", str(config), "train.placement_strategy=STRICT_SPREAD"
-        )
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    job = two_nodes.submit("python", "jobs/train.py", "--config", str(config), "train.placement_strategy=STRICT_SPREAD")
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     workers = [json.loads(p.read_text()) for p in sorted((run_dir / "train" / "workers").glob("rank*.json"))]
     assert [w["rank"] for w in workers] == [0, 1]
     assert workers[0]["node_id"] != workers[1]["node_id"], workers  # one worker per node
@@ -204,6 +210,36 @@ def test_two_node_strict_spread_training_equals_the_single_node_run(tmp_path: Pa
     for k in one:
         torch.testing.assert_close(spread[k], one[k], rtol=1e-5, atol=1e-6)
     assert single.counts["steps"] == 4
+
+
+def _alive(gcs: str, env: dict[str, str]) -> bool:
+    return subprocess.run([RAY, "status", f"--address={gcs}"], env=env, capture_output=True, timeout=60).returncode == 0
+
+
+def test_local_ray_script_stops_only_the_head_it_started(two_nodes: LocalCluster) -> None:
+    """cluster/local_ray.sh (what `make demo-cluster` runs): next to a Ray the user already runs (the module's 2-node
+    cluster), it starts a head of its own on other ports and its own temp dir, and `stop` ends exactly that head
+    (`ray stop` would end both)."""
+    script = str(REPO / "cluster" / "local_ray.sh")
+    user = two_nodes
+    ours = Path(tempfile.mkdtemp(prefix="rdl", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        started = subprocess.run([script, "start", str(ours), "1"], env=user.env, capture_output=True, text=True,
+                                 timeout=180)  # fmt: skip
+        assert started.returncode == 0, started.stderr[-3000:]
+        env = dict(line.split("=", 1) for line in (ours / "env").read_text().split())
+        assert started.stdout.strip() == env["RAY_DASHBOARD"] != user.dashboard and env["RAY_GCS"] != user.gcs
+        assert _alive(env["RAY_GCS"], user.env) and _alive(user.gcs, user.env)
+        stopped = subprocess.run([script, "stop", str(ours)], env=user.env, capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        with pytest.raises(ConnectionRefusedError):  # not `ray status`: it retries a dead GCS for 40 s
+            socket.create_connection(("127.0.0.1", int(env["RAY_GCS"].split(":")[1])), timeout=5)
+        left = subprocess.run(["pgrep", "-f", str(ours / "ray")], capture_output=True, text=True)
+        assert left.stdout == "", left.stdout  # no process of that head is left
+        assert _alive(user.gcs, user.env)  # the user's Ray runs on
+    finally:
+        subprocess.run([script, "stop", str(ours)], check=False, capture_output=True)
 
 
 PROBE = """
