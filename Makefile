@@ -31,7 +31,7 @@ test: $(STAMP) ## default tier: CPU, 17-26 minutes on 2 cores (slow, gpu and vll
 # No Ray cluster: losses, objectives, log-probs, the WDPO penalty, calibration, config, presets, the row schema
 # and validation rules, the CLI, the report's statistics, the manifests, and the gloo/FSDP2 equivalences.
 FAST_TESTS := $(addprefix tests/test_,losses.py robust.py logprobs.py wdpo_penalty.py calibration.py config.py \
-	presets.py schema.py api.py cli_and_hardware.py evaluate.py experiments.py kuberay.py models.py train_step.py \
+	presets.py schema.py api.py cli_and_hardware.py evaluate.py experiments.py kuberay.py models.py train_step.py checkpoint.py \
 	robust_distributed.py bench_imports.py)
 
 test-fast: $(STAMP) ## the pure tier: math, config, schema and CLI without Ray (53 s on 2 cores)

@@ -1,5 +1,9 @@
 """Checkpoints and final weights of a training run: save (full or LoRA adapters only), resume, merge LoRA
-adapters from a gathered state, and find the newest complete checkpoint."""
+adapters from a gathered state, and find the newest complete checkpoint.
+
+A checkpoint folder ends with ``manifest.json`` (its step and every file's size), written last: a folder whose
+files do not match it (a copy cut short by a lost node, a truncated or deleted file) is skipped on resume, which
+falls back to the previous good checkpoint and says so."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the trainable (adapter) parameters, training's names
+MANIFEST = "manifest.json"
 
 
 def unwrap(model: Any) -> Any:
@@ -44,7 +49,31 @@ def save_checkpoint(
         save_model(model, tokenizer, out / "model", state)
     torch.save({"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict()}, out / "state.pt")
     (out / "step.json").write_text(json.dumps({"step": step}))
+    files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
+    (out / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
     return str(out)
+
+
+def verify(folder: str | Path) -> str | None:
+    """Why the checkpoint ``folder`` cannot be resumed from (a missing file, a size that differs from its
+    manifest's), or None when it is whole. Folders written before manifests existed are checked for their files."""
+    d = Path(folder)
+    manifest = d / MANIFEST
+    if not manifest.is_file():
+        if not (d / "state.pt").is_file() or not ((d / "model").is_dir() or (d / TRAINER_STATE).is_file()):
+            return "no manifest.json, and state.pt or the weights are missing"
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, size in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
 
 
 def merged_lora(peft_model: Any, state: dict[str, Any]) -> Any:
@@ -161,15 +190,40 @@ def restore(folder: str | Path, model: Any, optimizer: Any, scheduler: Any) -> i
     return int(saved["step"])
 
 
-def latest_checkpoint(out_dir: Path) -> tuple[int, Path | None]:
-    """``(step, folder)`` of the newest complete checkpoint under ``out_dir/checkpoints`` (``(0, None)``: none)."""
-    found = [(json.loads(p.read_text())["step"], p.parent) for p in (out_dir / "checkpoints").glob("*/step.json")]
+def _step_of(folder: Path) -> int | None:
+    for name in (MANIFEST, "step.json"):
+        try:
+            return int(json.loads((folder / name).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
-    def complete(d: Path) -> bool:
-        return (d / "state.pt").is_file() and ((d / "model").is_dir() or (d / TRAINER_STATE).is_file())
 
-    found = [(s, d) for s, d in found if complete(d)]
-    return max(found, default=(0, None), key=lambda x: x[0])
+def latest_checkpoint(out_dir: Path, *, say: bool = False) -> tuple[int, Path | None]:
+    """``(step, folder)`` of the newest whole checkpoint under ``out_dir/checkpoints`` (``(0, None)``: none).
+    Newer folders that fail :func:`verify` are passed over; ``say`` prints each with its reason."""
+    found = [(s, p) for p in (out_dir / "checkpoints").glob("*") if p.is_dir() and (s := _step_of(p)) is not None]
+    for step, folder in sorted(found, key=lambda x: x[0], reverse=True):
+        why = verify(folder)
+        if why is None:
+            return step, folder
+        if say:
+            print(f"[checkpoint] skipping step {step} ({folder}): {why}; trying the previous one", flush=True)
+    return 0, None
+
+
+def pick_resume(ray_dir: Path | None, resume_from: str | None, start: int) -> Path | None:
+    """The checkpoint a starting worker restores. Ray Train's own (``ray_dir``: after a worker failure in this run,
+    or the newest its snapshot kept from an earlier one) when it is whole and not older than ``start``, the step the
+    driver planned the data from; else the driver's pick ``resume_from`` (:func:`latest_checkpoint`), else none."""
+    if ray_dir is not None:
+        why = verify(ray_dir)
+        step = _step_of(ray_dir)
+        if why is None and step is not None and step >= start:
+            return ray_dir
+        why = why or f"step {step} is older than step {start}, where the driver planned the data"
+        print(f"[checkpoint] not restoring Ray Train's checkpoint {ray_dir}: {why}", flush=True)
+    return Path(resume_from) if resume_from else None
 
 
 def latest_step(out_dir: Path) -> int:

@@ -11,6 +11,7 @@ steps with a warmup + cosine (or linear / constant) schedule; a NaN or infinite 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow.parquet as pq
 
-from raydora.checkpoint import latest_checkpoint, load_policy, restore, save_checkpoint, save_model
+from raydora.checkpoint import latest_checkpoint, load_policy, pick_resume, restore, save_checkpoint, save_model
 from raydora.cluster import check_gpus
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, TrainConfig
 from raydora.plan import make_plan, worker_datasets
@@ -92,6 +93,7 @@ class WorkerSpec:
     steps_per_epoch: int
     run_name: str
     resume_from: str | None = None
+    resume_step: int = 0  # the step of resume_from: the data plan starts there
     threads: int = 1
     master_dtype: str = "float32"
     tracking: dict[str, Any] | None = None
@@ -173,13 +175,13 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
 
     start = 0
     # After a worker failure Ray Train hands back the group's latest checkpoint; a rerun of an interrupted stage
-    # resumes from the newest one the driver found on storage.
+    # resumes from the newest whole one the driver found on storage (checkpoint.pick_resume).
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and spec.resume_from:
-        ckpt = ray.train.Checkpoint.from_directory(spec.resume_from)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            start = restore(d, model, optimizer, scheduler)
+    with contextlib.ExitStack() as stack:
+        ray_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
+        chosen = pick_resume(ray_dir, spec.resume_from, spec.resume_step)
+        if chosen is not None:
+            start = restore(chosen, model, optimizer, scheduler)
     group = distributed.default_group() if world > 1 else None
     tracker = None  # rank 0: metrics.jsonl, TensorBoard, and MLflow / W&B when the logging section asks
     if rank == 0:
@@ -398,7 +400,7 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fp}))
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
-    start, resume = latest_checkpoint(out_dir)
+    start, resume = latest_checkpoint(out_dir, say=True)
     plan = make_plan(
         data_dir,
         batch_size=batch_size,
@@ -434,6 +436,7 @@ def fit(
         steps_per_epoch=plan.steps_per_epoch,
         run_name=f"{run_cfg.name}/{mode}",
         resume_from=str(resume) if resume else None,
+        resume_step=start,
         threads=options.threads if options.threads is not None else (0 if train.use_gpu else 1),
         master_dtype=options.master_dtype,
         tracking=tracked,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
     assert checkpoint.latest_step(run_dir / "fsdp") == 4
 
 
-def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: Path) -> None:
+def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: Path, capsys) -> None:
     fit(run_dir, "straight")
     # A hard crash (os._exit) of worker 1 at step 4, after the step-3 checkpoint: Ray Train restarts the group
     # from that checkpoint and finishes. The result equals the uninterrupted run.
@@ -169,7 +170,17 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError
         fit(run_dir, "resumed", "train.max_failures=0", callbacks=[CrashOnce(4, str(tmp_path / "once-more"))])
     assert checkpoint.latest_step(run_dir / "resumed") == 3 and not (run_dir / "resumed" / "final").exists()
+    # A newer checkpoint cut short (as a node lost mid-copy leaves it): the rerun passes over it, says so, and
+    # resumes from step 3 (Ray Train's snapshot never saw it; checkpoint.pick_resume agrees with the driver).
+    good = checkpoint.latest_checkpoint(run_dir / "resumed")[1]
+    assert good is not None
+    cut = Path(shutil.copytree(good, good.parent / "checkpoint_9999-12-31_23-59-59.000000"))
+    manifest = json.loads((cut / checkpoint.MANIFEST).read_text())
+    (cut / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "step": 5}))
+    (cut / "state.pt").write_bytes((cut / "state.pt").read_bytes()[:100])
+    capsys.readouterr()
     fit(run_dir, "resumed", "train.max_failures=0")
+    assert f"[checkpoint] skipping step 5 ({cut}): state.pt has 100 bytes" in capsys.readouterr().out
     resumed = weights(run_dir / "resumed" / "final")
     for k in straight:
         torch.testing.assert_close(straight[k], resumed[k], atol=1e-6, rtol=1e-5)
