@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str]]:
+        # Copied and pickled with both arguments (Ray Tune copies a trial's exception; Ray pickles it to the driver).
+        return (type(self), (self.key, self.message))
 
 
 def _type_name(tp: Any) -> str:

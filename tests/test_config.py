@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,9 @@ def test_wdpo_gradient_modes_and_their_attention() -> None:
         from_dict({"train": {"objective": "wdpo", "wdpo_grad": "finite_difference", "wdpo_mode": "global"}})
     with pytest.raises(ConfigError, match=r"train\.wdpo_grad: finite_difference needs strategy=ddp"):
         from_dict({"train": {"objective": "wdpo", "wdpo_grad": "finite_difference", "strategy": "fsdp"}})
+
+
+def test_a_config_error_survives_ray_and_tune_copying_it() -> None:
+    e = ConfigError("name", "expected a string")
+    for clone in (copy.copy(e), pickle.loads(pickle.dumps(e))):
+        assert isinstance(clone, ConfigError) and (clone.key, str(clone)) == ("name", "name: expected a string")
