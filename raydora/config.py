@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from raydora import typedconf
+from raydora.tuneconf import TuneConfig
 
 # Re-exported: callers import the whole config API from here.
 from raydora.typedconf import ConfigError as ConfigError
@@ -532,6 +533,7 @@ class RunConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")

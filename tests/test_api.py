@@ -61,7 +61,7 @@ def test_every_objective_takes_a_group(fn) -> None:
     assert p.default is None and p.kind is inspect.Parameter.KEYWORD_ONLY
 
 
-@pytest.mark.parametrize("module", ["losses", "robust", "logprobs", "config", "typedconf", "hardware"])
+@pytest.mark.parametrize("module", ["losses", "robust", "logprobs", "config", "typedconf", "tuneconf", "hardware"])
 def test_pure_modules_import_no_ray(module: str) -> None:
     src = (Path(__file__).parents[1] / "raydora" / f"{module}.py").read_text()
     imported = set()
