@@ -234,6 +234,21 @@ def cmd_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """A Ray Tune search over ``tune.space``: trials are child runs of <root>/<name>/, selected on validation pairs."""
+    from raydora import tune
+
+    try:
+        tune.run(cfg)
+    except ConfigError as e:  # the space, the validation set, or a restore with other settings
+        print(f"raydora: config error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # interrupted (rerun to resume), or no trial finished
+        print(f"raydora tune: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] = {
     "check": (cmd_check, "verify the installation: versions, precision, math library, local Ray"),
     "config": (cmd_config, "print the resolved config (or --explain every key)"),
@@ -251,6 +266,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, RunConfig], int], str]] 
     "report": (cmd_report, "compare several runs' evaluations: raydora report RUN_DIR... [--out DIR]"),
     "pipeline": (cmd_pipeline, "run the stages in order over the run directory"),
     "loop": (cmd_loop, "the online loop: sample the policy, label, train from it; repeated (after the pipeline)"),
+    "tune": (cmd_tune, "search tune.space on Ray Tune (trials reuse the upstream stages; chosen on tune.validation)"),
 }
 
 

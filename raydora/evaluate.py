@@ -286,15 +286,16 @@ def preference_metrics(
     }
 
 
-def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path) -> np.ndarray:
+def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path, rows: Path | None = None) -> np.ndarray:
     """``[n, 2]`` log-probs of ``model`` for the chosen (best-scored) and rejected (worst-scored) response of every
-    held-out row, through the reference pass (same tokens as training), cached in ``eval_logps/<name>/``."""
+    held-out row (``rows``: another validated folder, e.g. ``raydora tune``'s validation pairs), through the
+    reference pass (same tokens as training), cached in ``eval_logps/<name>/``."""
     import pyarrow.parquet as pq
 
     from raydora.encoding import pair_indices
     from raydora.reference import attn_implementation, encode_rows, tokenizer_dir
 
-    heldout, tok = run_dir / "heldout", tokenizer_dir(cfg, run_dir)
+    heldout, tok = Path(rows) if rows is not None else run_dir / "heldout", tokenizer_dir(cfg, run_dir)
     fp = fingerprint(
         "heldout_logps",
         (read_success(heldout) or {}).get("fingerprint"),

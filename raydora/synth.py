@@ -216,6 +216,39 @@ def disagreement(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: (d / n if n else 0.0) for k, (d, n) in stats.items()}
 
 
+# ---- a validation set for hyperparameter selection (raydora tune) ------------------------------------------------
+VALIDATION_START = 10**9  # row numbers of the validation stream: its blocks' seeds match no train/SFT block's
+
+
+def validation_rows(
+    count: int, *, k: int, shares: dict[str, float], seed: int, exclude: set[str]
+) -> list[dict[str, Any]]:
+    """``count`` rows of the benchmark labelled by gold (the target preference, no label noise), drawn from a stream
+    of its own (rows from :data:`VALIDATION_START` on) and skipping every prompt in ``exclude`` (the train, SFT and
+    eval prompts), so that selecting on them never sees a training row or an evaluation prompt."""
+    out: list[dict[str, Any]] = []
+    seen, start = set(exclude), VALIDATION_START
+    while len(out) < count:
+        for row in generate_rows(start, count, k=k, shares=shares, label_noise=0.0, seed=seed):
+            if row["prompt"] not in seen and len(out) < count:
+                seen.add(row["prompt"])
+                out.append({**view(row, "oracle"), "split": "validation"})
+        start += count
+    return out
+
+
+def split_prompts(synth_dir: str | Path, splits: tuple[str, ...] = ("train", "sft", "eval")) -> set[str]:
+    """Every prompt of the benchmark's ``splits`` (JSON lines under ``synth_dir``)."""
+    import json
+
+    prompts: set[str] = set()
+    for split in splits:
+        for f in sorted((Path(synth_dir) / split).glob("*.json")):
+            with f.open(encoding="utf-8") as fh:
+                prompts.update(json.loads(line)["prompt"] for line in fh if line.strip())
+    return prompts
+
+
 # ---- the stage --------------------------------------------------------------------------------------------------
 def _eval_rows(start: int, count: int, seed: int) -> Iterator[dict[str, Any]]:
     rng = random.Random(f"raydora-synth-eval-{seed}-{start}")  # a stream disjoint from the training rows

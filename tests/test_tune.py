@@ -1,12 +1,21 @@
-"""raydora tune: the ``tune`` section's parsing and errors (no Ray)."""
+"""raydora tune: the ``tune`` section's parsing and errors (no Ray), and a real Ray Tune search on the synthetic
+benchmark: trials link the base run's upstream stages, never read the evaluation prompts, the best trial is the
+argmax of what they reported, and an interrupted search resumes without rerunning finished trials."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from raydora import experiment, synth
+from raydora import tune as rtune
 from raydora.config import ConfigError, load_config
 from raydora.tuneconf import Distribution, parse_distribution
 
@@ -59,3 +68,166 @@ def test_the_tune_section_reads_nested_or_dotted_and_names_the_key_at_fault(tmp_
     for override, says in errors.items():
         with pytest.raises(ConfigError, match=re.escape(says)):
             load_config(None, [override])
+
+
+def test_check_space_builds_the_config_at_every_end_and_choice() -> None:
+    """A key the train section lacks, or a value its checks refuse (at a range's end or any choice), fails before
+    any trial starts, naming the space's key."""
+    ok = load_config(None, ["tune.space.train.lam=loguniform(0.01, 10)", "tune.space.train.objective=choice([dora])"])
+    assert set(rtune.check_space(ok)) == {"train.lam", "train.objective"}
+    assert rtune.upstream_stages(ok) == ["synth", "validate", "classify", "sft", "reference"]  # dora reads p_golden
+    erm = load_config(None, ["tune.space.train.lam=uniform(0.1, 1)", "data.input=x.jsonl"])
+    assert rtune.upstream_stages(erm) == ["validate", "sft", "reference"]
+    for override, says in [
+        ("tune.space.train.lam=uniform(-1, 1)", "tune.space.train.lam: -1.0 gives an invalid config: train.lam"),
+        ("tune.space.train.objective=choice([erm, nope])", "tune.space.train.objective: 'nope' gives"),
+        (
+            "tune.space.train.lamda=uniform(0.1, 1)",
+            "tune.space.train.lamda: 0.1 gives an invalid config: train.lamda: unknown key",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            rtune.check_space(load_config(None, [override]))
+    with pytest.raises(ConfigError, match=r"tune\.space: is empty"):
+        rtune.check_space(load_config(None, []))
+
+
+def test_the_command_names_the_key_at_fault_before_starting_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    from raydora import cli
+
+    assert cli.main(["tune", "tune.space.train.lam=uniform(-1, 1)"]) == 2
+    assert "config error: tune.space.train.lam: -1.0 gives an invalid config" in capsys.readouterr().err
+    assert cli.main(["tune"]) == 2
+    assert "tune.space: is empty" in capsys.readouterr().err
+    assert cli.main(["tune", "tune.space.sft.lr=uniform(0.1, 1)"]) == 2
+    assert "tune.space.sft.lr: only train.<key> can be tuned" in capsys.readouterr().err
+
+
+def test_trial_overrides_and_the_table() -> None:
+    assert rtune.trial_overrides({"train.objective": "dora", "train.lam": 0.5}) == [
+        "train.lam=0.5",
+        'train.objective="dora"',
+    ]
+    rows = [
+        {"trial": "a", "config": {"train.lam": 0.123456}, "accuracy": 0.5, "margin": 0.1, "status": "done"},
+        {"trial": "b", "config": {"train.lam": 2.0}, "status": "error"},
+        {"trial": "c", "config": {"train.lam": 1.0}, "accuracy": 0.75, "margin": -0.2, "status": "done"},
+    ]
+    lines = rtune.table(rows, ["train.lam"], "accuracy").splitlines()
+    assert lines[0].split() == ["trial", "train.lam", "accuracy", "margin", "status"]
+    assert [line.split()[0] for line in lines[1:]] == ["c", "a", "b"]  # best first, no result last
+    assert lines[2].split()[1] == "0.1235"
+
+
+def test_synthetic_validation_rows_are_gold_labelled_and_apart() -> None:
+    shares = {"golden": 0.25, "verbose": 0.375, "sloppy": 0.375}
+    train = {r["prompt"] for r in synth.generate_rows(0, 64, k=4, shares=shares, label_noise=0.5, seed=3)}
+    rows = synth.validation_rows(40, k=4, shares=shares, seed=3, exclude=train)
+    assert len(rows) == 40 and len({r["prompt"] for r in rows}) == 40 and not {r["prompt"] for r in rows} & train
+    for r in rows:
+        gold = [synth.gold_reward(r["prompt"], x) for x in r["responses"]]
+        assert r["scores"] == pytest.approx(gold, abs=1e-5) and r["split"] == "validation"
+    assert rows == synth.validation_rows(40, k=4, shares=shares, seed=3, exclude=train)  # deterministic
+
+
+# ---- a real search (Ray Tune, Ray Train inside each trial) -------------------------------------------------------
+TINY = [
+    "name=base",
+    "seed=0",
+    "model.precision=fp32",
+    "model.max_length=64",
+    "model.vocab_size=320",
+    "synth.rows=48",
+    "synth.eval_rows=8",
+    "sft.batch_size=8",
+    "sft.micro_batch_size=8",
+    "sft.num_workers=1",
+    "train.objective=kl_dro",
+    "train.num_workers=1",
+    "train.batch_size=8",
+    "train.micro_batch_size=8",
+    "train.max_steps=2",
+    "train.checkpoint_every=2",
+    "train.lr=1e-3",
+    "reference.batch_size=16",
+    "tune.space.train.lam=loguniform(0.1, 10)",
+    "tune.space.train.beta=choice([0.05, 0.5])",
+    "tune.num_samples=2",
+    "tune.max_concurrent_trials=1",  # one at a time: the interruption below lands in the second trial
+    "tune.validation_rows=16",
+]
+
+
+def _interrupt_when(cond, timeout: float = 240.0) -> threading.Thread:
+    """SIGUSR1 to this process once ``cond()`` holds: Ray Tune's own graceful stop (it saves the experiment). Never
+    sent otherwise (outside ``Tuner.fit`` the signal would end the process)."""
+
+    def watch() -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not cond():
+            time.sleep(0.2)
+        if cond():
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Path, ray_session) -> None:
+    cfg = load_config(None, [f"root={tmp_path}", *TINY])
+    prep = rtune.prepare(cfg)
+    base, tune_dir = prep.base_dir, prep.base_dir / "tune"
+    markers = {p: p.stat().st_mtime_ns for p in sorted(base.glob("*/_SUCCESS"))}
+    assert {p.parent.name for p in markers} >= {"synth", "data", "sft", "reference"}
+    # The validation pairs: gold-labelled, apart from the train, SFT and eval prompts, validated as training data.
+    val_prompts = {json.loads(line)["prompt"] for line in (tune_dir / "validation.jsonl").read_text().splitlines()}
+    assert len(val_prompts) == 16 and not val_prompts & synth.split_prompts(base / "synth")
+    assert json.loads((tune_dir / "validation" / "data" / "_SUCCESS").read_text())["rows"]["valid"] == 16
+    # No trial may read the evaluation prompts: they are away while the trials run (a read would fail the trial).
+    eval_split, away = base / "synth" / "eval", tmp_path / "eval-away"
+    os.rename(eval_split, away)
+    trials = tune_dir / "trials"
+    watcher = _interrupt_when(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2)
+    with pytest.raises(RuntimeError, match="interrupted; rerun the command to resume"):
+        rtune.search(prep)
+    watcher.join()
+    # The command exits here (and a crash would take its local Ray along); the test restarts Ray the same way: in
+    # the same Ray, the stopped trial's trainer keeps its placement group's CPU until the driver exits.
+    ray_session.shutdown()
+    ray_session.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    first = [d for d in trials.iterdir() if (d / "train" / "_SUCCESS").is_file()]
+    assert len(first) == 1  # the first trial finished; the second was stopped
+    first_done = (first[0] / "train" / "_SUCCESS").stat().st_mtime_ns
+    best = rtune.search(prep)  # Tuner.restore: the finished trial is kept, the stopped one runs again
+    os.rename(away, eval_split)
+    assert (first[0] / "train" / "_SUCCESS").stat().st_mtime_ns == first_done
+    reported = {}
+    for result in (tune_dir / "experiment").glob("trial_*/result.json"):
+        lines = result.read_text().splitlines()
+        assert len(lines) == 1  # one report per trial, none repeated by the resume
+        r = json.loads(lines[0])
+        reported[r["trial_id"]] = r
+    assert len(reported) == 2
+    # best.json is the argmax of what the trials reported; best.yaml is its full config.
+    assert best["value"] == max(r["accuracy"] for r in reported.values())
+    tied = [r for r in reported.values() if r["accuracy"] == best["value"]]
+    assert best["margin"] == max(r["margin"] for r in tied)  # ties go to the larger margin
+    assert reported[best["trial_id"]]["accuracy"] == best["value"] == best["accuracy"]
+    assert json.loads((tune_dir / "best.json").read_text())["overrides"] == reported[best["trial_id"]]["config"]
+    chosen = load_config(tune_dir / "best.yaml")
+    assert chosen.train.lam == best["overrides"]["train.lam"] and chosen.train.beta == best["overrides"]["train.beta"]
+    # Each trial is an ordinary run folder: its upstream stages are links into the base, its own train stage.
+    for d in trials.iterdir():
+        for name in experiment.SHARED:
+            if (base / name).exists():
+                assert (d / name).is_symlink() and (d / name).resolve() == (base / name).resolve(), name
+        assert (d / "config.yaml").is_file() and (d / "train" / "final").is_dir()
+        assert not (d / "eval").exists() and not (d / "generations" / "policy").exists()
+        assert sorted(p.name for p in (d / "eval_logps").iterdir()) == ["validation"]
+    # Rerunning the whole command recomputes nothing: the base's markers and the trials' train stages are untouched.
+    trained = {p: p.stat().st_mtime_ns for p in sorted(trials.glob("*/train/_SUCCESS"))}
+    again = rtune.run(cfg)
+    assert again["trial_id"] == best["trial_id"] and again["value"] == best["value"]
+    assert {p: p.stat().st_mtime_ns for p in sorted(trials.glob("*/train/_SUCCESS"))} == trained
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
