@@ -107,8 +107,19 @@ def method_overrides(method: str, noise: float) -> list[str]:
 # What a base run computes for its children: everything upstream of training, and the SFT policy's samples.
 BASE_STAGES: tuple[str, ...] = ("synth", "validate", "classify", "sft", "reference", "generate")
 # A base run's folders that a child may link (stage outputs, and the SFT samples a child's evaluation compares with).
-SHARED: tuple[str, ...] = ("synth", "tokenizer", "init", "data", "quarantine", "classifier", "scored", "sft",
-                           "sft_data", "reference", "generations/sft")  # fmt: skip
+SHARED: tuple[str, ...] = (
+    "synth",
+    "tokenizer",
+    "init",
+    "data",
+    "quarantine",
+    "classifier",
+    "scored",
+    "sft",
+    "sft_data",
+    "reference",
+    "generations/sft",
+)
 
 
 @dataclass(frozen=True)
@@ -128,8 +139,9 @@ class ChildPlan:
 DOWNSTREAM = ("train", "generate", "evaluate")
 REUSE_UPSTREAM = ChildPlan(own=(), stages=DOWNSTREAM)
 OWN_CLASSIFIERS = ChildPlan(own=("classifier", "scored", "reference"), stages=("classify", "reference", *DOWNSTREAM))
-OWN_DATA = ChildPlan(own=("data", "quarantine", "scored", "classifier", "reference"),
-                     stages=("validate", "reference", *DOWNSTREAM))  # fmt: skip
+OWN_DATA = ChildPlan(
+    own=("data", "quarantine", "scored", "classifier", "reference"), stages=("validate", "reference", *DOWNSTREAM)
+)
 
 
 def child_plan(method: str) -> ChildPlan:
@@ -157,8 +169,7 @@ def link_shared(base: str | Path, child: str | Path, names: Iterable[str] = SHAR
     return made
 
 
-def run_child(cfg: RunConfig, base: str | Path, plan: ChildPlan = REUSE_UPSTREAM, *,
-              done: str | None = "eval") -> Path:  # fmt: skip
+def run_child(cfg: RunConfig, base: str | Path, plan: ChildPlan = REUSE_UPSTREAM, *, done: str | None = "eval") -> Path:
     """Run ``cfg`` as a child of the finished run folder ``base``: link ``plan.linked`` from it into ``cfg.run_dir``,
     then run ``plan.stages`` on Ray, unless the child's ``done`` folder already holds a ``_SUCCESS`` marker (None:
     always call the pipeline, which skips the stages that are up to date). Returns the child's run folder."""

@@ -35,8 +35,18 @@ from raydora import experiment
 from raydora.config import P_GOLDEN_OBJECTIVES, ConfigError, RunConfig, dump_yaml, from_dict, to_dict
 from raydora.tuneconf import Distribution
 
-__all__ = ["Prepared", "check_space", "prepare", "prepare_validation", "run", "search", "table", "trial",
-           "trial_overrides", "upstream_stages"]  # fmt: skip
+__all__ = [
+    "Prepared",
+    "check_space",
+    "prepare",
+    "prepare_validation",
+    "run",
+    "search",
+    "table",
+    "trial",
+    "trial_overrides",
+    "upstream_stages",
+]
 
 EXPERIMENT = "experiment"  # Tune's experiment folder under <run>/tune/
 # What a trial claims itself: next to nothing (Tune refuses 0); its trainer's workers and its encoding actors claim
@@ -129,8 +139,9 @@ def prepare_validation(cfg: RunConfig, base_dir: Path) -> Path:
     limits = None
     if cfg.data.truncation == "drop":
         limits = TokenLimits(cfg.model.max_length, cfg.model.max_prompt_length, str(tokenizer_dir(cfg, base_dir)))
-    result = validate(source, tune_dir / "validation", cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer,
-                      limits=limits)  # fmt: skip
+    result = validate(
+        source, tune_dir / "validation", cfg.data.format, cfg.data.max_chars, cfg.model.tokenizer, limits=limits
+    )
     if not result.counts.get("valid"):
         raise ValueError(f"tune.validation={source}: no valid preference rows ({result.counts})")
     return tune_dir / "validation" / "data"
@@ -175,8 +186,14 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], base_dir: str, valida
 def _search_key(cfg: RunConfig) -> dict[str, Any]:
     """What a restored experiment must share with the command that restores it."""
     t = cfg.tune
-    return {"space": dict(t.space), "num_samples": t.num_samples, "metric": t.metric, "scheduler": t.scheduler,
-            "grace_period": t.grace_period, "seed": cfg.seed if t.seed is None else t.seed}  # fmt: skip
+    return {
+        "space": dict(t.space),
+        "num_samples": t.num_samples,
+        "metric": t.metric,
+        "scheduler": t.scheduler,
+        "grace_period": t.grace_period,
+        "seed": cfg.seed if t.seed is None else t.seed,
+    }
 
 
 def _sampler(dist: Distribution) -> Any:
@@ -246,8 +263,16 @@ def table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str) -
         return -float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
 
     head = ["trial", *keys, "accuracy", "margin", "status"]
-    body = [[str(r["trial"]), *(fmt(r["config"].get(k)) for k in keys), fmt(r.get("accuracy", "-")),
-             fmt(r.get("margin", "-")), str(r["status"])] for r in sorted(rows, key=order)]  # fmt: skip
+    body = [
+        [
+            str(r["trial"]),
+            *(fmt(r["config"].get(k)) for k in keys),
+            fmt(r.get("accuracy", "-")),
+            fmt(r.get("margin", "-")),
+            str(r["status"]),
+        ]
+        for r in sorted(rows, key=order)
+    ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [head, *body]]
     return "".join(line + "\n" for line in lines)
@@ -302,8 +327,14 @@ def search(prep: Prepared) -> dict[str, Any]:
     for result in grid:
         m = result.metrics or {}
         status = "error" if result.error else ("done" if cfg.tune.metric in m else "no result")
-        rows.append({"trial": m.get("trial_id", Path(result.path).name), "config": result.config or {},
-                     "status": status, **{k: m[k] for k in ("accuracy", "margin", "run_dir") if k in m}})  # fmt: skip
+        rows.append(
+            {
+                "trial": m.get("trial_id", Path(result.path).name),
+                "config": result.config or {},
+                "status": status,
+                **{k: m[k] for k in ("accuracy", "margin", "run_dir") if k in m},
+            }
+        )
     shown = table(rows, list(space), cfg.tune.metric)
     print(shown, end="", flush=True)
     if any(r["status"] == "no result" for r in rows):  # Ctrl+C / SIGUSR1: Tune saved the experiment's state
