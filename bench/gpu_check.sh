@@ -9,6 +9,8 @@
 #      the validate, reference and train stages, for PRESET_ARGS (default: 150 steps, and --timeout 420: seconds
 #      for the whole script, the summary included): throughput and MFU.
 #      PRESET_ARGS="--preset dora --steps 100" runs the DoRA preset's LoRA setting instead (adds classify).
+#      LOGPROB_CHUNK=N adds --set model.logprob_chunk=N (issue 26: the LM head's log-probs N tokens at a time, so a
+#      larger micro-batch fits; give it with PRESET_ARGS="--batch M --micro-batch M", docs/gpu.md's next session).
 #   5. (VLLM=1) the vllm test tier (tests/test_vllm.py) on the GPU, then vLLM against raydora's hf backend and a
 #      bare generate loop (python -m bench.gpu_speed --generation-only, VLLM_ARGS), with vLLM 0.26.0 from .whl-vllm/
 #      (bench/gpu_wheels.sh vllm; its parts may have come in earlier calls and been copied to /tmp/vparts,
@@ -82,9 +84,10 @@ if [ -n "${RUN_PRESET:-}" ]; then
   # up. If it still fires, `python -m bench.gpu_preset --summarize $OUT` rebuilds the summary from the files
   # copied below.
   inner=$(sed -n 's/.*--timeout[ =]\([0-9]*\).*/\1/p' <<<"${PRESET_ARGS:-}")
+  chunk_args=${LOGPROB_CHUNK:+--set model.logprob_chunk=$LOGPROB_CHUNK}
   timeout "${PRESET_TIMEOUT:-$((${inner:-420} + 30))}" $PY -m bench.gpu_preset --out "$OUT" --work /tmp/preset \
-    ${PRESET_ARGS:-} 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"
-  summary+=("gpu_preset: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
+    ${PRESET_ARGS:-} $chunk_args 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee "$OUT/gpu_preset.log"
+  summary+=("gpu_preset${LOGPROB_CHUNK:+ (logprob_chunk=$LOGPROB_CHUNK)}: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s")
   cp /tmp/preset/runs/preset/train/metrics.jsonl "$OUT/preset_metrics.jsonl" 2>/dev/null
   cp /tmp/preset/pipeline.log "$OUT/preset_pipeline.log" 2>/dev/null
   cp /tmp/preset/meta.json "$OUT/preset_meta.json" 2>/dev/null
