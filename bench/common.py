@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import psutil
@@ -55,19 +55,48 @@ def _process_kind(p: psutil.Process) -> str:
     return title
 
 
-class PeakRSS:
+class PeakSampler:
+    """The largest value of :meth:`_sample` while the context is open, kept in ``peak``: a thread samples every
+    ``interval`` seconds, and :meth:`sample` (e.g. from a module hook) and the context's end sample once more."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        raise NotImplementedError
+
+    def sample(self, *_: object) -> None:
+        self.peak = max(self.peak, self._sample())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class PeakRSS(PeakSampler):
     """Samples the summed RSS of a process (default: this one) and all its descendants (raylet, Ray workers) every
     ``interval`` seconds; ``peak`` is the largest sum seen. Shared pages count once per process: use it for ratios.
     With ``pss=True`` it also sums PSS (shared pages divided among the processes sharing them: the tree's real
     footprint) into ``peak_pss``; reading it costs more per sample."""
 
     def __init__(self, interval: float = 0.1, pid: int | None = None, pss: bool = False) -> None:
-        self.interval, self.pid, self.pss = interval, pid or os.getpid(), pss
-        self.peak = self.peak_pss = self.peak_processes = 0
+        super().__init__(interval)
+        self.pid, self.pss = pid or os.getpid(), pss
+        self.peak_pss = self.peak_processes = 0
         self.peak_parts: list[tuple[str, int]] = []  # (process kind, PSS) at the PSS peak
         self.peak_at = 0.0  # when the PSS peak was seen (time.time())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
         try:
@@ -89,20 +118,6 @@ class PeakRSS:
             self.peak_parts = [(_process_kind(p), b) for p, b in seen]
         self.peak_processes = max(self.peak_processes, len(procs))
         return rss
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
 
 
 def record(name: str, result: dict[str, Any], out_dir: str | Path = "bench/results") -> Path:

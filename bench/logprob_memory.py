@@ -44,14 +44,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.common import record
+from bench.common import PeakSampler, record
 from bench.fsdp_accumulation import _live_heap, _peak_rss
 
 
@@ -119,29 +118,15 @@ def _step_batch(vocab: int, prompt: int, tokens: int, pairs: int, chunk: int, se
     return micro, raydora.StepConfig("preference", t, pairs, pairs, logprob_chunk=chunk)
 
 
-class _HeapPeak:
+class _HeapPeak(PeakSampler):
     """The live heap's peak, sampled every ``interval`` seconds by a thread and at each :meth:`sample` call."""
 
     def __init__(self, interval: float = 0.001) -> None:
-        self.peak, self.interval, self._stop = _live_heap(), interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.peak = _live_heap()
 
-    def sample(self, *_: object) -> None:
-        self.peak = max(self.peak, _live_heap())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def __enter__(self) -> _HeapPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+    def _sample(self) -> int:
+        return _live_heap()
 
 
 def step_child(args: argparse.Namespace) -> None:
