@@ -25,7 +25,7 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 endef
 
-test: $(STAMP) ## default tier: CPU, 17-26 minutes on 2 cores (slow, gpu and vllm tests are excluded or skipped)
+test: $(STAMP) ## default tier: CPU, 17-20 minutes on 2 cores (slow, gpu and vllm tests are excluded or skipped)
 	$(call run_pytest,-q -m "not slow" --durations=20)
 
 # No Ray cluster: losses, objectives, log-probs, the WDPO penalty, calibration, config, presets, the row schema
@@ -34,7 +34,7 @@ FAST_TESTS := $(addprefix tests/test_,losses.py robust.py logprobs.py wdpo_penal
 	presets.py schema.py api.py cli_and_hardware.py evaluate.py experiments.py kuberay.py models.py train_step.py checkpoint.py \
 	robust_distributed.py bench_imports.py)
 
-test-fast: $(STAMP) ## the pure tier: math, config, schema and CLI without Ray (53 s on 2 cores)
+test-fast: $(STAMP) ## the pure tier: math, config, schema and CLI without Ray (444 tests, 50 s on 2 cores)
 	$(call run_pytest,-q -m "not slow" $(FAST_TESTS))
 
 test-all: $(STAMP) ## every tier that this machine can run, slow included
