@@ -234,7 +234,7 @@ class HFGenerator:
 
 class VLLMGenerator:
     """The vLLM backend: one engine per actor, fed token prompts (the training tokenisation) with per-request
-    seeds. vLLM is imported here, inside the actor."""
+    seeds. vLLM is imported here, inside the actor. ``engine``: more ``vllm.LLM`` arguments."""
 
     def __init__(
         self,
@@ -246,6 +246,7 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool | None = None,
+        **engine: Any,
     ) -> None:
         try:
             import vllm
@@ -278,6 +279,7 @@ class VLLMGenerator:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=device != "cuda" if enforce_eager is None else enforce_eager,
             trust_remote_code=False,
+            **engine,  # e.g. worker_extension_cls (raydora.generators' weight sync)
         )
         self.eos = self.tokenizer.eos_token_id
 

@@ -98,3 +98,36 @@ def test_vllm_backend_through_ray_data(model_dir: Path, tmp_path: Path, ray_sess
     assert info["backend"] == "vllm" and table.num_rows == 16 and info["tokens_per_s"] > 0
     assert all(len(g) == 2 and g[0] == g[1] for g in table.column("generations").to_pylist())  # greedy: n equal
     assert info["tokens"] == sum(sum(t) for t in table.column("generation_tokens").to_pylist())
+
+
+def test_a_synced_vllm_generator_samples_like_one_started_from_the_weights(
+    model_dir: Path, tmp_path: Path, ray_session
+) -> None:
+    """The long-lived vLLM generator (raydora.generators) takes new weights through vLLM's worker extension and
+    ``collective_rpc`` without a restart: greedy samples then equal a fresh generator's (the hf backend's, which
+    equals vLLM's in greedy decoding above), and a stale version refuses to sample."""
+    import ray
+
+    from raydora import generators
+    from raydora.models import build_model, load_tokenizer, save_pretrained
+
+    other = save_pretrained(build_model("small-gpt2", load_tokenizer(model_dir), seed=1), load_tokenizer(model_dir),
+                            tmp_path / "w1")  # fmt: skip
+    cfg = load_config(None, ["generate.backend=vllm", f"generate.device={DEVICE}", "generate.actors=1",
+                             "generate.enforce_eager=true", f"generate.gpu_memory_utilization={GPU_SHARE}"])  # fmt: skip
+    greedy = gen.Sampling(temperature=0.0, max_new_tokens=12, n=1, seed=0)
+    table = prompts(8)
+
+    def fresh(folder: Path) -> list[list[str]]:
+        hf = gen.HFGenerator(str(folder), greedy.__dict__, 128, device=DEVICE, precision="fp32")
+        return hf(table).column("generations").to_pylist()
+
+    with generators.GeneratorPool(model_dir, cfg.generate, max_length=128, precision="fp32") as pool:
+        assert pool.backend == "vllm"
+        before = pool.sample(table, greedy).column("generations").to_pylist()
+        info = pool.sync(other, 1)
+        assert info["actors"][0]["tensors"] > 0
+        after = pool.sample(table, greedy).column("generations").to_pylist()
+        assert before == fresh(model_dir) and after == fresh(other) != before
+        with pytest.raises(generators.StaleWeightsError, match="version 1 but was asked to sample with version 0"):
+            ray.get(pool.actors[0].sample.remote(table, greedy.__dict__, 0))
