@@ -475,6 +475,9 @@ class LoopConfig:
     (dora, reweight, which need it), off for the others (purely on-policy rows, as in iterative DPO)."""
     temperature: float | None = None
     """Sampling temperature of the rounds (null: generate.temperature)."""
+    live_generators: bool = True
+    """Keep one pool of generator actors for the whole loop and sync each round's trained weights into it (false:
+    fresh generator actors, loading the policy from disk, for every sampling; docs/training.md)."""
 
     def __post_init__(self) -> None:
         _check(self.rounds > 0, "rounds", "must be > 0")

@@ -513,17 +513,14 @@ def policies(cfg: Any, run_dir: Path) -> dict[str, Path]:
     return out
 
 
-def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
-    """Pipeline stage ``generate``: samples of every policy on the first ``evaluate.prompts`` held-out prompts
-    into ``generations/<policy>/``. Each policy's folder is skipped when its model, prompts and sampling are
-    unchanged."""
-    run_dir = Path(run_dir).absolute()
+def plan(cfg: Any, run_dir: Path) -> tuple[pa.Table, Sampling, list[tuple[str, Path, Path, str]]]:
+    """What the stage samples: the prompts, the sampling, and per policy ``(name, model, folder, fingerprint)``
+    (the online loop fills the folders from its live generators, and the stage then skips them)."""
     source = prompt_source(cfg, run_dir)
     prompts = read_prompts(source, cfg.evaluate.prompts)
     sampling = Sampling.from_config(cfg.generate, cfg.seed)
-    outputs, counts, skipped, info = {}, {}, True, {}
+    jobs = []
     for name, model in policies(cfg, run_dir).items():
-        out = run_dir / "generations" / name
         fp = fingerprint(
             "generate",
             file_fingerprints(model),
@@ -532,6 +529,18 @@ def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageRes
             asdict(sampling),
             cfg.model.max_length,
         )
+        jobs.append((name, model, run_dir / "generations" / name, fp))
+    return prompts, sampling, jobs
+
+
+def run(cfg: RunConfig, run_dir: str | Path, *, force: bool = False) -> StageResult:
+    """Pipeline stage ``generate``: samples of every policy on the first ``evaluate.prompts`` held-out prompts
+    into ``generations/<policy>/``. Each policy's folder is skipped when its model, prompts and sampling are
+    unchanged."""
+    run_dir = Path(run_dir).absolute()
+    prompts, sampling, jobs = plan(cfg, run_dir)
+    outputs, counts, skipped, info = {}, {}, True, {}
+    for name, model, out, fp in jobs:
         outputs[name] = str(out)
         if not force and is_done(out, fp):
             marker = read_success(out) or {}

@@ -17,6 +17,12 @@ trained) and, in its own run directory ``<run>/loop/round<r>/``:
    policy, and the evaluation's ``sft`` baseline is that policy too, so each round reports its win rate against
    the round before it.
 
+With ``loop.live_generators`` (the default) every sampling runs on one pool of generator actors kept for the whole
+loop (:class:`LiveGenerators`, :mod:`raydora.generators`): a round samples its prompts and its evaluation's
+baseline with policy ``r-1``, trains, syncs the new policy into the actors once (through the object store, with a
+version that every sampling call checks) and samples its evaluation's ``policy`` folder; the ``generate`` stage
+then finds both folders up to date.
+
 Every round is an ordinary run directory (each stage skips itself when up to date), so an interrupted loop resumes
 where it stopped. ``<run>/loop/summary.json`` collects, per round, the rows, the prompts that carried no
 preference, the mean reward of the starting policy's samples and the round's win rates.
@@ -159,10 +165,13 @@ def _reward_fingerprint(name: str) -> Any:
     return name if name in ("gold", "biased") else (name, file_fingerprints(name))
 
 
-def sample_round(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> dict[str, Any]:
-    """Steps 1-2 of a round: sample ``policy`` on the round's training prompts into ``round<r>/samples/`` and write
-    the labelled rows into ``round<r>/input/``. Each is skipped when its inputs and settings are unchanged, so a
-    new reward relabels the same samples. Returns the counts."""
+def sample_round(
+    cfg: RunConfig, run_dir: Path, round_: int, policy: Path, live: LiveGenerators | None = None
+) -> dict[str, Any]:
+    """Steps 1-2 of a round: sample ``policy`` on the round's training prompts into ``round<r>/samples/`` (on
+    ``live``'s generators holding it as version ``round_ - 1``, else on a fresh actor pool) and write the labelled
+    rows into ``round<r>/input/``. Each is skipped when its inputs and settings are unchanged, so a new reward
+    relabels the same samples. Returns the counts."""
     from raydora import generate as gen
     from raydora.rewards import named_reward
 
@@ -188,7 +197,11 @@ def sample_round(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> di
     )
     samples_dir, input_dir = round_dir / "samples", round_dir / "input"
     prompts = round_prompts(gen.read_prompts(data_dir), round_, lp.prompts)
-    if not is_done(samples_dir, sample_fp):
+    if not is_done(samples_dir, sample_fp) and live is not None:
+        live.at(policy, round_ - 1).generate(
+            prompts.select(["id", "prompt"]), samples_dir, sampling, fp=sample_fp, stage="loop-sample"
+        )
+    elif not is_done(samples_dir, sample_fp):
         gen.generate(
             policy,
             prompts.select(["id", "prompt"]),
@@ -228,6 +241,59 @@ def sample_round(cfg: RunConfig, run_dir: Path, round_: int, policy: Path) -> di
     return counts
 
 
+class LiveGenerators:
+    """The loop's generator actors (``loop.live_generators``): one :class:`~raydora.generators.GeneratorPool`
+    for all rounds, started on first use from the policy it must sample, and synced whenever a sampling needs
+    another policy. Version ``v`` is the policy that round ``v`` trained (0: the loop's starting policy), so a
+    resumed loop starts its pool at the version of the policy it resumes from."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg: RunConfig = cfg
+        self.pool: Any = None
+        self.syncs: list[dict[str, Any]] = []
+
+    def at(self, policy: Path, version: int) -> Any:
+        """The pool, holding ``policy`` as ``version``."""
+        from raydora.generators import GeneratorPool
+
+        if self.pool is None:
+            self.pool = GeneratorPool(
+                policy,
+                self.cfg.generate,
+                max_length=self.cfg.model.max_length,
+                precision=self.cfg.model.precision,
+                version=version,
+            )
+        elif self.pool.version != version:
+            info = self.pool.sync(policy, version)
+            self.syncs.append(info)
+            print(
+                f"[loop] synced {policy} (version {version}, {info['bytes'] / 2**20:.1f} MiB) into "
+                f"{len(self.pool.actors)} generators in {info['seconds']:.2f} s",
+                flush=True,
+            )
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def eval_generations(round_cfg: RunConfig, round_: int, live: LiveGenerators) -> None:
+    """The generate stage's folders of round ``round_`` (``sft``: its starting policy, version ``round_ - 1``;
+    ``policy``: what it trained, version ``round_``), sampled on the live generators with the stage's prompts,
+    sampling and fingerprints, so that the stage then finds them up to date. The starting policy first: one sync."""
+    from raydora import generate as gen
+
+    run_dir = round_cfg.run_dir.absolute()
+    prompts, sampling, jobs = gen.plan(round_cfg, run_dir)
+    for name, model, out, fp in sorted(jobs, key=lambda job: job[0] != "sft"):
+        if not is_done(out, fp):
+            version = round_ - 1 if name == "sft" else round_
+            live.at(model, version).generate(prompts, out, sampling, fp=fp, stage="generate")
+
+
 def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
     """Fail before any sampling when the loop cannot run to its end."""
     from raydora.classifier import synthetic_sources
@@ -260,10 +326,12 @@ def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
             )
 
 
-def run(cfg: RunConfig, rounds: int | None = None) -> list[dict[str, Any]]:
+def run(
+    cfg: RunConfig, rounds: int | None = None, *, timings: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """``rounds`` (default ``loop.rounds``) rounds of the online loop over ``cfg``'s run directory, which must
-    hold validated data (``data/``); returns one summary per round (also in ``<run>/loop/summary.json``)."""
-    from raydora import pipeline
+    hold validated data (``data/``); returns one summary per round (also in ``<run>/loop/summary.json``).
+    ``timings``, when given, receives each round's seconds (whole round, weight syncs, training) and samples/s."""
     from raydora.cluster import init_ray
 
     run_dir = cfg.run_dir.absolute()
@@ -275,36 +343,93 @@ def run(cfg: RunConfig, rounds: int | None = None) -> list[dict[str, Any]]:
     stages = ["validate", "classify", "reference", "train", "generate", "evaluate"]
     if cfg.train.objective not in P_GOLDEN_OBJECTIVES:
         stages.remove("classify")
-    summaries = []
-    for r in range(1, n + 1):
-        print(f"[loop] round {r}: sampling {policy}", flush=True)
-        counts = sample_round(cfg, run_dir, r, policy)
-        round_cfg = round_config(cfg, run_dir, r, policy)
-        pipeline.run(round_cfg, stages)
-        round_dir = round_cfg.run_dir.absolute()
-        report = json.loads((round_dir / "eval" / "report.json").read_text())
-        summary = {
-            "round": r,
-            "start_policy": str(policy),
-            "policy": str(round_dir / "train" / "final"),
-            **counts,
-            "win_rates": {k: v["win_rate"] for k, v in report["win_rates"].items()},
-            "win_rate_ci95": {k: v["ci95"] for k, v in report["win_rates"].items()},
-            "mean_reward": report.get("mean_reward"),
-        }
-        summaries.append(summary)
-        policy = round_dir / "train" / "final"
-        wr = summary["win_rates"].get("sft")
-        print(
-            f"[loop] round {r}: {counts['rows']} rows ({counts['dropped']} prompts without a preference), "
-            f"samples' mean reward {counts['sample_reward_mean'] or float('nan'):.3f}"
-            + (f", win rate vs round {r - 1} {wr:.3f}" if wr is not None else ""),
-            flush=True,
-        )
+    live = LiveGenerators(cfg) if cfg.loop.live_generators else None
+    try:
+        summaries = [
+            _round(cfg, run_dir, r, policy, stages, live, timings) for r, policy in _rounds(run_dir, policy, n)
+        ]
+    finally:
+        if live is not None:
+            live.close()
     out = run_dir / "loop" / "summary.json"
     out.write_text(json.dumps(summaries, indent=2) + "\n")
     print(f"[loop] summary: {out}", flush=True)
     return summaries
+
+
+def _rounds(run_dir: Path, start: Path, n: int) -> list[tuple[int, Path]]:
+    """``(round, starting policy)`` of rounds 1..n: round r starts from round r-1's ``train/final``."""
+    return [(r, start if r == 1 else run_dir / "loop" / f"round{r - 1}" / "train" / "final") for r in range(1, n + 1)]
+
+
+def _round(
+    cfg: RunConfig,
+    run_dir: Path,
+    r: int,
+    policy: Path,
+    stages: list[str],
+    live: LiveGenerators | None,
+    timings: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One round (sample, label, the round's stages); its summary. Prints a line of its timings."""
+    import time
+
+    from raydora import pipeline
+
+    began = time.perf_counter()
+    syncs = len(live.syncs) if live is not None else 0
+    print(f"[loop] round {r}: sampling {policy}", flush=True)
+    samples_dir = run_dir / "loop" / f"round{r}" / "samples"
+    earlier = (read_success(samples_dir) or {}).get("finished_at")
+    counts = sample_round(cfg, run_dir, r, policy, live)
+    round_cfg = round_config(cfg, run_dir, r, policy)
+    results = []
+    if live is None:
+        results += pipeline.run(round_cfg, stages)
+    else:
+        # The stages up to training, then the evaluation's samples on the live generators (the generate stage
+        # then skips), then the rest.
+        cut = stages.index("generate")
+        results += pipeline.run(round_cfg, stages[:cut])
+        eval_generations(round_cfg, r, live)
+        results += pipeline.run(round_cfg, stages[cut:])
+    round_dir = round_cfg.run_dir.absolute()
+    report = json.loads((round_dir / "eval" / "report.json").read_text())
+    summary = {
+        "round": r,
+        "start_policy": str(policy),
+        "policy": str(round_dir / "train" / "final"),
+        **counts,
+        "win_rates": {k: v["win_rate"] for k, v in report["win_rates"].items()},
+        "win_rate_ci95": {k: v["ci95"] for k, v in report["win_rates"].items()},
+        "mean_reward": report.get("mean_reward"),
+    }
+    wr = summary["win_rates"].get("sft")
+    print(
+        f"[loop] round {r}: {counts['rows']} rows ({counts['dropped']} prompts without a preference), "
+        f"samples' mean reward {counts['sample_reward_mean'] or float('nan'):.3f}"
+        + (f", win rate vs round {r - 1} {wr:.3f}" if wr is not None else ""),
+        flush=True,
+    )
+    sampled = read_success(samples_dir) or {}
+    per_s = None
+    if sampled.get("finished_at") == earlier:
+        rate = "samples up to date"
+    else:
+        where = "live" if live is not None else "fresh"
+        per_s = sampled["rows"]["samples"] / sampled["seconds"]
+        rate = f"{per_s:.1f} samples/s ({sampled['backend']}, {where} generators)"
+    sync = sum(x["seconds"] for x in live.syncs[syncs:]) if live is not None else 0.0
+    train = next((x for x in results if x.stage == "train"), None)
+    train_s = None if train is None or train.skipped else float(train.info["seconds"])
+    trained = "train up to date" if train_s is None else f"train {train_s:.1f} s"
+    seconds = time.perf_counter() - began
+    print(f"[loop] round {r} timings: {rate}, sync {sync:.2f} s, {trained}, round {seconds:.1f} s", flush=True)
+    if timings is not None:
+        timings.append(
+            {"round": r, "seconds": seconds, "sync_seconds": sync, "train_seconds": train_s, "samples_per_s": per_s}
+        )
+    return summary
 
 
 def table(summaries: list[dict[str, Any]]) -> str:

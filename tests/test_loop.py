@@ -143,6 +143,27 @@ def test_two_rounds_train_each_policy_from_the_last_on_its_own_labelled_samples(
         assert set(s["win_rates"]) >= {"sft", "golden"} and 0 <= s["win_rates"]["sft"] <= 1
     assert json.loads((run_dir / "loop" / "summary.json").read_text()) == summaries
     assert summaries[0]["sample_reward_mean"] != summaries[1]["sample_reward_mean"]
+    # One pool of generators for the whole loop: round 2 sampled round 1's policy after a weight sync (version 1),
+    # and its samples equal those of generator actors started fresh from that policy's folder.
+    versions = {
+        f"round{r}/{f}": read_success(run_dir / "loop" / f"round{r}" / f)["weights_version"]
+        for r in (1, 2) for f in ("samples", "generations/sft", "generations/policy")
+    }  # fmt: skip
+    assert versions == {
+        "round1/samples": 0, "round1/generations/sft": 0, "round1/generations/policy": 1,
+        "round2/samples": 1, "round2/generations/sft": 1, "round2/generations/policy": 2,
+    }  # fmt: skip
+    from raydora import generate as gen
+
+    marker = read_success(run_dir / "loop" / "round2" / "samples")
+    prompts = pq.read_table(run_dir / "loop" / "round2" / "samples").select(["id", "prompt"])
+    gen.generate(summaries[0]["policy"], prompts, tmp_path / "fresh", cfg.generate,
+                 gen.Sampling(**marker["sampling"]), max_length=64, precision="fp32")  # fmt: skip
+    fresh, live = (
+        gen.read_generations(tmp_path / "fresh"),
+        gen.read_generations(run_dir / "loop" / "round2" / "samples"),
+    )
+    assert fresh.column("generations").to_pylist() == live.column("generations").to_pylist()
     # Rerunning finds every round up to date: nothing is sampled or trained again.
     markers = {f: f.stat().st_mtime_ns for f in sorted((run_dir / "loop").glob("round*/*/_SUCCESS"))}
     assert len(markers) >= 2 * 6
