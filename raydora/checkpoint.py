@@ -8,6 +8,7 @@ falls back to the previous good checkpoint and says so."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,26 @@ def pick_resume(ray_dir: Path | None, resume_from: str | None, start: int) -> Pa
         why = why or f"step {step} is older than step {start}, where the driver planned the data"
         print(f"[checkpoint] not restoring Ray Train's checkpoint {ray_dir}: {why}", flush=True)
     return Path(resume_from) if resume_from else None
+
+
+def keep_local_checkpoint(folder: Path, out_dir: Path, step: int, keep: int | None) -> Path:
+    """Move the checkpoint ``folder`` (:func:`save_checkpoint`'s temp dir) to ``out_dir/checkpoints/``, where Ray
+    Train keeps a worker group's checkpoints, for runs in Ray Train's local mode (which keeps none): the move is
+    the last step, so :func:`latest_checkpoint` finds the folder whole or not at all. Then only the newest ``keep``
+    (None: all) stay."""
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"checkpoint_local_{step:08d}"
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp = root / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.move(str(folder), tmp)  # another filesystem than the temp dir's: copied, then renamed in one step
+    tmp.rename(dest)
+    if keep is not None:
+        ours = sorted(root.glob("checkpoint_local_*"), key=lambda p: _step_of(p) or 0)
+        for old in ours[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def latest_step(out_dir: Path) -> int:

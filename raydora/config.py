@@ -36,6 +36,12 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def _check_workers(num_workers: int, batch_size: int) -> None:
+    _check(num_workers >= 0, "num_workers", "must be >= 0 (0: Ray Train's local mode, in the driver process)")
+    ok = batch_size % max(1, num_workers) == 0
+    _check(ok, "batch_size", f"global batch {batch_size} must be divisible by num_workers={num_workers}")
+
+
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None
@@ -243,20 +249,16 @@ class SFTConfig:
     micro_batch_size: int = 16
     """Sequences per forward pass on one worker."""
     num_workers: int = 2
-    """Ray Train workers."""
+    """Ray Train workers (0: local mode, as train.num_workers)."""
     checkpoint_every: int | None = None
     """Optimizer steps between checkpoints (null: train.checkpoint_every)."""
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "micro_batch_size", "num_workers"):
+        for key in ("epochs", "batch_size", "micro_batch_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every", "must be > 0 or null")
         _check(self.lr > 0, "lr", "must be > 0")
-        _check(
-            self.batch_size % self.num_workers == 0,
-            "batch_size",
-            f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}",
-        )
+        _check_workers(self.num_workers, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,8 @@ class TrainConfig:
     sft_weight: float = 1.0
     """Weight of RRHF's SFT term on the best response."""
     num_workers: int = 2
-    """Ray Train workers (one process each)."""
+    """Ray Train workers (one process each); 0: Ray Train's local mode, training in the driver process (for a
+    debugger and quick runs; no automatic restarts, checkpoints kept as usual; docs/training.md)."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); False trains on CPU (gloo)."""
     batch_size: int = 16
@@ -361,15 +364,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr", "batch_size", "micro_batch_size")
-        for key in (*positive, "num_workers", "epochs", "checkpoint_every", "log_every", "shuffle_block_rows"):
+        for key in (*positive, "epochs", "checkpoint_every", "log_every", "shuffle_block_rows"):
             _check(getattr(self, key) > 0, key, "must be > 0")
         _check(self.max_steps >= 0, "max_steps", "must be >= 0")
         _check(self.lora_r >= 0, "lora_r", "must be >= 0")
-        _check(
-            self.batch_size % self.num_workers == 0,
-            "batch_size",
-            f"global batch {self.batch_size} must be divisible by num_workers={self.num_workers}",
-        )
+        _check_workers(self.num_workers, self.batch_size)
         _check(self.rho >= 0, "rho", "must be >= 0")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         _check(0 <= self.flip_rate < 0.5, "flip_rate", "must be in [0, 0.5)")

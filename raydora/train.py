@@ -25,7 +25,15 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow.parquet as pq
 
-from raydora.checkpoint import latest_checkpoint, load_policy, pick_resume, restore, save_checkpoint, save_model
+from raydora.checkpoint import (
+    keep_local_checkpoint,
+    latest_checkpoint,
+    load_policy,
+    pick_resume,
+    restore,
+    save_checkpoint,
+    save_model,
+)
 from raydora.cluster import check_gpus
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, TrainConfig
 from raydora.plan import make_plan, worker_datasets
@@ -100,6 +108,7 @@ class WorkerSpec:
     params: dict[str, Any] | None = None
     dora: DoraInfo | None = None
     callbacks: tuple[StepCallback, ...] = ()
+    in_process: bool = False  # Ray Train's local mode (num_workers=0): checkpoints are kept by the loop itself
 
     @property
     def train(self) -> TrainConfig:
@@ -255,10 +264,14 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
                 )
         if step % t.checkpoint_every == 0 or step == total:
             path = save_checkpoint(model, optimizer, scheduler, tokenizer, step, lora=bool(t.lora_r), rank=rank)
-            checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
-            ray.train.report(m, checkpoint=checkpoint)
-            if path:
-                shutil.rmtree(path, ignore_errors=True)
+            if spec.in_process:  # local mode persists nothing itself: keep it where Ray Train would
+                keep_local_checkpoint(Path(path or ""), out_dir, step, t.keep_checkpoints)
+                ray.train.report(m)
+            else:
+                checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
+                ray.train.report(m, checkpoint=checkpoint)
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
     if tracker is not None:
         tracker.close()
     state = distributed.full_state_dict(model)
@@ -266,6 +279,15 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         save_model(model, tokenizer, out_dir / "final", state)
         (out_dir / "final_metrics.json").write_text(json.dumps({**last_metrics, "steps": step}))
     distributed.barrier()
+
+
+def torch_threads(n: int | None = None) -> int:
+    """This process's torch intra-op threads; with ``n``, set them first."""
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    return int(torch.get_num_threads())
 
 
 def _record_worker(out_dir: Path, rank: int, world: int, device: Any) -> None:
@@ -367,12 +389,13 @@ def fit(
     interrupted one resumes from its newest checkpoint."""
     from raydora import tracking
     from raydora.config import to_dict
-    from raydora.data import parquet_files
+    from raydora.data import ordered_ingest, parquet_files
     from raydora.reference import attn_implementation
 
     options = options or WorkerOptions()
     shape = shape or train
     batch_size, micro_batch_size, num_workers = shape.batch_size, shape.micro_batch_size, shape.num_workers
+    world = max(1, num_workers)  # 0: Ray Train's local mode, the training function in this process
     epochs, lr = shape.epochs, shape.lr
     tracked = tracking.settings(getattr(run_cfg, "logging", None))  # fails here when a backend is not installed
     out_dir = Path(out_dir).absolute()
@@ -404,7 +427,7 @@ def fit(
     plan = make_plan(
         data_dir,
         batch_size=batch_size,
-        world=num_workers,
+        world=world,
         epochs=epochs,
         seed=run_cfg.seed,
         block_rows=train.shuffle_block_rows,
@@ -437,16 +460,21 @@ def fit(
         run_name=f"{run_cfg.name}/{mode}",
         resume_from=str(resume) if resume else None,
         resume_step=start,
-        threads=options.threads if options.threads is not None else (0 if train.use_gpu else 1),
+        # A worker holds one CPU (worker_cpus); local mode leaves this process's torch threads as they are.
+        threads=options.threads if options.threads is not None else (0 if train.use_gpu or not num_workers else 1),
         master_dtype=options.master_dtype,
         tracking=tracked,
         params=to_dict(run_cfg) if tracked else None,
         dora=dora,
         callbacks=options.callbacks,
+        in_process=num_workers == 0,
     )
     if train.use_gpu:  # Ray Train would wait forever for GPUs the cluster lacks
-        check_gpus(num_workers, 1, "sft.num_workers" if mode == "sft" else "train.num_workers")
+        check_gpus(world, 1, "sft.num_workers" if mode == "sft" else "train.num_workers")
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
+    if num_workers == 0:  # no DataConfig in local mode: the dataset keeps the order itself
+        for ds in datasets.values():
+            ds.context.execution_options = ordered_ingest()
     trainer = build_trainer(
         spec,
         datasets,
@@ -458,7 +486,11 @@ def fit(
         keep_checkpoints=train.keep_checkpoints,
         placement_strategy=train.placement_strategy,
     )
-    trainer.fit()
+    threads = torch_threads()
+    try:
+        trainer.fit()
+    finally:  # local mode ran the loop here, which may have set this process's torch threads
+        torch_threads(threads)
     failed = out_dir / FAILED_FILE
     if failed.exists():
         raise NonFiniteLossError(

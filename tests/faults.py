@@ -30,6 +30,20 @@ class CrashOnce:
 
 
 @dataclasses.dataclass(frozen=True)
+class RaiseOnce:
+    """An exception before step ``step``, once (``marker``): a crash that a training loop running in this process
+    (Ray Train's local mode, ``num_workers=0``) can survive, where :class:`CrashOnce` would end the test process."""
+
+    step: int
+    marker: str
+
+    def __call__(self, step: int, rank: int, world: int, micro: list[dict[str, Any]]) -> None:
+        if step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text("raised once")
+            raise RuntimeError(f"injected failure before step {step}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PoisonStep:
     """NaN reference log-probs in every micro-batch of step ``step`` on every worker: the loss is NaN, as it is
     when garbage reaches training."""

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from raydora import checkpoint, classify, plan, reference, sft, synth, train, validate
 from raydora.cluster import check_gpus
 from raydora.config import load_config
-from tests.faults import CrashOnce, PoisonStep
+from tests.faults import CrashOnce, PoisonStep, RaiseOnce
 
 BASE = [
     "synth.rows=96",
@@ -114,13 +114,13 @@ def test_two_workers_train_the_policy(run_dir: Path) -> None:
 # ranks (test_robust_distributed.py) and under FSDP2 accumulation (test_train_step.py).
 @pytest.mark.parametrize("objective", [pytest.param("dora", marks=pytest.mark.slow), "kldpo"])
 def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, objective: str) -> None:
-    # 1 worker: 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
+    # 1 process (Ray Train's local mode): 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
     # accumulate in one pass (robust.OnlineTilt); the 2 workers' per-rank factors meet in the mean all-reduce.
     # For dora also 2 workers x 1 micro-batch of 4 (the objective's own all-gather, group=), with the token width
     # rounded up to a multiple of 32 (model.pad_to_multiple_of: more masked tokens, the same result). The 2-worker
     # runs take the head's log-probs in chunks of 3 tokens (model.logprob_chunk, in no fingerprint): the same result.
     common = (f"train.objective={objective}", "train.max_steps=4", "train.checkpoint_every=100")
-    fit(run_dir, f"w1-{objective}", *common, "train.num_workers=1", master_dtype="float64")
+    fit(run_dir, f"w1-{objective}", *common, "train.num_workers=0", master_dtype="float64")  # in this process
     chunked = ("train.num_workers=2", "model.logprob_chunk=3")
     fit(run_dir, f"w2-{objective}", *common, *chunked, "train.micro_batch_size=2", master_dtype="float64")
     others = [f"w2-{objective}"]
@@ -184,6 +184,30 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
     resumed = weights(run_dir / "resumed" / "final")
     for k in straight:
         torch.testing.assert_close(straight[k], resumed[k], atol=1e-6, rtol=1e-5)
+
+
+def test_local_mode_trains_in_this_process_keeps_its_checkpoints_and_resumes(run_dir: Path, tmp_path: Path) -> None:
+    # train.num_workers=0: Ray Train's local mode runs the loop in this process (no worker actors, no restarts).
+    # It keeps its checkpoints where Ray Train would, so a rerun after a crash resumes and ends where an
+    # uninterrupted run does.
+    import os
+
+    common = ("train.num_workers=0", "train.objective=kldpo", "train.max_steps=5", "train.checkpoint_every=2",
+              "train.keep_checkpoints=2")  # fmt: skip
+    whole = fit(run_dir, "local", *common)
+    assert whole.counts == {"rows": 96, "steps": 5}
+    worker = json.loads((run_dir / "local" / "workers" / "rank0.json").read_text())
+    assert worker["pid"] == os.getpid() and worker["world_size"] == 1
+    kept = sorted(p.name for p in (run_dir / "local" / "checkpoints").iterdir())
+    assert kept == ["checkpoint_local_00000004", "checkpoint_local_00000005"]  # steps 2, 4, 5: the newest 2 kept
+    with pytest.raises(RuntimeError, match="injected failure before step 4"):
+        fit(run_dir, "local-crash", *common, callbacks=[RaiseOnce(4, str(tmp_path / "raised"))])
+    assert checkpoint.latest_step(run_dir / "local-crash") == 2
+    fit(run_dir, "local-crash", *common)
+    assert [m["step"] for m in metrics(run_dir / "local-crash")] == [1, 2, 3, 4, 5]
+    a, b = weights(run_dir / "local" / "final"), weights(run_dir / "local-crash" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
 def test_lora_trains_adapters_saves_merged_weights_and_resumes(run_dir: Path, tmp_path: Path) -> None:
@@ -254,7 +278,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -
 
 
 def test_sft_warm_start_trains_on_the_sft_corpus(run_dir: Path) -> None:
-    cfg = config(run_dir.parent, "sft.enabled=true", "sft.batch_size=16", "sft.micro_batch_size=8", "sft.lr=3e-3")
+    sft_section = ("sft.enabled=true", "sft.batch_size=16", "sft.micro_batch_size=8", "sft.lr=3e-3")
+    cfg = config(run_dir.parent, *sft_section, "sft.num_workers=0")  # Ray Train's local mode: in this process
     result = sft.run(cfg, cfg.run_dir)
     rows = metrics(run_dir / "sft")
     assert result.counts == {"rows": 96, "steps": 6} and len(rows) == 6
