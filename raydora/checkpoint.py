@@ -229,7 +229,7 @@ def pick_resume(ray_dir: Path | None, resume_from: str | None, start: int) -> Pa
 
 def keep_local_checkpoint(folder: Path, out_dir: Path, step: int, keep: int | None) -> Path:
     """Move the checkpoint ``folder`` (:func:`save_checkpoint`'s temp dir) to ``out_dir/checkpoints/``, where Ray
-    Train keeps a worker group's checkpoints, for runs in Ray Train's local mode (which keeps none): the move is
+    Train keeps a worker group's checkpoints, for runs in the driver process (``num_workers=0``): the move is
     the last step, so :func:`latest_checkpoint` finds the folder whole or not at all. Then only the newest ``keep``
     (None: all) stay."""
     root = out_dir / "checkpoints"

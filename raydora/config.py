@@ -37,7 +37,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def _check_workers(num_workers: int, batch_size: int) -> None:
-    _check(num_workers >= 0, "num_workers", "must be >= 0 (0: Ray Train's local mode, in the driver process)")
+    _check(num_workers >= 0, "num_workers", "must be >= 0 (0: in the driver process)")
     ok = batch_size % max(1, num_workers) == 0
     _check(ok, "batch_size", f"global batch {batch_size} must be divisible by num_workers={num_workers}")
 
@@ -249,7 +249,7 @@ class SFTConfig:
     micro_batch_size: int = 16
     """Sequences per forward pass on one worker."""
     num_workers: int = 2
-    """Ray Train workers (0: local mode, as train.num_workers)."""
+    """Ray Train workers (0: in the driver process, as train.num_workers)."""
     checkpoint_every: int | None = None
     """Optimizer steps between checkpoints (null: train.checkpoint_every)."""
 
@@ -305,8 +305,8 @@ class TrainConfig:
     sft_weight: float = 1.0
     """Weight of RRHF's SFT term on the best response."""
     num_workers: int = 2
-    """Ray Train workers (one process each); 0: Ray Train's local mode, training in the driver process (for a
-    debugger and quick runs; no automatic restarts, checkpoints kept as usual; docs/training.md)."""
+    """Ray Train workers (one process each); 0: the training loop in the driver process, like Ray Train's local
+    mode (for a debugger and quick runs; no automatic restarts, checkpoints kept as usual; docs/training.md)."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); False trains on CPU (gloo)."""
     batch_size: int = 16

@@ -108,7 +108,7 @@ class WorkerSpec:
     params: dict[str, Any] | None = None
     dora: DoraInfo | None = None
     callbacks: tuple[StepCallback, ...] = ()
-    in_process: bool = False  # Ray Train's local mode (num_workers=0): checkpoints are kept by the loop itself
+    in_process: bool = False  # num_workers=0: the loop runs in the driver and keeps its own checkpoints
 
     @property
     def train(self) -> TrainConfig:
@@ -143,7 +143,9 @@ def make_optimizer(params: list[Any], lr: float, weight_decay: float, sharded: b
 
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> None:
-    """Ray Train worker: SFT (``spec.mode == "sft"``) or robust preference optimisation of ``config["spec"]``."""
+    """Ray Train worker: SFT (``spec.mode == "sft"``) or robust preference optimisation of ``config["spec"]``.
+    With ``spec.in_process`` (``num_workers=0``) it runs in the driver on ``config["datasets"]`` and calls no
+    ``ray.train`` function (no Ray Train context exists; inside a Ray Tune trial those calls would raise)."""
     import ray.train
     import torch
     import transformers
@@ -156,7 +158,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     spec: WorkerSpec = config["spec"]
     transformers.utils.logging.disable_progress_bar()
     t, out_dir = spec.train, Path(spec.out_dir)
-    ctx = distributed.train_context()
+    local = spec.in_process
+    ctx = {"rank": 0, "local_rank": 0, "world_size": 1} if local else distributed.train_context()
     rank, world = ctx["rank"], ctx["world_size"]
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -185,7 +188,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     start = 0
     # After a worker failure Ray Train hands back the group's latest checkpoint; a rerun of an interrupted stage
     # resumes from the newest whole one the driver found on storage (checkpoint.pick_resume).
-    ckpt = ray.train.get_checkpoint()
+    ckpt = None if local else ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
         ray_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
         chosen = pick_resume(ray_dir, spec.resume_from, spec.resume_step)
@@ -195,16 +198,16 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     tracker = None  # rank 0: metrics.jsonl, TensorBoard, and MLflow / W&B when the logging section asks
     if rank == 0:
         tracker = Tracker(out_dir, start, spec.tracking, spec.params, spec.run_name)
-    local = spec.step.batch_size // world
+    rows_per_step = spec.step.batch_size // world
     mbs = spec.step.micro_batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    shard = config["datasets"][f"train_{rank}"] if local else ray.train.get_dataset_shard(f"train_{rank}")
     skipped, last_metrics, step = 0, {}, start
     pack: bool | None = None
     tic = time.perf_counter()
-    for rows in shard.iter_batches(batch_size=local, batch_format="numpy", prefetch_batches=2):
+    for rows in shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", prefetch_batches=2):
         steps = np.unique(rows["_step"])
-        if len(steps) != 1 or len(rows["_step"]) != local:
+        if len(steps) != 1 or len(rows["_step"]) != rows_per_step:
             raise RuntimeError(f"worker {rank}: a batch spans steps {steps.tolist()} ({len(rows['_step'])} rows)")
         if int(steps[0]) < start:
             continue
@@ -214,7 +217,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
             pack = t.packing and packing_supported(model, rows, spec.step, pad, device, rank)
         micro = [
             collate_micro(rows, slice(i, i + mbs), spec.mode, t.loss, pad, spec.dora, pack, spec.pad_to_multiple_of)
-            for i in range(0, local, mbs)
+            for i in range(0, rows_per_step, mbs)
         ]
         for mb in micro:
             mb["enc"] = {k: v.to(device) for k, v in mb["enc"].items()}
@@ -230,7 +233,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
             if t.nan_policy == "raise":
                 if rank == 0:
                     (out_dir / FAILED_FILE).write_text(msg + "\n")
-                ray.train.report({"step": step + 1, "failed": msg})
+                if not local:
+                    ray.train.report({"step": step + 1, "failed": msg})
                 if tracker is not None:
                     tracker.close(failed=True)
                 return
@@ -264,9 +268,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
                 )
         if step % t.checkpoint_every == 0 or step == total:
             path = save_checkpoint(model, optimizer, scheduler, tokenizer, step, lora=bool(t.lora_r), rank=rank)
-            if spec.in_process:  # local mode persists nothing itself: keep it where Ray Train would
+            if local:  # no Ray Train to keep it: where Ray Train would
                 keep_local_checkpoint(Path(path or ""), out_dir, step, t.keep_checkpoints)
-                ray.train.report(m)
             else:
                 checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
                 ray.train.report(m, checkpoint=checkpoint)
@@ -395,7 +398,7 @@ def fit(
     options = options or WorkerOptions()
     shape = shape or train
     batch_size, micro_batch_size, num_workers = shape.batch_size, shape.micro_batch_size, shape.num_workers
-    world = max(1, num_workers)  # 0: Ray Train's local mode, the training function in this process
+    world = max(1, num_workers)  # 0: the training loop in this process (as Ray Train's local mode)
     epochs, lr = shape.epochs, shape.lr
     tracked = tracking.settings(getattr(run_cfg, "logging", None))  # fails here when a backend is not installed
     out_dir = Path(out_dir).absolute()
@@ -460,7 +463,7 @@ def fit(
         run_name=f"{run_cfg.name}/{mode}",
         resume_from=str(resume) if resume else None,
         resume_step=start,
-        # A worker holds one CPU (worker_cpus); local mode leaves this process's torch threads as they are.
+        # A worker holds one CPU (worker_cpus); in this process (num_workers=0) torch's threads stay as they are.
         threads=options.threads if options.threads is not None else (0 if train.use_gpu or not num_workers else 1),
         master_dtype=options.master_dtype,
         tracking=tracked,
@@ -472,25 +475,28 @@ def fit(
     if train.use_gpu:  # Ray Train would wait forever for GPUs the cluster lacks
         check_gpus(world, 1, "sft.num_workers" if mode == "sft" else "train.num_workers")
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
-    if num_workers == 0:  # no DataConfig in local mode: the dataset keeps the order itself
+    if num_workers == 0:
+        # In this process: Ray Train's local mode would do the same, but its ray.train calls raise inside a Ray
+        # Tune trial. No DataConfig applies here, so the dataset keeps the order itself.
         for ds in datasets.values():
             ds.context.execution_options = ordered_ingest()
-    trainer = build_trainer(
-        spec,
-        datasets,
-        num_workers=num_workers,
-        use_gpu=train.use_gpu,
-        out_dir=out_dir,
-        max_failures=train.max_failures,
-        worker_cpus=options.worker_cpus,
-        keep_checkpoints=train.keep_checkpoints,
-        placement_strategy=train.placement_strategy,
-    )
-    threads = torch_threads()
-    try:
-        trainer.fit()
-    finally:  # local mode ran the loop here, which may have set this process's torch threads
-        torch_threads(threads)
+        threads = torch_threads()
+        try:
+            train_loop_per_worker({"spec": spec, "datasets": datasets})
+        finally:  # the loop sets this process's torch threads when spec.threads asks
+            torch_threads(threads)
+    else:
+        build_trainer(
+            spec,
+            datasets,
+            num_workers=num_workers,
+            use_gpu=train.use_gpu,
+            out_dir=out_dir,
+            max_failures=train.max_failures,
+            worker_cpus=options.worker_cpus,
+            keep_checkpoints=train.keep_checkpoints,
+            placement_strategy=train.placement_strategy,
+        ).fit()
     failed = out_dir / FAILED_FILE
     if failed.exists():
         raise NonFiniteLossError(

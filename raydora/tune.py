@@ -320,8 +320,7 @@ def search(prep: Prepared) -> dict[str, Any]:
     space = check_space(cfg)
     print(f"[tune] {prep.pairs} validation pairs; {cfg.tune.num_samples} trials over {', '.join(space)}", flush=True)
     trainable = ray_tune.with_parameters(trial, base=to_dict(cfg), base_dir=str(base_dir), validation=str(validation))
-    # In Ray Train's local mode (train.num_workers=0) the trial trains in its own process: it claims a CPU.
-    trainable = ray_tune.with_resources(trainable, {"cpu": 1 if cfg.train.num_workers == 0 else TRIAL_CPUS})
+    trainable = ray_tune.with_resources(trainable, {"cpu": TRIAL_CPUS})
     tune_dir = base_dir / "tune"
     grid = _tuner(cfg, space, trainable, tune_dir).fit()
     rows = []

@@ -32,7 +32,7 @@ class CrashOnce:
 @dataclasses.dataclass(frozen=True)
 class RaiseOnce:
     """An exception before step ``step``, once (``marker``): a crash that a training loop running in this process
-    (Ray Train's local mode, ``num_workers=0``) can survive, where :class:`CrashOnce` would end the test process."""
+    (``num_workers=0``) can survive, where :class:`CrashOnce` would end the test process."""
 
     step: int
     marker: str

@@ -114,7 +114,7 @@ def test_two_workers_train_the_policy(run_dir: Path) -> None:
 # ranks (test_robust_distributed.py) and under FSDP2 accumulation (test_train_step.py).
 @pytest.mark.parametrize("objective", [pytest.param("dora", marks=pytest.mark.slow), "kldpo"])
 def test_two_workers_equal_one_worker_with_twice_the_batch(run_dir: Path, objective: str) -> None:
-    # 1 process (Ray Train's local mode): 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
+    # 1 process (num_workers=0, the driver): 8 rows per step in 2 micro-batches of 4; 2 workers: 4 rows each in 2 micro-batches of 2. Both
     # accumulate in one pass (robust.OnlineTilt); the 2 workers' per-rank factors meet in the mean all-reduce.
     # For dora also 2 workers x 1 micro-batch of 4 (the objective's own all-gather, group=), with the token width
     # rounded up to a multiple of 32 (model.pad_to_multiple_of: more masked tokens, the same result). The 2-worker
@@ -187,7 +187,7 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
 
 
 def test_local_mode_trains_in_this_process_keeps_its_checkpoints_and_resumes(run_dir: Path, tmp_path: Path) -> None:
-    # train.num_workers=0: Ray Train's local mode runs the loop in this process (no worker actors, no restarts).
+    # train.num_workers=0: the loop runs in this process, as in Ray Train's local mode (no worker actors, no restarts).
     # It keeps its checkpoints where Ray Train would, so a rerun after a crash resumes and ends where an
     # uninterrupted run does.
     import os
@@ -279,7 +279,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(run_dir: Path) -
 
 def test_sft_warm_start_trains_on_the_sft_corpus(run_dir: Path) -> None:
     sft_section = ("sft.enabled=true", "sft.batch_size=16", "sft.micro_batch_size=8", "sft.lr=3e-3")
-    cfg = config(run_dir.parent, *sft_section, "sft.num_workers=0")  # Ray Train's local mode: in this process
+    cfg = config(run_dir.parent, *sft_section, "sft.num_workers=0")  # in this process
     result = sft.run(cfg, cfg.run_dir)
     rows = metrics(run_dir / "sft")
     assert result.counts == {"rows": 96, "steps": 6} and len(rows) == 6
