@@ -98,13 +98,13 @@ def test_training_logs_its_metrics_and_config_to_mlflow(tmp_path: Path, ray_sess
     cfg = load_config(None, [
         f"root={tmp_path}", "name=tracked", "synth.rows=32", "synth.k=2", "synth.eval_rows=4", "model.policy=tiny-gpt2",
         "model.precision=fp32", "model.max_length=48", "sft.enabled=false", "train.objective=erm", "train.loss=dpo",
-        "train.batch_size=4", "train.micro_batch_size=4", "train.num_workers=1", "train.max_steps=3",
+        "train.batch_size=4", "train.micro_batch_size=4", "train.num_workers=0", "train.max_steps=3",
         "train.checkpoint_every=100", f"logging.mlflow_uri={uri}", "logging.mlflow_experiment=tiny",
     ])  # fmt: skip
     run_dir = cfg.run_dir.absolute()
     for stage in (synth.run, validate.run, reference.run):
         stage(cfg, run_dir)
-    one_worker = dataclasses.replace(cfg.train, num_workers=1)
+    one_worker = dataclasses.replace(cfg.train, num_workers=0)  # the training loop runs in this process
     train.fit(mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
               out_dir=run_dir / "train", run_cfg=cfg, train=one_worker)  # fmt: skip
     lines = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
