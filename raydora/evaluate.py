@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raydora.cluster import resolve_device
 from raydora.config import RunConfig
 from raydora.reporting import fmt_rate, heldout_table, plot_sweep, plot_win_rates, win_table, write_report
 from raydora.rewards import Reward, model_reward, pointwise
@@ -290,42 +291,87 @@ def heldout_logps(cfg: Any, run_dir: Path, name: str, model: Path, rows: Path | 
     """``[n, 2]`` log-probs of ``model`` for the chosen (best-scored) and rejected (worst-scored) response of every
     held-out row (``rows``: another validated folder, e.g. ``raydora tune``'s validation pairs), through the
     reference pass (same tokens as training), cached in ``eval_logps/<name>/``."""
+    return heldout_logps_of(cfg, run_dir, {name: model}, rows)[name]
+
+
+def heldout_logps_of(
+    cfg: Any, run_dir: Path, models: dict[str, Path], rows: Path | None = None
+) -> dict[str, np.ndarray]:
+    """:func:`heldout_logps` of several models (``{name: folder}``), each cached in ``eval_logps/<name>/`` with its
+    own fingerprint (a rerun skips the models whose cache is valid). The models to compute share one reference pass
+    on CPU (one actor pool, each actor holding them all: the actors' start-up is most of a small pass's time); on a
+    GPU each model gets its own pass, so an actor holds one model's weights."""
     import pyarrow.parquet as pq
 
     from raydora.encoding import pair_indices
-    from raydora.reference import attn_implementation, encode_rows, tokenizer_dir
+    from raydora.reference import attn_implementation, tokenizer_dir
 
     heldout, tok = Path(rows) if rows is not None else run_dir / "heldout", tokenizer_dir(cfg, run_dir)
-    fp = fingerprint(
-        "heldout_logps",
-        (read_success(heldout) or {}).get("fingerprint"),
-        file_fingerprints(model),
-        file_fingerprints(tok),
-        cfg.model.max_length,
-        cfg.model.max_prompt_length,
-        cfg.model.precision,
-    )
-    out = run_dir / "eval_logps" / name
-    if not is_done(out, fp):
-        encode_rows(
-            heldout,
-            out,
-            model_dir=model,
-            tokenizer=tok,
-            max_length=cfg.model.max_length,
-            cfg=cfg.reference,
-            stage=f"heldout_{name}",
-            fp=fp,
-            precision=cfg.model.precision,
-            attn=attn_implementation(cfg),
-            max_prompt_length=cfg.model.max_prompt_length,
-            logprob_chunk=cfg.model.logprob_chunk,
+    fps = {
+        name: fingerprint(
+            "heldout_logps",
+            (read_success(heldout) or {}).get("fingerprint"),
+            file_fingerprints(model),
+            file_fingerprints(tok),
+            cfg.model.max_length,
+            cfg.model.max_prompt_length,
+            cfg.model.precision,
         )
-    files = sorted(out.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, columns=["scores", "reference_logps"]) for f in files])
-    idx = pair_indices(table.column("scores").to_pylist())
-    logps = table.column("reference_logps").to_pylist()
-    return np.array([[row[i], row[j]] for row, (i, j) in zip(logps, idx, strict=True)], dtype=np.float64)
+        for name, model in models.items()
+    }
+    todo = [n for n in models if not is_done(run_dir / "eval_logps" / n, fps[n])]
+    gpu = resolve_device(cfg.reference.device) == "cuda"
+    for group in [[n] for n in todo] if gpu else [todo] if todo else []:
+        kwargs = {
+            "model_dir": models[group[0]],
+            "more_models": tuple(models[n] for n in group[1:]),
+            "tokenizer": tok,
+            "max_length": cfg.model.max_length,
+            "cfg": cfg.reference,
+            "stage": f"heldout_{'+'.join(group)}",
+            "precision": cfg.model.precision,
+            "attn": attn_implementation(cfg),
+            "pad_to_multiple_of": cfg.model.pad_to_multiple_of,
+            "max_prompt_length": cfg.model.max_prompt_length,
+            "logprob_chunk": cfg.model.logprob_chunk,
+        }
+        _heldout_pass(heldout, run_dir / "eval_logps", group, fps, kwargs)
+    out = {}
+    for name in models:
+        files = sorted((run_dir / "eval_logps" / name).glob("*.parquet"))
+        table = pa.concat_tables([pq.read_table(f, columns=["scores", "reference_logps"]) for f in files])
+        idx = pair_indices(table.column("scores").to_pylist())
+        logps = table.column("reference_logps").to_pylist()
+        out[name] = np.array([[r[i], r[j]] for r, (i, j) in zip(logps, idx, strict=True)], dtype=np.float64)
+    return out
+
+
+def _heldout_pass(heldout: Path, folder: Path, names: list[str], fps: dict[str, str], kwargs: dict[str, Any]) -> None:
+    """One reference pass of ``heldout`` through the models of ``names`` into ``folder/<name>/`` each (its rows
+    with that model's ``reference_logps``, a ``_SUCCESS`` marker with its fingerprint), each promoted atomically."""
+    import pyarrow.parquet as pq
+
+    from raydora.reference import encode_rows
+
+    if len(names) == 1:
+        encode_rows(heldout, folder / names[0], fp=fps[names[0]], **kwargs)
+        return
+    with staging(folder, "heldout") as tmp:
+        encode_rows(heldout, tmp / "all", fp=fingerprint(*(fps[n] for n in names)), **kwargs)
+        marker = read_success(tmp / "all") or {}
+        columns = ["reference_logps", *(f"reference_logps_{i}" for i in range(1, len(names)))]
+        for i, name in enumerate(names):
+            (tmp / name).mkdir()
+            for f in sorted((tmp / "all").glob("*.parquet")):
+                table = pq.read_table(f)
+                mine = table.column(columns[i])
+                table = table.drop_columns(columns).append_column("reference_logps", mine)
+                pq.write_table(table, tmp / name / f.name)
+            stage = f"heldout_{name}"
+            rows = (marker.get("rows") or {}).get(kwargs["stage"], 0)
+            write_success(tmp / name, {"stage": stage, "fingerprint": fps[name], "rows": {stage: rows},
+                                       "truncated": marker.get("truncated", 0)})  # fmt: skip
+            promote(tmp / name, folder / name)
 
 
 def heldout_report(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
@@ -340,7 +386,7 @@ def heldout_report(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     trained = trained_policy(run_dir)
     if trained is not None:
         models = {"policy": trained, **models}
-    logps = {k: heldout_logps(cfg, run_dir, k, m) for k, m in models.items()}
+    logps = heldout_logps_of(cfg, run_dir, models)  # one pass for both (on CPU)
     e = cfg.evaluate
     policies = {k: preference_metrics(v, logps["sft"], cfg.train.beta, e.bootstrap, cfg.seed) for k, v in logps.items()}
     return {"pairs": len(logps["sft"]), "beta": cfg.train.beta, "policies": policies}

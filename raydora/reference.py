@@ -148,7 +148,9 @@ def attn_implementation(cfg: Any) -> str:
 class ReferenceModel:
     """Ray Data callable class: tokenises rows exactly as training does and adds the frozen model's log-probs.
 
-    ``model_dir=None`` only tokenises (the SFT corpus needs ids, not reference log-probs)."""
+    ``model_dir=None`` only tokenises (the SFT corpus needs ids, not reference log-probs). ``more_models``: further
+    frozen models scored on the same tokens in the same actor, as ``reference_logps_1``, ``reference_logps_2``, ...
+    (the held-out evaluation scores the trained and the initial policy in one pass: one actor start-up)."""
 
     def __init__(
         self,
@@ -164,6 +166,7 @@ class ReferenceModel:
         pad_to_multiple_of: int = 0,
         max_prompt_length: int | None = None,
         logprob_chunk: int = 0,
+        more_models: tuple[str, ...] = (),
     ) -> None:
         import torch
 
@@ -177,13 +180,14 @@ class ReferenceModel:
         self.pad_to_multiple_of, self.max_prompt_length = pad_to_multiple_of, max_prompt_length
         self.logprob_chunk = logprob_chunk
         self.dtype = resolve_precision(precision, device)
-        self.model: Any = None
-        if model_dir is not None:
-            # The weights as the trainers hold them at step 0, with the same autocast: fp32 master weights, or, for
-            # LoRA training (``frozen_in_compute_dtype``), a frozen base stored in the compute dtype (bf16 on GPUs).
-            weights = self.dtype if frozen_in_compute_dtype else torch.float32
-            model: Any = load_causal_lm(model_dir, dtype=weights, attn_implementation=attn)
-            self.model = model.to(device).eval()
+        self.models: list[Any] = []
+        # The weights as the trainers hold them at step 0, with the same autocast: fp32 master weights, or, for
+        # LoRA training (``frozen_in_compute_dtype``), a frozen base stored in the compute dtype (bf16 on GPUs).
+        weights = self.dtype if frozen_in_compute_dtype else torch.float32
+        for folder in [model_dir, *more_models] if model_dir is not None else []:
+            model: Any = load_causal_lm(folder, dtype=weights, attn_implementation=attn)
+            self.models.append(model.to(device).eval())
+        self.model: Any = self.models[0] if self.models else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raydora.encoding import encode_batch
@@ -207,13 +211,17 @@ class ReferenceModel:
         batch = batch.append_column("truncated", pa.array(truncated, pa.bool_()))
         batch = batch.append_column("prompt_ids", pa.array(prompt_ids, pa.list_(pa.int32())))
         batch = batch.append_column("response_ids", pa.array(response_ids, pa.list_(pa.list_(pa.int32()))))
-        if self.model is None:
-            return batch
-        logps = self.logps(prompt_ids, response_ids)
-        return batch.append_column("reference_logps", pa.array(logps, pa.list_(pa.float64())))
+        for i, model in enumerate(self.models):
+            logps = self.logps(prompt_ids, response_ids, model)
+            name = f"reference_logps_{i}" if i else "reference_logps"
+            batch = batch.append_column(name, pa.array(logps, pa.list_(pa.float64())))
+        return batch
 
-    def logps(self, prompt_ids: list[list[int]], response_ids: list[list[list[int]]]) -> list[list[float]]:
-        """Summed response log-probs, one per response, in batches of ``batch_size`` sequences."""
+    def logps(
+        self, prompt_ids: list[list[int]], response_ids: list[list[list[int]]], model: Any = None
+    ) -> list[list[float]]:
+        """Summed response log-probs of ``model`` (default: the first), one per response, in batches of
+        ``batch_size`` sequences."""
         import torch
 
         from raydora.encoding import forward_logps, pad_sequences
@@ -229,7 +237,7 @@ class ReferenceModel:
                     [c[0] for c in chunk], [[c[1]] for c in chunk], None, pad, multiple_of=self.pad_to_multiple_of
                 )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
-                lp, _, _ = forward_logps(self.model, enc, 1, chunk=self.logprob_chunk)
+                lp, _, _ = forward_logps(self.model if model is None else model, enc, 1, chunk=self.logprob_chunk)
                 out[i : i + len(chunk)] = lp[:, 0].double().cpu().numpy()
         res, k = [], 0
         for rs in response_ids:
@@ -254,10 +262,11 @@ def encode_rows(
     pad_to_multiple_of: int = 0,
     max_prompt_length: int | None = None,
     logprob_chunk: int = 0,
+    more_models: tuple[str | Path, ...] = (),
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
     with a ``_SUCCESS`` marker holding ``fp``, the row count and how many rows were truncated). Returns the row
-    count."""
+    count. ``more_models`` add ``reference_logps_1``, ... (see :class:`ReferenceModel`)."""
     out = Path(out_dir)
     device = resolve_device(cfg.device)
     with staging(out.parent, out.name) as tmp:
@@ -277,6 +286,7 @@ def encode_rows(
                 "pad_to_multiple_of": pad_to_multiple_of,
                 "max_prompt_length": max_prompt_length,
                 "logprob_chunk": logprob_chunk,
+                "more_models": tuple(str(Path(m).absolute()) for m in more_models),
             },
             keys=("reference.actors", "reference.actor_cpus"),
             batch_size=cfg.batch_size,

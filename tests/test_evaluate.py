@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -174,3 +175,72 @@ def test_classifier_reward_is_its_calibrated_p_golden(tmp_path: Path) -> None:
     with torch.no_grad():
         table = rm(pa.table({"prompt": ["sort: a b"], "response": ["a b"]}))
     assert table.column("reward").to_pylist() == pytest.approx([got[0]])
+
+
+def test_heldout_log_probs_of_two_models_share_one_pass_and_cache_each_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held-out pairs of the trained and the initial policy go through one reference pass (one actor pool on
+    Ray; here the pass runs in-process), split into each model's own cache: the same tables and log-probs, bit for
+    bit, as a pass per model; a rerun skips, and a changed model redoes only its own cache."""
+    import pyarrow.parquet as pq
+
+    from raydora import reference
+    from raydora.config import load_config
+    from raydora.models import build_model, save_pretrained, train_tokenizer
+    from raydora.rundir import promote, staging, write_success
+
+    texts = ["sort : b a c", "a b c", "reverse : x y z", "z y x", "count : a a b", "3", "well , the answer is"]
+    tok = train_tokenizer(texts * 5, tmp_path / "tok", vocab_size=300)
+    policy, sft = (save_pretrained(build_model("tiny-gpt2", tok, seed=s), tok, tmp_path / n)
+                   for s, n in ((1, "policy"), (2, "sft")))  # fmt: skip
+    rows = pa.table({"id": [f"h{i}" for i in range(5)], "prompt": [texts[i % 5] for i in range(5)],
+                     "responses": [["a b c", "z y x", "3"], ["3", "x"], ["well , 3", "a"], ["b", "c"], ["z", "y"]],
+                     "scores": [[0.2, 0.9, 0.1], [1.0, 0.0], [0.3, 0.7], [0.5, 0.5], [0.0, 1.0]]})  # fmt: skip
+    passes: list[list[str]] = []
+
+    def in_process(input_dir: Path, out_dir: Path, *, model_dir: Path, tokenizer: Path, fp: str, stage: str,
+                   cfg: Any, more_models: tuple[Path, ...] = (), **kw: Any) -> int:  # fmt: skip
+        passes.append([Path(model_dir).name, *(Path(m).name for m in more_models)])
+        actor = reference.ReferenceModel(str(model_dir), str(tokenizer), batch_size=2,
+                                         more_models=tuple(map(str, more_models)), **kw)  # fmt: skip
+        out = Path(out_dir)
+        with staging(out.parent, out.name) as tmp:
+            (tmp / "out").mkdir()
+            for i, f in enumerate(sorted(Path(input_dir).glob("*.parquet"))):
+                pq.write_table(actor(pq.read_table(f)), tmp / "out" / f"part-{i:06d}.parquet")
+            write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: 5}, "truncated": 0})
+            promote(tmp / "out", out)
+        return 5
+
+    monkeypatch.setattr(reference, "encode_rows", in_process)
+    runs = []
+    for name in ("together", "apart"):
+        run = tmp_path / name
+        (run / "heldout").mkdir(parents=True)
+        pq.write_table(rows.slice(0, 3), run / "heldout" / "part-000000.parquet")
+        pq.write_table(rows.slice(3), run / "heldout" / "part-000001.parquet")
+        write_success(run / "heldout", {"stage": "validate", "fingerprint": "held", "rows": {"heldout": 5}})
+        runs.append(run)
+    cfg = load_config(None, [f"model.tokenizer={tmp_path / 'tok'}", "model.max_length=32", "model.precision=fp32",
+                             "reference.device=cpu", "model.pad_to_multiple_of=8"])  # fmt: skip
+    models = {"policy": policy, "sft": sft}
+    together = ev.heldout_logps_of(cfg, runs[0], models)
+    assert passes == [["policy", "sft"]]
+    apart = {k: ev.heldout_logps(cfg, runs[1], k, m) for k, m in models.items()}
+    assert passes[1:] == [["policy"], ["sft"]]
+    for k in models:
+        assert together[k].shape == (5, 2) and np.array_equal(together[k], apart[k])
+        a, b = (pa.concat_tables([pq.read_table(f) for f in sorted((r / "eval_logps" / k).glob("*.parquet"))])
+                for r in runs)  # fmt: skip
+        assert a.equals(b) and a.column_names[-1] == "reference_logps"
+        marker = json.loads((runs[0] / "eval_logps" / k / "_SUCCESS").read_text())
+        assert marker["stage"] == f"heldout_{k}" and marker["rows"] == {f"heldout_{k}": 5}
+    assert not np.array_equal(together["policy"], together["sft"])
+    passes.clear()
+    assert all(np.array_equal(v, together[k]) for k, v in ev.heldout_logps_of(cfg, runs[0], models).items())
+    assert passes == []  # both caches are valid: no pass
+    save_pretrained(build_model("tiny-gpt2", tok, seed=3), tok, policy)  # a new trained policy
+    again = ev.heldout_logps_of(cfg, runs[0], models)
+    assert passes == [["policy"]] and np.array_equal(again["sft"], together["sft"])
+    assert not np.array_equal(again["policy"], together["policy"])
