@@ -12,8 +12,9 @@ set; the held-out set is halved again (by hash) into a calibration half, where t
 evaluation half, where ``metrics.json`` is measured before and after calibration.
 
 Output per source: ``classifier/<source>/`` holds a HF model folder (safetensors), ``calibration.json``
-(temperature, bias (0 unless Platt) and the imbalance ratio gamma = #source / #golden of its training set) and
-``metrics.json``.
+(temperature, bias (0 unless Platt) and the imbalance ratio gamma = #source / #golden of its training set),
+``metrics.json`` and ``holdout.npy`` (the held-out margins, labels and calibration flags): a rerun where only
+``classifier.calibration`` changed refits the calibration from them and keeps the trained weights.
 """
 
 from __future__ import annotations
@@ -311,6 +312,39 @@ def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, 
     return t, b, metrics
 
 
+def _write_calibration(folder: Path, held: np.ndarray, method: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Fit ``method`` on ``held`` (:func:`calibrate`), write ``calibration.json`` (``info`` with the fit) and
+    ``metrics.json`` into ``folder``; returns the classifier's summary for the stage's marker."""
+    temperature, bias, metrics = calibrate(held, method)
+    info = {**info, "calibration": method, "temperature": temperature, "bias": bias}
+    (folder / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    after, before = metrics["after"], metrics["before"]
+    return {"gamma": info["gamma"], "temperature": temperature, "bias": bias, "auc": after["roc_auc"],
+            "ece_before": before["ece"], "ece_after": after["ece"]}  # fmt: skip
+
+
+def _recalibrate(out: Path, method: str, fp: str) -> StageResult | None:
+    """Refit the calibration of the finished classifiers in ``out`` from their saved held-out margins (no
+    training), when every one has them; None otherwise (folders made before ``holdout.npy`` was kept)."""
+    marker = read_success(out) or {}
+    sources = marker.get("sources") or []
+    if not sources or not all((out / s / "holdout.npy").is_file() for s in sources):
+        return None
+    summary: dict[str, Any] = {}
+    with staging(out.parent, out.name) as tmp:
+        shutil.copytree(out, tmp / "out", ignore=shutil.ignore_patterns("_SUCCESS", ".*"))
+        for s in sources:
+            held = np.load(tmp / "out" / s / "holdout.npy", allow_pickle=False)
+            info = json.loads((tmp / "out" / s / "calibration.json").read_text())
+            summary[s] = _write_calibration(tmp / "out" / s, held, method, info)
+        keep = {k: v for k, v in marker.items() if k not in ("finished_at", "manifest", "digests")}
+        write_success(tmp / "out", {**keep, "fingerprint": fp, "classifiers": summary, "recalibrated": True})
+        promote(tmp / "out", out)
+    print(f"[classify] refit classifier.calibration={method} of {len(sources)} classifiers (no training)", flush=True)
+    return StageResult("classify", {"classifier": str(out)}, {"classifiers": len(sources)}, info=summary)
+
+
 def read_calibration(folder: str | Path) -> dict[str, Any] | None:
     """A classifier folder's ``calibration.json`` (None when it has none: not a raydora classifier), with
     ``bias`` 0 for folders written before Platt scaling existed."""
@@ -418,6 +452,13 @@ def train_classifiers(
     if not force and is_done(out, fp):
         done = read_success(out) or {}
         return StageResult("classify", {"classifier": str(out)}, done.get("rows", {}), skipped=True, info=done)
+    # The training's own fingerprint (the calibration left out): when it matches, only the calibration is refit.
+    train_fp = fingerprint("classify", marker.get("fingerprint", str(data_dir)), {**settings, "calibration": 0}, seed)
+    previous = read_success(out) or {}
+    if not force and previous.get("train_fingerprint") == train_fp and is_done(out, previous.get("fingerprint", "")):
+        redone = _recalibrate(out, cfg.calibration, fp)
+        if redone is not None:
+            return redone
     counts = synthetic_sources(data_dir)
     sources = sorted(s for s in counts if s not in (*targets, UNKNOWN))
     if not sum(counts.get(t, 0) for t in targets) or not sources:
@@ -509,36 +550,27 @@ def train_classifiers(
                     shutil.copytree(Path(ckpt) / source / "model", tmp / source)
                     held[source] = np.load(Path(ckpt) / source / "holdout.npy", allow_pickle=False)
         for source in sources:
-            temperature, bias, metrics = calibrate(held[source], cfg.calibration)
             n_golden, n_source = balance[source]
-            gamma = n_source / n_golden
+            np.save(tmp / source / "holdout.npy", held[source])  # a later change of calibration refits from it
             info = {
                 "source": source,
                 "calibration": cfg.calibration,
-                "temperature": temperature,
-                "bias": bias,
-                "gamma": gamma,
+                "temperature": None,
+                "bias": None,
+                "gamma": n_source / n_golden,
                 "label": "1 = golden",
                 "input": "[CLS] prompt [SEP] response [SEP]",
                 "backbone": list(backbone),
                 "train_examples": {"golden": n_golden, source: n_source},
             }
-            (tmp / source / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
-            (tmp / source / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            summary[source] = {
-                "gamma": gamma,
-                "temperature": temperature,
-                "bias": bias,
-                "auc": metrics["after"]["roc_auc"],
-                "ece_before": metrics["before"]["ece"],
-                "ece_after": metrics["after"]["ece"],
-            }
+            summary[source] = _write_calibration(tmp / source, held[source], cfg.calibration, info)
         shutil.rmtree(tmp / ".ray_train", ignore_errors=True)
         write_success(
             tmp,
             {
                 "stage": "classify",
                 "fingerprint": fp,
+                "train_fingerprint": train_fp,
                 "sources": sources,
                 "response_counts": counts,
                 "targets": list(targets),

@@ -288,14 +288,27 @@ def _retrain(trained: Path, **change: str) -> tuple[ClassifierConfig, Path, Any]
     return cfg, out, result
 
 
-def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_bias(trained: Path) -> None:
-    """classifier.calibration=platt: a new fingerprint; the same training (bitwise-equal weights: the data order
-    and seeds fix it), the same uncalibrated held-out metrics, a fitted bias; scoring then gives
-    p_golden = sigmoid(z / T + b) with the classifier's own margins z."""
+def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_bias(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """classifier.calibration=platt over finished classifiers (a copy of the module's, trained with the default
+    temperature): a new fingerprint; no training (the weights kept bit for bit, the same uncalibrated held-out
+    metrics: the margins saved in holdout.npy), a fitted bias; scoring then gives p_golden = sigmoid(z / T + b)
+    with the classifier's own margins z. Folders without the saved margins (made before them) train again."""
     from raydora import calibration
     from raydora.models import load_encoder, load_tokenizer
 
-    cfg, out, result = _retrain(trained, calibration="platt")
+    def no_training(*args: Any) -> None:
+        raise AssertionError("a change of classifier.calibration alone must not train")
+
+    cfg, out = ClassifierConfig(**{**CFG.__dict__, "calibration": "platt"}), trained / "classifier_platt"
+    shutil.copytree(trained / "classifier", out)
+    monkeypatch.setattr(classifier, "_fit_group", no_training)
+    result = classifier.train_classifiers(trained / "data", out, cfg, seed=0)
+    assert not result.skipped and json.loads((out / "_SUCCESS").read_text())["recalibrated"]
+    plain = json.loads((trained / "classifier" / "_SUCCESS").read_text())
+    assert json.loads((out / "_SUCCESS").read_text())["fingerprint"] != plain["fingerprint"]
+    assert classifier.train_classifiers(trained / "data", out, cfg, seed=0).skipped
     for source in ("verbose", "sloppy"):
         assert (out / source / "model.safetensors").read_bytes() == (
             trained / "classifier" / source / "model.safetensors"
@@ -316,6 +329,10 @@ def test_platt_calibration_refits_only_the_calibration_and_scoring_applies_its_b
         z = classifier.margins(model, tok, [a for a, _, _ in picked], [b for _, b, _ in picked], CFG.max_length)
         expected = calibration.calibrated(z, cal["temperature"], cal["bias"])
         np.testing.assert_allclose([p for _, _, p in picked], expected, rtol=1e-6)
+    old = trained / "classifier_old"  # as made before holdout.npy was kept: no refit without training
+    shutil.copytree(trained / "classifier", old)
+    (old / "sloppy" / "holdout.npy").unlink()
+    assert classifier._recalibrate(old, "platt", "new") is None
 
 
 def test_precision_autocasts_the_margins_where_bf16_is_native(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
