@@ -76,10 +76,9 @@ def test_classifier_training_prints_progress(trained: Path) -> None:
     assert len(lines) <= 10 + 1 + 30  # every 10% and every 10 s: the run takes well under 5 minutes
 
 
-def test_scoring_prints_progress(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = classify.score(trained / "data", trained / "classifier", trained / "scored-progress", CFG)
-    lines = _progress(capsys.readouterr().out, "scoring with 2 classifiers")
-    assert lines and {t for _, t, _ in lines} == {400} and result.counts == {"scored": 400}
+def test_scoring_prints_progress(scoring: dict[str, Any]) -> None:
+    lines = _progress(scoring["log"], "scoring with 2 classifiers")
+    assert lines and {t for _, t, _ in lines} == {400} and scoring["one"].counts == {"scored": 400}
     done = [d for d, _, _ in lines]
     assert done == sorted(done) and done[-1] == 400 and "rows/s" in lines[-1][2]
 
@@ -195,11 +194,25 @@ def test_a_failed_concurrent_run_stops_the_stage_naming_its_sources(trained: Pat
 
 
 @pytest.fixture(scope="module")
-def scored(trained: Path) -> tuple[Path, Path]:
-    one = classify.score(trained / "data", trained / "classifier", trained / "scored1", CFG)
+def scoring(trained: Path) -> dict[str, Any]:
+    """The module's two scoring passes: one actor (its progress lines kept in ``log``), then two actors into
+    ``scored2`` as a restarted run finds it after a crash: the marker lost, stale rows in the folder and a
+    half-written staging folder beside it (``stale``: those rows)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # the stage's progress lines, read by a test above
+        one = classify.score(trained / "data", trained / "classifier", trained / "scored1", CFG)
+    (trained / ".scored2.tmp-deadbeef").mkdir()
+    (trained / "scored2").mkdir()
+    stale = [{**r, "p_golden": [0.5] * len(r["p_golden"])} for r in _rows(trained / "scored1")[:7]]
+    pq.write_table(pa.Table.from_pylist(stale), trained / "scored2" / "part-000099.parquet")
     two = classify.score(trained / "data", trained / "classifier", trained / "scored2",
                         ClassifierConfig(**{**CFG.__dict__, "score_actors": 2}))  # fmt: skip
+    shutil.rmtree(trained / ".scored2.tmp-deadbeef")
     assert one.counts == two.counts == {"scored": 400}
+    return {"one": one, "two": two, "log": out.getvalue(), "stale": stale}
+
+
+@pytest.fixture(scope="module")
+def scored(scoring: dict[str, Any], trained: Path) -> tuple[Path, Path]:
     return trained / "scored1", trained / "scored2"
 
 
@@ -263,17 +276,15 @@ def test_unknown_sources_use_the_mixture_rule(trained: Path) -> None:
         np.testing.assert_allclose(row["p_golden"], expected, rtol=1e-12)
 
 
-def test_restarted_scoring_skips_or_rewrites_atomically(trained: Path, scored: tuple[Path, Path]) -> None:
-    out = trained / "scored1"
-    assert classify.score(trained / "data", trained / "classifier", out, CFG).skipped
-    # a crash left a half-written staging folder and lost the marker: the rerun rewrites the output whole
-    (trained / ".scored1.tmp-deadbeef").mkdir()
-    (out / "_SUCCESS").unlink()
-    before = _rows(out)
-    redo = classify.score(trained / "data", trained / "classifier", out, CFG)
+def test_restarted_scoring_skips_or_rewrites_atomically(
+    trained: Path, scored: tuple[Path, Path], scoring: dict[str, Any]
+) -> None:
+    assert classify.score(trained / "data", trained / "classifier", scored[0], CFG).skipped
+    # scored2's pass found what a crash leaves (a half-written staging folder, stale rows, no marker): it
+    # rewrote the output whole, with the rows of a clean pass (scored1)
+    redo, out = scoring["two"], scored[1]
     assert not redo.skipped and (out / "_SUCCESS").is_file()
-    assert _rows(out) == before
-    shutil.rmtree(trained / ".scored1.tmp-deadbeef")
+    assert _rows(out) == _rows(scored[0]) and not any(r in scoring["stale"] for r in _rows(out))
 
 
 def _retrain(trained: Path, **change: str) -> tuple[ClassifierConfig, Path, Any]:
