@@ -488,16 +488,31 @@ def _fsdp_rows(n: int = 8) -> dict[str, Any]:
     }
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
-    """2 gloo ranks, FSDP2 over a float64 tiny GPT-2, 4 rows each in 2 micro-batches of 2, against one process
-    stepping all 8 rows as one micro-batch; both ``train.fsdp_grad_sync`` settings, counting the forwards."""
+def _two_rank_worker(rank: int, world: int, port: int, out: str, lora: bool) -> None:
+    """One spawn of 2 gloo ranks for both multi-process checks of this file (a spawn's start-up, torch and
+    transformers imports, costs seconds): the FSDP2 accumulation (:func:`_fsdp_worker`), then the chunked log-probs
+    under DDP and FSDP2 (:func:`_chunk_dist_worker`), each saving its own results."""
     import os
 
     import torch.distributed as dist
 
+    tok = train_tokenizer(TEXTS * 5, vocab_size=300)
+    run_fsdp = _fsdp_worker(rank, world, tok)  # its single-process reference, before any process group exists
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(run_fsdp(), os.path.join(out, f"fsdp-rank{rank}.pt"))
+        torch.save(_chunk_dist_worker(rank, world, tok, lora), os.path.join(out, f"chunk-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_worker(rank: int, world: int, tok: Any) -> Any:
+    """2 gloo ranks, FSDP2 over a float64 tiny GPT-2, 4 rows each in 2 micro-batches of 2, against one process
+    stepping all 8 rows as one micro-batch; both ``train.fsdp_grad_sync`` settings, counting the forwards. Computes
+    the single-process reference now; returns the distributed part, to call once the process group exists."""
     from raydora import distributed
 
-    tok = train_tokenizer(TEXTS * 5, vocab_size=300)
     rows, weights = _fsdp_rows(), torch.tensor([0.4, 1.7, 0.9, 2.5, 1.1, 0.3, 2.0, 0.8], dtype=torch.float64)
     cpu, results = torch.device("cpu"), {}
     forwards, scales = [0], [0]
@@ -532,9 +547,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         order[objective] = torch.argsort(step.objective_tilt(cfg).scores(losses, weights)).tolist()
         step.train_step(model, [micro(order[objective])], cfg, device=cpu)
         results[f"{objective}/{sync}/ref"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+
+    def in_the_group() -> dict[str, Any]:
         for objective, sync in cases:
             cfg = cfg_for(loss="dpo", objective=objective, lam=0.5, tau=0.5, fsdp_grad_sync=sync)
             cfg = dataclasses.replace(cfg, batch_size=8)
@@ -550,9 +564,10 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             results[f"{objective}/{sync}/forwards"] = forwards[0]
             results[f"{objective}/{sync}/scales"] = scales[0]
             results[f"{objective}/{sync}/fsdp"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        step.per_sample_losses, robust.OnlineTilt._scale = real_forward, real_scale  # type: ignore[method-assign]
+        return results
+
+    return in_the_group
 
 
 @pytest.mark.parametrize("sync", ["micro_batch", "step"])
@@ -574,7 +589,9 @@ def test_fsdp2_accumulation_gives_the_single_process_gradient(
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The folder of :func:`_two_rank_worker`'s results (one spawn for both multi-process checks)."""
+    import importlib.util
     import socket
 
     import torch.multiprocessing as mp
@@ -582,9 +599,15 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_fsdp_worker, args=(2, port, str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    out = tmp_path_factory.mktemp("two_ranks")
+    lora = importlib.util.find_spec("peft") is not None
+    mp.spawn(_two_rank_worker, args=(2, port, str(out), lora), nprocs=2, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(two_ranks: Any) -> list[dict[str, Any]]:
+    return [torch.load(two_ranks / f"fsdp-rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 # ---- model.logprob_chunk: the LM head's log-probs in chunks, inside the model's forward ---------------------------
@@ -802,18 +825,14 @@ def test_reference_pass_with_chunks_equals_the_full_logits(setup, monkeypatch) -
     np.testing.assert_allclose(out[1], out[0], atol=1e-10, rtol=1e-10)
 
 
-def _chunk_dist_worker(rank: int, world: int, port: int, out: str) -> None:
-    """2 gloo ranks, 4 rows each, float64: DDP over GPT-2 (tied head), FSDP2 over GPT-2 through ``train_step`` in
-    two micro-batches, and FSDP2 over a LoRA Llama; each with ``logprob_chunk`` 0 and 3. Saves every gradient and
-    how many chunked calls ran."""
-    import os
-
-    import torch.distributed as dist
+def _chunk_dist_worker(rank: int, world: int, tok: Any, lora: bool) -> dict[str, Any]:
+    """2 gloo ranks (the process group already made), 4 rows each, float64: DDP over GPT-2 (tied head), FSDP2 over
+    GPT-2 through ``train_step`` in two micro-batches, and FSDP2 over a LoRA Llama (when peft is installed); each
+    with ``logprob_chunk`` 0 and 3. Returns every gradient and how many chunked calls ran."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from raydora import distributed, encoding
 
-    tok = train_tokenizer(TEXTS * 5, vocab_size=300)
     rows = _fsdp_rows()
     mine = {k: v[4 * rank : 4 * rank + 4] for k, v in rows.items()}
     calls = [0]
@@ -824,11 +843,9 @@ def _chunk_dist_worker(rank: int, world: int, port: int, out: str) -> None:
         return real(*a, **k)
 
     encoding.chunked_target_logps = counting  # this spawned process's own module
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict[str, Any] = {}
+    group, cpu = distributed.default_group(), torch.device("cpu")
     try:
-        group, cpu = distributed.default_group(), torch.device("cpu")
         for chunk in (0, 3):
             calls[0] = 0
             ddp = DDP(build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1).train())
@@ -836,10 +853,10 @@ def _chunk_dist_worker(rank: int, world: int, port: int, out: str) -> None:
             logps, _, _ = encoding.forward_logps(ddp, enc, 2, chunk=chunk)
             (logps * torch.linspace(0.5, 2.0, 8, dtype=logps.dtype).reshape(4, 2)).sum().backward()
             results[f"ddp/{chunk}"] = {n: p.grad.clone() for n, p in ddp.module.named_parameters()}
-            for name, model in (
-                ("fsdp", build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1)),
-                ("fsdp-lora", _lora(build_model("tiny-llama", tok, dtype=torch.float64, seed=1))),
-            ):
+            models = [("fsdp", build_model("tiny-gpt2", tok, dtype=torch.float64, seed=1))]
+            if lora:
+                models.append(("fsdp-lora", _lora(build_model("tiny-llama", tok, dtype=torch.float64, seed=1))))
+            for name, model in models:
                 model = distributed.shard_fsdp(model.train())
                 cfg = dataclasses.replace(cfg_for(loss="dpo", objective="kldpo", tau=0.5), batch_size=8)
                 cfg = dataclasses.replace(cfg, logprob_chunk=chunk)
@@ -849,9 +866,9 @@ def _chunk_dist_worker(rank: int, world: int, port: int, out: str) -> None:
                 grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
                 results[f"{name}/{chunk}"] = grads
             results[f"calls/{chunk}"] = calls[0]
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        encoding.chunked_target_logps = real
+    return results
 
 
 def _lora(model: Any) -> Any:
@@ -865,23 +882,15 @@ def _lora(model: Any) -> Any:
     return model
 
 
-def test_chunked_log_probs_under_ddp_and_fsdp2_give_the_full_logits_gradients(tmp_path: Any) -> None:
+def test_chunked_log_probs_under_ddp_and_fsdp2_give_the_full_logits_gradients(two_ranks: Any) -> None:
     """The override goes through the head module's ``__call__``: under DDP (GPT-2's tied head and embeddings, one
     parameter, both contributions), FSDP2 (the head's weight unsharded by the root unit's hooks, gradients
     reduce-scattered after every micro-batch) and FSDP2 over a LoRA model, the gradients with ``chunk=3`` equal the
     full logits' on both ranks, and the chunks really ran (one call per forward: 1 under DDP, 2 micro-batches x 2
     models under FSDP2)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     pytest.importorskip("peft")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_chunk_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        res = torch.load(two_ranks / f"chunk-rank{r}.pt", weights_only=True)
         assert res["calls/0"] == 0 and res["calls/3"] == 1 + 2 * 2
         for name in ("ddp", "fsdp", "fsdp-lora"):
             want, got = res[f"{name}/0"], res[f"{name}/3"]
