@@ -320,8 +320,14 @@ def _write_calibration(folder: Path, held: np.ndarray, method: str, info: dict[s
     (folder / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     after, before = metrics["after"], metrics["before"]
-    return {"gamma": info["gamma"], "temperature": temperature, "bias": bias, "auc": after["roc_auc"],
-            "ece_before": before["ece"], "ece_after": after["ece"]}  # fmt: skip
+    return {
+        "gamma": info["gamma"],
+        "temperature": temperature,
+        "bias": bias,
+        "auc": after["roc_auc"],
+        "ece_before": before["ece"],
+        "ece_after": after["ece"],
+    }
 
 
 def _recalibrate(out: Path, method: str, fp: str) -> StageResult | None:

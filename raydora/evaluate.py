@@ -369,8 +369,15 @@ def _heldout_pass(heldout: Path, folder: Path, names: list[str], fps: dict[str, 
                 pq.write_table(table, tmp / name / f.name)
             stage = f"heldout_{name}"
             rows = (marker.get("rows") or {}).get(kwargs["stage"], 0)
-            write_success(tmp / name, {"stage": stage, "fingerprint": fps[name], "rows": {stage: rows},
-                                       "truncated": marker.get("truncated", 0)})  # fmt: skip
+            write_success(
+                tmp / name,
+                {
+                    "stage": stage,
+                    "fingerprint": fps[name],
+                    "rows": {stage: rows},
+                    "truncated": marker.get("truncated", 0),
+                },
+            )
             promote(tmp / name, folder / name)
 
 
