@@ -360,13 +360,14 @@ def _heldout_pass(heldout: Path, folder: Path, names: list[str], fps: dict[str, 
         encode_rows(heldout, tmp / "all", fp=fingerprint(*(fps[n] for n in names)), **kwargs)
         marker = read_success(tmp / "all") or {}
         columns = ["reference_logps", *(f"reference_logps_{i}" for i in range(1, len(names)))]
-        for i, name in enumerate(names):
+        for name in names:
             (tmp / name).mkdir()
-            for f in sorted((tmp / "all").glob("*.parquet")):
-                table = pq.read_table(f)
-                mine = table.column(columns[i])
-                table = table.drop_columns(columns).append_column("reference_logps", mine)
-                pq.write_table(table, tmp / name / f.name)
+        for f in sorted((tmp / "all").glob("*.parquet")):  # each file read once, split into every model's folder
+            table = pq.read_table(f)
+            rest = table.drop_columns(columns)
+            for column, name in zip(columns, names, strict=True):
+                pq.write_table(rest.append_column("reference_logps", table.column(column)), tmp / name / f.name)
+        for name in names:
             stage = f"heldout_{name}"
             rows = (marker.get("rows") or {}).get(kwargs["stage"], 0)
             write_success(
