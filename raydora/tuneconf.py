@@ -24,6 +24,13 @@ DISTRIBUTIONS = {
     "choice": "choice([a, b, ...]): one of the listed values (numbers, strings, true/false)",
 }
 _CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.DOTALL)
+# A number in exponent form without a dot (1e-4): YAML 1.1, PyYAML's, reads it as a string.
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _number(value: Any) -> Any:
+    """``value``, or the float a string such as ``"1e-4"`` spells."""
+    return float(value) if isinstance(value, str) and _EXPONENT.match(value) else value
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ def parse_distribution(text: str, key: str = "") -> Distribution:
         args = yaml.safe_load(f"[{raw}]")
     except yaml.YAMLError:
         raise ConfigError(key, f"{text!r}: cannot read the arguments; {DISTRIBUTIONS[kind]}") from None
+    args = [[_number(v) for v in a] if isinstance(a, list) else _number(a) for a in args]
     if kind == "choice":
         ok = len(args) == 1 and isinstance(args[0], list) and len(args[0]) > 0
         if not ok or not all(isinstance(v, (int, float, str, bool)) for v in args[0]):

@@ -27,6 +27,9 @@ def test_distribution_strings_parse_into_tunes_samplers_arguments() -> None:
     assert parse_distribution("randint(2, 9)") == Distribution("randint", (2, 9))
     assert parse_distribution("randint(2, 9)").points() == (2, 8)  # Tune's randint excludes the upper end
     assert parse_distribution("choice([0.05, 0.1, dora])") == Distribution("choice", (0.05, 0.1, "dora"))
+    # Exponents without a dot, which YAML 1.1 reads as strings, are numbers (the form users write learning rates in).
+    assert parse_distribution("loguniform(3e-5, 1E-3)") == Distribution("loguniform", (3e-5, 1e-3))
+    assert parse_distribution("choice([1e-4, 2.5e+1, e5])") == Distribution("choice", (1e-4, 25.0, "e5"))
     for bad, says in [
         ("normal(0, 1)", "is not a distribution"),
         ("loguniform(0, 10)", "0 < low < high"),
