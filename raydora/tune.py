@@ -13,7 +13,8 @@ checkpoint).
 A trial (:func:`trial`) is an ordinary run folder ``<run>/tune/trials/trial_<trial id>/`` whose upstream stage
 folders are links into the base run (``experiment.link_shared``); it runs the train stage (a Ray Train
 ``TorchTrainer`` started from inside the trial, which claims 0.01 CPU itself: the trainer's workers claim the CPUs)
-and reports the implicit reward's accuracy and mean margin on the validation pairs, once, with ``ray.tune.report``.
+and reports the implicit reward's accuracy and mean margin, and the policy's own log-prob accuracy, on the
+validation pairs, once, with ``ray.tune.report``.
 It never reads the evaluation prompts (the benchmark's ``synth/eval``, your data's ``heldout/``) nor generates or
 evaluates.
 
@@ -163,6 +164,8 @@ def _validation_metrics(cfg: RunConfig, run_dir: Path, base_dir: Path, validatio
         "accuracy": m["accuracy"]["mean"],
         "accuracy_ci95": m["accuracy"]["ci95"],
         "margin": m["margin"]["mean"],
+        "logp_accuracy": m["logp_accuracy"]["mean"],
+        "logp_accuracy_ci95": m["logp_accuracy"]["ci95"],
         "pairs": len(ref),
     }
 
@@ -244,10 +247,10 @@ def _tuner(cfg: RunConfig, space: dict[str, Distribution], trainable: Any, tune_
 
 def _best(results: Sequence[Any], metric: str) -> Any:
     """The Tune result with the highest ``metric``; ties (a few hundred pairs give few distinct accuracies) go to the
-    higher other metric (margin for accuracy, accuracy for margin), then to the first trial id, so that a restored
-    search names the same trial as the run it continues (Tune's ``get_best_result`` keeps the first in its own
-    trial order, which a restore may change)."""
-    other = "margin" if metric == "accuracy" else "accuracy"
+    higher other metric (margin for either accuracy, accuracy for margin), then to the first trial id, so that a
+    restored search names the same trial as the run it continues (Tune's ``get_best_result`` keeps the first in its
+    own trial order, which a restore may change)."""
+    other = "margin" if metric != "margin" else "accuracy"
     ordered = sorted(results, key=lambda r: str(r.metrics.get("trial_id")))
     return max(ordered, key=lambda r: (float(r.metrics[metric]), float(r.metrics[other])))
 
@@ -262,13 +265,14 @@ def table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str) -
         v = r.get(metric)
         return -float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
 
-    head = ["trial", *keys, "accuracy", "margin", "status"]
+    head = ["trial", *keys, "accuracy", "margin", "logp_accuracy", "status"]
     body = [
         [
             str(r["trial"]),
             *(fmt(r["config"].get(k)) for k in keys),
             fmt(r.get("accuracy", "-")),
             fmt(r.get("margin", "-")),
+            fmt(r.get("logp_accuracy", "-")),
             str(r["status"]),
         ]
         for r in sorted(rows, key=order)
@@ -332,7 +336,7 @@ def search(prep: Prepared) -> dict[str, Any]:
                 "trial": m.get("trial_id", Path(result.path).name),
                 "config": result.config or {},
                 "status": status,
-                **{k: m[k] for k in ("accuracy", "margin", "run_dir") if k in m},
+                **{k: m[k] for k in ("accuracy", "margin", "logp_accuracy", "run_dir") if k in m},
             }
         )
     shown = table(rows, list(space), cfg.tune.metric)
@@ -348,6 +352,7 @@ def search(prep: Prepared) -> dict[str, Any]:
         "value": best.metrics[cfg.tune.metric],
         "accuracy": best.metrics["accuracy"],
         "margin": best.metrics["margin"],
+        "logp_accuracy": best.metrics.get("logp_accuracy"),
         "validation_pairs": best.metrics["pairs"],
         "overrides": dict(sorted(best.config.items())),
         "dotted": trial_overrides(best.config),

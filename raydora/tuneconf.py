@@ -89,10 +89,12 @@ class TuneConfig:
     base run's validate, classify, SFT and reference stages, which other sections would change."""
     num_samples: int = 8
     """Trials drawn from the space (Ray Tune's ``num_samples``); a space of choices only is drawn at random too."""
-    metric: Literal["accuracy", "margin"] = "accuracy"
+    metric: Literal["accuracy", "margin", "logp_accuracy"] = "accuracy"
     """What selects the best trial (always maximised), on the validation pairs: accuracy, the share of pairs whose
-    implicit reward beta * (log pi - log pi_ref) ranks the preferred response first; or margin, that reward's mean
-    chosen-minus-rejected gap (it scales with beta, so compare margins only at one beta)."""
+    implicit reward beta * (log pi - log pi_ref) ranks the preferred response first; margin, that reward's mean
+    chosen-minus-rejected gap (it scales with beta, so compare margins only at one beta); or logp_accuracy, the share
+    whose preferred response the policy itself finds likelier (log pi(chosen) > log pi(rejected)): what it would
+    sample, where the implicit reward measures only the change from the reference."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """Ray Tune's trial scheduler: asha (AsyncHyperBandScheduler over ``training_iteration``) or fifo (every trial
     runs to the end). Each trial reports once, after training (docs/tune.md says why), so ASHA's only rung is the

@@ -112,14 +112,18 @@ def test_trial_overrides_and_the_table() -> None:
         'train.objective="dora"',
     ]
     rows = [
-        {"trial": "a", "config": {"train.lam": 0.123456}, "accuracy": 0.5, "margin": 0.1, "status": "done"},
+        {"trial": "a", "config": {"train.lam": 0.123456}, "accuracy": 0.5, "margin": 0.1, "logp_accuracy": 0.625,
+         "status": "done"},
         {"trial": "b", "config": {"train.lam": 2.0}, "status": "error"},
-        {"trial": "c", "config": {"train.lam": 1.0}, "accuracy": 0.75, "margin": -0.2, "status": "done"},
-    ]
+        {"trial": "c", "config": {"train.lam": 1.0}, "accuracy": 0.75, "margin": -0.2, "logp_accuracy": 0.5,
+         "status": "done"},
+    ]  # fmt: skip
     lines = rtune.table(rows, ["train.lam"], "accuracy").splitlines()
-    assert lines[0].split() == ["trial", "train.lam", "accuracy", "margin", "status"]
+    assert lines[0].split() == ["trial", "train.lam", "accuracy", "margin", "logp_accuracy", "status"]
     assert [line.split()[0] for line in lines[1:]] == ["c", "a", "b"]  # best first, no result last
-    assert lines[2].split()[1] == "0.1235"
+    assert lines[2].split()[1:] == ["0.1235", "0.5", "0.1", "0.625", "done"]
+    by_logp = rtune.table(rows, ["train.lam"], "logp_accuracy").splitlines()
+    assert [line.split()[0] for line in by_logp[1:]] == ["a", "c", "b"]
 
 
 def test_synthetic_validation_rows_are_gold_labelled_and_apart() -> None:
