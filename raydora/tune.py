@@ -170,6 +170,85 @@ def _validation_metrics(cfg: RunConfig, run_dir: Path, base_dir: Path, validatio
     }
 
 
+SAMPLES = "validation_samples"  # <base>/tune/ and each trial folder: samples of the validation prompts
+
+
+def reward_name(cfg: RunConfig, validation: Path) -> str:
+    """``tune.reward`` with ``auto`` resolved as the evaluate stage resolves ``evaluate.reward`` (the benchmark's gold
+    reward on its prompts, else none); raises when ``tune.metric: reward_win_rate`` has no reward to use."""
+    from raydora.evaluate import resolve_reward
+    from raydora.generate import read_prompts
+
+    name = cfg.tune.reward
+    if name == "auto":
+        name = resolve_reward(from_dict(to_dict(cfg), ['evaluate.reward="auto"']), read_prompts(validation, 8))
+    if name == "none":
+        raise ConfigError(
+            "tune.reward",
+            "tune.metric=reward_win_rate needs a reward for the validation samples: gold, biased, or a local "
+            "reward-model (or raydora classifier) folder",
+        )
+    return name
+
+
+def validation_samples(cfg: RunConfig, folder: Path, model: Path, validation: Path) -> Path:
+    """``model``'s samples of the first ``tune.sample_prompts`` validation prompts (generate's sampling settings and
+    seeds) in ``folder/validation_samples``; skipped when up to date."""
+    from dataclasses import asdict
+
+    from raydora.generate import Sampling, generate, read_prompts
+    from raydora.rundir import file_fingerprints, fingerprint, is_done
+
+    n = cfg.tune.sample_prompts
+    sampling = Sampling.from_config(cfg.generate, cfg.seed)
+    model_fp, rows_fp = file_fingerprints(model), file_fingerprints(validation)
+    fp = fingerprint("tune-samples", model_fp, rows_fp, n, asdict(sampling), cfg.model.max_length)
+    out = folder / SAMPLES
+    if not is_done(out, fp):
+        prompts = read_prompts(validation, n)
+        m = cfg.model
+        generate(model, prompts, out, cfg.generate, sampling, max_length=m.max_length, precision=m.precision, fp=fp)
+    return out
+
+
+def reward_metrics(cfg: RunConfig, run_dir: Path, base_dir: Path, validation: Path, policy: Path) -> dict[str, Any]:
+    """``reward_win_rate`` (win + tie/2 of ``policy``'s validation samples against the reference policy's, per
+    prompt, by ``tune.reward``), its 95% interval, and the mean rewards of both."""
+    import numpy as np
+
+    from raydora.evaluate import win_rate
+    from raydora.generate import read_generations, read_prompts
+    from raydora.reference import initial_policy
+    from raydora.rewards import named_reward
+
+    name = reward_name(cfg, validation)
+    reference = validation_samples(cfg, base_dir / "tune", initial_policy(cfg, base_dir), validation)
+    samples = validation_samples(cfg, run_dir, policy, validation)
+    prompts = read_prompts(validation, cfg.tune.sample_prompts)
+    text = dict(zip(prompts.column("id").to_pylist(), prompts.column("prompt").to_pylist(), strict=True))
+    reward = named_reward(name, cfg.model.max_length)
+    scored = []
+    for folder in (samples, reference):
+        t = read_generations(folder)
+        by_id = dict(zip(t.column("id").to_pylist(), t.column("generations").to_pylist(), strict=True))
+        flat = [(text[i], r) for i in text for r in by_id.get(i, [])]
+        values = reward([p for p, _ in flat], [r for _, r in flat]) if flat else np.zeros(0)
+        rows, k = [], 0
+        for i in text:
+            n = len(by_id.get(i, []))
+            rows.append([float(v) for v in values[k : k + n]])
+            k += n
+        scored.append(rows)
+    w = win_rate(scored[0], scored[1], cfg.evaluate.tie_tolerance, cfg.evaluate.bootstrap, cfg.seed)
+    mean = [float(sum(sum(r) for r in rows) / max(1, sum(len(r) for r in rows))) for rows in scored]
+    return {
+        "reward_win_rate": w["win_rate"],
+        "reward_win_rate_ci95": w["ci95"],
+        "reward": mean[0],
+        "reward_reference": mean[1],
+    }
+
+
 def trial(config: dict[str, Any], *, base: dict[str, Any], base_dir: str, validation: str) -> None:
     """Ray Tune function trainable: the base config (``base``, a plain dict) with the sampled ``config`` as a child
     run ``<base_dir>/tune/trials/trial_<trial id>`` linking the base's upstream stages; trains, then reports the
@@ -183,6 +262,12 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], base_dir: str, valida
     plan = experiment.ChildPlan(own=(), stages=("train",))
     run_dir = experiment.run_child(cfg, base_dir, plan, done="train")
     metrics = _validation_metrics(cfg, run_dir, Path(base_dir), Path(validation))
+    if cfg.tune.metric == "reward_win_rate":
+        from raydora.reference import trained_policy
+
+        policy = trained_policy(run_dir)
+        assert policy is not None  # _validation_metrics raised otherwise
+        metrics.update(reward_metrics(cfg, run_dir, Path(base_dir), Path(validation), policy))
     ray_tune.report({**metrics, "run_dir": str(run_dir)})
 
 
@@ -250,13 +335,13 @@ def _best(results: Sequence[Any], metric: str) -> Any:
     higher other metric (margin for either accuracy, accuracy for margin), then to the first trial id, so that a
     restored search names the same trial as the run it continues (Tune's ``get_best_result`` keeps the first in its
     own trial order, which a restore may change)."""
-    other = "margin" if metric != "margin" else "accuracy"
+    other = {"margin": "accuracy", "reward_win_rate": "logp_accuracy"}.get(metric, "margin")
     ordered = sorted(results, key=lambda r: str(r.metrics.get("trial_id")))
     return max(ordered, key=lambda r: (float(r.metrics[metric]), float(r.metrics[other])))
 
 
 def table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str) -> str:
-    """The trials as a fixed-width table, best first: trial, each searched key, accuracy, margin, status."""
+    """The trials as a fixed-width table, best first: trial, each searched key, the validation metrics, status."""
 
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -265,14 +350,15 @@ def table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str) -
         v = r.get(metric)
         return -float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
 
-    head = ["trial", *keys, "accuracy", "margin", "logp_accuracy", "status"]
+    metrics = ["accuracy", "margin", "logp_accuracy"]
+    if any("reward_win_rate" in r for r in rows):
+        metrics.append("reward_win_rate")
+    head = ["trial", *keys, *metrics, "status"]
     body = [
         [
             str(r["trial"]),
             *(fmt(r["config"].get(k)) for k in keys),
-            fmt(r.get("accuracy", "-")),
-            fmt(r.get("margin", "-")),
-            fmt(r.get("logp_accuracy", "-")),
+            *(fmt(r.get(m, "-")) for m in metrics),
             str(r["status"]),
         ]
         for r in sorted(rows, key=order)
@@ -306,6 +392,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     pipeline.run(cfg, upstream_stages(cfg))
     validation = prepare_validation(cfg, base_dir)
     pairs = len(heldout_logps(cfg, base_dir, REFERENCE_LOGPS, initial_policy(cfg, base_dir), rows=validation))
+    if cfg.tune.metric == "reward_win_rate":  # the reward exists, and the reference policy's samples, once
+        reward_name(cfg, validation)
+        validation_samples(cfg, base_dir / "tune", initial_policy(cfg, base_dir), validation)
     return Prepared(cfg, base_dir, validation, pairs)
 
 
@@ -336,7 +425,7 @@ def search(prep: Prepared) -> dict[str, Any]:
                 "trial": m.get("trial_id", Path(result.path).name),
                 "config": result.config or {},
                 "status": status,
-                **{k: m[k] for k in ("accuracy", "margin", "logp_accuracy", "run_dir") if k in m},
+                **{k: m[k] for k in ("accuracy", "margin", "logp_accuracy", "reward_win_rate", "run_dir") if k in m},
             }
         )
     shown = table(rows, list(space), cfg.tune.metric)
@@ -353,6 +442,7 @@ def search(prep: Prepared) -> dict[str, Any]:
         "accuracy": best.metrics["accuracy"],
         "margin": best.metrics["margin"],
         "logp_accuracy": best.metrics.get("logp_accuracy"),
+        "reward_win_rate": best.metrics.get("reward_win_rate"),
         "validation_pairs": best.metrics["pairs"],
         "overrides": dict(sorted(best.config.items())),
         "dotted": trial_overrides(best.config),

@@ -89,12 +89,20 @@ class TuneConfig:
     base run's validate, classify, SFT and reference stages, which other sections would change."""
     num_samples: int = 8
     """Trials drawn from the space (Ray Tune's ``num_samples``); a space of choices only is drawn at random too."""
-    metric: Literal["accuracy", "margin", "logp_accuracy"] = "accuracy"
+    metric: Literal["accuracy", "margin", "logp_accuracy", "reward_win_rate"] = "accuracy"
     """What selects the best trial (always maximised), on the validation pairs: accuracy, the share of pairs whose
     implicit reward beta * (log pi - log pi_ref) ranks the preferred response first; margin, that reward's mean
     chosen-minus-rejected gap (it scales with beta, so compare margins only at one beta); or logp_accuracy, the share
     whose preferred response the policy itself finds likelier (log pi(chosen) > log pi(rejected)): what it would
-    sample, where the implicit reward measures only the change from the reference."""
+    sample, where the implicit reward measures only the change from the reference; or reward_win_rate, the win rate
+    (win + tie/2) of the trial policy's samples against the reference policy's on the first ``sample_prompts``
+    validation prompts, scored by ``reward`` (costs one generation pass per trial)."""
+    reward: str = "auto"
+    """What scores the validation samples for ``metric: reward_win_rate``: auto (evaluate.reward's rule: the
+    benchmark's gold reward on benchmark prompts, else none), gold, biased, or a local reward-model or raydora
+    classifier folder."""
+    sample_prompts: int = 100
+    """Validation prompts sampled per trial for ``metric: reward_win_rate`` (generate.n samples each)."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """Ray Tune's trial scheduler: asha (AsyncHyperBandScheduler over ``training_iteration``) or fifo (every trial
     runs to the end). Each trial reports once, after training (docs/tune.md says why), so ASHA's only rung is the
@@ -129,13 +137,15 @@ class TuneConfig:
                 )
             parse_distribution(text, f"space.{key}")
         object.__setattr__(self, "space", flat)  # one form: dotted keys
-        for key in ("num_samples", "grace_period", "validation_rows"):
+        for key in ("num_samples", "grace_period", "validation_rows", "sample_prompts"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, "must be > 0")
         if self.max_concurrent_trials < 0:
             raise ConfigError("max_concurrent_trials", "must be >= 0 (0: as many as fit)")
         if self.validation is not None and not self.validation.strip():
             raise ConfigError("validation", "must be a path or null")
+        if not self.reward.strip():
+            raise ConfigError("reward", "must be auto, gold, biased or a reward-model folder")
 
     def distributions(self) -> dict[str, Distribution]:
         """``space`` parsed: dotted key -> :class:`Distribution`."""

@@ -106,6 +106,17 @@ def test_the_command_names_the_key_at_fault_before_starting_ray(capsys: pytest.C
     assert "tune.space.sft.lr: only train.<key> can be tuned" in capsys.readouterr().err
 
 
+def test_reward_selection_needs_a_reward(tmp_path: Path) -> None:
+    prompts = tmp_path / "val.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say hello.", "chosen": "hi", "rejected": "no"}) + "\n")
+    cfg = load_config(None, ["tune.metric=reward_win_rate"])
+    with pytest.raises(ConfigError, match=re.escape("tune.reward: tune.metric=reward_win_rate needs a reward")):
+        rtune.reward_name(cfg, prompts)  # auto: not the benchmark's prompts, so no reward
+    assert rtune.reward_name(load_config(None, ["tune.reward=biased"]), prompts) == "biased"
+    with pytest.raises(ConfigError, match=re.escape("tune.sample_prompts: must be > 0")):
+        load_config(None, ["tune.sample_prompts=0"])
+
+
 def test_trial_overrides_and_the_table() -> None:
     assert rtune.trial_overrides({"train.objective": "dora", "train.lam": 0.5}) == [
         "train.lam=0.5",
@@ -163,6 +174,12 @@ TINY = [
     "tune.max_concurrent_trials=1",  # one at a time: the interruption below lands in the second trial
     "tune.validation_rows=16",
 ]
+
+
+def _validated_rows(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 def _interrupt_when(cond, timeout: float = 240.0) -> threading.Thread:
@@ -238,3 +255,26 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     assert again["trial_id"] == best["trial_id"] and again["value"] == best["value"]
     assert {p: p.stat().st_mtime_ns for p in sorted(trials.glob("*/train/_SUCCESS"))} == trained
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
+
+    # tune.metric=reward_win_rate's measure: the trial policy's samples of the validation prompts against the
+    # reference policy's, per prompt, by the gold reward (auto on the benchmark's prompts), computed here by hand.
+    from raydora.evaluate import outcomes
+    from raydora.generate import read_generations
+
+    trial_dir = Path(best["run_dir"])
+    m = rtune.reward_metrics(cfg, trial_dir, base, prep.validation, trial_dir / "train" / "final")
+    gens = {}
+    for name, folder in (("policy", trial_dir), ("reference", tune_dir)):
+        t = read_generations(folder / rtune.SAMPLES)
+        gens[name] = dict(zip(t.column("id").to_pylist(), t.column("generations").to_pylist(), strict=True))
+    prompts = {r["id"]: r["prompt"] for r in _validated_rows(prep.validation)}
+    assert set(gens["policy"]) == set(gens["reference"]) == set(prompts)
+    per = []
+    for i, p in prompts.items():
+        w, t, _ = outcomes([synth.gold_reward(p, x) for x in gens["policy"][i]],
+                           [synth.gold_reward(p, x) for x in gens["reference"][i]])  # fmt: skip
+        per.append(w + t / 2)
+    assert m["reward_win_rate"] == pytest.approx(sum(per) / len(per), abs=1e-12)
+    reference_done = (tune_dir / rtune.SAMPLES / "_SUCCESS").stat().st_mtime_ns
+    assert rtune.reward_metrics(cfg, trial_dir, base, prep.validation, trial_dir / "train" / "final") == m
+    assert (tune_dir / rtune.SAMPLES / "_SUCCESS").stat().st_mtime_ns == reference_done  # sampled once
