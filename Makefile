@@ -96,8 +96,10 @@ bench: ## the benchmarks (installs the bench extra); results in bench/results/, 
 	$(BIN)/python -m bench.fsdp_accumulation
 	$(BIN)/python -m bench.demo_run
 
-results: $(STAMP) ## the method matrix (every objective, 3 seeds, label-noise and alpha sweeps): docs/results.md
+results: $(STAMP) ## the method matrix (every objective, 3 seeds, label-noise and alpha sweeps) and its tuned rows: docs/results.md
 	$(BIN)/python -m bench.experiments
+	$(BIN)/python -m bench.tuned --methods erm dora rrhf+dora --diagnose
+	$(BIN)/python -m bench.experiments --report-only
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -262,8 +262,148 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_results(results: dict[str, Any], md: Path, figures: Path, discussion: Path | None = None) -> None:
-    """``docs/results.md`` with its tables and PNG plots (in ``figures``), from ``bench/results/experiments.json``."""
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def tuned_lines(tuned: dict[str, Any], figures: Path, rel: str) -> list[str]:
+    """The section of the tuned rows (``bench/results/tuned.json``, written by ``python -m bench.tuned``): per
+    validation size, each method's win rate with its strength, lr and beta chosen on the clean validation pairs,
+    beside its row at the defaults (made by the same code on the same bases), and the share of the ERM -> oracle
+    gap it closes (ERM tuned the same way is the baseline)."""
+    defaults = tuned.get("defaults", {})
+    oracle = defaults.get("oracle")
+    select = tuned.get("select", "accuracy")
+    what = {"accuracy": "implicit-reward accuracy", "logp_accuracy": "log-prob accuracy", "margin": "margin",
+            "reward_win_rate": "gold-reward win rate of its samples"}[select]  # fmt: skip
+    seeds = ", ".join(str(s) for s in tuned["seeds"])
+    lines = [
+        "## Tuned on a small clean validation set",
+        "",
+        f"`python -m bench.tuned` (docs/tune.md): per seed ({seeds}) and method, `raydora tune` draws "
+        f"{tuned['samples']} trials of the method's space (below) on the seed's base run, keeps the trial with the "
+        f"best {what} on the clean validation set (gold-labelled rows drawn apart from the train, SFT and "
+        "evaluation prompts), then samples and evaluates that trial's policy like every other row. "
+        "'at defaults': the method at the config's values, made by the same code on the same bases (the matrix "
+        "below may predate fixes). Gap closed: (tuned - tuned ERM) / (oracle - tuned ERM).",
+        "",
+    ]
+    for rows, found in sorted(tuned["rows"].items(), key=lambda kv: int(kv[0])):
+        if not found:
+            continue
+        erm = found.get("erm")
+        lines += [f"**{rows} validation pairs**", "",
+                  "| method | tuned: win rate vs SFT [95% CI] | per seed | at defaults | gold reward (SFT) | filler "
+                  f"| confident | gap closed | validation {what} (per seed) | chosen (per seed) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, r in found.items():
+            per = ", ".join(f"{v:.2f}" for v in r["per_seed"].values())
+            at = _rate(defaults[m]) if m in defaults else ""
+            gap = ""
+            if erm is not None and oracle is not None and oracle["win_rate"] > erm["win_rate"]:
+                gap = f"{(r['win_rate'] - erm['win_rate']) / (oracle['win_rate'] - erm['win_rate']):.0%}"
+            acc = ", ".join(f"{sel[select]:.2f}" for sel in r["selected"].values())
+            chosen = "; ".join(
+                ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in sel["overrides"].items())
+                for sel in r["selected"].values()
+            )
+            lines.append(f"| {_label(m)} | {_rate(r)} | {per} | {at} | {r['reward']:.3f} ({r['reward_sft']:.3f}) | "
+                         f"{r['artefacts']['filler']:.2f} | {r['artefacts']['confident']:.2f} | {gap} | {acc} | "
+                         f"{chosen} |")  # fmt: skip
+        lines.append("")
+    rest = [m for m in defaults if not any(m in f for f in tuned["rows"].values())]
+    if rest:
+        lines += ["At the defaults, same code and bases: " + "; ".join(
+            f"{_label(m)} {_rate(defaults[m])}" for m in rest) + ".", ""]  # fmt: skip
+    spaces = "; ".join(f"{m}: " + ", ".join(f"`{k}` {v}" for k, v in sp.items()) for m, sp in tuned["spaces"].items()
+                       if any(m in f for f in tuned["rows"].values()))  # fmt: skip
+    lines += [f"Spaces searched: {spaces}.", ""]
+    if tuned.get("trials"):
+        lines += selection_lines(tuned["trials"])
+    curve = tuned.get("lam_curve", {})
+    if len(curve) > 1:
+        from raydora.reporting import plot_sweep
+
+        points = sorted((float(lam), r) for lam, r in curve.items())
+        plot_sweep({"DPO + DoRA": [(float(np.log10(lam)), r["win_rate"]) for lam, r in points]},
+                   figures / "lam_winrate.png", "DoRA's strength and the win rate against SFT",
+                   xlabel="log10 lambda (lr and beta at the config's values)", ylabel="win rate vs SFT")  # fmt: skip
+        lines += ["**DoRA's strength at the default lr and beta** (`python -m bench.tuned --methods --lam-curve ...`):",
+                  "", f"![lambda]({rel}/lam_winrate.png)", "",
+                  "| lambda | win rate vs SFT [95% CI] | per seed | gold reward (SFT) | filler | confident |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for lam, r in points:
+            per = ", ".join(f"{v:.2f}" for v in r["per_seed"].values())
+            lines.append(f"| {lam:g} | {_rate(r)} | {per} | {r['reward']:.3f} ({r['reward_sft']:.3f}) | "
+                         f"{r['artefacts']['filler']:.2f} | {r['artefacts']['confident']:.2f} |")  # fmt: skip
+        lines.append("")
+    return lines
+
+
+def _ranks(x: list[float]) -> np.ndarray:
+    """Ranks of ``x``, ties sharing their mean rank (Spearman's convention)."""
+    a = np.asarray(x, dtype=np.float64)
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a), dtype=np.float64)
+    for v in np.unique(a):
+        tied = a == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (nan when either is constant)."""
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+SELECTORS = ("accuracy", "logp_accuracy", "reward_win_rate")
+
+
+def pick(trials: list[dict[str, Any]], select: str) -> dict[str, Any]:
+    """The trial with the highest ``select`` metric; ties go to the higher log-prob accuracy (for the reward's win
+    rate) or implicit-reward margin (otherwise), then to the first trial name: ``raydora tune``'s own rule."""
+    other = "logp_accuracy" if select == "reward_win_rate" else "margin"
+    ordered = sorted(trials, key=lambda t: t["trial"])
+    return max(ordered, key=lambda t: (t[select], t[other]))
+
+
+def selection_lines(trials: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Which validation metric predicts the win rate: per diagnosed search (every trial sampled and evaluated on the
+    evaluation prompts, ``python -m bench.tuned --diagnose``), the win rate of the trial each metric picks, the best
+    any trial reached, and each metric's rank correlation with the win rate over the trials."""
+    lines = ["**Which validation metric to select on.** Every trial of these searches was also sampled and evaluated "
+             "(`python -m bench.tuned --diagnose`; never used to select). Win rate against SFT of the trial each "
+             "validation metric picks, of the best trial (chosen on the evaluation prompts themselves: the most any "
+             "selection over this space could reach), and Spearman's rank correlation of each metric with the win "
+             "rate over the trials (rho):", "",
+             "| search | trials | by implicit-reward accuracy | by log-prob accuracy | by reward of validation "
+             "samples | best trial |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for key, rows in trials.items():
+        rows = [r for r in rows if "win_rate" in r]
+        if not rows:
+            continue
+        win = [r["win_rate"] for r in rows]
+        metrics = [m for m in ("accuracy", "logp_accuracy", "reward_win_rate") if all(m in r for r in rows)]
+        by = {m: pick(rows, m)["win_rate"] for m in metrics}
+        rho = {m: spearman([r[m] for r in rows], win) for m in metrics}
+        cells = [f"{by[m]:.3f} (rho {rho[m]:+.2f})" if m in by else "" for m in SELECTORS]
+        lines.append(f"| {key} | {len(rows)} | " + " | ".join(cells) + f" | {max(win):.3f} |")
+    return [*lines, ""]
+
+
+def write_results(
+    results: dict[str, Any],
+    md: Path,
+    figures: Path,
+    discussion: Path | None = None,
+    tuned: dict[str, Any] | None = None,
+) -> None:
+    """``docs/results.md`` with its tables and PNG plots (in ``figures``), from ``bench/results/experiments.json``
+    (and the tuned rows of ``bench/results/tuned.json``, when given)."""
     from raydora.config import load_config
     from raydora.reporting import plot_sweep, plot_win_rates
 
@@ -300,6 +440,7 @@ def write_results(results: dict[str, Any], md: Path, figures: Path, discussion: 
         "",
         *[f"- {f}" for f in findings(results)],
         "",
+        *(tuned_lines(tuned, figures, rel) if tuned else []),
     ]
     if main:
         plot_win_rates([(LABELS[m], r) for m, r in main.items()], figures / "winrate_methods.png",
@@ -380,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--noise-methods", nargs="+", default=list(NOISE_METHODS), choices=list(METHODS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "experiments.json"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), help="the page to write ('' for none)")
+    ap.add_argument("--tuned", default=str(ROOT / "bench" / "results" / "tuned.json"),
+                    help="the tuned rows (python -m bench.tuned) shown on the page, when the file exists")  # fmt: skip
     ap.add_argument("--report-only", action="store_true", help="aggregate the finished runs; train nothing")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.lr=1e-4")
     args = ap.parse_args(argv)
@@ -442,8 +585,13 @@ def main(argv: list[str] | None = None) -> None:
             results["seconds"] = seconds
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if args.docs:
+        tuned = Path(args.tuned)
         write_results(
-            results, Path(args.docs), Path(args.docs).parent / "results", ROOT / "bench" / "results_discussion.md"
+            results,
+            Path(args.docs),
+            Path(args.docs).parent / "results",
+            ROOT / "bench" / "results_discussion.md",
+            json.loads(tuned.read_text()) if tuned.is_file() else None,
         )
     for tag, rows in results["noise"].items():
         print(f"\nlabel noise {tag}: win rate vs SFT (mean over seeds, 95% CI) | gold reward | filler | confident")
