@@ -7,14 +7,19 @@ falls back to the previous good checkpoint and says so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the trainable (adapter) parameters, training's names
 MANIFEST = "manifest.json"
+PREEMPTED_EXIT = 128 + signal.SIGTERM  # a process that SIGTERM ended: the status shells and Kubernetes expect
 
 
 def unwrap(model: Any) -> Any:
@@ -250,3 +255,33 @@ def keep_local_checkpoint(folder: Path, out_dir: Path, step: int, keep: int | No
 def latest_step(out_dir: Path) -> int:
     """The step of the newest checkpoint under ``out_dir/checkpoints`` (0 when none)."""
     return latest_checkpoint(out_dir)[0]
+
+
+class Preempted(SystemExit):
+    """SIGTERM stopped training after a checkpoint of the last whole step (``train.preemption_checkpoint``): the
+    process ends as asked (exit status 143, the message printed to stderr), and the same command resumes from that
+    step. A ``SystemExit``, so that ``except Exception`` in callers does not swallow a request to terminate."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(PREEMPTED_EXIT)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def preemption(enabled: bool) -> Iterator[threading.Event | None]:
+    """While the training loop runs in this process: SIGTERM sets the yielded event instead of ending the process
+    (the loop finishes its step, checkpoints it and stops); the previous handler (Ray's, which exits) comes back
+    afterwards. Yields None when ``enabled`` is off or this is not the main thread (Python lets only the main
+    thread set signal handlers: a Ray Tune trial's or a Ray Train worker's loop runs in another thread)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -361,6 +361,8 @@ class TrainConfig:
     """Rows per shuffle block: each epoch permutes the blocks, then the rows inside each block."""
     log_every: int = 1
     """Optimizer steps between metric lines (metrics.jsonl gets every step)."""
+    preemption_checkpoint: bool = True
+    """On SIGTERM (a pod's eviction) the in-process loop ends its step, checkpoints it and stops (docs/training.md)."""
 
     def __post_init__(self) -> None:
         positive = ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr", "batch_size", "micro_batch_size")

@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,10 +28,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raydora.checkpoint import (
+    Preempted,
     keep_local_checkpoint,
     latest_checkpoint,
     load_policy,
     pick_resume,
+    preemption,
     restore,
     save_checkpoint,
     save_model,
@@ -42,6 +46,7 @@ from raydora.step import DoraInfo, StepConfig, collate_micro, packing_supported,
 from raydora.tracking import METRICS_FILE, STATE_FILE
 
 FAILED_FILE = "_FAILED"
+PREEMPTED_FILE = "_PREEMPTED"  # the loop stopped on SIGTERM after checkpointing a step: what it says, for the driver
 # Left out of the ``_SUCCESS`` manifest of train/ and sft/: Ray Train manages (and prunes) checkpoints/, and the
 # logs and diagnostics may be deleted without invalidating final/ (which, with the metrics, is in the manifest).
 UNTRACKED = ("checkpoints", "tensorboard", "workers", "wandb", STATE_FILE)
@@ -156,6 +161,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     from raydora.tracking import Tracker
 
     spec: WorkerSpec = config["spec"]
+    stop: threading.Event | None = config.get("stop")  # set by SIGTERM (in this process only: :func:`preemption`)
     transformers.utils.logging.disable_progress_bar()
     t, out_dir = spec.train, Path(spec.out_dir)
     local = spec.in_process
@@ -204,6 +210,18 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     shard = config["datasets"][f"train_{rank}"] if local else ray.train.get_dataset_shard(f"train_{rank}")
     skipped, last_metrics, step = 0, {}, start
     pack: bool | None = None
+
+    def save(step: int, m: dict[str, Any]) -> Path | None:
+        """Checkpoint ``step``: kept under ``checkpoints/`` here (in this process), else reported to Ray Train."""
+        path = save_checkpoint(model, optimizer, scheduler, tokenizer, step, lora=bool(t.lora_r), rank=rank)
+        if local:  # no Ray Train to keep it: where Ray Train would
+            return keep_local_checkpoint(Path(path or ""), out_dir, step, t.keep_checkpoints)
+        checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
+        ray.train.report(m, checkpoint=checkpoint)
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+        return None
+
     tic = time.perf_counter()
     for rows in shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", prefetch_batches=2):
         steps = np.unique(rows["_step"])
@@ -266,15 +284,17 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
                     f"grad {m['grad_norm']:.3f} {m['pairs_per_s']:.1f} rows/s",
                     flush=True,
                 )
+        saved = None
         if step % t.checkpoint_every == 0 or step == total:
-            path = save_checkpoint(model, optimizer, scheduler, tokenizer, step, lora=bool(t.lora_r), rank=rank)
-            if local:  # no Ray Train to keep it: where Ray Train would
-                keep_local_checkpoint(Path(path or ""), out_dir, step, t.keep_checkpoints)
-            else:
-                checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
-                ray.train.report(m, checkpoint=checkpoint)
-                if path:
-                    shutil.rmtree(path, ignore_errors=True)
+            saved = save(step, m)
+        if stop is not None and stop.is_set() and step < total:  # SIGTERM: this step is whole; keep it and stop
+            saved = saved or save(step, m)
+            msg = f"stopped by SIGTERM after step {step} of {total}; checkpoint {saved}"
+            print(f"[{spec.mode}] {msg}", flush=True)
+            (out_dir / PREEMPTED_FILE).write_text(msg + "\n")
+            if tracker is not None:
+                tracker.close()
+            return
     if tracker is not None:
         tracker.close()
     state = distributed.full_state_dict(model)
@@ -367,6 +387,7 @@ NOT_IN_FINGERPRINT = (
     "max_failures",
     "accumulation",
     "fsdp_grad_sync",
+    "preemption_checkpoint",
 )
 
 
@@ -426,6 +447,7 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fp}))
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
+    (out_dir / PREEMPTED_FILE).unlink(missing_ok=True)
     start, resume = latest_checkpoint(out_dir, say=True)
     plan = make_plan(
         data_dir,
@@ -481,8 +503,11 @@ def fit(
         for ds in datasets.values():
             ds.context.execution_options = ordered_ingest()
         threads = torch_threads()
+        # The run's own train section decides (SFT's section is rebuilt from defaults: sft.py).
+        enabled = bool(getattr(getattr(run_cfg, "train", train), "preemption_checkpoint", True))
         try:
-            train_loop_per_worker({"spec": spec, "datasets": datasets})
+            with preemption(enabled) as stop:
+                train_loop_per_worker({"spec": spec, "datasets": datasets, "stop": stop})
         finally:  # the loop sets this process's torch threads when spec.threads asks
             torch_threads(threads)
     else:
@@ -497,6 +522,11 @@ def fit(
             keep_checkpoints=train.keep_checkpoints,
             placement_strategy=train.placement_strategy,
         ).fit()
+    preempted = out_dir / PREEMPTED_FILE
+    if preempted.exists():
+        msg = f"{mode}: {preempted.read_text().strip()}; run the same command again to resume from it"
+        print(f"raydora {msg}", file=sys.stderr, flush=True)
+        raise Preempted(msg)
     failed = out_dir / FAILED_FILE
     if failed.exists():
         raise NonFiniteLossError(
