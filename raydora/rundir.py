@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -166,13 +167,40 @@ def write_success(folder: str | Path, info: dict[str, Any], exclude: Iterable[st
     return folder / SUCCESS
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def stale_staging(parent: str | Path, name: str) -> list[Path]:
+    """The temp folders of :func:`staging` for ``name`` in ``parent`` whose process is gone: left by a process
+    killed before it could clean up (``SIGKILL``, an OOM kill, a lost node). Only folders made on this host, by a
+    process id that no longer exists, qualify; another host's, a live process's (a concurrent run) and unnamed
+    ones are never touched."""
+    stale = []
+    for tmp in Path(parent).glob(f".{name}.tmp-*"):
+        parts = tmp.name.rsplit("-", 3)  # .<name>.tmp, <random>, <pid>, <host tag>
+        if len(parts) != 4 or parts[3] != _host_tag() or not parts[2].isdigit() or not tmp.is_dir():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            stale.append(tmp)
+        except OSError:  # exists, another user's: alive
+            continue
+    return stale
+
+
 @contextmanager
 def staging(parent: str | Path, name: str) -> Iterator[Path]:
-    """A fresh temp folder inside ``parent`` for a stage's outputs; removed on error. Promote its contents with
-    :func:`promote` once complete."""
+    """A fresh temp folder inside ``parent`` for a stage's outputs (its name holds this process's id and host);
+    removed on error. Promote its contents with :func:`promote` once complete. Folders that an earlier process
+    killed mid-stage left behind (:func:`stale_staging`) are removed first, saying so."""
     parent = Path(parent).absolute()  # absolute: Ray workers (Train especially) run in other folders
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    for old in stale_staging(parent, name):
+        print(f"[rundir] removing {old}: left by a process that was killed mid-stage", flush=True)
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}-{_host_tag()}"
     tmp.mkdir()
     try:
         yield tmp

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import checkpoint, reference, synth, train, validate
+from raydora import checkpoint, generate, reference, synth, train, validate
 from raydora.config import load_config
+from raydora.data import parquet_files
 
 BASE = [
     "synth.rows=96",
@@ -62,11 +65,13 @@ def address(ray_session) -> str:
     return str(ray_session.get_runtime_context().gcs_address)
 
 
-def raydora(run_dir: Path, address: str, command: str, *overrides: str) -> subprocess.Popen[str]:
-    """``raydora <command>`` on ``run_dir`` in its own process (joining this session's Ray)."""
+def raydora(
+    run_dir: Path, address: str, command: str, *overrides: str, flags: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
+    """``raydora <command> [flags]`` on ``run_dir`` in its own process (joining this session's Ray)."""
     args = [f"root={run_dir.parent}", f"name={run_dir.name}", *BASE, *overrides, f"ray.address={address}"]
     return subprocess.Popen(
-        [sys.executable, "-m", "raydora.cli", command, *args],
+        [sys.executable, "-m", "raydora.cli", command, *flags, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -132,3 +137,61 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes_bitwise(run_d
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---- item 2: the driver SIGKILLed mid-stage, then the stage rerun ---------------------------------------------------
+UPSTREAM = {  # what each stage reads, copied (mtimes kept: the markers still match) into the run that is hit
+    "validate": ("synth",),
+    "reference": ("synth", "data", "quarantine", "tokenizer", "init"),
+    "generate": ("synth", "data", "quarantine", "tokenizer", "init", "reference"),
+}
+# The folders each stage writes (no heldout/: the benchmark brings its own eval split); the first holds the marker.
+OUTPUT = {"validate": ("data", "quarantine"), "reference": ("reference",), "generate": ("generations/sft",)}
+STAGING = {"validate": ".validate.tmp-*", "reference": ".reference.tmp-*", "generate": "generations/.sft.tmp-*"}
+
+
+def upstream_copy(run_dir: Path, name: str, stage: str) -> Path:
+    dest = run_dir.parent / name
+    dest.mkdir()
+    for folder in UPSTREAM[stage]:
+        shutil.copytree(run_dir / folder, dest / folder)
+    return dest
+
+
+def rows(run: Path, out: str) -> list[dict]:
+    """The rows of ``run/out`` in order; quarantine's input paths relative to the run."""
+    got = pq.read_table(parquet_files(run / out)).to_pylist()
+    return [{**r, "file": r["file"].replace(str(run), "<run>")} if "file" in r else r for r in got]
+
+
+def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_uninterrupted_run(
+    run_dir: Path, address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `raydora pipeline --stages <stage>` is SIGKILLed (no cleanup runs) as soon as its staging folder exists, i.e.
+    # mid-stage; Ray ends the job's workers and actors. The stage's output is then absent (never half there, never
+    # with a _SUCCESS), the staging folder is left behind; the rerun removes it, redoes the stage and writes the
+    # rows of an uninterrupted run, value for value and in order.
+    base = upstream_copy(run_dir, "gen-base", "generate")  # generate's uninterrupted samples (of init/)
+    generate.run(config(run_dir.parent, "gen-base"), base)
+    baseline = {"validate": run_dir, "reference": run_dir, "generate": base}
+    for stage, make in (("validate", validate.run), ("reference", reference.run), ("generate", generate.run)):
+        hit = upstream_copy(run_dir, f"kill-{stage}", stage)
+        proc = raydora(hit, address, "pipeline", flags=("--stages", stage))
+        wait_for(proc, lambda: any(hit.glob(STAGING[stage])), f"{stage}'s staging folder")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=WAIT) == -signal.SIGKILL
+        left = list(hit.glob(STAGING[stage]))
+        assert len(left) == 1
+        for out in OUTPUT[stage]:
+            assert not (hit / out / "_SUCCESS").exists(), (stage, out)
+        capsys.readouterr()
+        result = make(config(run_dir.parent, f"kill-{stage}"), hit)
+        assert not result.skipped
+        assert f"[rundir] removing {left[0]}: left by a process that was killed mid-stage" in capsys.readouterr().out
+        assert not list(hit.glob(STAGING[stage])) and not left[0].exists()
+        for out in OUTPUT[stage]:
+            got, want = rows(hit, out), rows(baseline[stage], out)
+            assert got == want, (stage, out)
+            if "id" in got[0]:
+                assert len({r["id"] for r in got}) == len(got), (stage, out)  # no duplicate row
+        assert (hit / OUTPUT[stage][0] / "_SUCCESS").exists()
