@@ -8,6 +8,7 @@ stage; anything without a marker, or with a file missing or changed since the ma
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -204,8 +205,35 @@ def staging(parent: str | Path, name: str) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+    except Exception as e:
+        if isinstance(e, DiskFullError) or not out_of_space(e):
+            raise
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on device while writing {name!r} under {parent} (staged in {tmp.name}, now removed: "
+            f"nothing was promoted, no {SUCCESS} written); free space on that filesystem and rerun",
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class DiskFullError(OSError):
+    """A stage ran out of space (``ENOSPC``) while writing its output: :func:`staging` says which and where."""
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether ``e`` or an exception it was raised from is ``ENOSPC``, also when a Ray task or pyarrow reports it
+    as text (``[Errno 28]``, ``No space left on device``)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(x) or f"[Errno {errno.ENOSPC}]" in str(x):
+            return True
+        x = x.__cause__ or x.__context__
+    return False
 
 
 def promote(tmp_child: Path, final: Path) -> None:

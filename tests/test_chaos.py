@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import checkpoint, generate, reference, synth, train, validate
+from raydora import checkpoint, generate, reference, rundir, synth, train, validate
 from raydora.config import load_config
 from raydora.data import parquet_files
 
@@ -195,3 +195,35 @@ def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_unin
             if "id" in got[0]:
                 assert len({r["id"] for r in got}) == len(got), (stage, out)  # no duplicate row
         assert (hit / OUTPUT[stage][0] / "_SUCCESS").exists()
+
+
+# ---- item 6: disk full -------------------------------------------------------------------------------------------
+def test_a_full_disk_fails_the_stage_naming_it_and_leaves_nothing_then_a_rerun_with_space_succeeds(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # The run root is a size-limited tmpfs holding the stage's input: validate runs out of space mid-write.
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        hit = root / "run"
+        hit.mkdir()
+        shutil.copytree(run_dir / "synth", hit / "synth")
+        used = shutil.disk_usage(root).used
+        # Room for the input and 16 KiB more: the outputs (~45 KB of parquet and tokenizer) do not fit.
+        subprocess.run(["mount", "-o", f"remount,size={used + (16 << 10)}", str(root)], check=True)
+        cfg = config(root, "run")
+        with pytest.raises(rundir.DiskFullError) as failed:
+            validate.run(cfg, hit)
+        msg = str(failed.value)
+        assert msg.startswith(f"[Errno 28] no space left on device while writing 'validate' under {hit} (staged in")
+        assert msg.endswith("nothing was promoted, no _SUCCESS written); free space on that filesystem and rerun")
+        assert sorted(p.name for p in hit.iterdir()) == ["synth"]  # no half output, no staging folder, no marker
+        subprocess.run(["mount", "-o", "remount,size=8m", str(root)], check=True)
+        validate.run(cfg, hit)
+        for out in OUTPUT["validate"]:
+            assert rows(hit, out) == rows(run_dir, out), out
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
