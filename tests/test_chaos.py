@@ -197,6 +197,44 @@ def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_unin
         assert (hit / OUTPUT[stage][0] / "_SUCCESS").exists()
 
 
+# ---- item 3: an actor killed mid-stage ---------------------------------------------------------------------------
+def our_workers(title: str) -> list[int]:
+    """Pids of this session's Ray worker processes (children of its raylet, never another Ray's on this machine)
+    whose process title starts with ``title``."""
+    import ray._private.worker as ray_worker
+    from ray._private import ray_constants
+
+    raylet = ray_worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == raylet and cmd.startswith(title):
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_reference_actor_killed_mid_stage_is_restarted_and_the_rows_are_identical(
+    run_dir: Path, address: str
+) -> None:
+    # SIGKILL of the reference pass's actor while it runs a batch (its title ends in `.submit`): Ray Data restarts the
+    # actor and retries the batch (its actor pools default to max_restarts=-1, max_task_retries=-1), and the stage
+    # writes exactly the rows of the uninterrupted pass.
+    hit = upstream_copy(run_dir, "kill-actor", "reference")
+    proc = raydora(hit, address, "pipeline", flags=("--stages", "reference"))
+    busy = "ray::MapWorker(MapBatches(ReferenceModel)).submit"
+    wait_for(proc, lambda: bool(our_workers(busy)), "a reference actor running a batch")
+    (victim,) = our_workers(busy)
+    os.kill(victim, signal.SIGKILL)
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert victim not in our_workers("ray::")
+    assert rows(hit, "reference") == rows(run_dir, "reference")
+
+
 # ---- item 6: disk full -------------------------------------------------------------------------------------------
 def test_a_full_disk_fails_the_stage_naming_it_and_leaves_nothing_then_a_rerun_with_space_succeeds(
     run_dir: Path, tmp_path: Path
