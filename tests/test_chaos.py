@@ -164,37 +164,40 @@ def rows(run: Path, out: str) -> list[dict]:
     return [{**r, "file": r["file"].replace(str(run), "<run>")} if "file" in r else r for r in got]
 
 
+# generate (slow): its baseline is one more generate run; the stage's staging and promote are those of the others.
+@pytest.mark.parametrize("stage", ["validate", "reference", pytest.param("generate", marks=pytest.mark.slow)])
 def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_uninterrupted_run(
-    run_dir: Path, address: str, capsys: pytest.CaptureFixture[str]
+    run_dir: Path, address: str, capsys: pytest.CaptureFixture[str], stage: str
 ) -> None:
     # `raydora pipeline --stages <stage>` is SIGKILLed (no cleanup runs) as soon as its staging folder exists, i.e.
     # mid-stage; Ray ends the job's workers and actors. The stage's output is then absent (never half there, never
     # with a _SUCCESS), the staging folder is left behind; the rerun removes it, redoes the stage and writes the
     # rows of an uninterrupted run, value for value and in order.
-    base = upstream_copy(run_dir, "gen-base", "generate")  # generate's uninterrupted samples (of init/)
-    generate.run(config(run_dir.parent, "gen-base"), base)
-    baseline = {"validate": run_dir, "reference": run_dir, "generate": base}
-    for stage, make in (("validate", validate.run), ("reference", reference.run), ("generate", generate.run)):
-        hit = upstream_copy(run_dir, f"kill-{stage}", stage)
-        proc = raydora(hit, address, "pipeline", flags=("--stages", stage))
-        wait_for(proc, lambda: any(hit.glob(STAGING[stage])), f"{stage}'s staging folder")
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=WAIT) == -signal.SIGKILL
-        left = list(hit.glob(STAGING[stage]))
-        assert len(left) == 1
-        for out in OUTPUT[stage]:
-            assert not (hit / out / "_SUCCESS").exists(), (stage, out)
-        capsys.readouterr()
-        result = make(config(run_dir.parent, f"kill-{stage}"), hit)
-        assert not result.skipped
-        assert f"[rundir] removing {left[0]}: left by a process that was killed mid-stage" in capsys.readouterr().out
-        assert not list(hit.glob(STAGING[stage])) and not left[0].exists()
-        for out in OUTPUT[stage]:
-            got, want = rows(hit, out), rows(baseline[stage], out)
-            assert got == want, (stage, out)
-            if "id" in got[0]:
-                assert len({r["id"] for r in got}) == len(got), (stage, out)  # no duplicate row
-        assert (hit / OUTPUT[stage][0] / "_SUCCESS").exists()
+    baseline = run_dir
+    if stage == "generate":  # generate's uninterrupted samples (of init/)
+        baseline = upstream_copy(run_dir, "gen-base", "generate")
+        generate.run(config(run_dir.parent, "gen-base"), baseline)
+    make = {"validate": validate.run, "reference": reference.run, "generate": generate.run}[stage]
+    hit = upstream_copy(run_dir, f"kill-{stage}", stage)
+    proc = raydora(hit, address, "pipeline", flags=("--stages", stage))
+    wait_for(proc, lambda: any(hit.glob(STAGING[stage])), f"{stage}'s staging folder")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=WAIT) == -signal.SIGKILL
+    left = list(hit.glob(STAGING[stage]))
+    assert len(left) == 1
+    for out in OUTPUT[stage]:
+        assert not (hit / out / "_SUCCESS").exists(), out
+    capsys.readouterr()
+    result = make(config(run_dir.parent, f"kill-{stage}"), hit)
+    assert not result.skipped
+    assert f"[rundir] removing {left[0]}: left by a process that was killed mid-stage" in capsys.readouterr().out
+    assert not list(hit.glob(STAGING[stage])) and not left[0].exists()
+    for out in OUTPUT[stage]:
+        got, want = rows(hit, out), rows(baseline, out)
+        assert got == want, out
+        if "id" in got[0]:
+            assert len({r["id"] for r in got}) == len(got), out  # no duplicate row
+    assert (hit / OUTPUT[stage][0] / "_SUCCESS").exists()
 
 
 # ---- item 3: an actor killed mid-stage ---------------------------------------------------------------------------
