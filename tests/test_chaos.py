@@ -220,6 +220,7 @@ def our_workers(title: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # 84 s at load ~20 on 2 cores (the actor restarts and reloads its model): the file's largest
 def test_a_reference_actor_killed_mid_stage_is_restarted_and_the_rows_are_identical(
     run_dir: Path, address: str
 ) -> None:
