@@ -214,9 +214,7 @@ def validation_samples(cfg: RunConfig, folder: Path, model: Path, validation: Pa
 def reward_metrics(cfg: RunConfig, run_dir: Path, base_dir: Path, validation: Path, policy: Path) -> dict[str, Any]:
     """``reward_win_rate`` (win + tie/2 of ``policy``'s validation samples against the reference policy's, per
     prompt, by ``tune.reward``), its 95% interval, and the mean rewards of both."""
-    import numpy as np
-
-    from raydora.evaluate import win_rate
+    from raydora.evaluate import _score_sets, win_rate
     from raydora.generate import read_generations, read_prompts
     from raydora.reference import initial_policy
     from raydora.rewards import named_reward
@@ -225,20 +223,15 @@ def reward_metrics(cfg: RunConfig, run_dir: Path, base_dir: Path, validation: Pa
     reference = validation_samples(cfg, base_dir / "tune", initial_policy(cfg, base_dir), validation)
     samples = validation_samples(cfg, run_dir, policy, validation)
     prompts = read_prompts(validation, cfg.tune.sample_prompts)
-    text = dict(zip(prompts.column("id").to_pylist(), prompts.column("prompt").to_pylist(), strict=True))
-    reward = named_reward(name, cfg.model.max_length)
-    scored = []
-    for folder in (samples, reference):
+    ids = prompts.column("id").to_pylist()
+    sets = {}
+    for key, folder in (("policy", samples), ("reference", reference)):
         t = read_generations(folder)
         by_id = dict(zip(t.column("id").to_pylist(), t.column("generations").to_pylist(), strict=True))
-        flat = [(text[i], r) for i in text for r in by_id.get(i, [])]
-        values = reward([p for p, _ in flat], [r for _, r in flat]) if flat else np.zeros(0)
-        rows, k = [], 0
-        for i in text:
-            n = len(by_id.get(i, []))
-            rows.append([float(v) for v in values[k : k + n]])
-            k += n
-        scored.append(rows)
+        sets[key] = [by_id.get(i, []) for i in ids]
+    # One call of the reward for both sets (one Ray Data pass for a reward model), as the evaluate stage scores.
+    rewards = _score_sets(named_reward(name, cfg.model.max_length), prompts.column("prompt").to_pylist(), sets)
+    scored = [rewards["policy"], rewards["reference"]]
     w = win_rate(scored[0], scored[1], cfg.evaluate.tie_tolerance, cfg.evaluate.bootstrap, cfg.seed)
     mean = [float(sum(sum(r) for r in rows) / max(1, sum(len(r) for r in rows))) for rows in scored]
     return {
