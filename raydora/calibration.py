@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -154,3 +155,27 @@ def metrics(margins: ArrayLike, labels: ArrayLike, temperature: float = 1.0, bia
         "ece": ece(p, y),
         "nll": nll(margins, labels, temperature, bias),
     }
+
+
+def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, float, dict[str, Any]]:
+    """Fit ``T`` (and with ``method="platt"`` the bias ``b``) on the calibration half of ``holdout`` ([3, n]:
+    margins, labels, calib flags); measure the other half before and after. Returns ``(T, b, metrics)``."""
+    z, y, calib = holdout[0], holdout[1].astype(int), holdout[2].astype(bool)
+    if calib.all() or not calib.any():  # a tiny held-out set: use it for both (metrics say so)
+        calib = eval_ = np.ones_like(calib)
+    else:
+        eval_ = ~calib
+    if method == "platt":
+        t, b = fit_platt(z[calib], y[calib])
+    elif method == "temperature":
+        t, b = fit_temperature(z[calib], y[calib]), 0.0
+    else:
+        raise ValueError(f"classifier.calibration: unknown method {method!r} (temperature or platt)")
+    result = {
+        "method": method,
+        "before": metrics(z[eval_], y[eval_], 1.0),
+        "after": metrics(z[eval_], y[eval_], t, b),
+        "examples": {"calibration": int(calib.sum()), "evaluation": int(eval_.sum())},
+        "disjoint_calibration_and_evaluation": bool(not (calib & eval_).any()),
+    }
+    return t, b, result

@@ -288,34 +288,10 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     shutil.rmtree(out, ignore_errors=True)  # report() has persisted it to the run's storage
 
 
-def calibrate(holdout: np.ndarray, method: str = "temperature") -> tuple[float, float, dict[str, Any]]:
-    """Fit ``T`` (and with ``method="platt"`` the bias ``b``) on the calibration half of ``holdout`` ([3, n]:
-    margins, labels, calib flags); measure the other half before and after. Returns ``(T, b, metrics)``."""
-    z, y, calib = holdout[0], holdout[1].astype(int), holdout[2].astype(bool)
-    if calib.all() or not calib.any():  # a tiny held-out set: use it for both (metrics say so)
-        calib = eval_ = np.ones_like(calib)
-    else:
-        eval_ = ~calib
-    if method == "platt":
-        t, b = calibration.fit_platt(z[calib], y[calib])
-    elif method == "temperature":
-        t, b = calibration.fit_temperature(z[calib], y[calib]), 0.0
-    else:
-        raise ValueError(f"classifier.calibration: unknown method {method!r} (temperature or platt)")
-    metrics = {
-        "method": method,
-        "before": calibration.metrics(z[eval_], y[eval_], 1.0),
-        "after": calibration.metrics(z[eval_], y[eval_], t, b),
-        "examples": {"calibration": int(calib.sum()), "evaluation": int(eval_.sum())},
-        "disjoint_calibration_and_evaluation": bool(not (calib & eval_).any()),
-    }
-    return t, b, metrics
-
-
 def _write_calibration(folder: Path, held: np.ndarray, method: str, info: dict[str, Any]) -> dict[str, Any]:
-    """Fit ``method`` on ``held`` (:func:`calibrate`), write ``calibration.json`` (``info`` with the fit) and
-    ``metrics.json`` into ``folder``; returns the classifier's summary for the stage's marker."""
-    temperature, bias, metrics = calibrate(held, method)
+    """Fit ``method`` on ``held`` (``calibration.calibrate``), write ``calibration.json`` (``info`` with the fit)
+    and ``metrics.json`` into ``folder``; returns the classifier's summary for the stage's marker."""
+    temperature, bias, metrics = calibration.calibrate(held, method)
     info = {**info, "calibration": method, "temperature": temperature, "bias": bias}
     (folder / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

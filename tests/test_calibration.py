@@ -61,7 +61,7 @@ def test_platt_recovers_scale_and_offset_where_a_temperature_cannot() -> None:
 def test_platt_bias_is_found_for_huge_margins_and_unknown_methods_are_refused() -> None:
     """Margins of +-5e4 at the smallest temperature: the bias's bracket comes from the margins' range, so the fit
     still matches the share of golden labels (a fixed bracket of +-1e6 missed it)."""
-    from raydora.classifier import calibrate
+    from raydora.calibration import calibrate
 
     rng = np.random.default_rng(0)
     z = np.r_[np.full(50, 5e4), np.full(50, -5e4)] + rng.normal(0, 1, 100)
