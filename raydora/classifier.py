@@ -1,7 +1,8 @@
 """DoRA stage 1: one probabilistic classifier per synthetic source, golden (1) vs that source (0), trained on Ray
 Train and calibrated on held-out data by temperature scaling (``classifier.calibration: platt`` adds a bias). By
 default one Ray Train run trains them one after another (the workers start once); ``classifier.concurrency``
-splits the sources into that many runs at once, each with ``classifier.num_workers`` workers.
+splits the sources into that many runs at once, each with ``classifier.num_workers`` workers
+(``classifier.num_workers=0``: one after another in this process, without Ray Train).
 
 **Input** is the pair ``[CLS] prompt [SEP] response [SEP]``, not the response alone: a sloppy source's artefact
 is a *wrong* answer, and whether an answer is wrong depends on the prompt. The prompt is truncated first when the
@@ -204,7 +205,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker: for each source in turn, fine-tune golden-vs-source on this worker's shard (DDP), then
     rank 0 scores that source's held-out set. One run trains every source (one worker start-up, not one per
     source); each source's model starts from the same seed as a run of its own would. Rank 0 reports one
-    checkpoint: a folder per source with the model and the held-out margins."""
+    checkpoint: a folder per source with the model and the held-out margins. With ``cfg["datasets"]``
+    (``classifier.num_workers=0``) it runs in this process, calls no ``ray.train`` function and leaves that folder
+    at ``cfg["out"]``."""
     import ray.train
     import ray.train.torch
     import torch
@@ -218,25 +221,28 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(cfg["threads"])
     tok = load_tokenizer(cfg["tokenizer"])
     kind, name = cfg["backbone"]
-    ctx = ray.train.get_context()
+    local = cfg.get("datasets")  # the datasets by name, in this process
+    ctx = None if local is not None else ray.train.get_context()
+    world, rank = (1, 0) if ctx is None else (ctx.get_world_size(), ctx.get_world_rank())
+    shard = local.__getitem__ if local is not None else ray.train.get_dataset_shard
     counter = cfg.get("progress")  # a progress.Counter actor: every rank adds the examples it trained on
-    per_worker = max(1, cfg["batch_size"] // ctx.get_world_size())
-    rank0 = ctx.get_world_rank() == 0
-    out = Path(tempfile.mkdtemp(prefix="raydora-clf-")) if rank0 else None
+    per_worker = max(1, cfg["batch_size"] // world)
+    out = None  # rank 0's folder of results: the checkpoint it reports, or in this process the caller's folder
+    if rank == 0:
+        out = Path(cfg["out"]) if local is not None else Path(tempfile.mkdtemp(prefix="raydora-clf-"))
     metrics: dict[str, Any] = {}
     for source in cfg["sources"]:
         torch.manual_seed(cfg["seed"])
         model: Any = build_model(name, tok, num_labels=2, seed=cfg["seed"]) if kind == "preset" else load_encoder(name)
         model.train()
-        model = ray.train.torch.prepare_model(model)
+        model = model.to(cfg["device"]) if local is not None else ray.train.torch.prepare_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-        shard = ray.train.get_dataset_shard(f"train_{source}")
         device = next(model.parameters()).device
         amp = autocast(device, cfg["precision"])
         loss = enc = labels = logits = None
         for epoch in range(cfg["epochs"]):
             total, n = 0.0, 0
-            for batch in shard.iter_batches(
+            for batch in shard(f"train_{source}").iter_batches(
                 batch_size=per_worker,
                 batch_format="numpy",
                 local_shuffle_buffer_size=4 * per_worker,
@@ -262,9 +268,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         if out is not None:
             inner.eval()
             held: dict[str, list[Any]] = {"margin": [], "label": [], "calib": []}
-            for batch in ray.train.get_dataset_shard(f"holdout_{source}").iter_batches(
-                batch_size=64, batch_format="numpy"
-            ):
+            for batch in shard(f"holdout_{source}").iter_batches(batch_size=64, batch_format="numpy"):
                 held["margin"].extend(
                     margins(
                         inner, tok, list(batch["prompt"]), list(batch["response"]), cfg["max_length"], cfg["precision"]
@@ -281,6 +285,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if local is not None:
+        return
     if out is None:
         ray.train.report(metrics)
         return
@@ -361,15 +367,29 @@ def _fit_group(
     storage: str,
     name: str,
 ) -> Any:
-    """One Ray Train run that trains ``sources``' classifiers one after another; returns its checkpoint."""
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    """One Ray Train run that trains ``sources``' classifiers one after another; returns its checkpoint. With no
+    workers, the same loop in this process (its torch threads restored after); its folder is the checkpoint."""
+    from ray.train import Checkpoint, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    named = {f"{split}_{s}": datasets[f"{split}_{s}"] for s in sources for split in ("train", "holdout")}
+    if num_workers == 0:
+        import torch
+
+        for ds in named.values():  # what DataConfig(execution_options=ordered_ingest()) does for the workers
+            ds.context.execution_options = ordered_ingest()
+        threads, out = torch.get_num_threads(), str(Path(storage) / name)
+        try:
+            device = "cuda" if use_gpu else "cpu"
+            _train_loop({**loop_config, "sources": sources, "datasets": named, "device": device, "out": out})
+        finally:
+            torch.set_num_threads(threads)
+        return Checkpoint.from_directory(out)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={**loop_config, "sources": sources},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        datasets={f"{split}_{s}": datasets[f"{split}_{s}"] for s in sources for split in ("train", "holdout")},
+        datasets=named,
         # Split in order (equal shares, blocks handed out in sequence), not as workers ask for them.
         dataset_config=DataConfig(
             datasets_to_split=[f"train_{s}" for s in sources], execution_options=ordered_ingest()
@@ -506,9 +526,10 @@ def train_classifiers(
         }
         storage = str((tmp / ".ray_train").absolute())
         examples_total = cfg.epochs * sum(sum(balance[s]) for s in sources)
+        where = f"{runs} Ray Train run(s) x {cfg.num_workers} workers" if cfg.num_workers else "in this process"
         print(
             f"[classify] {sum(sum(balance[s]) for s in sources):,} training examples x {cfg.epochs} epochs; "
-            f"{runs} Ray Train run(s) x {cfg.num_workers} workers on {device}",
+            f"{where} on {device}",
             flush=True,
         )
         bar = Progress("classify", f"training {len(sources)} classifiers", examples_total, "examples")

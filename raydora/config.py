@@ -174,7 +174,7 @@ class ClassifierConfig:
     batch_size: int = 32
     """Global training batch size."""
     num_workers: int = 1
-    """Ray Train data-parallel workers."""
+    """Ray Train data-parallel workers; 0: the classifiers train in this process, one after another (no Ray Train)."""
     concurrency: int = 1
     """Classifiers trained at the same time: the sources are dealt into this many groups (at most one per source),
     each trained by its own Ray Train run of ``num_workers`` workers, the runs at once. 1: one run trains them one
@@ -214,8 +214,10 @@ class ClassifierConfig:
         _check(self.actor_cpus > 0, "actor_cpus", "must be > 0")
         if self.source_shares is not None:
             _check(all(v > 0 for v in self.source_shares.values()), "source_shares", "shares must be > 0")
-        for key in ("epochs", "batch_size", "num_workers", "concurrency", "score_actors", "score_batch_size"):
+        for key in ("epochs", "batch_size", "concurrency", "score_actors", "score_batch_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0 (0: in this process)")
+        _check(self.num_workers > 0 or self.concurrency == 1, "concurrency", "must be 1 with num_workers=0")
         _check(self.lr > 0, "lr", "must be > 0")
 
 

@@ -151,12 +151,17 @@ def test_one_run_trains_each_source_as_if_alone(trained: Path, monkeypatch: pyte
     assert json.loads((trained / "verbose-alone" / "verbose" / "calibration.json").read_text()) == both
 
 
-def test_concurrent_runs_train_the_same_classifiers(trained: Path) -> None:
+def test_concurrent_runs_train_the_same_classifiers(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """classifier.concurrency=2: each source trained by its own Ray Train run (one worker each, both runs at once
-    on the 2-CPU test cluster) gives the same weights and calibration, bit for bit, as one run training them in
-    turn; and the setting is not part of the stage's fingerprint."""
+    on the 2-CPU test cluster) gives the same weights and calibration, bit for bit, as training them in turn in
+    this process (classifier.num_workers=0, no Ray Train; the same loop on the same data order); and concurrency
+    is not part of the stage's fingerprint."""
     cfg = dataclasses.replace(CFG, num_workers=1)
-    one = classifier.train_classifiers(trained / "data", trained / "clf-serial", cfg, seed=0)
+    threads = torch.get_num_threads()
+    one = classifier.train_classifiers(trained / "data", trained / "clf-serial",
+                                       dataclasses.replace(cfg, num_workers=0), seed=0)  # fmt: skip
+    assert torch.get_num_threads() == threads  # CFG's threads_per_worker=1 applied while training, then restored
+    assert " training examples x 2 epochs; in this process on cpu\n" in capsys.readouterr().out
     two = classifier.train_classifiers(trained / "data", trained / "clf-concurrent",
                                        dataclasses.replace(cfg, concurrency=2), seed=0)  # fmt: skip
     assert one.counts == two.counts == {"classifiers": 2} and not two.skipped
@@ -164,6 +169,7 @@ def test_concurrent_runs_train_the_same_classifiers(trained: Path) -> None:
         json.loads((trained / d / "_SUCCESS").read_text())["training_runs"] for d in ("clf-serial", "clf-concurrent")
     ]
     assert runs == [[["sloppy", "verbose"]], [["sloppy"], ["verbose"]]]
+    assert not list((trained / "clf-serial").glob(".*"))  # the in-process run's folder went with the staging
     for source in ("sloppy", "verbose"):
         a = load_file(str(trained / "clf-serial" / source / "model.safetensors"))
         b = load_file(str(trained / "clf-concurrent" / source / "model.safetensors"))
@@ -171,8 +177,7 @@ def test_concurrent_runs_train_the_same_classifiers(trained: Path) -> None:
         calibration = [json.loads((trained / d / source / "calibration.json").read_text())
                        for d in ("clf-serial", "clf-concurrent")]  # fmt: skip
         assert calibration[0] == calibration[1]
-    again = dataclasses.replace(cfg, concurrency=2)
-    assert classifier.train_classifiers(trained / "data", trained / "clf-serial", again, seed=0).skipped
+    assert classifier.train_classifiers(trained / "data", trained / "clf-concurrent", cfg, seed=0).skipped
 
 
 def test_a_failed_concurrent_run_stops_the_stage_naming_its_sources(trained: Path) -> None:

@@ -36,6 +36,14 @@ def test_classifiers_follow_the_run_precision_unless_set(tmp_path: Path) -> None
         load_config(None, ["classifier.precision=fp16"])
 
 
+def test_classifiers_train_in_this_process_only_one_after_another() -> None:
+    assert load_config(None, ["classifier.num_workers=0"]).classifier.num_workers == 0
+    with pytest.raises(ConfigError, match=r"classifier\.num_workers: must be >= 0"):
+        load_config(None, ["classifier.num_workers=-1"])
+    with pytest.raises(ConfigError, match=r"classifier\.concurrency: must be 1 with num_workers=0"):
+        load_config(None, ["classifier.num_workers=0", "classifier.concurrency=2"])
+
+
 def test_configs_are_frozen() -> None:
     cfg = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
