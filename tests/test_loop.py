@@ -90,9 +90,9 @@ def test_loop_config_is_checked() -> None:
 TINY = [
     "synth.rows=48", "synth.k=4", "synth.eval_rows=8", "model.policy=tiny-gpt2", "model.precision=fp32",
     "model.max_length=64", "sft.enabled=false", "classifier.backbone=tiny-bert", "classifier.epochs=1",
-    "classifier.score_actors=1", "reference.actors=1", "train.loss=dpo", "train.objective=dora",
-    "train.batch_size=8", "train.micro_batch_size=8", "train.num_workers=0", "train.max_steps=2",
-    "train.lr=1e-2", "train.warmup_ratio=0.0", "generate.backend=hf", "generate.actors=1",
+    "classifier.score_actors=1", "classifier.num_workers=0", "reference.actors=1", "train.loss=dpo",
+    "train.objective=dora", "train.batch_size=8", "train.micro_batch_size=8", "train.num_workers=0",
+    "train.max_steps=2", "train.lr=1e-2", "train.warmup_ratio=0.0", "generate.backend=hf", "generate.actors=1",
     "generate.max_new_tokens=12", "generate.temperature=1.0", "evaluate.prompts=8", "evaluate.bootstrap=100",
     "loop.rounds=2", "loop.samples=3", "loop.prompts=24", "loop.reward=biased",
 ]  # fmt: skip

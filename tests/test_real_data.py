@@ -153,6 +153,7 @@ SMALL = [
     "classifier.epochs=1",
     "classifier.max_length=32",
     "classifier.score_actors=1",
+    "classifier.num_workers=0",
     "generate.max_new_tokens=8",
     "evaluate.prompts=6",
     "evaluate.bootstrap=100",

@@ -24,6 +24,7 @@ BASE = [
     "classifier.backbone=tiny-bert",
     "classifier.epochs=1",
     "classifier.score_actors=1",
+    "classifier.num_workers=0",  # in this process: the 1- and 2-worker runs are in test_classifier.py
     "model.policy=tiny-gpt2",
     "model.precision=fp32",
     "model.max_length=64",
