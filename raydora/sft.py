@@ -110,6 +110,21 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
     return out
 
 
+def train_section(cfg: RunConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """The train section SFT's workers read, and what of it decides the result (the stage's fingerprint)."""
+    # What decides the result: the shared train keys SFT reads, and the fixed full-weight NLL setup.
+    fixed = {"objective": "erm", "lora_r": 0, "lora_alpha": 16.0, "max_steps": 0}
+    identity = {**{k: getattr(cfg.train, k) for k in SFT_TRAIN_KEYS}, **fixed, "loss": "sft"}
+    if cfg.sft.checkpoint_every is not None:
+        identity["checkpoint_every"] = cfg.sft.checkpoint_every
+    # The section as the workers read it (mode "sft" makes the loss the NLL of the response): the keys above,
+    # padded batches, the run's SIGTERM behaviour (in no fingerprint), and defaults for the preference-only keys,
+    # so a change to those cannot reach SFT.
+    keep = {k: identity[k] for k in (*SFT_TRAIN_KEYS, *fixed)}
+    keep["preemption_checkpoint"] = cfg.train.preemption_checkpoint
+    return dataclasses.replace(TrainConfig(), packing=False, **keep), identity
+
+
 def run(
     cfg: RunConfig, run_dir: str | Path, *, force: bool = False, options: WorkerOptions | None = None
 ) -> StageResult:
@@ -120,15 +135,7 @@ def run(
     if not cfg.sft.enabled:
         return StageResult("sft", {}, {}, skipped=True, info={"reason": "sft.enabled=false"})
     data = sft_corpus(cfg, run_dir)
-    s = cfg.sft
-    # What decides the result: the shared train keys SFT reads, and the fixed full-weight NLL setup.
-    fixed = {"objective": "erm", "lora_r": 0, "lora_alpha": 16.0, "max_steps": 0}
-    identity = {**{k: getattr(cfg.train, k) for k in SFT_TRAIN_KEYS}, **fixed, "loss": "sft"}
-    if s.checkpoint_every is not None:
-        identity["checkpoint_every"] = s.checkpoint_every
-    # The train section as the workers read it (mode "sft" makes the loss the NLL of the response): the keys
-    # above, padded batches, and defaults for the preference-only keys, so a change to those cannot reach SFT.
-    train = dataclasses.replace(TrainConfig(), packing=False, **{k: identity[k] for k in (*SFT_TRAIN_KEYS, *fixed)})
+    train, identity = train_section(cfg)
     return fit(
         mode="sft",
         data_dir=data,

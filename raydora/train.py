@@ -503,10 +503,8 @@ def fit(
         for ds in datasets.values():
             ds.context.execution_options = ordered_ingest()
         threads = torch_threads()
-        # The run's own train section decides (SFT's section is rebuilt from defaults: sft.py).
-        enabled = bool(getattr(getattr(run_cfg, "train", train), "preemption_checkpoint", True))
         try:
-            with preemption(enabled) as stop:
+            with preemption(train.preemption_checkpoint) as stop:
                 train_loop_per_worker({"spec": spec, "datasets": datasets, "stop": stop})
         finally:  # the loop sets this process's torch threads when spec.threads asks
             torch_threads(threads)

@@ -153,3 +153,15 @@ def test_a_config_error_survives_ray_and_tune_copying_it() -> None:
     e = ConfigError("name", "expected a string")
     for clone in (copy.copy(e), pickle.loads(pickle.dumps(e))):
         assert isinstance(clone, ConfigError) and (clone.key, str(clone)) == ("name", "name: expected a string")
+
+
+def test_sft_reads_the_shared_train_keys_and_the_sigterm_setting_but_no_preference_key() -> None:
+    from raydora import sft
+
+    cfg = load_config(None, ["train.preemption_checkpoint=false", "train.objective=dora", "train.beta=0.5",
+                             "train.grad_clip=0.5", "sft.checkpoint_every=7"])  # fmt: skip
+    section, identity = sft.train_section(cfg)
+    assert section.preemption_checkpoint is False and "preemption_checkpoint" not in identity  # no fingerprint
+    assert (section.objective, section.beta, section.grad_clip, section.packing) == ("erm", 0.1, 0.5, False)
+    assert identity["checkpoint_every"] == section.checkpoint_every == 7 and identity["loss"] == "sft"
+    assert sft.train_section(load_config(None, ["train.beta=0.5"]))[1] == sft.train_section(load_config())[1]
