@@ -21,7 +21,8 @@ With ``loop.live_generators`` (the default) every sampling runs on one pool of g
 loop (:class:`LiveGenerators`, :mod:`raydora.generators`): a round samples its prompts and its evaluation's
 baseline with policy ``r-1``, trains, syncs the new policy into the actors once (through the object store, with a
 version that every sampling call checks) and samples its evaluation's ``policy`` folder; the ``generate`` stage
-then finds both folders up to date.
+then finds both folders up to date. Round ``r``'s baseline samples are round ``r-1``'s ``policy`` samples (the same
+model, prompts and sampling): they are hard-linked into place, not sampled again (:func:`reuse_baseline`).
 
 Every round is an ordinary run directory (each stage skips itself when up to date), so an interrupted loop resumes
 where it stopped. ``<run>/loop/summary.json`` collects, per round, the rows, the prompts that carried no
@@ -294,6 +295,34 @@ def eval_generations(round_cfg: RunConfig, round_: int, live: LiveGenerators) ->
             live.at(model, version).generate(prompts, out, sampling, fp=fp, stage="generate")
 
 
+def reuse_baseline(round_cfg: RunConfig, round_: int, run_dir: Path) -> bool:
+    """Round ``round_``'s ``generations/sft`` (its starting policy's samples) from round ``round_ - 1``'s
+    ``generations/policy`` when that folder holds the same fingerprint (the same model, prompts and sampling):
+    hard-linked (or copied) into place with its marker, instead of sampled again. True when it did."""
+    import os
+    import shutil
+
+    from raydora import generate as gen
+
+    previous = run_dir / "loop" / f"round{round_ - 1}" / "generations" / "policy"
+    _, _, jobs = gen.plan(round_cfg, round_cfg.run_dir.absolute())
+    for name, _, out, fp in jobs:
+        if name != "sft" or round_ < 2 or is_done(out, fp) or not is_done(previous, fp):
+            continue
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:  # another filesystem, or links not allowed: a copy
+                shutil.copy2(src, dst)
+
+        with staging(out.parent, out.name) as tmp:
+            shutil.copytree(previous, tmp / "out", copy_function=link)
+            promote(tmp / "out", out)
+        return True
+    return False
+
+
 def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
     """Fail before any sampling when the loop cannot run to its end."""
     from raydora.classifier import synthetic_sources
@@ -383,6 +412,8 @@ def _round(
     earlier = (read_success(samples_dir) or {}).get("finished_at")
     counts = sample_round(cfg, run_dir, r, policy, live)
     round_cfg = round_config(cfg, run_dir, r, policy)
+    if reuse_baseline(round_cfg, r, run_dir):
+        print(f"[loop] round {r}: the evaluation baseline is round {r - 1}'s policy samples (linked)", flush=True)
     results = []
     if live is None:
         results += pipeline.run(round_cfg, stages)

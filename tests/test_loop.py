@@ -87,6 +87,37 @@ def test_loop_config_is_checked() -> None:
         load_config(None, ["loop.temperature=0"])
 
 
+def test_a_round_links_its_baseline_from_the_last_rounds_policy_samples(tmp_path: Path) -> None:
+    """Round r's baseline (its starting policy, on the evaluation prompts) is round r-1's policy folder when the
+    fingerprints agree: hard-linked with its marker, so the stage finds it up to date; never from another model."""
+    from raydora import generate as gen
+    from raydora.rundir import is_done, write_success
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))
+    cfg = load_config(None, [f"root={tmp_path}", "name=run", f"generate.prompts={prompts}"])
+    run_dir = cfg.run_dir.absolute()
+    policy = run_dir / "loop" / "round1" / "train" / "final"  # what round 1 trained, round 2's starting policy
+    policy.mkdir(parents=True)
+    (policy / "model.safetensors").write_bytes(b"weights of round 1")
+    round2 = loop.round_config(cfg, run_dir, 2, policy)
+    [(name, model, out, fp)] = gen.plan(round2, round2.run_dir.absolute())[2]
+    assert (name, model, out) == ("sft", policy, run_dir / "loop" / "round2" / "generations" / "sft")
+    previous = run_dir / "loop" / "round1" / "generations" / "policy"
+    assert not loop.reuse_baseline(round2, 2, run_dir)  # round 1 sampled nothing yet
+    previous.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "generations": [["x", "y"]]}), previous / "part-000000.parquet")
+    write_success(previous, {"stage": "generate", "fingerprint": "another model's"})
+    assert not loop.reuse_baseline(round2, 2, run_dir) and not out.exists()
+    write_success(previous, {"stage": "generate", "fingerprint": fp, "weights_version": 1})
+    assert loop.reuse_baseline(round2, 2, run_dir) and is_done(out, fp)
+    assert read_success(out)["weights_version"] == 1
+    a, b = out / "part-000000.parquet", previous / "part-000000.parquet"
+    assert a.stat().st_ino == b.stat().st_ino  # linked, not sampled or copied
+    assert not loop.reuse_baseline(round2, 2, run_dir)  # up to date: nothing to do
+    assert not loop.reuse_baseline(loop.round_config(cfg, run_dir, 1, policy), 1, run_dir)  # round 1 has no r-1
+
+
 TINY = [
     "synth.rows=48", "synth.k=4", "synth.eval_rows=8", "model.policy=tiny-gpt2", "model.precision=fp32",
     "model.max_length=64", "sft.enabled=false", "classifier.backbone=tiny-bert", "classifier.epochs=1",
@@ -164,6 +195,11 @@ def test_two_rounds_train_each_policy_from_the_last_on_its_own_labelled_samples(
         gen.read_generations(run_dir / "loop" / "round2" / "samples"),
     )
     assert fresh.column("generations").to_pylist() == live.column("generations").to_pylist()
+    # Round 2's baseline is round 1's policy samples, linked rather than sampled again.
+    linked = [run_dir / "loop" / f"round{r}" / "generations" / f for r, f in ((1, "policy"), (2, "sft"))]
+    assert gen.read_generations(linked[0]).equals(gen.read_generations(linked[1]))
+    inodes = [{p.stat().st_ino for p in folder.glob("*.parquet")} for folder in linked]
+    assert inodes[0] == inodes[1]
     # Rerunning finds every round up to date: nothing is sampled or trained again.
     markers = {f: f.stat().st_mtime_ns for f in sorted((run_dir / "loop").glob("round*/*/_SUCCESS"))}
     assert len(markers) >= 2 * 6
