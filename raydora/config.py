@@ -77,12 +77,13 @@ class ModelConfig:
     """Round the token width of every training micro-batch (padded or packed) and reference batch up to a multiple
     of this (0: off), as TRL's ``pad_to_multiple_of``. Fewer distinct shapes for the GPU's per-shape costs
     (attention plans, allocator growth); the extra tokens are masked, so the log-probs do not change."""
-    logprob_chunk: int = 0
+    logprob_chunk: int | Literal["auto"] = 0
     """Response tokens per chunk of the LM head's log-probs in training, SFT and the reference pass (0: off, the
     full logits). N > 0 never holds the [batch, tokens, vocab] logits, only [N, vocab], and projects only the
     response tokens; the backward recomputes each chunk. Equal log-probs and gradients (tests/test_train_step.py).
     For gpt2, llama, mistral, qwen2/3, phi3, gemma, olmo2 and smollm3 with a plain Linear head; other models (and
-    a LoRA-adapted head) fall back to the full logits with a message. docs/benchmarks.md has the head's numbers."""
+    a LoRA-adapted head) fall back to the full logits with a message. docs/benchmarks.md has the head's numbers.
+    auto: chunks of 1,024 where the head allows them and its vocabulary is >= 32,000, else off (no message)."""
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "max_length", "must be >= 8")
@@ -93,7 +94,7 @@ class ModelConfig:
                 f"must be in (0, max_length={self.max_length}) or null",
             )
         _check(self.pad_to_multiple_of >= 0, "pad_to_multiple_of", "must be >= 0 (0: off)")
-        _check(self.logprob_chunk >= 0, "logprob_chunk", "must be >= 0 (0: off)")
+        _check(self.logprob_chunk == "auto" or int(self.logprob_chunk) >= 0, "logprob_chunk", "must be >= 0 or auto")
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
 
 

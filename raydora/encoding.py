@@ -259,6 +259,10 @@ CHUNKABLE = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olm
 # Config keys of transforms applied to the logits after the head (Gemma 2/3, Cohere, Granite).
 _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 _refused: set[str] = set()
+# model.logprob_chunk=auto: chunks of AUTO_CHUNK tokens (the fastest measured at 128k x 2,048) where the vocabulary is
+# at least AUTO_MIN_VOCAB, where the chunks measured leaner (1.4-3.4x lower peak) and no slower on CPU
+# (docs/benchmarks.md); below it, the full logits.
+AUTO_CHUNK, AUTO_MIN_VOCAB = 1024, 32_000
 
 
 def chunk_head(model: Any) -> tuple[torch.nn.Linear | None, str]:
@@ -286,6 +290,15 @@ def chunk_head(model: Any) -> tuple[torch.nn.Linear | None, str]:
     return head, ""
 
 
+def resolve_chunk(model: Any, chunk: int | str) -> int:
+    """``model.logprob_chunk`` for ``model``: an int as it is; ``auto``: :data:`AUTO_CHUNK` where
+    :func:`chunk_head` allows chunks and the head has at least :data:`AUTO_MIN_VOCAB` outputs, else 0."""
+    if chunk != "auto":
+        return int(chunk)
+    head, _ = chunk_head(model)
+    return AUTO_CHUNK if head is not None and head.out_features >= AUTO_MIN_VOCAB else 0
+
+
 @contextmanager
 def _chunked_head(head: torch.nn.Linear, keep: Tensor, targets: Tensor, chunk: int) -> Iterator[list[Tensor]]:
     """While open, ``head`` maps hidden states ``[B, T, D]`` to the log-probs ``[N]`` of ``targets`` at the positions
@@ -308,12 +321,13 @@ def _chunked_head(head: torch.nn.Linear, keep: Tensor, targets: Tensor, chunk: i
         del head.forward
 
 
-def _model_logps(model: torch.nn.Module, batch: dict[str, Tensor], chunk: int, **inputs: Any) -> Tensor:
+def _model_logps(model: torch.nn.Module, batch: dict[str, Tensor], chunk: int | str, **inputs: Any) -> Tensor:
     """``model(**inputs)``'s summed log-probs ``[n]`` of the tokens the batch's ``loss_mask`` counts, per sequence
     (a padded row, or a packed batch's segment). ``chunk > 0``: through the head in chunks of that many tokens
     (:func:`chunk_head`), never holding the ``[B, T, V]`` logits; else, or when the model does not allow it (said
     once per reason), from the full logits."""
     ids, mask, segments = batch["input_ids"], batch["loss_mask"], batch.get("segment_ids")
+    chunk = resolve_chunk(model, chunk)
     head, why = chunk_head(model) if chunk > 0 else (None, "")
     if why and why not in _refused:
         _refused.add(why)
@@ -345,7 +359,7 @@ def forward_logps(
     *,
     embeddings: bool = False,
     embed_shift: Tensor | None = None,
-    chunk: int = 0,
+    chunk: int | str = 0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Policy log-probs of a :func:`pad_sequences` batch: ``(logps [B, K], lengths [B, K], inputs_embeds)``.
 
@@ -355,7 +369,7 @@ def forward_logps(
     nothing for the real tokens. ``embed_shift`` (with ``embeddings=True``) is added to the embeddings: WDPO's
     finite-difference pass. ``chunk`` (``model.logprob_chunk``, 0: off): the response tokens' log-probs come
     through the LM head ``chunk`` tokens at a time, without the ``[B, T, V]`` logits (:func:`chunk_head` says
-    which models allow it; the others fall back to the full logits)."""
+    which models allow it; the others fall back to the full logits); ``auto``: :func:`resolve_chunk`."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
     embeds = None
     if embeddings:

@@ -165,7 +165,7 @@ class ReferenceModel:
         frozen_in_compute_dtype: bool = False,
         pad_to_multiple_of: int = 0,
         max_prompt_length: int | None = None,
-        logprob_chunk: int = 0,
+        logprob_chunk: int | str = 0,
         more_models: tuple[str, ...] = (),
     ) -> None:
         import torch
@@ -261,7 +261,7 @@ def encode_rows(
     frozen_in_compute_dtype: bool = False,
     pad_to_multiple_of: int = 0,
     max_prompt_length: int | None = None,
-    logprob_chunk: int = 0,
+    logprob_chunk: int | str = 0,
     more_models: tuple[str | Path, ...] = (),
 ) -> int:
     """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,

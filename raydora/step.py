@@ -31,7 +31,7 @@ class StepConfig:
     train: TrainConfig
     batch_size: int
     micro_batch_size: int
-    logprob_chunk: int = 0
+    logprob_chunk: int | str = 0  # or "auto": encoding.resolve_chunk
 
     @property
     def wdpo(self) -> bool:

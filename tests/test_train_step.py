@@ -804,6 +804,38 @@ def test_chunked_log_probs_refuse_models_that_transform_their_logits(setup) -> N
     assert "forward" not in vars(scaled.lm_head)  # restored after the failure too
 
 
+def test_auto_chunks_from_the_vocabulary_size_up_and_only_where_the_head_allows(setup, monkeypatch, capsys) -> None:
+    """``model.logprob_chunk=auto``: chunks of 1,024 where the head can be chunked and has >= 32,000 outputs (here
+    the threshold is moved to the tiny model's vocabulary), else the full logits, without the message an explicit
+    chunk size gets; the log-probs equal either way. An int passes through."""
+    from raydora import encoding
+    from raydora.config import ConfigError, load_config
+
+    tok, _, rows = setup
+    model = build_model("tiny-llama", tok, dtype=torch.float64, seed=4)
+    vocab = model.lm_head.out_features
+    assert encoding.AUTO_MIN_VOCAB == 32_000 > vocab and encoding.resolve_chunk(model, "auto") == 0
+    assert encoding.resolve_chunk(model, 7) == 7 and encoding.resolve_chunk(model, 0) == 0
+    enc = step.collate_micro(rows, slice(0, 4), "preference", "dpo", tok.pad_token_id, None)["enc"]
+    calls = _chunk_calls(monkeypatch)
+    with torch.no_grad():
+        full, _, _ = encoding.forward_logps(model, enc, 2, chunk="auto")
+        assert calls == []
+        monkeypatch.setattr(encoding, "AUTO_MIN_VOCAB", vocab)
+        assert encoding.resolve_chunk(model, "auto") == encoding.AUTO_CHUNK == 1024
+        chunked, _, _ = encoding.forward_logps(model, enc, 2, chunk="auto")
+        assert calls == [(int(enc["loss_mask"][:, 1:].sum()), 1024)]
+        torch.testing.assert_close(chunked, full, atol=1e-10, rtol=1e-10)
+        monkeypatch.setattr(encoding, "CHUNKABLE", ())  # a model type the chunks do not know: quietly off
+        capsys.readouterr()
+        assert encoding.resolve_chunk(model, "auto") == 0
+        encoding.forward_logps(model, enc, 2, chunk="auto")
+    assert len(calls) == 1 and "[logprobs]" not in capsys.readouterr().out
+    assert load_config(None, ["model.logprob_chunk=auto"]).model.logprob_chunk == "auto"
+    with pytest.raises(ConfigError, match=r"model\.logprob_chunk: expected int or 'auto', got 'fast'"):
+        load_config(None, ["model.logprob_chunk=fast"])
+
+
 def test_reference_pass_with_chunks_equals_the_full_logits(setup, monkeypatch) -> None:
     """The reference pass (``reference.logprob_chunk``, no grad, batches of 3 sequences) gives the same
     reference log-probs."""
