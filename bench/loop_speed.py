@@ -4,7 +4,9 @@ measured in one run on one machine (issue 27).
 A base run (synth and validate of a small benchmark, tiny GPT-2, no SFT) is copied once per loop, and the loop
 runs ``--rounds`` rounds on each copy with ``loop.live_generators`` on (one pool of generator actors for the whole
 loop, each round's policy synced into it through the object store) or off (a fresh Ray Data actor pool, loading
-the policy from disk, for each of a round's three samplings). The loops alternate, ``--repeats`` times each.
+the policy from disk, for each of a round's samplings: its training prompts and its evaluation's policy folder, and
+in round 1 the evaluation's baseline, which later rounds link from the round before in both modes). The loops
+alternate, ``--repeats`` times each.
 Round 1 of a live loop also starts the pool; rounds 2 and later are the steady state and are the ones compared:
 
 - ``round_ratio``: a fresh-generator round's seconds over a live round's (median over rounds >= 2 and repeats);
