@@ -123,13 +123,13 @@ def worker_datasets(plan: Plan, *, seed: int, columns: list[str], start_step: in
         if not plan.entries:
             ds = ds.limit(0)
         # num_cpus=0: the trainers hold the cores; reading token ids is light and must never wait for them.
-        # concurrency=1: a 0-CPU task is not bounded by the cores, and Ray Data otherwise ran a dozen at once, each
-        # in a fresh worker process (~120 MB), which then lingered idle: 4 GB of the demo's peak memory.
+        # One task at a time: a 0-CPU task is not bounded by the cores, and Ray Data otherwise ran a dozen at once,
+        # each in a fresh worker process (~120 MB), which then lingered idle: 4 GB of the demo's peak memory.
         ds = ds.map_batches(
             _read_planned,
             batch_size=per_task,
             num_cpus=0,
-            concurrency=1,
+            compute=ray.data.TaskPoolStrategy(size=1),  # `concurrency=1`, which Ray 2.51+ deprecates
             fn_kwargs={"rank": r, "plan": info, "seed": seed, "columns": columns},
         )
         ds.context.enable_progress_bars = False  # N workers x bars would bury the step lines
