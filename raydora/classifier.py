@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from raydora import calibration
 from raydora.cluster import check_gpus, resolve_device
-from raydora.data import ordered, ordered_ingest, read_canonical
+from raydora.data import in_this_process, ordered, ordered_ingest, read_canonical
 from raydora.progress import Progress, watch
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
@@ -374,16 +374,9 @@ def _fit_group(
 
     named = {f"{split}_{s}": datasets[f"{split}_{s}"] for s in sources for split in ("train", "holdout")}
     if num_workers == 0:
-        import torch
-
-        for ds in named.values():  # what DataConfig(execution_options=ordered_ingest()) does for the workers
-            ds.context.execution_options = ordered_ingest()
-        threads, out = torch.get_num_threads(), str(Path(storage) / name)
-        try:
-            device = "cuda" if use_gpu else "cpu"
+        out, device = str(Path(storage) / name), "cuda" if use_gpu else "cpu"
+        with in_this_process(named.values()):
             _train_loop({**loop_config, "sources": sources, "datasets": named, "device": device, "out": out})
-        finally:
-            torch.set_num_threads(threads)
         return Checkpoint.from_directory(out)
     trainer = TorchTrainer(
         _train_loop,

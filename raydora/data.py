@@ -7,7 +7,8 @@ validate stage (:mod:`raydora.validate`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,22 @@ def ordered_ingest() -> Any:
 
     current = DataContext.get_current().execution_options
     return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True)
+
+
+@contextmanager
+def in_this_process(datasets: Iterable[Any]) -> Iterator[None]:
+    """Around a training loop called in the driver instead of on Ray Train workers (``num_workers=0``): the
+    ``datasets`` keep their input's order, as ``DataConfig(execution_options=ordered_ingest())`` keeps it for
+    workers, and this process's torch threads, which the loop may set, are restored after."""
+    import torch
+
+    for ds in datasets:
+        ds.context.execution_options = ordered_ingest()
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class OrderedParquetSink:

@@ -304,15 +304,6 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     distributed.barrier()
 
 
-def torch_threads(n: int | None = None) -> int:
-    """This process's torch intra-op threads; with ``n``, set them first."""
-    import torch
-
-    if n is not None:
-        torch.set_num_threads(n)
-    return int(torch.get_num_threads())
-
-
 def _record_worker(out_dir: Path, rank: int, world: int, device: Any) -> None:
     """``workers/rank<r>.json``: the node, host and process each rank ran on (multi-node runs are checked with it)."""
     import socket
@@ -413,7 +404,7 @@ def fit(
     interrupted one resumes from its newest checkpoint."""
     from raydora import tracking
     from raydora.config import to_dict
-    from raydora.data import ordered_ingest, parquet_files
+    from raydora.data import in_this_process, parquet_files
     from raydora.reference import attn_implementation
 
     options = options or WorkerOptions()
@@ -499,15 +490,9 @@ def fit(
     datasets = worker_datasets(plan, seed=run_cfg.seed, columns=columns, start_step=start)
     if num_workers == 0:
         # In this process: Ray Train's local mode would do the same, but its ray.train calls raise inside a Ray
-        # Tune trial. No DataConfig applies here, so the dataset keeps the order itself.
-        for ds in datasets.values():
-            ds.context.execution_options = ordered_ingest()
-        threads = torch_threads()
-        try:
-            with preemption(train.preemption_checkpoint) as stop:
-                train_loop_per_worker({"spec": spec, "datasets": datasets, "stop": stop})
-        finally:  # the loop sets this process's torch threads when spec.threads asks
-            torch_threads(threads)
+        # Tune trial. The loop sets this process's torch threads when spec.threads asks.
+        with in_this_process(datasets.values()), preemption(train.preemption_checkpoint) as stop:
+            train_loop_per_worker({"spec": spec, "datasets": datasets, "stop": stop})
     else:
         build_trainer(
             spec,
