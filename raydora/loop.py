@@ -295,29 +295,34 @@ def eval_generations(round_cfg: RunConfig, round_: int, live: LiveGenerators) ->
             live.at(model, version).generate(prompts, out, sampling, fp=fp, stage="generate")
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link of ``src`` at ``dst``; a copy where links fail (another filesystem, links not allowed)."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def reuse_baseline(round_cfg: RunConfig, round_: int, run_dir: Path) -> bool:
     """Round ``round_``'s ``generations/sft`` (its starting policy's samples) from round ``round_ - 1``'s
     ``generations/policy`` when that folder holds the same fingerprint (the same model, prompts and sampling):
     hard-linked (or copied) into place with its marker, instead of sampled again. True when it did."""
-    import os
     import shutil
 
     from raydora import generate as gen
 
+    if round_ < 2:
+        return False
     previous = run_dir / "loop" / f"round{round_ - 1}" / "generations" / "policy"
-    _, _, jobs = gen.plan(round_cfg, round_cfg.run_dir.absolute())
-    for name, _, out, fp in jobs:
-        if name != "sft" or round_ < 2 or is_done(out, fp) or not is_done(previous, fp):
-            continue
-
-        def link(src: str, dst: str) -> None:
-            try:
-                os.link(src, dst)
-            except OSError:  # another filesystem, or links not allowed: a copy
-                shutil.copy2(src, dst)
-
+    jobs = gen.plan(round_cfg, round_cfg.run_dir.absolute())[2]
+    for _, _, out, fp in (job for job in jobs if job[0] == "sft"):
+        if is_done(out, fp) or not is_done(previous, fp):
+            return False
         with staging(out.parent, out.name) as tmp:
-            shutil.copytree(previous, tmp / "out", copy_function=link)
+            shutil.copytree(previous, tmp / "out", copy_function=_link_or_copy)
             promote(tmp / "out", out)
         return True
     return False
