@@ -225,7 +225,8 @@ class ClassifierConfig:
 @dataclass(frozen=True)
 class ReferenceConfig:
     actors: int = 1
-    """Actor-pool size of the reference log-prob pass."""
+    """Actor-pool size of the reference log-prob pass; 0: the pass in the calling process, no actor pool (for small
+    passes, where an actor's start-up is most of the time: a tune trial's validation pairs, tests)."""
     batch_size: int = 16
     """Rows per batch."""
     actor_cpus: float = 1.0
@@ -234,7 +235,7 @@ class ReferenceConfig:
     """Where the frozen reference model runs (auto: CUDA when present; one GPU per actor)."""
 
     def __post_init__(self) -> None:
-        _check(self.actors > 0, "actors", "must be > 0")
+        _check(self.actors >= 0, "actors", "must be >= 0 (0: in this process)")
         _check(self.actor_cpus > 0, "actor_cpus", "must be > 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
 

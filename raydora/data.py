@@ -174,17 +174,24 @@ class OrderedParquetSink:
     def write(self, blocks: Any, ctx: Any) -> int:
         from ray.data.block import BlockAccessor
 
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        if not tables:
-            return 0
-        schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
-        final = Path(self.folder) / f"part-{ctx.task_idx:06d}.parquet"
-        partial = final.with_name(f".{final.name}.partial")  # a retried task never leaves half a file behind
-        with pq.ParquetWriter(partial, schema) as writer:
-            for table in tables:
-                writer.write_table(table.select(schema.names).cast(schema))
-        os.replace(partial, final)
-        return sum(t.num_rows for t in tables)
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        return write_part(tables, Path(self.folder), ctx.task_idx)
+
+
+def write_part(tables: list[pa.Table], folder: Path, index: int) -> int:
+    """The rows of ``tables``, in order, as one parquet file ``folder/part-<index>.parquet`` (nothing for no rows;
+    schemas unified, so a batch whose list column is all null fits); returns its rows."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return 0
+    schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+    final = folder / f"part-{index:06d}.parquet"
+    partial = final.with_name(f".{final.name}.partial")  # a retried task never leaves half a file behind
+    with pq.ParquetWriter(partial, schema) as writer:
+        for table in tables:
+            writer.write_table(table.select(schema.names).cast(schema))
+    os.replace(partial, final)
+    return sum(t.num_rows for t in tables)
 
 
 def _datasink(folder: Path, min_rows_per_file: int | None) -> Any:
@@ -206,7 +213,10 @@ def _datasink(folder: Path, min_rows_per_file: int | None) -> Any:
     return _Sink(folder, min_rows_per_file)
 
 
-def write_rows(ds: Any, folder: Path, min_rows_per_file: int | None = 20_000) -> int:
+ROWS_PER_FILE = 20_000  # a stage's parquet files hold at least this many rows (the last one fewer)
+
+
+def write_rows(ds: Any, folder: Path, min_rows_per_file: int | None = ROWS_PER_FILE) -> int:
     """Write a Ray Dataset as parquet into ``folder`` (created even when empty), in its input's order (``ordered``
     and ``OrderedParquetSink``), with IO-sized write tasks next to actor pools; returns the rows written, counted
     from the files' footers."""

@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raydora.cluster import resolve_device
 from raydora.config import RunConfig
-from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
+from raydora.data import IO_CPUS, ROWS_PER_FILE, map_on_actor_pool, ordered, read_canonical, write_part, write_rows
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -66,8 +67,6 @@ def data_corpus(
 ) -> Iterator[str]:
     """Prompts and responses of the rows in ``data_dir`` (canonical parquet; staged rows of validate when ``kinds``
     names the kinds to keep), streamed, up to ``max_chars`` characters."""
-    import pyarrow.parquet as pq
-
     seen = 0
     columns = ["prompt", "responses", *(["kind"] if kinds else [])]
     for f in sorted(Path(data_dir).glob("*.parquet")):
@@ -264,37 +263,42 @@ def encode_rows(
     logprob_chunk: int | str = 0,
     more_models: tuple[str | Path, ...] = (),
 ) -> int:
-    """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors into ``out_dir`` (atomically,
-    with a ``_SUCCESS`` marker holding ``fp``, the row count and how many rows were truncated). Returns the row
-    count. ``more_models`` add ``reference_logps_1``, ... (see :class:`ReferenceModel`)."""
+    """Stream ``input_dir``'s parquet rows through :class:`ReferenceModel` actors (``cfg.actors``; 0: this
+    process) into ``out_dir`` (atomically, with a ``_SUCCESS`` marker holding ``fp``, the row count and how many
+    rows were truncated). Returns the row count. ``more_models`` add ``reference_logps_1``, ... (see
+    :class:`ReferenceModel`)."""
     out = Path(out_dir)
     device = resolve_device(cfg.device)
     with staging(out.parent, out.name) as tmp:
         rows_in = read_canonical(input_dir, num_cpus=IO_CPUS, block_rows=cfg.batch_size, slice_rows=8 * cfg.batch_size)
-        encoded = map_on_actor_pool(
-            rows_in,
-            ReferenceModel,
-            {
-                "model_dir": None if model_dir is None else str(Path(model_dir).absolute()),
-                "tokenizer_dir": str(Path(tokenizer).absolute()),
-                "max_length": max_length,
-                "batch_size": cfg.batch_size,
-                "device": device,
-                "precision": precision,
-                "attn": attn,
-                "frozen_in_compute_dtype": frozen_in_compute_dtype,
-                "pad_to_multiple_of": pad_to_multiple_of,
-                "max_prompt_length": max_prompt_length,
-                "logprob_chunk": logprob_chunk,
-                "more_models": tuple(str(Path(m).absolute()) for m in more_models),
-            },
-            keys=("reference.actors", "reference.actor_cpus"),
-            batch_size=cfg.batch_size,
-            actors=cfg.actors,
-            actor_cpus=cfg.actor_cpus,
-            gpus=1 if device == "cuda" else 0,
-        )
-        rows = write_rows(encoded, tmp / "out")
+        kwargs = {
+            "model_dir": None if model_dir is None else str(Path(model_dir).absolute()),
+            "tokenizer_dir": str(Path(tokenizer).absolute()),
+            "max_length": max_length,
+            "batch_size": cfg.batch_size,
+            "device": device,
+            "precision": precision,
+            "attn": attn,
+            "frozen_in_compute_dtype": frozen_in_compute_dtype,
+            "pad_to_multiple_of": pad_to_multiple_of,
+            "max_prompt_length": max_prompt_length,
+            "logprob_chunk": logprob_chunk,
+            "more_models": tuple(str(Path(m).absolute()) for m in more_models),
+        }
+        if cfg.actors == 0:
+            rows = _encode_here(rows_in, kwargs, tmp / "out", cfg.batch_size)
+        else:
+            encoded = map_on_actor_pool(
+                rows_in,
+                ReferenceModel,
+                kwargs,
+                keys=("reference.actors", "reference.actor_cpus"),
+                batch_size=cfg.batch_size,
+                actors=cfg.actors,
+                actor_cpus=cfg.actor_cpus,
+                gpus=1 if device == "cuda" else 0,
+            )
+            rows = write_rows(encoded, tmp / "out")
         cut = count_true(tmp / "out", "truncated")
         if cut:
             limit = f"model.max_length={max_length}"
@@ -309,10 +313,23 @@ def encode_rows(
     return rows
 
 
+def _encode_here(rows_in: Any, kwargs: dict[str, Any], folder: Path, batch_size: int) -> int:
+    """``reference.actors=0``: :class:`ReferenceModel` in this process over the rows in their input order, into
+    files of ``ROWS_PER_FILE`` rows as :func:`raydora.data.write_rows` cuts them. The training plan's shuffle
+    blocks end at file ends, so the same files keep the same batches as the actor pool's output. Returns the rows."""
+    folder.mkdir(parents=True)
+    model, rows, pending, files = ReferenceModel(**kwargs), 0, [], 0
+    for batch in ordered(rows_in).iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        pending.append(model(batch))
+        if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
+            rows += write_part(pending, folder, files)
+            pending, files = [], files + 1
+    return rows + write_part(pending, folder, files)
+
+
 def count_true(folder: Path, column: str) -> int:
     """How many rows of a parquet folder have ``column`` true (read from that one column)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     return sum(
         int(pc.sum(pq.read_table(f, columns=[column]).column(column)).as_py() or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -86,6 +87,27 @@ def test_reference_logps_equal_the_policy_at_step_zero(run_dir: Path) -> None:
     assert (lengths > 0).all() and (expected < 0).all()
     # Training tokenises exactly like the reference pass: the response ids end with EOS.
     assert all(ids[-1] == 0 or len(ids) >= 1 for r in table for ids in r["response_ids"])
+
+
+def test_the_reference_pass_in_this_process_equals_the_actor_pool(run_dir: Path, tmp_path: Path) -> None:
+    # The module's reference/ came from one actor; reference.actors=0 runs the same pass in this process.
+    cfg = config(run_dir.parent)
+    here = reference.encode_rows(
+        reference.reference_input(run_dir), tmp_path / "here", model_dir=reference.initial_policy(cfg, run_dir),
+        tokenizer=reference.tokenizer_dir(cfg, run_dir), max_length=cfg.model.max_length, stage="reference", fp="x",
+        cfg=dataclasses.replace(cfg.reference, actors=0, batch_size=5), precision=cfg.model.precision,
+    )  # fmt: skip
+    pool = [r for f in sorted((run_dir / "reference").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    files = sorted(p.name for p in (tmp_path / "here").glob("*.parquet"))
+    ours = [r for f in files for r in pq.read_table(tmp_path / "here" / f).to_pylist()]
+    assert here == len(ours) == len(pool) == 96  # in batches of 5, in order
+    # The same files as the pool's: the training plan's shuffle blocks end at file ends.
+    assert files == sorted(p.name for p in (run_dir / "reference").glob("*.parquet"))
+    for a, b in zip(pool, ours, strict=True):
+        assert a["reference_logps"] == pytest.approx(b["reference_logps"], rel=1e-6, abs=1e-6)
+        assert {k: v for k, v in a.items() if k != "reference_logps"} == {
+            k: v for k, v in b.items() if k != "reference_logps"
+        }
 
 
 def test_two_workers_train_the_policy(run_dir: Path) -> None:
