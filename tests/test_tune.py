@@ -159,15 +159,16 @@ TINY = [
     "synth.eval_rows=8",
     "sft.batch_size=8",
     "sft.micro_batch_size=8",
-    "sft.num_workers=0",  # SFT in this process: the trials below stay on Ray Train (the interruption needs them)
+    "sft.num_workers=0",  # SFT in this process
     "train.objective=kl_dro",
-    "train.num_workers=1",
+    "train.num_workers=0",  # each trial trains in its own Tune actor (the Ray Train path: test_train.py)
     "train.batch_size=8",
     "train.micro_batch_size=8",
     "train.max_steps=2",
     "train.checkpoint_every=2",
     "train.lr=1e-3",
     "reference.batch_size=16",
+    "reference.actors=0",  # the reference, SFT-corpus and validation passes in the calling process (trials' too)
     "tune.space.train.lam=loguniform(0.1, 10)",
     "tune.space.train.beta=choice([0.05, 0.5])",
     "tune.num_samples=2",
@@ -212,7 +213,14 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     eval_split, away = base / "synth" / "eval", tmp_path / "eval-away"
     os.rename(eval_split, away)
     trials = tune_dir / "trials"
-    watcher = _interrupt_when(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2)
+    # Stopped once Tune has the first trial's result (its result.json is created empty when the trial starts) and
+    # the second trial has made its run folder: it is training then, and needs seconds more to report.
+    watcher = _interrupt_when(
+        lambda: (
+            any(p.stat().st_size for p in tune_dir.glob("experiment/trial_*/result.json"))
+            and len(list(trials.iterdir())) == 2
+        )
+    )
     with pytest.raises(RuntimeError, match="interrupted; rerun the command to resume"):
         rtune.search(prep)
     watcher.join()
@@ -220,12 +228,13 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     # the same Ray, the stopped trial's trainer keeps its placement group's CPU until the driver exits.
     ray_session.shutdown()
     ray_session.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    first = [d for d in trials.iterdir() if (d / "train" / "_SUCCESS").is_file()]
-    assert len(first) == 1  # the first trial finished; the second was stopped
-    first_done = (first[0] / "train" / "_SUCCESS").stat().st_mtime_ns
+    done = [json.loads(p.read_text()) for p in tune_dir.glob("experiment/trial_*/result.json") if p.stat().st_size]
+    assert len(done) == 1 and len(list(trials.iterdir())) == 2  # the first trial reported; the second was stopped
+    first = Path(done[0]["run_dir"])
+    first_done = (first / "train" / "_SUCCESS").stat().st_mtime_ns
     best = rtune.search(prep)  # Tuner.restore: the finished trial is kept, the stopped one runs again
     os.rename(away, eval_split)
-    assert (first[0] / "train" / "_SUCCESS").stat().st_mtime_ns == first_done
+    assert (first / "train" / "_SUCCESS").stat().st_mtime_ns == first_done
     reported = {}
     for result in (tune_dir / "experiment").glob("trial_*/result.json"):
         lines = result.read_text().splitlines()
