@@ -224,8 +224,8 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     with pytest.raises(RuntimeError, match="interrupted; rerun the command to resume"):
         rtune.search(prep)
     watcher.join()
-    # The command exits here (and a crash would take its local Ray along); the test restarts Ray the same way: in
-    # the same Ray, the stopped trial's trainer keeps its placement group's CPU until the driver exits.
+    # The command exits here (and a crash would take its local Ray along); the test restarts Ray the same way, so
+    # the resume below starts from what is on disk, as a rerun of the command does.
     ray_session.shutdown()
     ray_session.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     done = [json.loads(p.read_text()) for p in tune_dir.glob("experiment/trial_*/result.json") if p.stat().st_size]
