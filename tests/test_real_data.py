@@ -149,6 +149,7 @@ SMALL = [
     "train.max_steps=3",
     "train.checkpoint_every=3",
     "train.lr=1e-3",
+    "reference.actors=0",  # the SFT corpus, reference and held-out passes in this process (the pool: test_train.py)
     "classifier.backbone=tiny-bert",
     "classifier.epochs=1",
     "classifier.max_length=32",
