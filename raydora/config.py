@@ -201,8 +201,7 @@ class ClassifierConfig:
     """CPU slots each scoring actor claims in Ray's accounting. Below 1, so a pool as large as the machine still
     leaves slots for the parquet read and write tasks that feed it (those claim 0.25 each)."""
     source_shares: dict[str, float] | None = None
-    """Mixture shares of the synthetic sources used to score golden / unknown responses; None: estimated from
-    the data's response counts."""
+    """Mixture shares of the synthetic sources, to score golden / unknown responses; None: from the data's counts."""
     calibration: Literal["temperature", "platt"] = "temperature"
     """How held-out data calibrates each classifier: temperature: sigmoid(z / T), which fixes over- or
     under-confidence; platt: sigmoid(z / T + b), which also fixes margins that are offset (a classifier that calls
@@ -225,8 +224,7 @@ class ClassifierConfig:
 @dataclass(frozen=True)
 class ReferenceConfig:
     actors: int = 1
-    """Actor-pool size of the reference log-prob pass; 0: the pass in the calling process, no actor pool (for small
-    passes, where an actor's start-up is most of the time: a tune trial's validation pairs, tests)."""
+    """Actor-pool size of the reference log-prob pass; 0: in the calling process (small passes, docs/training.md)."""
     batch_size: int = 16
     """Rows per batch."""
     actor_cpus: float = 1.0
@@ -408,7 +406,7 @@ class GenerateConfig:
     """Prompts per Ray Data batch for the vllm backend: the engine schedules its own continuous batches, so larger
     calls keep it full (measured per call size in docs/benchmarks.md)."""
     actors: int = 1
-    """Generator actors (one model replica each)."""
+    """Generator actors (one model replica each); 0: the stage samples in the calling process (not in the loop)."""
     actor_cpus: float = 0.75
     """CPUs reserved per actor; actors x actor_cpus must leave a little for the read and write tasks."""
     threads: int = 0
@@ -420,15 +418,16 @@ class GenerateConfig:
     gpu_memory_utilization: float = 0.85
     """vLLM: share of each GPU's memory the engine may take."""
     enforce_eager: bool | None = None
-    """vLLM: skip CUDA graphs and torch.compile (faster start-up, slower decoding). null: eager on CPU (compiling
-    there adds start-up a short run never wins back; docs/generation.md), compiled on GPU."""
+    """vLLM: skip CUDA graphs and torch.compile (faster start-up, slower decoding). null: eager on CPU, compiled on
+    GPU (docs/generation.md says why)."""
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        for key in ("max_new_tokens", "n", "batch_size", "vllm_batch_size", "actors", "tensor_parallel_size"):
+        for key in ("max_new_tokens", "n", "batch_size", "vllm_batch_size", "tensor_parallel_size"):
             _check(getattr(self, key) > 0, key, "must be > 0")
-        _check(self.actor_cpus >= 0, "actor_cpus", "must be >= 0")
+        for key in ("actors", "actor_cpus"):
+            _check(getattr(self, key) >= 0, key, "must be >= 0")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
 
 

@@ -122,6 +122,27 @@ def map_on_actor_pool(
     )
 
 
+def map_in_this_process(ds: Any, cls: type, kwargs: dict[str, Any], folder: Path, *, batch_size: int) -> int:
+    """:func:`map_on_actor_pool` and :func:`write_rows` without actors: one ``cls(**kwargs)`` in this process over
+    ``ds``'s batches of ``batch_size`` rows in their input order, written into ``folder`` in files cut as
+    :func:`write_rows` cuts them (the training plan's shuffle blocks end at file ends, so the same files keep the
+    same batches). Its ``close()``, if any, is called at the end. Returns the rows written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fn = cls(**kwargs)
+    rows, pending, files = 0, [], 0
+    try:
+        for batch in ordered(ds).iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            pending.append(fn(batch))
+            if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
+                rows += write_part(pending, folder, files)
+                pending, files = [], files + 1
+        return rows + write_part(pending, folder, files)
+    finally:
+        close = getattr(fn, "close", None)
+        if callable(close):
+            close()
+
+
 def parquet_rows(folder: Path) -> int:
     """Rows in the parquet files of ``folder``, counted from their footers."""
     return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydora.config import RunConfig
-from raydora.data import IO_CPUS, map_on_actor_pool, parquet_files, read_canonical, write_rows
+from raydora.data import IO_CPUS, map_in_this_process, map_on_actor_pool, parquet_files, read_canonical, write_rows
 from raydora.inputs import list_inputs
 from raydora.rundir import (
     StageResult,
@@ -395,8 +395,9 @@ def generate(
     fp: str | None = None,
     stage: str = "generate",
 ) -> dict[str, Any]:
-    """Sample ``sampling.n`` responses per prompt with ``model_dir`` on ``gen.actors`` actors into ``out_dir``
-    (parquet, atomically, with a ``_SUCCESS`` marker holding ``fp`` and the throughput). Returns that marker."""
+    """Sample ``sampling.n`` responses per prompt with ``model_dir`` on ``gen.actors`` actors (0: this process)
+    into ``out_dir`` (parquet, atomically, with a ``_SUCCESS`` marker holding ``fp`` and the throughput). Returns
+    that marker."""
     from raydora.cluster import resolve_device
 
     device = resolve_device(gen.device)
@@ -430,17 +431,20 @@ def generate(
             cls, kwargs = HFGenerator, {**common, "batch_size": gen.batch_size * sampling.n, "threads": gen.threads}
             gpus = 1 if device == "cuda" else 0
         start = time.perf_counter()
-        generated = map_on_actor_pool(
-            ds,
-            cls,
-            kwargs,
-            keys=("generate.actors", "generate.actor_cpus"),
-            batch_size=batch,
-            actors=gen.actors,
-            actor_cpus=gen.actor_cpus,
-            gpus=gpus,
-        )
-        rows = write_rows(generated, tmp / "out")
+        if gen.actors == 0:
+            rows = map_in_this_process(ds, cls, kwargs, tmp / "out", batch_size=batch)
+        else:
+            generated = map_on_actor_pool(
+                ds,
+                cls,
+                kwargs,
+                keys=("generate.actors", "generate.actor_cpus"),
+                batch_size=batch,
+                actors=gen.actors,
+                actor_cpus=gen.actor_cpus,
+                gpus=gpus,
+            )
+            rows = write_rows(generated, tmp / "out")
         elapsed = time.perf_counter() - start
         tokens = sum(
             sum(x)

@@ -342,6 +342,11 @@ def check(cfg: RunConfig, run_dir: Path, rounds: int) -> None:
             f"loop.reward={cfg.loop.reward} scores the synthetic benchmark's prompts only; with your "
             "own data (data.input) give a reward model or raydora classifier folder"
         )
+    if cfg.loop.live_generators and cfg.generate.actors == 0:
+        raise ValueError(
+            "loop.live_generators keeps generate.actors actors alive for every round: set generate.actors >= 1 "
+            "(or loop.live_generators=false to sample each round in this process)"
+        )
     if cfg.train.loss not in PAIRWISE_LOSSES:
         raise ValueError(
             f"train.loss={cfg.train.loss} is listwise: it needs one number of responses per row, "

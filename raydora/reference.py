@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from raydora.cluster import resolve_device
 from raydora.config import RunConfig
-from raydora.data import IO_CPUS, ROWS_PER_FILE, map_on_actor_pool, ordered, read_canonical, write_part, write_rows
+from raydora.data import IO_CPUS, map_in_this_process, map_on_actor_pool, read_canonical, write_rows
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -286,7 +286,7 @@ def encode_rows(
             "more_models": tuple(str(Path(m).absolute()) for m in more_models),
         }
         if cfg.actors == 0:
-            rows = _encode_here(rows_in, kwargs, tmp / "out", cfg.batch_size)
+            rows = map_in_this_process(rows_in, ReferenceModel, kwargs, tmp / "out", batch_size=cfg.batch_size)
         else:
             encoded = map_on_actor_pool(
                 rows_in,
@@ -311,20 +311,6 @@ def encode_rows(
         write_success(tmp / "out", {"stage": stage, "fingerprint": fp, "rows": {stage: rows}, "truncated": cut})
         promote(tmp / "out", out)
     return rows
-
-
-def _encode_here(rows_in: Any, kwargs: dict[str, Any], folder: Path, batch_size: int) -> int:
-    """``reference.actors=0``: :class:`ReferenceModel` in this process over the rows in their input order, into
-    files of ``ROWS_PER_FILE`` rows as :func:`raydora.data.write_rows` cuts them. The training plan's shuffle
-    blocks end at file ends, so the same files keep the same batches as the actor pool's output. Returns the rows."""
-    folder.mkdir(parents=True)
-    model, rows, pending, files = ReferenceModel(**kwargs), 0, [], 0
-    for batch in ordered(rows_in).iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-        pending.append(model(batch))
-        if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
-            rows += write_part(pending, folder, files)
-            pending, files = [], files + 1
-    return rows + write_part(pending, folder, files)
 
 
 def count_true(folder: Path, column: str) -> int:

@@ -89,6 +89,7 @@ def test_dict_override_replaces_the_whole_mapping() -> None:
         (["model.pad_to_multiple_of=-8"], "model.pad_to_multiple_of", "must be >= 0"),
         (["model.logprob_chunk=-1"], "model.logprob_chunk", "must be >= 0"),
         (["reference.actors=-1"], "reference.actors", "must be >= 0"),
+        (["generate.actors=-1"], "generate.actors", "must be >= 0"),
     ],
 )
 def test_errors_name_the_key(overrides: list[str], key: str, message: str) -> None:

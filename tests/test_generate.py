@@ -106,16 +106,24 @@ def gen_config(**kw):
     return cfg.generate
 
 
-def test_ray_data_generation_with_two_actors_equals_one(model_dir: Path, tmp_path: Path, ray_session) -> None:
+def test_ray_data_generation_with_two_actors_or_none_equals_one(model_dir: Path, tmp_path: Path, ray_session) -> None:
     table = prompts_table(20)
     s = gen.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8, n=2, seed=3)
     one = gen.generate(model_dir, table, tmp_path / "one", gen_config(actors=1, batch_size=4), s, max_length=64,
                        precision="fp32", fp="a")  # fmt: skip
     two = gen.generate(model_dir, table, tmp_path / "two", gen_config(actors=2, batch_size=4), s, max_length=64,
                        precision="fp32", fp="b")  # fmt: skip
+    # generate.actors=0: the same generator in this process, written in the same files.
+    here = gen.generate(model_dir, table, tmp_path / "here", gen_config(actors=0, batch_size=4), s, max_length=64,
+                        precision="fp32", fp="c")  # fmt: skip
     a, b = gen.read_generations(tmp_path / "one"), gen.read_generations(tmp_path / "two")
+    c = gen.read_generations(tmp_path / "here")
     assert a.num_rows == b.num_rows == 20
     assert a.column("generations").to_pylist() == b.column("generations").to_pylist()
+    assert c.to_pylist() == a.to_pylist() and here["tokens"] == one["tokens"] and here["actors"] == 0
+    assert sorted(p.name for p in (tmp_path / "here").glob("*.parquet")) == sorted(
+        p.name for p in (tmp_path / "one").glob("*.parquet")
+    )
     assert sorted(a.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
     assert all(len(g) == 2 for g in a.column("generations").to_pylist())
     total = sum(sum(t) for t in a.column("generation_tokens").to_pylist())
@@ -210,9 +218,10 @@ def test_generate_stage_samples_the_policy_and_the_sft_model_and_skips_reruns(tm
     from raydora import reference
     from raydora.rundir import write_success
 
+    # generate.actors=0 (in this process): the pool is the test above's; this one is about the stage.
     base = [f"root={tmp_path}", "name=r", "synth.rows=16", "synth.eval_rows=6", "sft.enabled=false",
             "model.max_length=64", "model.precision=fp32", "generate.max_new_tokens=6", "generate.n=2",
-            "generate.batch_size=4", "evaluate.prompts=5"]  # fmt: skip
+            "generate.batch_size=4", "evaluate.prompts=5", "generate.actors=0"]  # fmt: skip
     cfg = load_config(None, base)
     run_dir = cfg.run_dir.absolute()
     synth.run(cfg, run_dir)

@@ -72,6 +72,7 @@ def test_the_loop_refuses_what_cannot_run_before_sampling(tmp_path: Path) -> Non
         (["data.input=mine.jsonl"], "scores the synthetic benchmark"),
         (["train.loss=dpo_pl"], "listwise"),
         (["train.objective=dora", "loop.keep_golden=false"], "needs golden responses"),
+        (["generate.actors=0"], "set generate.actors >= 1"),  # live generators; without them 0 samples in-process
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):

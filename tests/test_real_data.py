@@ -156,6 +156,7 @@ SMALL = [
     "classifier.score_actors=1",
     "classifier.num_workers=0",
     "generate.max_new_tokens=8",
+    "generate.actors=0",  # sampled in this process too
     "evaluate.prompts=6",
     "evaluate.bootstrap=100",
 ]
