@@ -161,7 +161,7 @@ TINY = [
     "sft.micro_batch_size=8",
     "sft.num_workers=0",  # SFT in this process
     "train.objective=kl_dro",
-    "train.num_workers=0",  # each trial trains in its own Tune actor (the Ray Train path: test_train.py)
+    "train.num_workers=1",  # Ray Train: an in-process trial (~2 s) can end before Tune's stop lands (seen)
     "train.batch_size=8",
     "train.micro_batch_size=8",
     "train.max_steps=2",
@@ -169,6 +169,7 @@ TINY = [
     "train.lr=1e-3",
     "reference.batch_size=16",
     "reference.actors=0",  # the reference, SFT-corpus and validation passes in the calling process (trials' too)
+    "generate.actors=0",  # and the validation samples of reward_win_rate
     "tune.space.train.lam=loguniform(0.1, 10)",
     "tune.space.train.beta=choice([0.05, 0.5])",
     "tune.num_samples=2",
@@ -213,14 +214,8 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     eval_split, away = base / "synth" / "eval", tmp_path / "eval-away"
     os.rename(eval_split, away)
     trials = tune_dir / "trials"
-    # Stopped once Tune has the first trial's result (its result.json is created empty when the trial starts) and
-    # the second trial has made its run folder: it is training then, and needs seconds more to report.
-    watcher = _interrupt_when(
-        lambda: (
-            any(p.stat().st_size for p in tune_dir.glob("experiment/trial_*/result.json"))
-            and len(list(trials.iterdir())) == 2
-        )
-    )
+    # Stopped once the second trial has made its run folder: its Ray Train run then needs ~15 s more to report.
+    watcher = _interrupt_when(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2)
     with pytest.raises(RuntimeError, match="interrupted; rerun the command to resume"):
         rtune.search(prep)
     watcher.join()
@@ -229,7 +224,7 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     ray_session.shutdown()
     ray_session.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     done = [json.loads(p.read_text()) for p in tune_dir.glob("experiment/trial_*/result.json") if p.stat().st_size]
-    assert len(done) == 1 and len(list(trials.iterdir())) == 2  # the first trial reported; the second was stopped
+    assert len(done) == 1  # the first trial reported; the second was stopped before it could
     first = Path(done[0]["run_dir"])
     first_done = (first / "train" / "_SUCCESS").stat().st_mtime_ns
     best = rtune.search(prep)  # Tuner.restore: the finished trial is kept, the stopped one runs again
