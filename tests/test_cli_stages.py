@@ -1,5 +1,5 @@
-"""`raydora synth` followed by `raydora validate`, as a user runs them (separate processes, each with its own
-local Ray)."""
+"""`raydora synth` followed by `raydora validate`, as a user runs them (separate processes: the first starts its
+own local Ray, the second joins a running one by ``ray.address``, as on a cluster)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ def _raydora(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_synth_then_validate(tmp_path: Path) -> None:
+def test_synth_then_validate(tmp_path: Path, ray_session) -> None:
     synth = _raydora("synth", "--output", str(tmp_path / "bench"), "--rows", "120", "--seed", "3", "--k", "2",
                      "ray.num_cpus=2", "synth.eval_rows=10")  # fmt: skip
     assert synth.returncode == 0, synth.stderr[-2000:]
     assert "[synth] done: train=120" in synth.stdout
     (tmp_path / "bench" / "train" / "extra.jsonl").write_text('{"prompt": "p", "chosen": "a"}\nnot json\n')
+    address = ray_session.get_runtime_context().gcs_address  # this session's Ray: no second local start-up
     checked = _raydora("validate", "--input", str(tmp_path / "bench" / "train"), "--output", str(tmp_path / "run"),
-                       "ray.num_cpus=2")  # fmt: skip
+                       f"ray.address={address}")  # fmt: skip
     assert checked.returncode == 0, checked.stderr[-2000:]
     assert "[validate] done: input=122, valid=120, quarantined=2" in checked.stdout
     assert "malformed_json" in checked.stdout and "unknown_format" in checked.stdout  # the file fits no layout
