@@ -181,12 +181,16 @@ def test_fsdp2_shards_and_trains_like_ddp(run_dir: Path) -> None:
 
 def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: Path, capsys) -> None:
     # The uninterrupted run trains in this process; in float64 it equals the 2-worker runs (the equality test above)
-    # to 1e-9, so the comparisons below are tighter than fp32 rounding would allow.
+    # to 1e-9, so the comparisons below are tighter than fp32 rounding would allow. Batches of 32 make an epoch of
+    # 3 steps (96 rows): the crash below lands at the epoch boundary (checkpoint: step 3, the end of epoch 0; the
+    # next step opens epoch 1), where a resume must start the next epoch's order, not repeat or skip one.
     f64 = {"master_dtype": "float64"}
-    fit(run_dir, "straight", "train.num_workers=0", **f64)
+    epochs = ("train.batch_size=32", "train.micro_batch_size=8", "train.epochs=2")
+    fit(run_dir, "straight", *epochs, "train.num_workers=0", **f64)
+    assert json.loads((run_dir / "straight" / "metrics.jsonl").read_text().splitlines()[3])["epoch"] == 1
     # A hard crash (os._exit) of worker 1 at step 4, after the step-3 checkpoint: Ray Train restarts the group
     # from that checkpoint and finishes. The result equals the uninterrupted run.
-    fit(run_dir, "recovered", callbacks=[CrashOnce(4, str(tmp_path / "failed-once"))], **f64)
+    fit(run_dir, "recovered", *epochs, callbacks=[CrashOnce(4, str(tmp_path / "failed-once"))], **f64)
     assert (tmp_path / "failed-once").exists()
     straight, recovered = weights(run_dir / "straight" / "final"), weights(run_dir / "recovered" / "final")
     for k in straight:
@@ -194,7 +198,8 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
     assert [m["step"] for m in metrics(run_dir / "recovered")] == list(range(1, 7))
     # With no failures allowed the crash ends the run; rerunning the same config resumes from step 3.
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError
-        fit(run_dir, "resumed", "train.max_failures=0", callbacks=[CrashOnce(4, str(tmp_path / "once-more"))], **f64)
+        fit(run_dir, "resumed", *epochs, "train.max_failures=0", callbacks=[CrashOnce(4, str(tmp_path / "once-more"))],
+            **f64)  # fmt: skip
     assert checkpoint.latest_step(run_dir / "resumed") == 3 and not (run_dir / "resumed" / "final").exists()
     # A newer checkpoint cut short (as a node lost mid-copy leaves it): the rerun passes over it, says so, and
     # resumes from step 3 (Ray Train's snapshot never saw it; checkpoint.pick_resume agrees with the driver).
@@ -205,7 +210,7 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes(run_dir: Path, tmp_path: P
     (cut / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "step": 5}))
     (cut / "state.pt").write_bytes((cut / "state.pt").read_bytes()[:100])
     capsys.readouterr()
-    fit(run_dir, "resumed", "train.max_failures=0", **f64)
+    fit(run_dir, "resumed", *epochs, "train.max_failures=0", **f64)
     assert f"[checkpoint] skipping step 5 ({cut}): state.pt has 100 bytes" in capsys.readouterr().out
     resumed = weights(run_dir / "resumed" / "final")
     for k in straight:
