@@ -25,7 +25,7 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 endef
 
-test: $(STAMP) ## default tier: CPU, 18-20 minutes on 2 cores (slow, gpu and vllm tests are excluded or skipped)
+test: $(STAMP) ## default tier: CPU, 16-20 minutes on 2 cores (slow, gpu and vllm tests are excluded or skipped)
 	$(call run_pytest,-q -m "not slow" --durations=20)
 
 # No Ray cluster: losses, objectives, log-probs, the WDPO penalty, calibration, config, presets, the row schema
