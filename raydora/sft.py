@@ -86,7 +86,7 @@ def sft_corpus(cfg: Any, run_dir: Path) -> Path:
     with staging(run_dir, "sft_corpus") as tmp:
         if source == synth:
             files = [str(f) for f in sorted(synth.glob("*.json"))]
-            ds = ray.data.read_json(files, ray_remote_args={"num_cpus": IO_CPUS}).map_batches(
+            ds = ray.data.read_json(files, num_cpus=IO_CPUS).map_batches(
                 _sft_rows_from_synth, batch_format="numpy", num_cpus=IO_CPUS
             )
         else:
