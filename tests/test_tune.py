@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ def test_synthetic_validation_rows_are_gold_labelled_and_apart() -> None:
     assert rows == synth.validation_rows(40, k=4, shares=shares, seed=3, exclude=train)  # deterministic
 
 
-# ---- a real search (Ray Tune, Ray Train inside each trial) -------------------------------------------------------
+# ---- a real search (Ray Tune; each trial trains in its own actor) ------------------------------------------------
 TINY = [
     "name=base",
     "seed=0",
@@ -161,7 +162,7 @@ TINY = [
     "sft.micro_batch_size=8",
     "sft.num_workers=0",  # SFT in this process
     "train.objective=kl_dro",
-    "train.num_workers=1",  # Ray Train: an in-process trial (~2 s) can end before Tune's stop lands (seen)
+    "train.num_workers=0",  # each trial trains in its Tune actor (Ray Train: test_train.py)
     "train.batch_size=8",
     "train.micro_batch_size=8",
     "train.max_steps=2",
@@ -200,6 +201,19 @@ def _interrupt_when(cond, timeout: float = 240.0) -> threading.Thread:
     return t
 
 
+def _hold_the_second_trial(trials: Path, held: list[Path]) -> None:
+    """Once the first trial has made its run folder, make the second trial's ``config.yaml`` a FIFO. The second
+    trial (``trial_<experiment>_00001``) writes that file before anything else of its pipeline, and opening a FIFO
+    for writing waits for a reader: the trial waits there, held through the filesystem, until the search is
+    stopped. (An in-process trial takes ~2 s: without the hold it could report before Tune's stop lands.)"""
+    firsts = list(trials.glob("trial_*_00000")) if not held and trials.is_dir() else []
+    if firsts:
+        second = trials / (firsts[0].name[: -len("00000")] + "00001")
+        second.mkdir()
+        os.mkfifo(second / "config.yaml")
+        held.append(second / "config.yaml")
+
+
 def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Path, ray_session) -> None:
     cfg = load_config(None, [f"root={tmp_path}", *TINY])
     prep = rtune.prepare(cfg)
@@ -214,11 +228,20 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     eval_split, away = base / "synth" / "eval", tmp_path / "eval-away"
     os.rename(eval_split, away)
     trials = tune_dir / "trials"
-    # Stopped once the second trial has made its run folder: its Ray Train run then needs ~15 s more to report.
-    watcher = _interrupt_when(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2)
+    # Stopped once Tune holds the first trial's result (its result.json is created empty when the trial starts):
+    # the second trial is then pending, or held at its start (above).
+    held: list[Path] = []
+
+    def first_reported() -> bool:
+        _hold_the_second_trial(trials, held)
+        return any(p.stat().st_size for p in tune_dir.glob("experiment/trial_*/result.json"))
+
+    watcher = _interrupt_when(first_reported)
     with pytest.raises(RuntimeError, match="interrupted; rerun the command to resume"):
         rtune.search(prep)
     watcher.join()
+    assert len(held) == 1 and stat.S_ISFIFO(held[0].stat().st_mode)  # the hold was in place, and never passed
+    held[0].unlink()
     # The command exits here (and a crash would take its local Ray along); the test restarts Ray the same way, so
     # the resume below starts from what is on disk, as a rerun of the command does.
     ray_session.shutdown()
