@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydora import checkpoint, generate, reference, rundir, synth, train, validate
+from raydora import checkpoint, classify, generate, reference, rundir, synth, train, validate
 from raydora.config import load_config
 from raydora.data import parquet_files
 
@@ -31,6 +31,7 @@ BASE = [
     "classifier.backbone=tiny-bert",
     "classifier.epochs=1",
     "classifier.score_actors=1",
+    "classifier.num_workers=0",  # the classifiers train in the process of the stage (only classify's kill uses them)
     "model.policy=tiny-gpt2",
     "model.precision=fp32",
     "model.max_length=64",
@@ -144,10 +145,21 @@ UPSTREAM = {  # what each stage reads, copied (mtimes kept: the markers still ma
     "validate": ("synth",),
     "reference": ("synth", "data", "quarantine", "tokenizer", "init"),
     "generate": ("synth", "data", "quarantine", "tokenizer", "init", "reference"),
+    "classify": ("synth", "data", "quarantine", "tokenizer", "init"),
 }
 # The folders each stage writes (no heldout/: the benchmark brings its own eval split); the first holds the marker.
-OUTPUT = {"validate": ("data", "quarantine"), "reference": ("reference",), "generate": ("generations/sft",)}
-STAGING = {"validate": ".validate.tmp-*", "reference": ".reference.tmp-*", "generate": "generations/.sft.tmp-*"}
+OUTPUT = {
+    "validate": ("data", "quarantine"),
+    "reference": ("reference",),
+    "generate": ("generations/sft",),
+    "classify": ("scored",),
+}
+STAGING = {  # classify: killed while it scores, its classifiers trained
+    "validate": ".validate.tmp-*",
+    "reference": ".reference.tmp-*",
+    "generate": "generations/.sft.tmp-*",
+    "classify": ".scored.tmp-*",
+}
 
 
 def upstream_copy(run_dir: Path, name: str, stage: str) -> Path:
@@ -164,11 +176,11 @@ def rows(run: Path, out: str) -> list[dict]:
     return [{**r, "file": r["file"].replace(str(run), "<run>")} if "file" in r else r for r in got]
 
 
-# reference and generate (slow): each baseline is one more run of the stage, and their staging and promote are
-# validate's (CI time, 2026-12-07).
+# reference, generate and classify (slow): each baseline is one more run of the stage, and their staging and promote
+# are validate's (CI time, 2026-12-07).
 @pytest.mark.parametrize(
     "stage",
-    ["validate", pytest.param("reference", marks=pytest.mark.slow), pytest.param("generate", marks=pytest.mark.slow)],
+    ["validate", *(pytest.param(s, marks=pytest.mark.slow) for s in ("reference", "generate", "classify"))],
 )
 def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_uninterrupted_run(
     run_dir: Path, address: str, capsys: pytest.CaptureFixture[str], stage: str
@@ -178,10 +190,11 @@ def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_unin
     # with a _SUCCESS), the staging folder is left behind; the rerun removes it, redoes the stage and writes the
     # rows of an uninterrupted run, value for value and in order.
     baseline = run_dir
-    if stage == "generate":  # generate's uninterrupted samples (of init/)
-        baseline = upstream_copy(run_dir, "gen-base", "generate")
-        generate.run(config(run_dir.parent, "gen-base"), baseline)
-    make = {"validate": validate.run, "reference": reference.run, "generate": generate.run}[stage]
+    make = {"validate": validate.run, "reference": reference.run, "generate": generate.run, "classify": classify.run}
+    if stage in ("generate", "classify"):  # their uninterrupted outputs (samples of init/; classifiers and scores)
+        baseline = upstream_copy(run_dir, f"{stage}-base", stage)
+        make[stage](config(run_dir.parent, f"{stage}-base"), baseline)
+    run_stage = make[stage]
     hit = upstream_copy(run_dir, f"kill-{stage}", stage)
     proc = raydora(hit, address, "pipeline", flags=("--stages", stage))
     wait_for(proc, lambda: any(hit.glob(STAGING[stage])), f"{stage}'s staging folder")
@@ -192,7 +205,7 @@ def test_a_driver_killed_mid_stage_leaves_no_output_and_the_rerun_equals_an_unin
     for out in OUTPUT[stage]:
         assert not (hit / out / "_SUCCESS").exists(), out
     capsys.readouterr()
-    result = make(config(run_dir.parent, f"kill-{stage}"), hit)
+    result = run_stage(config(run_dir.parent, f"kill-{stage}"), hit)
     assert not result.skipped
     assert f"[rundir] removing {left[0]}: left by a process that was killed mid-stage" in capsys.readouterr().out
     assert not list(hit.glob(STAGING[stage])) and not left[0].exists()
