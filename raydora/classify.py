@@ -31,7 +31,7 @@ from raydora import calibration
 from raydora.classifier import GOLDEN, margins, precision_tag, read_calibration
 from raydora.cluster import resolve_device
 from raydora.config import RunConfig
-from raydora.data import IO_CPUS, map_on_actor_pool, read_canonical, write_rows
+from raydora.data import IO_CPUS, map_rows, read_canonical, write_rows
 from raydora.progress import Progress, watch
 from raydora.rundir import StageResult, fingerprint, is_done, promote, read_success, staging, write_success
 
@@ -162,7 +162,7 @@ def score(
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(data_dir).glob("*.parquet"))
         bar = Progress("classify", f"scoring with {len(sources)} classifiers", total, "rows")
         with watch(bar) as counter:
-            scored = map_on_actor_pool(
+            rows = map_rows(
                 rows_in,
                 Scorer,
                 {
@@ -176,13 +176,13 @@ def score(
                     "precision": cfg.precision,
                     "progress": counter,
                 },
+                tmp / "scored",
                 keys=("classifier.score_actors", "classifier.actor_cpus"),
                 batch_size=cfg.score_batch_size,
                 actors=cfg.score_actors,
                 actor_cpus=cfg.actor_cpus,
                 gpus=1 if device == "cuda" else 0,
             )
-            rows = write_rows(scored, tmp / "scored")
         bar.finish(rows)
         write_success(
             tmp / "scored",

@@ -1,7 +1,7 @@
 """The Ray Data and parquet helpers every stage shares: the canonical row schema, streaming reads of a stage
 folder (:func:`read_canonical`), ordered parquet writes (:func:`write_rows`, :class:`OrderedParquetSink`) and the
-actor-pool map (:func:`map_on_actor_pool`). Input files are read in :mod:`raydora.inputs`, and validated by the
-validate stage (:mod:`raydora.validate`).
+map of a callable class over a stage's rows (:func:`map_rows`: an actor pool, or this process). Input files are
+read in :mod:`raydora.inputs`, and validated by the validate stage (:mod:`raydora.validate`).
 """
 
 from __future__ import annotations
@@ -141,6 +141,29 @@ def map_in_this_process(ds: Any, cls: type, kwargs: dict[str, Any], folder: Path
         close = getattr(fn, "close", None)
         if callable(close):
             close()
+
+
+def map_rows(
+    ds: Any,
+    cls: type,
+    kwargs: dict[str, Any],
+    folder: Path,
+    *,
+    keys: tuple[str, str],
+    batch_size: int,
+    actors: int,
+    actor_cpus: float,
+    gpus: float = 0,
+) -> int:
+    """``ds`` through the callable class ``cls`` into ``folder``'s parquet files, in input order: on a pool of
+    ``actors`` (:func:`map_on_actor_pool`, :func:`write_rows`), or in this process for ``actors=0``
+    (:func:`map_in_this_process`). Returns the rows written."""
+    if actors == 0:
+        return map_in_this_process(ds, cls, kwargs, folder, batch_size=batch_size)
+    pool = map_on_actor_pool(
+        ds, cls, kwargs, keys=keys, batch_size=batch_size, actors=actors, actor_cpus=actor_cpus, gpus=gpus
+    )
+    return write_rows(pool, folder)
 
 
 def parquet_rows(folder: Path) -> int:

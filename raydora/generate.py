@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydora.config import RunConfig
-from raydora.data import IO_CPUS, map_in_this_process, map_on_actor_pool, parquet_files, read_canonical, write_rows
+from raydora.data import IO_CPUS, map_rows, parquet_files, read_canonical
 from raydora.inputs import list_inputs
 from raydora.rundir import (
     StageResult,
@@ -431,20 +431,17 @@ def generate(
             cls, kwargs = HFGenerator, {**common, "batch_size": gen.batch_size * sampling.n, "threads": gen.threads}
             gpus = 1 if device == "cuda" else 0
         start = time.perf_counter()
-        if gen.actors == 0:
-            rows = map_in_this_process(ds, cls, kwargs, tmp / "out", batch_size=batch)
-        else:
-            generated = map_on_actor_pool(
-                ds,
-                cls,
-                kwargs,
-                keys=("generate.actors", "generate.actor_cpus"),
-                batch_size=batch,
-                actors=gen.actors,
-                actor_cpus=gen.actor_cpus,
-                gpus=gpus,
-            )
-            rows = write_rows(generated, tmp / "out")
+        rows = map_rows(
+            ds,
+            cls,
+            kwargs,
+            tmp / "out",
+            keys=("generate.actors", "generate.actor_cpus"),
+            batch_size=batch,
+            actors=gen.actors,
+            actor_cpus=gen.actor_cpus,
+            gpus=gpus,
+        )
         elapsed = time.perf_counter() - start
         tokens = sum(
             sum(x)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from raydora.cluster import resolve_device
 from raydora.config import RunConfig
-from raydora.data import IO_CPUS, map_in_this_process, map_on_actor_pool, read_canonical, write_rows
+from raydora.data import IO_CPUS, map_rows, read_canonical
 from raydora.rundir import (
     StageResult,
     file_fingerprints,
@@ -285,20 +285,17 @@ def encode_rows(
             "logprob_chunk": logprob_chunk,
             "more_models": tuple(str(Path(m).absolute()) for m in more_models),
         }
-        if cfg.actors == 0:
-            rows = map_in_this_process(rows_in, ReferenceModel, kwargs, tmp / "out", batch_size=cfg.batch_size)
-        else:
-            encoded = map_on_actor_pool(
-                rows_in,
-                ReferenceModel,
-                kwargs,
-                keys=("reference.actors", "reference.actor_cpus"),
-                batch_size=cfg.batch_size,
-                actors=cfg.actors,
-                actor_cpus=cfg.actor_cpus,
-                gpus=1 if device == "cuda" else 0,
-            )
-            rows = write_rows(encoded, tmp / "out")
+        rows = map_rows(
+            rows_in,
+            ReferenceModel,
+            kwargs,
+            tmp / "out",
+            keys=("reference.actors", "reference.actor_cpus"),
+            batch_size=cfg.batch_size,
+            actors=cfg.actors,
+            actor_cpus=cfg.actor_cpus,
+            gpus=1 if device == "cuda" else 0,
+        )
         cut = count_true(tmp / "out", "truncated")
         if cut:
             limit = f"model.max_length={max_length}"
