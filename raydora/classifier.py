@@ -436,8 +436,9 @@ def train_classifiers(
     # Only away from their defaults: run folders made before these settings existed stay valid.
     if cfg.calibration != "temperature":
         settings["calibration"] = cfg.calibration
-    # auto: CUDA when this process or the Ray cluster has a GPU, as for the scoring pool.
-    device = resolve_device(cfg.device)
+    # auto: CUDA when this process or the Ray cluster has a GPU, as for the scoring pool (in this process with
+    # num_workers=0: only this process's GPUs count).
+    device = resolve_device(cfg.device, here=cfg.num_workers == 0)
     tag = precision_tag(cfg.precision, device)
     if tag:
         settings["precision"] = tag

@@ -90,15 +90,18 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ray.init(num_cpus=cfg.num_cpus, dashboard_host=cfg.dashboard_host, **guard)
 
 
-def resolve_device(setting: str) -> str:
+def resolve_device(setting: str, *, here: bool = False) -> str:
     """``auto`` is CUDA when this process sees a GPU or the Ray cluster has one (a CPU head node drives GPU
-    workers on KubeRay), else CPU."""
+    workers on KubeRay), else CPU. ``here``: the model runs in this process (``actors=0``), so only this process's
+    GPUs count."""
     if setting != "auto":
         return setting
     import torch
 
     if torch.cuda.is_available():
         return "cuda"
+    if here:
+        return "cpu"
     import ray
 
     return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"

@@ -320,7 +320,7 @@ def heldout_logps_of(
         for name, model in models.items()
     }
     todo = [n for n in models if not is_done(run_dir / "eval_logps" / n, fps[n])]
-    gpu = resolve_device(cfg.reference.device) == "cuda"
+    gpu = resolve_device(cfg.reference.device, here=cfg.reference.actors == 0) == "cuda"
     for group in [[n] for n in todo] if gpu else [todo] if todo else []:
         kwargs = {
             "model_dir": models[group[0]],

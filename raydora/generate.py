@@ -400,7 +400,7 @@ def generate(
     that marker."""
     from raydora.cluster import resolve_device
 
-    device = resolve_device(gen.device)
+    device = resolve_device(gen.device, here=gen.actors == 0)
     backend = resolve_backend(gen.backend, device)
     out = Path(out_dir).absolute()
     model_dir = str(Path(model_dir).absolute())

@@ -268,7 +268,7 @@ def encode_rows(
     rows were truncated). Returns the row count. ``more_models`` add ``reference_logps_1``, ... (see
     :class:`ReferenceModel`)."""
     out = Path(out_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, here=cfg.actors == 0)
     with staging(out.parent, out.name) as tmp:
         rows_in = read_canonical(input_dir, num_cpus=IO_CPUS, block_rows=cfg.batch_size, slice_rows=8 * cfg.batch_size)
         kwargs = {

@@ -257,4 +257,6 @@ def test_auto_device_follows_the_cluster(ray_session, monkeypatch: pytest.Monkey
     # A CPU-only driver on a cluster with GPU workers (a KubeRay head) still picks CUDA for the actors.
     monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     assert resolve_device("auto") == "cuda"
+    # ... but a pass in this process (reference.actors=0, generate.actors=0) runs where this process is: CPU.
+    assert resolve_device("auto", here=True) == "cpu"
     assert gen.resolve_backend("hf", "cuda") == "hf" and gen.resolve_backend("auto", "cpu") == "hf"
