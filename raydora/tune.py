@@ -173,15 +173,20 @@ def _validation_metrics(cfg: RunConfig, run_dir: Path, base_dir: Path, validatio
 SAMPLES = "validation_samples"  # <base>/tune/ and each trial folder: samples of the validation prompts
 
 
-def reward_name(cfg: RunConfig, validation: Path) -> str:
-    """``tune.reward`` with ``auto`` resolved as the evaluate stage resolves ``evaluate.reward`` (the benchmark's gold
-    reward on its prompts, else none); raises when ``tune.metric: reward_win_rate`` has no reward to use."""
+def _auto_reward(cfg: RunConfig, validation: Path) -> str:
+    """evaluate.reward's ``auto`` rule on the validation prompts: ``gold`` on the benchmark's prompts, else ``none``."""
     from raydora.evaluate import resolve_reward
     from raydora.generate import read_prompts
 
+    return resolve_reward(from_dict(to_dict(cfg), ['evaluate.reward="auto"']), read_prompts(validation, 8))
+
+
+def reward_name(cfg: RunConfig, validation: Path) -> str:
+    """``tune.reward`` with ``auto`` resolved as the evaluate stage resolves ``evaluate.reward`` (the benchmark's gold
+    reward on its prompts, else none); raises when ``tune.metric: reward_win_rate`` has no reward to use."""
     name = cfg.tune.reward
     if name == "auto":
-        name = resolve_reward(from_dict(to_dict(cfg), ['evaluate.reward="auto"']), read_prompts(validation, 8))
+        name = _auto_reward(cfg, validation)
     if name == "none":
         raise ConfigError(
             "tune.reward",
@@ -189,6 +194,17 @@ def reward_name(cfg: RunConfig, validation: Path) -> str:
             "reward-model (or raydora classifier) folder",
         )
     return name
+
+
+def resolve_metric(cfg: RunConfig, validation: Path) -> RunConfig:
+    """``cfg`` with ``tune.metric: auto`` resolved: ``reward_win_rate`` when ``tune.reward`` names a reward or its
+    ``auto`` finds one for the validation prompts, else ``logp_accuracy``; any other metric as it is."""
+    if cfg.tune.metric != "auto":
+        return cfg
+    has_reward = cfg.tune.reward != "auto" or _auto_reward(cfg, validation) != "none"
+    metric = "reward_win_rate" if has_reward else "logp_accuracy"
+    print(f"[tune] tune.metric=auto: selecting on {metric}", flush=True)
+    return from_dict(to_dict(cfg), [f"tune.metric={metric}"])
 
 
 def validation_samples(cfg: RunConfig, folder: Path, model: Path, validation: Path) -> Path:
@@ -384,6 +400,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     base_dir = cfg.run_dir
     pipeline.run(cfg, upstream_stages(cfg))
     validation = prepare_validation(cfg, base_dir)
+    cfg = resolve_metric(cfg, validation)
     pairs = len(heldout_logps(cfg, base_dir, REFERENCE_LOGPS, initial_policy(cfg, base_dir), rows=validation))
     if cfg.tune.metric == "reward_win_rate":  # the reward exists, and the reference policy's samples, once
         reward_name(cfg, validation)

@@ -89,8 +89,11 @@ class TuneConfig:
     base run's validate, classify, SFT and reference stages, which other sections would change."""
     num_samples: int = 8
     """Trials drawn from the space (Ray Tune's ``num_samples``); a space of choices only is drawn at random too."""
-    metric: Literal["accuracy", "margin", "logp_accuracy", "reward_win_rate"] = "accuracy"
-    """What selects the best trial (always maximised), on the validation pairs: accuracy, the share of pairs whose
+    metric: Literal["auto", "accuracy", "margin", "logp_accuracy", "reward_win_rate"] = "auto"
+    """What selects the best trial (always maximised), on the validation pairs. auto: reward_win_rate when ``reward``
+    resolves to a reward (the benchmark's gold reward, or the reward named), else logp_accuracy (docs/tune.md, "Which
+    metric to select on": on biased labels the implicit reward's accuracy ranked trials against their win rate,
+    the reward of the samples with them). accuracy, the share of pairs whose
     implicit reward beta * (log pi - log pi_ref) ranks the preferred response first; margin, that reward's mean
     chosen-minus-rejected gap (it scales with beta, so compare margins only at one beta); or logp_accuracy, the share
     whose preferred response the policy itself finds likelier (log pi(chosen) > log pi(rejected)): what it would

@@ -59,13 +59,13 @@ def test_the_tune_section_reads_nested_or_dotted_and_names_the_key_at_fault(tmp_
         nested.space == dotted.tune.space == {"train.lam": "loguniform(0.01, 10)", "train.beta": "choice([0.05, 0.1])"}
     )
     assert nested.distributions()["train.lam"] == Distribution("loguniform", (0.01, 10.0))
-    assert load_config(None, []).tune.space == {} and load_config(None, []).tune.metric == "accuracy"
+    assert load_config(None, []).tune.space == {} and load_config(None, []).tune.metric == "auto"
     errors = {
         "tune.space.sft.lr=uniform(1e-4, 1e-3)": "tune.space.sft.lr: only train.<key> can be tuned",
         "tune.space.seed=choice([0, 1])": "tune.space.seed: only train.<key>",
         "tune.space.train.lam=loguniform(-1, 10)": "tune.space.train.lam: 'loguniform(-1, 10)'",
         "tune.num_samples=0": "tune.num_samples: must be > 0",
-        "tune.metric=loss": "tune.metric: must be one of 'accuracy', 'margin'",
+        "tune.metric=loss": "tune.metric: must be one of 'auto', 'accuracy'",
         "tune.max_concurrent_trials=-1": "tune.max_concurrent_trials: must be >= 0",
         "tune.scheduler=pbt": "tune.scheduler: must be one of 'asha', 'fifo'",
     }
@@ -116,6 +116,25 @@ def test_reward_selection_needs_a_reward(tmp_path: Path) -> None:
     assert rtune.reward_name(load_config(None, ["tune.reward=biased"]), prompts) == "biased"
     with pytest.raises(ConfigError, match=re.escape("tune.sample_prompts: must be > 0")):
         load_config(None, ["tune.sample_prompts=0"])
+
+
+def test_the_auto_metric_selects_on_a_reward_when_there_is_one(tmp_path: Path) -> None:
+    # tune.metric=auto (the default): the reward of the validation samples where a reward exists (the benchmark's
+    # gold, or one named), else the policy's own log-prob accuracy; never the implicit reward's accuracy, which
+    # ranked trials against their win rate on biased labels (docs/tune.md).
+    user = tmp_path / "val.jsonl"
+    user.write_text(json.dumps({"prompt": "Say hello.", "chosen": "hi", "rejected": "no"}) + "\n")
+    bench = tmp_path / "bench.jsonl"
+    rows = synth.validation_rows(4, k=2, shares={"golden": 0.5, "verbose": 0.5}, seed=0, exclude=set())
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def metric(path: Path, *overrides: str) -> str:
+        return rtune.resolve_metric(load_config(None, list(overrides)), path).tune.metric
+
+    assert metric(bench) == "reward_win_rate"
+    assert metric(user) == "logp_accuracy"
+    assert metric(user, "tune.reward=biased") == "reward_win_rate"
+    assert metric(bench, "tune.metric=accuracy") == "accuracy"  # a metric named is kept
 
 
 def test_trial_overrides_and_the_table() -> None:
@@ -260,11 +279,13 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
         r = json.loads(lines[0])
         reported[r["trial_id"]] = r
     assert len(reported) == 2
+    # tune.metric=auto selected on the reward of the validation samples (the benchmark's gold reward exists).
     # best.json is the argmax of what the trials reported; best.yaml is its full config.
-    assert best["value"] == max(r["accuracy"] for r in reported.values())
-    tied = [r for r in reported.values() if r["accuracy"] == best["value"]]
-    assert best["margin"] == max(r["margin"] for r in tied)  # ties go to the larger margin
-    assert reported[best["trial_id"]]["accuracy"] == best["value"] == best["accuracy"]
+    assert best["metric"] == "reward_win_rate"
+    assert best["value"] == max(r["reward_win_rate"] for r in reported.values())
+    tied = [r for r in reported.values() if r["reward_win_rate"] == best["value"]]
+    assert best["logp_accuracy"] == max(r["logp_accuracy"] for r in tied)  # ties go to the larger log-prob accuracy
+    assert reported[best["trial_id"]]["reward_win_rate"] == best["value"] == best["reward_win_rate"]
     assert json.loads((tune_dir / "best.json").read_text())["overrides"] == reported[best["trial_id"]]["config"]
     chosen = load_config(tune_dir / "best.yaml")
     assert chosen.train.lam == best["overrides"]["train.lam"] and chosen.train.beta == best["overrides"]["train.beta"]
@@ -301,7 +322,7 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
         w, t, _ = outcomes([synth.gold_reward(p, x) for x in gens["policy"][i]],
                            [synth.gold_reward(p, x) for x in gens["reference"][i]])  # fmt: skip
         per.append(w + t / 2)
-    assert m["reward_win_rate"] == pytest.approx(sum(per) / len(per), abs=1e-12)
+    assert m["reward_win_rate"] == pytest.approx(sum(per) / len(per), abs=1e-12) == best["value"]
     reference_done = (tune_dir / rtune.SAMPLES / "_SUCCESS").stat().st_mtime_ns
     assert rtune.reward_metrics(cfg, trial_dir, base, prep.validation, trial_dir / "train" / "final") == m
     assert (tune_dir / rtune.SAMPLES / "_SUCCESS").stat().st_mtime_ns == reference_done  # sampled once
