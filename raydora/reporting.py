@@ -196,4 +196,18 @@ def win_table(report: dict[str, Any]) -> str:
     for ref, w in report["win_rates"].items():
         if w.get("win_rate") is not None:
             rows.append(f"  {ref:<10} {fmt_rate(w):<26} {w['win']:>6.3f} {w['tie']:>6.3f} {w['lose']:>6.3f}")
+    sft = report["win_rates"].get("sft", {})
+    if sft.get("win_rate") is not None:
+        rows.append(f"{name} {verdict(sft)} its SFT start")
     return "\n".join(rows)
+
+
+def verdict(w: dict[str, Any]) -> str:
+    """What a win rate's 95% interval says against 0.5 (parity): ``beats`` (above it), ``loses to`` (below it), or
+    ``is not distinguishable from`` (it holds 0.5)."""
+    lo, hi = w["ci95"]
+    if lo > 0.5:
+        return "beats (95% CI above 0.5)"
+    if hi < 0.5:
+        return "loses to (95% CI below 0.5)"
+    return "is not distinguishable from (95% CI holds 0.5)"

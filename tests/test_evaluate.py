@@ -92,6 +92,10 @@ def test_report_on_the_benchmark_by_hand() -> None:
     assert sweep[1.0]["vs_sft"]["win_rate"] == pytest.approx(0.75)
     assert sweep[1.0]["vs_sft"]["tie"] == pytest.approx(0.5) and sweep[0.0]["vs_sft"]["win"] == pytest.approx(0.5)
     assert sweep[0.0]["vs_sft"]["win_rate"] == pytest.approx(0.75)
+    # The headline's last line says what the interval says against parity.
+    assert reporting.win_table(report).splitlines()[-1] == "policy beats (95% CI above 0.5) its SFT start"
+    assert reporting.verdict({"ci95": (0.4, 0.49)}) == "loses to (95% CI below 0.5)"
+    assert reporting.verdict({"ci95": (0.45, 0.5)}) == "is not distinguishable from (95% CI holds 0.5)"
 
 
 def test_reports_need_every_prompt_and_a_matching_reward() -> None:
