@@ -2,7 +2,10 @@
 that the pipeline has filled (``jobs/pipeline.py`` first, same config and ``root``).
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml --working-dir . -- \\
-        python jobs/loop.py --config jobs/configs/demo_cpu.yaml root=/shared/runs [--rounds N] [key=value ...]
+        python jobs/loop.py --config jobs/configs/demo_cpu.yaml root=/shared/runs train.loss=dpo [--rounds N] \\
+            [key=value ...]
+
+(The loop trains pairwise losses: the demo's config trains RRHF, hence ``train.loss=dpo``.)
 """
 
 import sys
