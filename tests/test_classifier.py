@@ -135,43 +135,55 @@ def test_rerun_skips_trained_classifiers(trained: Path) -> None:
     assert again.skipped
 
 
-@pytest.mark.slow  # 45 s; test_concurrent_runs_train_the_same_classifiers also trains each source alone
-def test_one_run_trains_each_source_as_if_alone(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """All sources train in one Ray Train run, one after another. Each classifier must not depend on the others
-    (each starts from the seed): training verbose alone gives the same weights, bit for bit, as training it
-    second, after sloppy (sources train in sorted order)."""
+@pytest.fixture(scope="module")
+def serial(trained: Path) -> Path:
+    """Both classifiers trained in turn in this process (classifier.num_workers=0, no Ray Train): the same loop and
+    data order as a 1-worker Ray Train run. Its progress lines go to ``clf-serial.log``."""
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = classifier.train_classifiers(
+            trained / "data", trained / "clf-serial", dataclasses.replace(CFG, num_workers=0), seed=0
+        )
+    assert torch.get_num_threads() == threads  # CFG's threads_per_worker=1 applied while training, then restored
+    (trained / "clf-serial.log").write_text(out.getvalue())
+    assert result.counts == {"classifiers": 2} and not result.skipped
+    return trained / "clf-serial"
+
+
+def test_one_run_trains_each_source_as_if_alone(trained: Path, serial: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All sources train in one run, one after another. Each classifier must not depend on the others (each starts
+    from the seed): training verbose alone gives the same weights, bit for bit, as training it second, after sloppy
+    (sources train in sorted order). Checked on the in-process loop, the one Ray Train's workers run (the test below
+    shows the two bitwise equal)."""
     real = classifier.synthetic_sources
     monkeypatch.setattr(classifier, "synthetic_sources", lambda d: {k: v for k, v in real(d).items() if k != "sloppy"})
-    alone = classifier.train_classifiers(trained / "data", trained / "verbose-alone", CFG, seed=0)
+    cfg = dataclasses.replace(CFG, num_workers=0)
+    alone = classifier.train_classifiers(trained / "data", trained / "verbose-alone", cfg, seed=0)
     assert alone.counts == {"classifiers": 1}
-    a = load_file(str(trained / "classifier" / "verbose" / "model.safetensors"))
+    a = load_file(str(serial / "verbose" / "model.safetensors"))
     b = load_file(str(trained / "verbose-alone" / "verbose" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    both = json.loads((trained / "classifier" / "verbose" / "calibration.json").read_text())
+    both = json.loads((serial / "verbose" / "calibration.json").read_text())
     assert json.loads((trained / "verbose-alone" / "verbose" / "calibration.json").read_text()) == both
 
 
-def test_concurrent_runs_train_the_same_classifiers(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_concurrent_runs_train_the_same_classifiers(trained: Path, serial: Path) -> None:
     """classifier.concurrency=2: each source trained by its own Ray Train run (one worker each, both runs at once
     on the 2-CPU test cluster) gives the same weights and calibration, bit for bit, as training them in turn in
     this process (classifier.num_workers=0, no Ray Train; the same loop on the same data order); and concurrency
     is not part of the stage's fingerprint."""
     cfg = dataclasses.replace(CFG, num_workers=1)
-    threads = torch.get_num_threads()
-    one = classifier.train_classifiers(trained / "data", trained / "clf-serial",
-                                       dataclasses.replace(cfg, num_workers=0), seed=0)  # fmt: skip
-    assert torch.get_num_threads() == threads  # CFG's threads_per_worker=1 applied while training, then restored
-    assert " training examples x 2 epochs; in this process on cpu\n" in capsys.readouterr().out
+    assert " training examples x 2 epochs; in this process on cpu\n" in (trained / "clf-serial.log").read_text()
     two = classifier.train_classifiers(trained / "data", trained / "clf-concurrent",
                                        dataclasses.replace(cfg, concurrency=2), seed=0)  # fmt: skip
-    assert one.counts == two.counts == {"classifiers": 2} and not two.skipped
+    assert two.counts == {"classifiers": 2} and not two.skipped
     runs = [
         json.loads((trained / d / "_SUCCESS").read_text())["training_runs"] for d in ("clf-serial", "clf-concurrent")
     ]
     assert runs == [[["sloppy", "verbose"]], [["sloppy"], ["verbose"]]]
-    assert not list((trained / "clf-serial").glob(".*"))  # the in-process run's folder went with the staging
+    assert not list(serial.glob(".*"))  # the in-process run's folder went with the staging
     for source in ("sloppy", "verbose"):
-        a = load_file(str(trained / "clf-serial" / source / "model.safetensors"))
+        a = load_file(str(serial / source / "model.safetensors"))
         b = load_file(str(trained / "clf-concurrent" / source / "model.safetensors"))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), source
         calibration = [json.loads((trained / d / source / "calibration.json").read_text())
