@@ -42,6 +42,9 @@ SPACES: dict[str, dict[str, str]] = {
     "wdpo": {**COMMON, "train.rho": "loguniform(0.001, 1)"},
     "dr_dpo": {**COMMON, "train.beta_prime": "loguniform(0.1, 10)"},
     "rdpo": {**COMMON, "train.flip_rate": "uniform(0.05, 0.45)"},
+    # RRHF alone (ERM) searches what RRHF + DoRA does but the strength: the fair baseline of the DoRA row (the
+    # demo's searches, docs/tune.md: the two drew the same lr and SFT weight in 4 trials and DoRA won all 4).
+    "rrhf": {"train.lr": COMMON["train.lr"], "train.sft_weight": "loguniform(0.1, 10)"},
     "rrhf+dora": {
         "train.lr": COMMON["train.lr"],
         "train.lam": "loguniform(0.03, 10)",
