@@ -67,9 +67,15 @@ def address(ray_session) -> str:
 
 
 def raydora(
-    run_dir: Path, address: str, command: str, *overrides: str, flags: tuple[str, ...] = ()
+    run_dir: Path,
+    address: str,
+    command: str,
+    *overrides: str,
+    flags: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
-    """``raydora <command> [flags]`` on ``run_dir`` in its own process (joining this session's Ray)."""
+    """``raydora <command> [flags]`` on ``run_dir`` in its own process (joining this session's Ray); ``env``: extra
+    environment variables."""
     args = [f"root={run_dir.parent}", f"name={run_dir.name}", *BASE, *overrides, f"ray.address={address}"]
     return subprocess.Popen(
         [sys.executable, "-m", "raydora.cli", command, *flags, *args],
@@ -77,6 +83,7 @@ def raydora(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -105,18 +112,35 @@ def steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.fixture(scope="module")
+def straight(run_dir: Path) -> tuple[Path, int]:
+    """The uninterrupted training run (in this process): its ``final/`` folder and its step count. Checkpoints do
+    not change the weights, so the runs below compare with it whatever their ``train.checkpoint_every``."""
+    cfg = config(run_dir.parent, run_dir.name, "train.checkpoint_every=100")
+    result = train.fit(
+        mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
+        out_dir=run_dir / "straight", run_cfg=cfg, train=cfg.train,
+    )  # fmt: skip
+    return run_dir / "straight" / "final", int(result.counts["steps"])
+
+
+def assert_equal_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = weights(a_dir), weights(b_dir)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 # ---- item 7: SIGTERM to the trainer ------------------------------------------------------------------------------
-def test_sigterm_checkpoints_the_step_and_the_same_command_resumes_bitwise(run_dir: Path, address: str) -> None:
+def test_sigterm_checkpoints_the_step_and_the_same_command_resumes_bitwise(
+    run_dir: Path, address: str, straight: tuple[Path, int]
+) -> None:
     # The loop in the driver process (train.num_workers=0, a `raydora train` command): SIGTERM, as Kubernetes sends
     # before evicting a pod, ends the step in progress, checkpoints it and stops with status 143. No checkpoint is
     # due before the end (checkpoint_every=100): the only one on disk is the preemption's.
     common = ("train.checkpoint_every=100",)
     cfg = config(run_dir.parent, run_dir.name, *common)
-    straight = train.fit(
-        mode="train", data_dir=run_dir / "reference", model_dir=reference.initial_policy(cfg, run_dir),
-        out_dir=run_dir / "straight", run_cfg=cfg, train=cfg.train,
-    )  # fmt: skip
-    total = straight.counts["steps"]
+    total = straight[1]
     out = run_dir / "train"
     proc = raydora(run_dir, address, "train", *common)
     wait_for(proc, lambda: len(steps(out)) >= 1, "a training step")
@@ -134,10 +158,56 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes_bitwise(run_d
     # The rerun: the stage the command runs, in this process (a second interpreter start-up saved).
     result = train.run(cfg, run_dir)
     assert not result.skipped and steps(out) == list(range(1, total + 1))
-    a, b = weights(run_dir / "straight" / "final"), weights(out / "final")
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_equal_weights(straight[0], out / "final")
+
+
+# ---- item 1: the trainer killed while it writes a checkpoint -------------------------------------------------------
+def test_a_trainer_killed_while_writing_a_checkpoint_resumes_from_the_one_before_bitwise(
+    tmp_path: Path, run_dir: Path, address: str, straight: tuple[Path, int]
+) -> None:
+    # `raydora train` in the driver process (train.num_workers=0) checkpoints every step: each checkpoint is written
+    # into a fresh temp folder (`raydora-ckpt-*` under TMPDIR, here a folder of this test's), then moved into
+    # checkpoints/. Once a checkpoint is on disk, the test watches TMPDIR; when the next write's folder holds a
+    # file but not yet its manifest (the last file written), it stops the process (SIGSTOP) and, if the write is
+    # still unfinished, kills it (SIGKILL). A stop that came too late is resumed and the next write tried. The
+    # rerun resumes from the newest whole checkpoint and ends bitwise equal to the uninterrupted run.
+    run = upstream_copy(run_dir, "train-killed-mid-checkpoint", "train")
+    common = ("train.checkpoint_every=1",)
+    cfg = config(run.parent, run.name, *common)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    out, ckpts = run / "train", run / "train" / "checkpoints"
+    proc = raydora(run, address, "train", *common, env={"TMPDIR": str(temp)})
+    wait_for(proc, lambda: checkpoint.latest_step(out) >= 1, "a first checkpoint")
+    hit: Path | None = None
+    deadline = time.monotonic() + WAIT
+
+    def half_written() -> list[Path]:
+        return [d for d in temp.glob("raydora-ckpt-*") if any(d.iterdir()) and not (d / checkpoint.MANIFEST).exists()]
+
+    while hit is None and proc.poll() is None and time.monotonic() < deadline:
+        writing = half_written()
+        if not writing:
+            continue  # a tight loop: a checkpoint of this model is written in milliseconds
+        os.killpg(proc.pid, signal.SIGSTOP)
+        if writing[0] in half_written():
+            hit = writing[0]
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGCONT)
+    assert hit is not None, f"no checkpoint write was caught (exit {proc.poll()})"
+    assert not (hit / checkpoint.MANIFEST).exists()  # the write was cut short
+    proc.communicate(timeout=WAIT)
+    assert proc.returncode == -signal.SIGKILL
+    done = checkpoint.latest_step(out)
+    assert 1 <= done < straight[1] and not (out / "final").exists()
+    # What was on disk: whole checkpoints (none of them the one being written), at most a half-moved `.tmp`.
+    whole = sorted(p.name for p in ckpts.glob("checkpoint_local_*"))
+    assert whole and all(checkpoint.verify(ckpts / n) is None for n in whole)
+    assert json.loads((ckpts / whole[-1] / "step.json").read_text())["step"] == done
+    result = train.run(cfg, run)
+    assert not result.skipped and steps(out)[-1] == straight[1]
+    assert_equal_weights(straight[0], out / "final")
 
 
 # ---- item 2: the driver SIGKILLed mid-stage, then the stage rerun ---------------------------------------------------
@@ -145,6 +215,7 @@ UPSTREAM = {  # what each stage reads, copied (mtimes kept: the markers still ma
     "validate": ("synth",),
     "reference": ("synth", "data", "quarantine", "tokenizer", "init"),
     "generate": ("synth", "data", "quarantine", "tokenizer", "init", "reference"),
+    "train": ("synth", "data", "quarantine", "tokenizer", "init", "reference"),
     "classify": ("synth", "data", "quarantine", "tokenizer", "init"),
 }
 # The folders each stage writes (no heldout/: the benchmark brings its own eval split); the first holds the marker.
