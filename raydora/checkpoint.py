@@ -17,8 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raydora.rundir import fresh_staging
+
 TRAINER_STATE = "trainer_model.safetensors"  # LoRA checkpoints: the trainable (adapter) parameters, training's names
 MANIFEST = "manifest.json"
+CKPT_STAGING = "raydora-ckpt"  # save_checkpoint's temp folders: <tmp>/.raydora-ckpt.tmp-<random>-<pid>-<host>
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # a process that SIGTERM ended: the status shells and Kubernetes expect
 
 
@@ -43,7 +46,9 @@ def save_checkpoint(
     opt_state = distributed.optimizer_state(model, optimizer)
     if rank != 0:
         return None
-    out = Path(tempfile.mkdtemp(prefix="raydora-ckpt-"))
+    # In the temp dir under a name with this process's id: a write cut short by a kill is removed by the next
+    # process's first checkpoint on this host (rundir.stale_staging), instead of filling the temp disk.
+    out = fresh_staging(tempfile.gettempdir(), CKPT_STAGING)
     if lora:
         from safetensors.torch import save_file
 

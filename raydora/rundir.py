@@ -191,11 +191,9 @@ def stale_staging(parent: str | Path, name: str) -> list[Path]:
     return stale
 
 
-@contextmanager
-def staging(parent: str | Path, name: str) -> Iterator[Path]:
-    """A fresh temp folder inside ``parent`` for a stage's outputs (its name holds this process's id and host);
-    removed on error. Promote its contents with :func:`promote` once complete. Folders that an earlier process
-    killed mid-stage left behind (:func:`stale_staging`) are removed first, saying so."""
+def fresh_staging(parent: str | Path, name: str) -> Path:
+    """A new folder ``parent/.<name>.tmp-<random>-<pid>-<host>`` (absolute). Folders of that name that an earlier
+    process killed mid-write left behind (:func:`stale_staging`) are removed first, saying so."""
     parent = Path(parent).absolute()  # absolute: Ray workers (Train especially) run in other folders
     parent.mkdir(parents=True, exist_ok=True)
     for old in stale_staging(parent, name):
@@ -203,6 +201,15 @@ def staging(parent: str | Path, name: str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     tmp = parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}-{os.getpid()}-{_host_tag()}"
     tmp.mkdir()
+    return tmp
+
+
+@contextmanager
+def staging(parent: str | Path, name: str) -> Iterator[Path]:
+    """A fresh temp folder inside ``parent`` for a stage's outputs (:func:`fresh_staging`: its name holds this
+    process's id and host, and stale ones go first); removed on error. Promote its contents with :func:`promote`
+    once complete."""
+    tmp = fresh_staging(parent, name)
     try:
         yield tmp
     except Exception as e:
@@ -210,7 +217,7 @@ def staging(parent: str | Path, name: str) -> Iterator[Path]:
             raise
         raise DiskFullError(
             errno.ENOSPC,
-            f"no space left on device while writing {name!r} under {parent} (staged in {tmp.name}, now removed: "
+            f"no space left on device while writing {name!r} under {tmp.parent} (staged in {tmp.name}, now removed: "
             f"nothing was promoted, no {SUCCESS} written); free space on that filesystem and rerun",
         ) from e
     finally:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,14 +164,15 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes_bitwise(
 
 # ---- item 1: the trainer killed while it writes a checkpoint -------------------------------------------------------
 def test_a_trainer_killed_while_writing_a_checkpoint_resumes_from_the_one_before_bitwise(
-    tmp_path: Path, run_dir: Path, address: str, straight: tuple[Path, int]
+    tmp_path: Path, run_dir: Path, address: str, straight: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `raydora train` in the driver process (train.num_workers=0) checkpoints every step: each checkpoint is written
-    # into a fresh temp folder (`raydora-ckpt-*` under TMPDIR, here a folder of this test's), then moved into
+    # into a fresh temp folder (`.raydora-ckpt.tmp-*` under TMPDIR, here a folder of this test's), then moved into
     # checkpoints/. Once a checkpoint is on disk, the test watches TMPDIR; when the next write's folder holds a
     # file but not yet its manifest (the last file written), it stops the process (SIGSTOP) and, if the write is
     # still unfinished, kills it (SIGKILL). A stop that came too late is resumed and the next write tried. The
-    # rerun resumes from the newest whole checkpoint and ends bitwise equal to the uninterrupted run.
+    # rerun resumes from the newest whole checkpoint and ends bitwise equal to the uninterrupted run; its first
+    # checkpoint removes the cut write's folder (its process is gone), so crashes do not fill the temp disk.
     run = upstream_copy(run_dir, "train-killed-mid-checkpoint", "train")
     common = ("train.checkpoint_every=1",)
     cfg = config(run.parent, run.name, *common)
@@ -183,7 +185,8 @@ def test_a_trainer_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     deadline = time.monotonic() + WAIT
 
     def half_written() -> list[Path]:
-        return [d for d in temp.glob("raydora-ckpt-*") if any(d.iterdir()) and not (d / checkpoint.MANIFEST).exists()]
+        found = temp.glob(f".{checkpoint.CKPT_STAGING}.tmp-*")
+        return [d for d in found if any(d.iterdir()) and not (d / checkpoint.MANIFEST).exists()]
 
     while hit is None and proc.poll() is None and time.monotonic() < deadline:
         writing = half_written()
@@ -205,9 +208,11 @@ def test_a_trainer_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     whole = sorted(p.name for p in ckpts.glob("checkpoint_local_*"))
     assert whole and all(checkpoint.verify(ckpts / n) is None for n in whole)
     assert json.loads((ckpts / whole[-1] / "step.json").read_text())["step"] == done
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # the rerun (in this process) checkpoints there too
     result = train.run(cfg, run)
     assert not result.skipped and steps(out)[-1] == straight[1]
     assert_equal_weights(straight[0], out / "final")
+    assert not hit.exists() and not list(temp.iterdir())
 
 
 # ---- item 2: the driver SIGKILLed mid-stage, then the stage rerun ---------------------------------------------------
