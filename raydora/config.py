@@ -364,7 +364,7 @@ class TrainConfig:
     log_every: int = 1
     """Optimizer steps between metric lines (metrics.jsonl gets every step)."""
     preemption_checkpoint: bool = True
-    """On SIGTERM (a pod's eviction) the in-process loop ends its step, checkpoints it and stops (docs/training.md)."""
+    """Checkpoint the step in progress when preempted: SIGTERM to the in-process loop, a node drain to Ray Train's."""
 
     def __post_init__(self) -> None:
         positive = ("beta", "lam", "tau", "beta_prime", "lire_temperature", "lr", "batch_size", "micro_batch_size")

@@ -200,6 +200,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         chosen = pick_resume(ray_dir, spec.resume_from, spec.resume_step)
         if chosen is not None:
             start = restore(chosen, model, optimizer, scheduler)
+            if rank == 0:
+                print(f"[{spec.mode}] resumed at step {start} of {spec.total_steps} from {chosen}", flush=True)
     group = distributed.default_group() if world > 1 else None
     tracker = None  # rank 0: metrics.jsonl, TensorBoard, and MLflow / W&B when the logging section asks
     if rank == 0:
@@ -209,6 +211,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shard = config["datasets"][f"train_{rank}"] if local else ray.train.get_dataset_shard(f"train_{rank}")
     skipped, last_metrics, step = 0, {}, start
+    # Ray 2.5x+ tells the workers of a drain for preemption; every rank asks after every step (a collective).
+    watch_preemption = not local and t.preemption_checkpoint and hasattr(ray.train, "get_preemption_info")
     pack: bool | None = None
 
     def save(step: int, m: dict[str, Any]) -> Path | None:
@@ -285,8 +289,15 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
                     flush=True,
                 )
         saved = None
-        if step % t.checkpoint_every == 0 or step == total:
+        periodic = step % t.checkpoint_every == 0 or step == total
+        if periodic:
             saved = save(step, m)
+        if watch_preemption and step < total and _preempted(spec.mode, step, rank):
+            # A node of the group is draining for preemption (a pod's SIGTERM to its `ray start`, or the autoscaler):
+            # keep this step, then train on until Ray Train restarts the group from it (docs/training.md).
+            watch_preemption = False
+            if not periodic:
+                save(step, m)
         if stop is not None and stop.is_set() and step < total:  # SIGTERM: this step is whole; keep it and stop
             saved = saved or save(step, m)
             msg = f"stopped by SIGTERM after step {step} of {total}; checkpoint {saved}"
@@ -302,6 +313,25 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         save_model(model, tokenizer, out_dir / "final", state)
         (out_dir / "final_metrics.json").write_text(json.dumps({**last_metrics, "steps": step}))
     distributed.barrier()
+
+
+def _preempted(mode: str, step: int, rank: int) -> bool:
+    """Whether Ray Train reports a node of this worker group drained for preemption (``ray.train
+    .get_preemption_info``: the same answer on every rank, as it must be for the checkpoint's collective)."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if rank == 0:
+        left = "" if info.deadline_ms is None else f", {info.deadline_ms / 1e3 - time.time():.0f} s before its deadline"
+        nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
+        print(
+            f"[{mode}] node {nodes} (ranks {info.preempted_ranks}) is being preempted{left}: checkpointing step "
+            f"{step}; Ray Train restarts the group from it when the node goes",
+            flush=True,
+        )
+    return True
 
 
 def _record_worker(out_dir: Path, rank: int, world: int, device: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,14 @@ class PoisonStep:
         if step == self.step:
             for mb in micro:
                 mb["ref"] = mb["ref"] * float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowSteps:
+    """A pause of ``seconds`` before every step on every worker: steps long enough for a fault from outside (a node
+    drained, a node lost) to land while the run is in the middle of its steps."""
+
+    seconds: float
+
+    def __call__(self, step: int, rank: int, world: int, micro: list[dict[str, Any]]) -> None:
+        time.sleep(self.seconds)
