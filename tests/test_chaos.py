@@ -319,23 +319,38 @@ def our_workers(title: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # 84 s at load ~20 on 2 cores (the actor restarts and reloads its model): the file's largest
-def test_a_reference_actor_killed_mid_stage_is_restarted_and_the_rows_are_identical(
-    run_dir: Path, address: str
+# The title of a pool actor while it runs a batch (Ray sets it to the task's name), by stage.
+BUSY = {
+    "reference": "ray::MapWorker(MapBatches(ReferenceModel)).submit",
+    "generate": "ray::MapWorker(MapBatches(HFGenerator)).submit",
+    "classify": "ray::MapWorker(MapBatches(Scorer)).submit",
+}
+
+
+@pytest.mark.slow  # 60-90 s each on 2 cores (the actor restarts and reloads its model; classify trains first)
+@pytest.mark.parametrize("stage", ["reference", "generate", "classify"])
+def test_an_actor_killed_mid_stage_is_restarted_and_the_rows_are_identical(
+    run_dir: Path, address: str, stage: str
 ) -> None:
-    # SIGKILL of the reference pass's actor while it runs a batch (its title ends in `.submit`): Ray Data restarts the
-    # actor and retries the batch (its actor pools default to max_restarts=-1, max_task_retries=-1), and the stage
-    # writes exactly the rows of the uninterrupted pass.
-    hit = upstream_copy(run_dir, "kill-actor", "reference")
-    proc = raydora(hit, address, "pipeline", flags=("--stages", "reference"))
-    busy = "ray::MapWorker(MapBatches(ReferenceModel)).submit"
-    wait_for(proc, lambda: bool(our_workers(busy)), "a reference actor running a batch")
-    (victim,) = our_workers(busy)
+    # SIGKILL of one of the stage's pool actors while it runs a batch: the reference pass's model, a generator, a
+    # classifier scorer. Ray Data restarts the actor and retries the batch (its actor pools default to
+    # max_restarts=-1, max_task_retries=-1), and the stage writes exactly the rows of the uninterrupted run.
+    baseline = run_dir
+    if stage in ("generate", "classify"):  # their uninterrupted outputs (samples of init/; classifiers and scores)
+        baseline = upstream_copy(run_dir, f"{stage}-actor-base", stage)
+        {"generate": generate.run, "classify": classify.run}[stage](
+            config(run_dir.parent, f"{stage}-actor-base"), baseline
+        )
+    hit = upstream_copy(run_dir, f"kill-{stage}-actor", stage)
+    proc = raydora(hit, address, "pipeline", flags=("--stages", stage))
+    wait_for(proc, lambda: bool(our_workers(BUSY[stage])), f"a {stage} actor running a batch")
+    victim = our_workers(BUSY[stage])[0]
     os.kill(victim, signal.SIGKILL)
     code, _, err = finish(proc)
     assert code == 0, err[-3000:]
     assert victim not in our_workers("ray::")
-    assert rows(hit, "reference") == rows(run_dir, "reference")
+    for out in OUTPUT[stage]:
+        assert rows(hit, out) == rows(baseline, out), out
 
 
 # ---- item 6: disk full -------------------------------------------------------------------------------------------
