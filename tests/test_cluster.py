@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -281,16 +281,28 @@ def _node_id(cluster: LocalCluster, resource: str) -> str:
     return next(n["node_id"] for n in json.loads(out.stdout) if resource in n["resources_total"])
 
 
-def test_a_node_evicted_mid_run_drains_the_workers_checkpoint_and_the_run_resumes_on_a_new_node(
+def _wait(driver: subprocess.Popen[str], ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not ready():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            os.killpg(driver.pid, signal.SIGKILL)
+            pytest.fail(f"never saw {what}:\n{driver.communicate()[0][-6000:]}")
+        time.sleep(0.1)
+
+
+def test_nodes_lost_mid_run_evicted_then_without_notice_and_the_run_resumes_on_new_nodes(
     tmp_path: Path, ray_session, two_nodes: LocalCluster
 ) -> None:
-    """Issue 28, items 4 and 7 on Ray Train workers: the worker node of a 2-node run evicted as Kubernetes evicts a
-    pod (SIGTERM to its `ray start --block`), so it drains for preemption with a deadline, then goes; a new node
-    joins. The workers checkpoint the step they are at when Ray Train tells them of the drain
-    (`ray.train.get_preemption_info`), Ray Train restarts the group on the new node and it resumes from that
-    checkpoint: every step once in the metrics, the weights of an uninterrupted run (float64: 2 workers equal 1
-    process to 1e-9, test_train.py)."""
-    steps = ["train.max_steps=24", "train.epochs=3", "train.checkpoint_every=100"]
+    """Issue 28, items 4 and 7 on Ray Train workers, on a 2-node run (STRICT_SPREAD: a worker on each node).
+    First the worker node is evicted as Kubernetes evicts a pod (SIGTERM to its `ray start --block`): it drains for
+    preemption with a deadline, then goes, and a new node joins. The workers checkpoint the step they are at when
+    Ray Train tells them of the drain (`ray.train.get_preemption_info`), and Ray Train restarts the group on the new
+    node from that checkpoint. Then the new node is lost without notice (SIGKILL, as a machine that dies), and a
+    third joins: the workers on it die, Ray Train restarts the group (`train.max_failures`) from the newest
+    checkpoint, the same one. Every step is in the metrics once, and the weights are an uninterrupted run's
+    (float64: 2 workers equal 1 process to 1e-9, test_train.py)."""
+    total = 32
+    steps = [f"train.max_steps={total}", "train.epochs=4", "train.checkpoint_every=100", "train.max_failures=1"]
     cfg = load_config(
         None, [f"root={tmp_path}", "name=run", *TWO_NODE, *steps, "train.placement_strategy=STRICT_SPREAD"]
     )
@@ -302,43 +314,56 @@ def test_a_node_evicted_mid_run_drains_the_workers_checkpoint_and_the_run_resume
         out_dir=run_dir / "straight", run_cfg=cfg, train=dataclasses.replace(cfg.train, num_workers=0),
         options=train.WorkerOptions(master_dtype="float64"),
     )  # fmt: skip
-    assert straight.counts["steps"] == 24
+    assert straight.counts["steps"] == total
     config = tmp_path / "config.yaml"
     config.write_text(dump_yaml(cfg))
-    lost = max(two_nodes.procs)  # the worker node (the head holds the driver and is never preempted)
-    drained = _node_id(two_nodes, f"node{lost}")
+    out_dir = run_dir / "preempted"
+    metrics, workers = out_dir / "metrics.jsonl", out_dir / "workers"
+
+    def logged() -> list[int]:
+        return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+    def on(node_id: str) -> bool:  # a worker of the current group runs on that node
+        return any(json.loads(p.read_text())["node_id"] == node_id for p in workers.glob("rank*.json"))
+
+    evicted = max(two_nodes.procs)  # the worker node (the head holds the driver and is never preempted)
+    drained = _node_id(two_nodes, f"node{evicted}")
     driver = subprocess.Popen([sys.executable, "-c", PREEMPTED_DRIVER, str(config), two_nodes.gcs], cwd=REPO,
                               env=two_nodes.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
     try:
-        metrics = run_dir / "preempted" / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-4000:]
-            time.sleep(0.1)
+        _wait(driver, lambda: len(logged()) >= 2, "step 2")
         # What Kubernetes does to an evicted pod: SIGTERM to its main process, here the node's `ray start --block`.
         # Ray 2.60's handler drains the node for preemption with a deadline (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S),
         # waits for it, then stops the node's processes: the workers on it die.
-        two_nodes.procs[lost].send_signal(signal.SIGTERM)
-        two_nodes.procs[lost].wait(timeout=DRAIN_S + 60)
-        two_nodes.kill_node(lost)  # whatever the node left behind; then a new machine joins
-        two_nodes.add_node(lost + 1)
+        two_nodes.procs[evicted].send_signal(signal.SIGTERM)
+        two_nodes.procs[evicted].wait(timeout=DRAIN_S + 60)
+        two_nodes.kill_node(evicted)  # whatever the node left behind; then a new machine joins
+        second = evicted + 1
+        two_nodes.add_node(second)
+        second_id = _node_id(two_nodes, f"node{second}")
+        _wait(driver, lambda: on(second_id), "the group restarted on the new node")
+        restarted_at = len(logged())
+        _wait(driver, lambda: len(logged()) >= restarted_at + 2, "two steps on the new node")
+        two_nodes.kill_node(second)  # lost without notice: no drain, no checkpoint of its own
+        two_nodes.add_node(second + 1)
         out, _ = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out[-6000:]
-    said = [line for line in out.splitlines() if "is being preempted" in line]
-    assert said, out[-6000:]
-    jit = int(said[0].split("checkpointing step ")[1].split(";")[0])
-    assert f"resumed at step {jit} of 24" in out, out[-6000:]  # Ray Train's restart, from that checkpoint
-    assert 2 <= jit < 24  # checkpoint_every=100: no periodic checkpoint before the last step
-    logged = [json.loads(line)["step"] for line in (run_dir / "preempted" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 25))  # every step once: none lost, none twice
-    nodes = {json.loads(p.read_text())["node_id"] for p in (run_dir / "preempted" / "workers").iterdir()}
-    assert drained not in nodes and len(nodes) == 2  # the resumed group runs on the head and the new node
+    said = {line for line in out.splitlines() if "is being preempted" in line}
+    assert len({line.split("pid=")[1].split(")")[0] for line in said}) == 1, out[-6000:]  # once, by one rank 0
+    jit = int(next(iter(said)).split("checkpointing step ")[1].split(";")[0])
+    assert 2 <= jit < total  # checkpoint_every=100: no periodic checkpoint before the last step
+    # Both restarts (two new rank-0 processes) resumed from the drain's checkpoint, the newest.
+    resumed = {line.split("pid=")[1].split(")")[0] for line in out.splitlines() if f"resumed at step {jit} of" in line}
+    assert len(resumed) == 2, out[-6000:]
+    assert logged() == list(range(1, total + 1))  # every step once: none lost, none twice
+    nodes = {json.loads(p.read_text())["node_id"] for p in workers.iterdir()}
+    assert drained not in nodes and second_id not in nodes and len(nodes) == 2  # the head and the third node
     a = load_file(str(run_dir / "straight" / "final" / "model.safetensors"))
-    b = load_file(str(run_dir / "preempted" / "final" / "model.safetensors"))
+    b = load_file(str(out_dir / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-7)
 
