@@ -13,6 +13,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,23 @@ def preemption(enabled: bool) -> Iterator[threading.Event | None]:
         yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def drain_notice(mode: str, step: int, rank: int) -> bool:
+    """Whether Ray Train reports a node of this worker group draining for preemption (``ray.train
+    .get_preemption_info``, a collective: the same answer on every rank, as the checkpoint that follows needs);
+    rank 0 says so."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if rank == 0:
+        left = "" if info.deadline_ms is None else f", {info.deadline_ms / 1e3 - time.time():.0f} s before its deadline"
+        nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
+        print(
+            f"[{mode}] node {nodes} (ranks {info.preempted_ranks}) is being preempted{left}: checkpointing step "
+            f"{step}; Ray Train restarts the group from it when the node goes",
+            flush=True,
+        )
+    return True

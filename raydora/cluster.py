@@ -135,3 +135,30 @@ def check_gpus(workers: int, per_worker: float, key: str, have: float | None = N
     if workers * per_worker > have + 1e-9:
         need = workers * per_worker
         raise ValueError(f"{key}={workers} GPU workers need {need:g} GPUs; the Ray cluster has {have:g} GPUs")
+
+
+class WorkersNotPlacedError(RuntimeError):
+    """Ray Train could not place the training workers (a lost node not replaced, a cluster too small for the
+    placement strategy) within its start timeout, ``train.max_failures + 1`` times: the run stops rather than wait
+    without end, and the same command resumes from the newest checkpoint once the resources are there."""
+
+
+def fit_or_explain(trainer: Any, mode: str, out_dir: Path, workers: int, strategy: str, tries: int) -> None:
+    """``trainer.fit()``; Ray Train's give-up on placing the workers becomes :class:`WorkersNotPlacedError`."""
+    import ray.train
+
+    from raydora.checkpoint import latest_checkpoint
+
+    try:
+        trainer.fit()
+    except getattr(ray.train, "ControllerError", ()) as e:  # Ray Train v2 (Ray 2.5x+)
+        if type(e.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        step = latest_checkpoint(out_dir)[0]
+        resume = f"it resumes from step {step}" if step else "no checkpoint yet: it starts afresh"
+        raise WorkersNotPlacedError(
+            f"{mode}: Ray Train could not place {workers} training workers ({strategy}) in {tries + 1} tries "
+            f"(train.max_failures={tries}; RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each): the cluster lacks their "
+            f"resources, e.g. a node was lost and not replaced. Once they are back, run the same command: {resume} "
+            f"({out_dir})"
+        ) from e

@@ -336,7 +336,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints."""
     max_failures: int = 1
-    """Worker failures Ray Train recovers from (from the last checkpoint) before giving up."""
+    """Worker failures Ray Train recovers from (from the last checkpoint), and failed placements, before giving up."""
     keep_checkpoints: int | None = 2
     """Newest checkpoints kept on storage (older ones are deleted); null keeps all."""
     max_steps: int = 0

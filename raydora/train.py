@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from raydora.checkpoint import (
     Preempted,
+    drain_notice,
     keep_local_checkpoint,
     latest_checkpoint,
     load_policy,
@@ -38,7 +39,7 @@ from raydora.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from raydora.cluster import check_gpus
+from raydora.cluster import check_gpus, fit_or_explain
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, TrainConfig
 from raydora.plan import make_plan, worker_datasets
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
@@ -292,7 +293,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         periodic = step % t.checkpoint_every == 0 or step == total
         if periodic:
             saved = save(step, m)
-        if watch_preemption and step < total and _preempted(spec.mode, step, rank):
+        if watch_preemption and step < total and drain_notice(spec.mode, step, rank):
             # A node of the group is draining for preemption (a pod's SIGTERM to its `ray start`, or the autoscaler):
             # keep this step, then train on until Ray Train restarts the group from it (docs/training.md).
             watch_preemption = False
@@ -313,25 +314,6 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         save_model(model, tokenizer, out_dir / "final", state)
         (out_dir / "final_metrics.json").write_text(json.dumps({**last_metrics, "steps": step}))
     distributed.barrier()
-
-
-def _preempted(mode: str, step: int, rank: int) -> bool:
-    """Whether Ray Train reports a node of this worker group drained for preemption (``ray.train
-    .get_preemption_info``: the same answer on every rank, as it must be for the checkpoint's collective)."""
-    import ray.train
-
-    info = ray.train.get_preemption_info()
-    if info is None:
-        return False
-    if rank == 0:
-        left = "" if info.deadline_ms is None else f", {info.deadline_ms / 1e3 - time.time():.0f} s before its deadline"
-        nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
-        print(
-            f"[{mode}] node {nodes} (ranks {info.preempted_ranks}) is being preempted{left}: checkpointing step "
-            f"{step}; Ray Train restarts the group from it when the node goes",
-            flush=True,
-        )
-    return True
 
 
 def _record_worker(out_dir: Path, rank: int, world: int, device: Any) -> None:
@@ -376,6 +358,12 @@ def build_trainer(
 
     from raydora.data import ordered_ingest
 
+    # Ray Train v2 retries a worker group that it could not place within its start timeout
+    # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) without end by default; bounded like the workers' own
+    # failures, a lost node that never comes back stops the run (cluster.WorkersNotPlacedError). v1 has no such limit.
+    limits: dict[str, Any] = {"max_failures": max_failures}
+    if "controller_failure_limit" in {f.name for f in dataclasses.fields(FailureConfig)}:
+        limits["controller_failure_limit"] = max_failures
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -392,7 +380,7 @@ def build_trainer(
         run_config=RunConfig(
             name="checkpoints",
             storage_path=str(out_dir),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(**limits),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )
@@ -524,7 +512,7 @@ def fit(
         with in_this_process(datasets.values()), preemption(train.preemption_checkpoint) as stop:
             train_loop_per_worker({"spec": spec, "datasets": datasets, "stop": stop})
     else:
-        build_trainer(
+        trainer = build_trainer(
             spec,
             datasets,
             num_workers=num_workers,
@@ -534,7 +522,8 @@ def fit(
             worker_cpus=options.worker_cpus,
             keep_checkpoints=train.keep_checkpoints,
             placement_strategy=train.placement_strategy,
-        ).fit()
+        )
+        fit_or_explain(trainer, mode, out_dir, num_workers, train.placement_strategy, train.max_failures)
     preempted = out_dir / PREEMPTED_FILE
     if preempted.exists():
         msg = f"{mode}: {preempted.read_text().strip()}; run the same command again to resume from it"
