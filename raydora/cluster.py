@@ -162,3 +162,18 @@ def fit_or_explain(trainer: Any, mode: str, out_dir: Path, workers: int, strateg
             f"resources, e.g. a node was lost and not replaced. Once they are back, run the same command: {resume} "
             f"({out_dir})"
         ) from e
+
+
+def placement_retries(max_failures: int) -> int:
+    """How often Ray Train may fail to place a worker group before the run stops: ``max_failures`` times, or without
+    end (-1) in a Ray Tune trial, whose trials queue for the cluster's CPUs by design (``tune.max_concurrent_trials
+    =0`` starts them all, and their trainers wait for each other's workers)."""
+    if "ray.tune" not in sys.modules:
+        return max_failures
+    import warnings
+
+    from ray import tune
+
+    with warnings.catch_warnings():  # outside a trial, get_context() warns and gives no trial id
+        warnings.simplefilter("ignore")
+        return -1 if tune.get_context().get_trial_id() is not None else max_failures

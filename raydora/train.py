@@ -39,7 +39,7 @@ from raydora.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from raydora.cluster import check_gpus, fit_or_explain
+from raydora.cluster import check_gpus, fit_or_explain, placement_retries
 from raydora.config import P_GOLDEN_OBJECTIVES, RunConfig, TrainConfig
 from raydora.plan import make_plan, worker_datasets
 from raydora.rundir import StageResult, file_fingerprints, fingerprint, is_done, read_success, write_success
@@ -360,10 +360,11 @@ def build_trainer(
 
     # Ray Train v2 retries a worker group that it could not place within its start timeout
     # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) without end by default; bounded like the workers' own
-    # failures, a lost node that never comes back stops the run (cluster.WorkersNotPlacedError). v1 has no such limit.
+    # failures, a lost node that never comes back stops the run (cluster.WorkersNotPlacedError), except in a Tune
+    # trial, whose trainers queue for resources. v1 has no such limit.
     limits: dict[str, Any] = {"max_failures": max_failures}
     if "controller_failure_limit" in {f.name for f in dataclasses.fields(FailureConfig)}:
-        limits["controller_failure_limit"] = max_failures
+        limits["controller_failure_limit"] = placement_retries(max_failures)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},

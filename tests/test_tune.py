@@ -326,3 +326,22 @@ def test_a_search_links_the_base_selects_on_validation_and_resumes(tmp_path: Pat
     reference_done = (tune_dir / rtune.SAMPLES / "_SUCCESS").stat().st_mtime_ns
     assert rtune.reward_metrics(cfg, trial_dir, base, prep.validation, trial_dir / "train" / "final") == m
     assert (tune_dir / rtune.SAMPLES / "_SUCCESS").stat().st_mtime_ns == reference_done  # sampled once
+
+
+def test_trials_wait_for_workers_while_other_runs_stop_after_max_failures(tmp_path: Path, ray_session) -> None:
+    # Ray Train's retries of a worker group it cannot place: bounded by train.max_failures (a lost node stops the
+    # run, tests/test_cluster.py), but not in a Tune trial, whose trainers queue for each other's CPUs.
+    from ray import tune as ray_tune
+
+    from raydora.cluster import placement_retries
+
+    def trainable(config: dict) -> None:
+        ray_tune.report({"retries": placement_retries(config["max_failures"])})
+
+    grid = ray_tune.Tuner(
+        ray_tune.with_resources(trainable, {"cpu": 0.01}),
+        param_space={"max_failures": ray_tune.grid_search([0, 3])},
+        run_config=ray_tune.RunConfig(storage_path=str(tmp_path), name="retries"),
+    ).fit()
+    assert sorted(r.metrics["retries"] for r in grid) == [-1, -1]
+    assert placement_retries(0) == 0 and placement_retries(3) == 3  # here, outside a trial (ray.tune imported)
