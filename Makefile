@@ -8,7 +8,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-all test-vllm lint format demo demo-cluster bench results clean
+.PHONY: install test test-fast test-chaos test-all test-vllm lint format demo demo-cluster bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ FAST_TESTS := $(addprefix tests/test_,losses.py robust.py logprobs.py wdpo_penal
 
 test-fast: $(STAMP) ## the pure tier: math, config, schema and CLI without Ray (444 tests, 50 s on 2 cores)
 	$(call run_pytest,-q -m "not slow" $(FAST_TESTS))
+
+# The chaos suite's slow cases (issue 28): the driver killed in reference/generate/classify, a pool actor killed in
+# each, a Ray Train worker killed mid checkpoint write. CI runs them after `make test` (~5 minutes here).
+test-chaos: $(STAMP) ## the slow chaos cases of tests/test_chaos.py (the rest of the file is in `make test`)
+	$(call run_pytest,-q -m slow tests/test_chaos.py --durations=10)
 
 test-all: $(STAMP) ## every tier that this machine can run, slow included
 	$(call run_pytest,-q)
