@@ -34,7 +34,7 @@ endef
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-test: $(STAMP) ## default tier: CPU, ~13 minutes on 2 cores (2 xdist workers) (slow, gpu and vllm tests are excluded or skipped)
+test: $(STAMP) ## default tier: CPU, ~14 minutes on 2 cores (2 xdist workers) (slow, gpu and vllm tests are excluded or skipped)
 	$(call run_pytest,-q -m "not slow" $(XDIST) --durations=20)
 
 # No Ray cluster: losses, objectives, log-probs, the WDPO penalty, calibration, config, presets, the row schema
