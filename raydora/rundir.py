@@ -172,6 +172,15 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def staging_pid(folder: Path) -> int | None:
+    """The id of the process on this host that made :func:`fresh_staging`'s ``folder``; None for another host's or a
+    name not of that form."""
+    parts = folder.name.rsplit("-", 3)  # .<name>.tmp, <random>, <pid>, <host tag>
+    if len(parts) != 4 or parts[3] != _host_tag() or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
 def stale_staging(parent: str | Path, name: str) -> list[Path]:
     """The temp folders of :func:`staging` for ``name`` in ``parent`` whose process is gone: left by a process
     killed before it could clean up (``SIGKILL``, an OOM kill, a lost node). Only folders made on this host, by a
@@ -179,11 +188,11 @@ def stale_staging(parent: str | Path, name: str) -> list[Path]:
     ones are never touched."""
     stale = []
     for tmp in Path(parent).glob(f".{name}.tmp-*"):
-        parts = tmp.name.rsplit("-", 3)  # .<name>.tmp, <random>, <pid>, <host tag>
-        if len(parts) != 4 or parts[3] != _host_tag() or not parts[2].isdigit() or not tmp.is_dir():
+        pid = staging_pid(tmp)
+        if pid is None or not tmp.is_dir():
             continue
         try:
-            os.kill(int(parts[2]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             stale.append(tmp)
         except OSError:  # exists, another user's: alive

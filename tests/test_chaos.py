@@ -267,7 +267,7 @@ def test_a_ray_train_worker_killed_while_writing_a_checkpoint_restarts_from_the_
         workers = set(our_workers("ray::RayTrainWorker"))
         found = []
         for d in temp.glob(f".{checkpoint.CKPT_STAGING}.tmp-*"):
-            pid = int(d.name.split("-")[-2]) if d.name.split("-")[-2].isdigit() else -1
+            pid = rundir.staging_pid(d)
             try:  # the folder may be removed while it is looked at
                 if pid in workers and any(d.iterdir()) and not (d / checkpoint.MANIFEST).exists():
                     found.append((d, pid))
