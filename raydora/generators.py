@@ -126,20 +126,50 @@ def load_blobs(model: Any, blobs: list[bytes]) -> int:
 
 class VLLMWeightSync:
     """A vLLM worker extension (``LLM(worker_extension_cls=WORKER_EXTENSION)``): vLLM mixes it into each engine
-    worker, where ``LLM.collective_rpc`` calls its methods. Loads through the model's own ``load_weights`` (the
-    path vLLM's checkpoint loader takes, name mapping and fused layers included)."""
+    worker, where ``LLM.collective_rpc`` calls its methods. Loads through the worker's own ``reload_weights``
+    (vLLM >= 0.11: the model's ``load_weights`` between vLLM's layerwise reload hooks, so that the kernels' own
+    weight layouts are rebuilt: the CPU build packs its linear layers' weights after loading), else the model's
+    ``load_weights`` (the path vLLM's checkpoint loader takes, name mapping and fused layers included)."""
 
     model_runner: Any  # the vLLM worker's, once mixed in
 
     def raydora_load_safetensors(self, blobs: list[bytes]) -> int:
         from safetensors.torch import load
 
-        n = 0
+        state: dict[str, Any] = {}
         for blob in blobs:
-            state = load(blob)
-            self.model_runner.model.load_weights(weights=list(state.items()))
-            n += len(state)
-        return n
+            state.update(load(blob))
+        model = self.model_runner.model
+        reload = getattr(self, "reload_weights", None)
+        if reload is not None:
+            reload(weights_iterator=list(state.items()), is_checkpoint_format=True)
+            _reprocess_tied(model)
+        else:
+            model.load_weights(weights=list(state.items()))
+        return len(state)
+
+
+def _reprocess_tied(model: Any) -> int:
+    """Run ``process_weights_after_loading`` again on every layer whose weight another layer shares (a tied LM
+    head): a reload loads the tensor once, under the embedding's name, and leaves the other layer unprocessed. On
+    vLLM's CPU build that layer's matmul reads a packed copy of the weight made at load time (vLLM 0.32: the LM
+    head kept sampling from the old weights), so it is packed again from the shared, now updated, tensor. A no-op
+    where processing leaves an unquantized weight as it is (CUDA). Returns the layers processed."""
+    owners: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module)
+    n = 0
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+                n += 1
+    return n
 
 
 class GeneratorActor:
