@@ -53,6 +53,7 @@ from raydora.rundir import (
 
 OUTPUT_COLUMNS = ("generations", "generation_tokens", "finish_reasons")
 CPU_KVCACHE_GIB = 2  # vLLM's CPU KV cache per engine, unless VLLM_CPU_KVCACHE_SPACE is set
+CPU_PREFILL_TOKENS = 4096  # vLLM CPU's default tokens per engine step (LLM class), which whole prefills must fit
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,13 @@ class VLLMGenerator:
             # offline actor has none: on 2 cores that reservation halved vLLM's compute (1 thread against the hf
             # backend's 2; docs/benchmarks.md). An explicit setting wins.
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            # A prompt's prefill split over two engine steps throws away the token sampled after the first part and
+            # rewinds that request's seeded generator by its offset, which only CUDA generators have: vLLM 0.32's
+            # CPU build died with "CPU Generator does not use offset" once 256 seeded samples did not fit one step.
+            # Whole prefills only (vLLM's CPU default budget is 4,096 tokens a step; a longer prompt raises it).
+            engine.setdefault("enable_chunked_prefill", False)
+            if max_length > CPU_PREFILL_TOKENS:
+                engine.setdefault("max_num_batched_tokens", max_length)
         self.sampling = Sampling(**sampling)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_prompt_tokens = max(1, max_length - self.sampling.max_new_tokens)
