@@ -32,9 +32,11 @@ from bench.common import record
 
 
 def base_overrides(root: Path, backend: str, prompts: int, samples: int) -> list[str]:
-    """A small DPO loop on the benchmark: tiny GPT-2, the biased labeller, hf (or vLLM) generators."""
+    """A small DPO loop on the benchmark: tiny GPT-2 (small-gpt2 for vLLM, whose CPU attention needs head size 32),
+    the biased labeller, hf (or vLLM) generators."""
+    policy = "small-gpt2" if backend == "vllm" else "tiny-gpt2"
     return [
-        f"root={root}", "name=base", "synth.rows=256", "synth.k=4", "synth.eval_rows=64", "model.policy=tiny-gpt2",
+        f"root={root}", "name=base", "synth.rows=256", "synth.k=4", "synth.eval_rows=64", f"model.policy={policy}",
         "model.precision=fp32", "model.max_length=96", "sft.enabled=false", "reference.actors=1",
         "train.loss=dpo", "train.objective=erm", "train.batch_size=16", "train.micro_batch_size=16",
         "train.num_workers=1", "train.max_steps=4", "train.warmup_ratio=0.0", f"generate.backend={backend}",
