@@ -303,13 +303,16 @@ def test_nodes_lost_mid_run_evicted_then_without_notice_and_the_run_resumes_when
     preemption with a deadline, then goes, and a new node joins. The workers checkpoint the step they are at when
     Ray Train tells them of the drain (`ray.train.get_preemption_info`), and Ray Train restarts the group on the new
     node from that checkpoint. Then the new node is lost without notice (SIGKILL, as a machine that dies) and none
-    replaces it: Ray Train restarts the group (`train.max_failures=1`) but cannot place it, gives up after
+    replaces it: Ray Train restarts the group (`train.max_failures=2`) but cannot place it, gives up after
     `max_failures + 1` start timeouts, and the run stops with `WorkersNotPlacedError` instead of waiting without
-    end. A third node joins and the same command resumes from the newest checkpoint, the drain's. Every step is in
-    the metrics once, and the weights are an uninterrupted run's (float64: 2 workers equal 1 process to 1e-9,
+    end. (Two failures allowed, not one: Ray Train charges the drained node's worker deaths to its preemption
+    budget only when it sees them as preempted, and in 2 of 3 runs on 2026-12-08 it did not and charged them to
+    `max_failures`; with one allowed, such a run then stopped at the SIGKILL with `WorkerGroupError`.) A third
+    node joins and the same command resumes from the newest checkpoint, the drain's. Every step is in the metrics
+    once, and the weights are an uninterrupted run's (float64: 2 workers equal 1 process to 1e-9,
     test_train.py)."""
     total = 32
-    steps = [f"train.max_steps={total}", "train.epochs=4", "train.checkpoint_every=100", "train.max_failures=1"]
+    steps = [f"train.max_steps={total}", "train.epochs=4", "train.checkpoint_every=100", "train.max_failures=2"]
     cfg = load_config(
         None, [f"root={tmp_path}", "name=run", *TWO_NODE, *steps, "train.placement_strategy=STRICT_SPREAD"]
     )
@@ -367,9 +370,8 @@ def test_nodes_lost_mid_run_evicted_then_without_notice_and_the_run_resumes_when
     jit = int(next(iter(said)).split("checkpointing step ")[1].split(";")[0])
     assert 2 <= jit < total  # checkpoint_every=100: no periodic checkpoint before the last step
     assert f"resumed at step {jit} of {total}" in out, out[-6000:]  # Ray Train's restart on the second node
-    assert (
-        "WorkersNotPlacedError: train: Ray Train could not place 2 training workers (STRICT_SPREAD) in 2 tries" in out
-    )
+    placed = "WorkersNotPlacedError: train: Ray Train could not place 2 training workers (STRICT_SPREAD) in 3 tries"
+    assert placed in out, out[-6000:]
     assert f"run the same command: it resumes from step {jit}" in out, out[-6000:]
     two_nodes.add_node(second + 1)
     rerun = start()
