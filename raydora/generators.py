@@ -143,7 +143,10 @@ class VLLMWeightSync:
         reload = getattr(self, "reload_weights", None)
         if reload is not None:
             reload(weights_iterator=list(state.items()), is_checkpoint_format=True)
-            _reprocess_tied(model)
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                _reprocess_tied(model)
         else:
             model.load_weights(weights=list(state.items()))
         return len(state)
@@ -153,8 +156,9 @@ def _reprocess_tied(model: Any) -> int:
     """Run ``process_weights_after_loading`` again on every layer whose weight another layer shares (a tied LM
     head): a reload loads the tensor once, under the embedding's name, and leaves the other layer unprocessed. On
     vLLM's CPU build that layer's matmul reads a packed copy of the weight made at load time (vLLM 0.32: the LM
-    head kept sampling from the old weights), so it is packed again from the shared, now updated, tensor. A no-op
-    where processing leaves an unquantized weight as it is (CUDA). Returns the layers processed."""
+    head kept sampling from the old weights), so it is packed again from the shared, now updated, tensor. Called on
+    CPU only: on CUDA an unquantized tied head reads the shared tensor itself, and a quantized one must not be
+    processed twice. Returns the layers processed."""
     owners: dict[int, list[Any]] = {}
     for module in model.modules():
         weight = module.__dict__.get("_parameters", {}).get("weight")
