@@ -78,9 +78,10 @@ def run_arm(config: str, base: Path, over: list[str], arm: str, rounds: int) -> 
 
 
 def rate(w: dict[str, Any] | None) -> str:
-    return (
-        "-" if not w or w.get("win_rate") is None else f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
-    )
+    """A win rate and its interval as the evaluation report prints it; "-" for a column the arm has not."""
+    from raydora.reporting import fmt_rate
+
+    return fmt_rate(w) if w else "-"
 
 
 def report(tag: str, out_dir: Path = ROOT / "bench" / "results") -> str:
