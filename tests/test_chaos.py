@@ -294,7 +294,8 @@ def test_a_ray_train_worker_killed_while_writing_a_checkpoint_restarts_from_the_
     text, _ = proc.communicate(timeout=WAIT)
     assert proc.returncode == 0, text[-4000:]
     # Ray Train restarted the group (a new rank 0) from the newest checkpoint its controller had registered: the step
-    # before the cut write, or, when the controller had not yet polled that step's report (its poll is 0.2 s here; more than half of 9 trial runs), an earlier one or none. Never the cut write: it never left the temp folder.
+    # before the cut write, or, when the controller had not yet polled that step's report (its poll is 0.2 s here;
+    # more than half of 9 trial runs), an earlier one or none. Never the cut write: it never left the temp folder.
     assert json.loads((out / "workers" / "rank0.json").read_text())["pid"] != hit[1]
     resumed = [int(m) for m in re.findall(r"resumed at step (\d+) of", text)]
     assert all(r < cut for r in resumed), (cut, resumed)
